@@ -1,0 +1,74 @@
+"""Pass `trace`: float nn.Module → torch.fx GraphModule with shapes in `node.meta`.
+
+Invariant: the input model is not mutated (a deep copy is traced); every node that
+produces a tensor carries `meta["tensor_meta"]` (shape, dtype) from running the example
+inputs in eval mode under no_grad; call_module nodes carry `meta["qc_module_type"]`.
+Failure to trace raises TraceError naming the module and the source line.
+"""
+from __future__ import annotations
+
+import copy
+import linecache
+import sys
+import traceback
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qcompile.errors import TraceError
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[str, ...]):
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _locate(model: nn.Module, tb) -> tuple[str, str]:
+    """(module path, 'file:line: code') of the deepest model frame in a traceback."""
+    names = {id(m): (n or "<root>") for n, m in model.named_modules()}
+    where_mod, where_line = "<root>", "<unknown line>"
+    for frame, lineno in traceback.walk_tb(tb):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+            where_mod = names[id(owner)]
+            where_line = f"{frame.f_code.co_filename}:{lineno}: {code}"
+    return where_mod, where_line
+
+
+def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...] = (),
+          concrete_args: dict | None = None) -> fx.GraphModule:
+    model = copy.deepcopy(model)
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises plain TraceError/TypeError/RuntimeError
+        module, line = _locate(model, sys.exc_info()[2])
+        raise TraceError(
+            f"torch.fx cannot trace module {module!r} ({type(model.get_submodule('' if module == '<root>' else module)).__name__}) "
+            f"at {line}\n  cause: {type(exc).__name__}: {exc}\n  fix: make that module a leaf "
+            f"(QConfig(leaf_modules=({module!r},)) or leaf_modules=... in compile) so it is called "
+            "as a black box, or pass concrete_args for the argument the control flow depends on"
+        ) from exc
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            node.meta["qc_module_type"] = type(gm.get_submodule(node.target)).__name__
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise TraceError(f"the traced graph failed to run on the example inputs: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return gm

@@ -1,0 +1,124 @@
+"""QConfig: every option of the compiler, validated on construction.
+
+Invariant: a QConfig that exists is valid; `for_layer(name, module_type)` returns the
+config that applies to one layer after the `overrides` are merged (later, more specific
+patterns win: type matches first, then globs in insertion order).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ESTIMATORS = ("current", "running", "hindsight", "dsgc", "fixed")
+GRANULARITIES = ("per_channel", "per_tensor")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class QConfig:
+    weight_bits: int = 8
+    act_bits: int = 8
+    grad_bits: int | None = None
+    weight_granularity: str = "per_channel"
+    act_symmetric: bool = False
+    weight_range: str = "current"
+    act_range: str = "hindsight"
+    grad_range: str = "hindsight"
+    momentum: float = 0.9
+    stochastic_rounding: bool = True
+    seed: int | None = None
+    quantize_weight_grad: bool = False
+    dsgc_interval: int = 100
+    act_fixed_range: tuple[float, float] | None = None
+    grad_fixed_range: tuple[float, float] | None = None
+    weight_fixed_range: tuple[float, float] | None = None
+    pow2_scales: bool = False
+    on_nonfinite: str = "raise"
+    strict: bool = False
+    leaf_modules: tuple[str, ...] = ()
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("weight_bits", "act_bits", "grad_bits"):
+            v = getattr(self, name)
+            if v is None and name == "grad_bits":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16:
+                raise ValueError(f"QConfig.{name}={v!r}: bits must be an integer in 2..16")
+        for name in ("weight_range", "act_range", "grad_range"):
+            v = getattr(self, name)
+            if v not in ESTIMATORS:
+                raise ValueError(f"QConfig.{name}={v!r}: unknown range estimator; choose one of {ESTIMATORS}")
+            kind = name.split("_")[0]
+            if v == "fixed" and getattr(self, f"{kind}_fixed_range") is None:
+                raise ValueError(f"QConfig.{name}='fixed' needs QConfig.{kind}_fixed_range=(lo, hi)")
+        for name in ("act_fixed_range", "grad_fixed_range", "weight_fixed_range"):
+            v = getattr(self, name)
+            if v is not None:
+                if len(v) != 2 or not float(v[0]) < float(v[1]):
+                    raise ValueError(f"QConfig.{name}={v!r}: must be (lo, hi) with lo < hi")
+                object.__setattr__(self, name, (float(v[0]), float(v[1])))
+        if self.weight_granularity not in GRANULARITIES:
+            raise ValueError(f"QConfig.weight_granularity={self.weight_granularity!r}: choose one of {GRANULARITIES}")
+        if not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"QConfig.momentum={self.momentum!r}: must be in [0, 1)")
+        if not isinstance(self.dsgc_interval, int) or self.dsgc_interval < 1:
+            raise ValueError(f"QConfig.dsgc_interval={self.dsgc_interval!r}: must be a positive integer")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"QConfig.on_nonfinite={self.on_nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        if not isinstance(self.overrides, dict):
+            raise ValueError("QConfig.overrides must be a dict {module-name glob or module type: {field: value}}")
+        for key, partial in self.overrides.items():
+            if not isinstance(key, (str, type)):
+                raise ValueError(f"QConfig.overrides key {key!r}: must be a module-name glob or a module type")
+            if not isinstance(partial, dict):
+                raise ValueError(f"QConfig.overrides[{key!r}] must be a dict of QConfig fields")
+            bad = (set(partial) - _FIELD_NAMES) | ({"overrides"} & set(partial))
+            if bad:
+                raise ValueError(f"QConfig.overrides[{key!r}]: unknown or non-overridable fields {sorted(bad)}")
+            dataclasses.replace(self, overrides={}, **partial)  # validates the merged values
+
+    # ---- construction helpers -------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QConfig":
+        unknown = set(d) - _FIELD_NAMES
+        if unknown:
+            raise ValueError(f"QConfig: unknown fields {sorted(unknown)}; known fields are {sorted(_FIELD_NAMES)}")
+        d = dict(d)
+        for k in ("act_fixed_range", "grad_fixed_range", "weight_fixed_range"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "QConfig":
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict(data.get("qcompile", data))
+
+    def replace(self, **changes) -> "QConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["overrides"] = {(k if isinstance(k, str) else k.__name__): v for k, v in self.overrides.items()}
+        return d
+
+    def for_layer(self, name: str, module_type: type | None = None) -> "QConfig":
+        """The config for the layer `name` (a module path), with matching overrides merged."""
+        merged: dict[str, Any] = {}
+        for key, partial in self.overrides.items():
+            if isinstance(key, type) and module_type is not None and issubclass(module_type, key):
+                merged.update(partial)
+        for key, partial in self.overrides.items():
+            if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
+                merged.update(partial)
+        return dataclasses.replace(self, overrides={}, **merged) if merged else self
+
+
+_FIELD_NAMES = {f.name for f in dataclasses.fields(QConfig)}

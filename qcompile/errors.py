@@ -1,0 +1,21 @@
+"""Errors qcompile raises. Each names what failed and where, and says what to do."""
+
+
+class QCompileError(Exception):
+    """Base class of every qcompile error."""
+
+
+class TraceError(QCompileError):
+    """torch.fx could not trace the model (data-dependent control flow, untraceable call)."""
+
+
+class UnsupportedOpError(QCompileError):
+    """An op has no quantized form and `strict=True` forbids leaving it in float."""
+
+
+class CalibrationError(QCompileError):
+    """A static quantizer was asked for a range it has not estimated yet."""
+
+
+class NonFiniteError(QCompileError, FloatingPointError):
+    """A quantizer met NaN or Inf; its range state was left untouched."""

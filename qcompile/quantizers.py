@@ -1,0 +1,167 @@
+"""Quantizer primitives and the Quantizer module (Q_W, Q_Y and Q_G of the paper, fig. 1).
+
+The grid, written once:
+  asymmetric (b bits): codes [0, 2^b-1], scale = (hi'-lo')/(2^b-1) with lo' = min(lo, 0),
+                       hi' = max(hi, 0), zero point z = clamp(round(-lo'/scale), 0, 2^b-1);
+  symmetric  (b bits): codes [-(2^(b-1)-1), 2^(b-1)-1] (narrow, so -x is representable),
+                       scale = max(|lo|, |hi|)/(2^(b-1)-1), z = 0.
+  code(x) = clamp(round_half_even(x * (1/scale)) + z, qmin, qmax); x̂ = (code - z)·scale.
+With `pow2`, the scale is rounded up to the next power of two (the range still fits).
+
+Forward quantizers use torch's fused fake-quantize kernels, whose rounding is exactly
+`code()` above, with the straight-through estimator: gradient 1 inside the grid, 0 where
+the input was clamped. Gradient quantizers are identity in the forward pass and quantize
+the incoming gradient in the backward pass, with stochastic rounding
+floor(g/scale + u) (u ~ U[0, 1), unbiased) or round-half-even.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteError
+from .estimators import RangeEstimator
+
+SCALE_EPS = 1e-12
+KINDS = ("weight", "activation", "gradient")
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, qr: tuple[int, int], symmetric: bool,
+            pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of the grid covering [lo, hi]; zero_point is an integer-valued float tensor."""
+    qmin, qmax = qr
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+    else:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.clamp(scale, min=SCALE_EPS)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if symmetric:
+        zp = torch.zeros_like(scale)
+    else:
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def _bshape(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                   axis: int | None = None) -> torch.Tensor:
+    """Integer codes of `x` (as a float tensor), with exactly the fused kernels' rounding."""
+    inv = 1.0 / _bshape(scale, x, axis)
+    return torch.clamp(torch.round(x * inv) + _bshape(zp, x, axis), *qr)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+               axis: int | None = None) -> torch.Tensor:
+    """x̂ = (code(x) - z)·scale with the straight-through estimator (clipped)."""
+    zpi = zp.to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zpi, *qr)
+    return torch.fake_quantize_per_channel_affine(x, scale.float(), zpi, axis, *qr)
+
+
+def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """(clamp(floor(g/scale + u) + z) - z)·scale with u ~ U[0, 1): unbiased inside the range."""
+    u = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
+    codes = torch.floor(u.addcdiv_(g, scale.to(g.dtype))).add_(zp).clamp_(*qr)
+    return codes.sub_(zp).mul_(scale)
+
+
+class _QuantizeGradient(torch.autograd.Function):
+    """Identity forward; the backward pass hands the incoming gradient to a Quantizer."""
+
+    @staticmethod
+    def forward(ctx, x, quantizer):
+        ctx.quantizer = quantizer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.quantizer.quantize_gradient(g), None
+
+
+class Quantizer(nn.Module):
+    """One quantizer node: kind (weight / activation / gradient), bits, grid and estimator.
+
+    `scale` and `zero_point` buffers hold the grid of the last tensor quantized (what an
+    export of a static quantizer uses). `enabled=False` turns quantization off; with
+    `observing=True` as well, the estimator still updates (calibration).
+    """
+
+    def __init__(self, kind: str, bits: int, symmetric: bool, estimator: RangeEstimator,
+                 axis: int | None = None, pow2: bool = False, stochastic: bool = False,
+                 on_nonfinite: str = "raise", layer: str = "", generator: torch.Generator | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"Quantizer kind {kind!r}: choose one of {KINDS}")
+        self.kind, self.bits, self.symmetric, self.axis = kind, bits, symmetric, axis
+        self.qrange = qrange(bits, symmetric)
+        self.pow2, self.stochastic, self.on_nonfinite = pow2, stochastic, on_nonfinite
+        self.layer = layer
+        self.generator = generator
+        self.estimator = estimator
+        self.enabled = True
+        self.observing = False
+        shape = tuple(estimator.lo.shape)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    def extra_repr(self) -> str:
+        grid = "symmetric" if self.symmetric else "asymmetric"
+        per = f", per_channel(axis={self.axis})" if self.axis is not None else ""
+        return f"{self.kind}, {self.bits} bits, {grid}{per}"
+
+    def grid(self, lo: torch.Tensor, hi: torch.Tensor):
+        return qparams(lo, hi, self.qrange, self.symmetric, self.pow2)
+
+    def _nonfinite(self, where: str) -> None:
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"{self.kind} quantizer of layer {self.layer!r}: NaN or Inf in the {where}; "
+                "the range state was left untouched (set on_nonfinite='skip' to pass such tensors through)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gradient":
+            if self.enabled and self.training and torch.is_grad_enabled() and x.requires_grad:
+                return _QuantizeGradient.apply(x, self)
+            return x
+        if not self.enabled:
+            if self.observing:
+                self.estimator(x, update=True, who=self.layer)
+            return x
+        lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
+        if not finite:
+            self._nonfinite("forward tensor")
+            return x
+        scale, zp = self.grid(lo, hi)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        return fake_quant(x, scale, zp, self.qrange, self.axis)
+
+    def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        lo, hi, finite = self.estimator(g, update=True, who=self.layer)
+        if not finite:
+            self._nonfinite("incoming gradient")
+            return g
+        scale, zp = self.grid(lo, hi)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        if self.stochastic:
+            return stochastic_fake_quant(g, scale, zp, self.qrange, self.generator)
+        return fake_quant(g, scale, zp, self.qrange)
