@@ -16,6 +16,8 @@ from typing import Any
 ESTIMATORS = ("current", "running", "hindsight", "dsgc", "fixed")
 GRANULARITIES = ("per_channel", "per_tensor")
 NONFINITE_POLICIES = ("raise", "skip")
+OVERFLOW_MODES = ("saturate", "wrap")
+ACC_GRAD_MODES = ("ste", "zero_saturated")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,17 @@ class QConfig:
     grad_fixed_range: tuple[float, float] | None = None
     weight_fixed_range: tuple[float, float] | None = None
     pow2_scales: bool = False
+    # narrow accumulators (passes/narrow_acc) and the log-barrier loss (passes/regularize)
+    acc_bits: int | None = None
+    tile: int | None = None
+    overflow: str = "saturate"
+    grad_acc_bits: int | None = None
+    acc_grad: str = "ste"
+    log_barrier: bool = False
+    # BatchNorm folding (passes/fold_bn) and the BN-rectification loss (passes/regularize)
+    fold_bn: bool = True
+    bn_freeze_steps: int | None = None
+    bn_rectification: float = 0.0
     on_nonfinite: str = "raise"
     strict: bool = False
     leaf_modules: tuple[str, ...] = ()
@@ -68,6 +81,20 @@ class QConfig:
             raise ValueError(f"QConfig.momentum={self.momentum!r}: must be in [0, 1)")
         if not isinstance(self.dsgc_interval, int) or self.dsgc_interval < 1:
             raise ValueError(f"QConfig.dsgc_interval={self.dsgc_interval!r}: must be a positive integer")
+        for name in ("acc_bits", "grad_acc_bits"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 4 <= v <= 64):
+                raise ValueError(f"QConfig.{name}={v!r}: accumulator width must be None (exact) or an integer in 4..64")
+        if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 1):
+            raise ValueError(f"QConfig.tile={self.tile!r}: must be None (whole reduction) or a positive integer")
+        if self.overflow not in OVERFLOW_MODES:
+            raise ValueError(f"QConfig.overflow={self.overflow!r}: choose one of {OVERFLOW_MODES}")
+        if self.acc_grad not in ACC_GRAD_MODES:
+            raise ValueError(f"QConfig.acc_grad={self.acc_grad!r}: choose one of {ACC_GRAD_MODES}")
+        if self.bn_freeze_steps is not None and (not isinstance(self.bn_freeze_steps, int) or self.bn_freeze_steps < 0):
+            raise ValueError(f"QConfig.bn_freeze_steps={self.bn_freeze_steps!r}: must be None or a non-negative integer")
+        if not isinstance(self.bn_rectification, (int, float)) or self.bn_rectification < 0:
+            raise ValueError(f"QConfig.bn_rectification={self.bn_rectification!r}: the loss weight λ must be >= 0")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"QConfig.on_nonfinite={self.on_nonfinite!r}: choose one of {NONFINITE_POLICIES}")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))

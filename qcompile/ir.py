@@ -1,0 +1,87 @@
+"""The integer graph IR: what `passes/lower` produces and every backend consumes.
+
+A `Graph` is a list of `Op`s in topological order over named `Tensor`s. Tensors hold
+integer codes; the real value of a code q is scale·(q − zero_point). Shapes are per
+sample (no batch dimension; images are (C, H, W)); backends run a batch as independent
+samples. Everything an op needs is in its `attrs` as Python ints or numpy integer arrays,
+so a backend never computes a float: scales are kept only for describing tensors and for
+quantizing the graph input / dequantizing the outputs at the boundary.
+
+Requantization (the only way a value changes grid) is fixed-point:
+    requantize(v, m, s) = round_half_to_even(v · m / 2^(31 − s))
+with m an int32 in [2^30, 2^31) (or 0) and s an int shift, computed from a real multiplier
+M = m · 2^(s − 31) by `runtime.integer_math.quantize_multiplier`. 64-bit products.
+
+Op kinds and their attrs (x, y: input/output codes; zx, zy: zero points; every op ends
+with y = clamp(zy + r, act_min, act_max) where r is what the op computes):
+  conv2d   inputs [x]; weight (O, I/groups, kh, kw) int8, bias (O,) int32 at scale Sx·Sw[o],
+           stride, padding, dilation (pairs), groups, multiplier/shift (O,) int arrays,
+           acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap").
+           acc starts at bias[o]; the reduction over (c_in/groups, ky, kx), in that order, is
+           cut into contiguous tiles of `tile` products; each tile's Σ (x − zx)·w is exact;
+           after each tile acc = overflow(acc + partial) into acc_bits. Padding taps are
+           x = zx (contribute 0). r = requantize(acc, multiplier[o], shift[o]).
+  linear   as conv2d with weight (O, I), reduction over I.
+  matmul   inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s);
+           acc_bits/tile/overflow as conv2d.
+  add      inputs [a, b]; r = requantize(requantize((a−za)·2^20, ma, sa) + requantize((b−zb)·2^20, mb, sb), m, s)
+  mul      inputs [a, b]; r = requantize((a−za)·(b−zb), m, s)
+  concat   inputs [x0, x1, ...], axis (per-sample axis); each input's r_i = requantize(x_i − z_i, m_i, s_i)
+  requantize  inputs [x]; r = requantize(x − zx, m, s)
+  max_pool2d  kernel, stride, padding, ceil_mode; padded taps never win; r = max − zy (same grid)
+  avg_pool2d  kernel, stride, padding (count_include_pad=True for explicit padding), or
+              global=True; r = requantize(Σ (x − zx), m, s) with the 1/count folded into m
+  lut      table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
+           (relu6, hardswish, silu, sigmoid, hardsigmoid, and relu when the grid changes)
+  reshape  shape (per sample); data order unchanged
+  transpose  perm (per-sample axes)
+  slice    axis, start, stop (per-sample axis)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]          # per sample, no batch dimension
+    bits: int
+    signed: bool                    # storage: int8/int16 when signed, uint8/uint16 otherwise
+    scale: float
+    zero_point: int
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+
+
+@dataclass
+class Op:
+    kind: str
+    name: str                       # the fx node it came from (sanitize before using as an identifier)
+    inputs: list[str]
+    output: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    inputs: list[str]
+    outputs: list[str]
+    tensors: dict[str, Tensor]
+    ops: list[Op]
+    meta: dict[str, Any] = field(default_factory=dict)   # qcompile version, config
+
+    def tensor(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def weight_bytes(self) -> int:
+        return int(sum(v.nbytes for op in self.ops for v in op.attrs.values() if isinstance(v, np.ndarray)))
