@@ -110,7 +110,8 @@ class QuantizedGraphModule(fx.GraphModule):
         return rows
 
     def summary(self, file=None) -> str:
-        """A table of every quantizer: node, kind, bits, estimator, static/dynamic, current range."""
+        """A table of every quantizer: node, kind, bits, estimator, static/dynamic, current range;
+        then one line per submodule that has a `describe()` method (accumulator ops, fused BN...)."""
         header = f"{'quantizer':<44} {'kind':<10} {'bits':>4} {'estimator':<9} {'mode':<7} {'range':>24}"
         lines = [header, "-" * len(header)]
         for r in self.summary_rows():
@@ -119,6 +120,10 @@ class QuantizedGraphModule(fx.GraphModule):
                 rng += f" nonfinite={r['nonfinite']}"
             lines.append(f"{r['quantizer']:<44} {r['kind']:<10} {r['bits']:>4} {r['estimator']:<9} "
                          f"{'static' if r['static'] else 'dynamic':<7} {rng:>24}")
+        sections = [(n, m.describe()) for n, m in self.named_modules()
+                    if not isinstance(m, Quantizer) and callable(getattr(m, "describe", None))]
+        if sections:
+            lines += ["", "layers:"] + [f"{n:<44} {text}" for n, text in sections]
         text = "\n".join(lines)
         if file is not None:
             print(text, file=file)

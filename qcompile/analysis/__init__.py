@@ -1,0 +1,1 @@
+"""Analyses of a compiled graph (accumulator bounds, memory traffic)."""

@@ -1,0 +1,1 @@
+"""Experiment scripts whose tables and plots are in docs/ (run with python -m)."""
