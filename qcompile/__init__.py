@@ -1,9 +1,10 @@
 """qcompile: a torch.fx compiler for fully quantized training and integer deployment."""
 from .compiler import compile
 from .config import QConfig
-from .errors import CalibrationError, NonFiniteError, QCompileError, TraceError, UnsupportedOpError
+from .errors import CalibrationError, CheckpointError, NonFiniteError, QCompileError, TraceError, UnsupportedOpError
 from .graph_module import QuantizedGraphModule
+from . import models
 
 __version__ = "0.1.0"
 __all__ = ["compile", "QConfig", "QuantizedGraphModule", "QCompileError", "TraceError",
-           "UnsupportedOpError", "CalibrationError", "NonFiniteError", "__version__"]
+           "UnsupportedOpError", "CalibrationError", "CheckpointError", "NonFiniteError", "__version__"]

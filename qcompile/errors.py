@@ -19,3 +19,7 @@ class CalibrationError(QCompileError):
 
 class NonFiniteError(QCompileError, FloatingPointError):
     """A quantizer met NaN or Inf; its range state was left untouched."""
+
+
+class CheckpointError(QCompileError):
+    """A checkpoint could not be read or does not match the graph; nothing was loaded."""

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .config import QConfig
+from .errors import CheckpointError
 from .quantizers import Quantizer
 
 
@@ -87,6 +88,29 @@ class QuantizedGraphModule(fx.GraphModule):
             for q, enabled, observing in states:
                 q.enabled, q.observing = enabled, observing
         return count
+
+    def save_checkpoint(self, path) -> None:
+        """Write `state_dict()` (parameters and every quantizer/estimator buffer) to `path`."""
+        torch.save(self.state_dict(), path)
+
+    def load_checkpoint(self, path) -> None:
+        """Load a checkpoint written by `save_checkpoint` (with weights_only=True: nothing is
+        unpickled but tensors). Keys and shapes are checked before anything is copied, so a
+        bad checkpoint raises and leaves the module exactly as it was."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match this graph: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shape {wrong[:5]} (compile the same model with the same config)")
+        self.load_state_dict(state)
 
     def regularization(self) -> torch.Tensor:
         """Sum of the loss terms the `regularize` pass registered (0 when there are none)."""

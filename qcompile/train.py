@@ -53,7 +53,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
             sched.step()
             log.seconds += time.perf_counter() - t0
             log.steps += 1
-            log.losses.append(float(loss))
+            log.losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(model, log)
             if bar is not None:
