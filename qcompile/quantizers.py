@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteError
-from .estimators import RangeEstimator
+from .estimators import CurrentMinMax, RangeEstimator
 
 SCALE_EPS = 1e-12
 KINDS = ("weight", "activation", "gradient")
@@ -66,21 +66,45 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: t
     return torch.clamp(torch.round(x * inv) + _bshape(zp, x, axis), *qr)
 
 
+class _FakeQuantPerChannel(torch.autograd.Function):
+    """(code(x) - z)·scale per channel; gradient 1 where x was inside the grid, else 0.
+    (torch's per-channel fused kernel is not vectorized on CPU; this is, with equal results.)"""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qr, can_clip):
+        v = torch.mul(x, 1.0 / scale).round_()
+        if zp.any():
+            v.add_(zp)
+        ctx.can_clip = can_clip
+        if can_clip:
+            ctx.save_for_backward((v >= qr[0]) & (v <= qr[1]))
+        v.clamp_(*qr)
+        if zp.any():
+            v.sub_(zp)
+        return v.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.can_clip:
+            g = g * ctx.saved_tensors[0]
+        return g, None, None, None, None
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
-               axis: int | None = None) -> torch.Tensor:
-    """x̂ = (code(x) - z)·scale with the straight-through estimator (clipped)."""
-    zpi = zp.to(torch.int32)
+               axis: int | None = None, can_clip: bool = True) -> torch.Tensor:
+    """x̂ = (code(x) - z)·scale with the straight-through estimator (clipped). `can_clip=False`
+    promises the grid covers x (a min-max range of x itself), so the gradient mask is all ones."""
     if axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zpi, *qr)
-    return torch.fake_quantize_per_channel_affine(x, scale.float(), zpi, axis, *qr)
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zp.to(torch.int32), *qr)
+    return _FakeQuantPerChannel.apply(x, _bshape(scale, x, axis), _bshape(zp, x, axis), qr, can_clip)
 
 
 def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """(clamp(floor(g/scale + u) + z) - z)·scale with u ~ U[0, 1): unbiased inside the range."""
     u = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
-    codes = torch.floor(u.addcdiv_(g, scale.to(g.dtype))).add_(zp).clamp_(*qr)
-    return codes.sub_(zp).mul_(scale)
+    z = float(zp)                      # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
+    return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z).mul_(scale)
 
 
 class _QuantizeGradient(torch.autograd.Function):
@@ -152,7 +176,7 @@ class Quantizer(nn.Module):
         scale, zp = self.grid(lo, hi)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
-        return fake_quant(x, scale, zp, self.qrange, self.axis)
+        return fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
         lo, hi, finite = self.estimator(g, update=True, who=self.layer)
