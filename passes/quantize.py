@@ -10,7 +10,10 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
     straight from a graph input (no gradient flows there);
   - the weight operand is `weight_quant(get_attr weight)` (symmetric; per output channel
     or per tensor), followed by a gradient Quantizer when quantize_weight_grad is set;
-  - L's result goes through an activation Quantizer (`output_quant`) before any user.
+  - L's result goes through an activation Quantizer (`output_quant`) before any user; when
+    `fold_bn` fused a BatchNorm into L, "L's result" is the node L.meta["qc_output"] (the
+    BatchNorm correction), which also reads L's activation operand through L's gradient
+    Quantizer, so the whole gradient leaving the fused layer is quantized once.
 Quantizers are submodules at `<layer>.<role>` (`input_quant`, `weight_quant`,
 `output_quant`, `grad_quant`, `input1_quant`, ...). Ops with no quantized form are left in
 float and listed in one warning (an UnsupportedOpError when strict).
@@ -63,15 +66,21 @@ def _is_quantizer_node(node, gm, kind=None) -> bool:
 
 def on_grid(node, gm) -> bool:
     """True when `node`'s value is a quantizer's output, possibly through grid-preserving ops."""
+    return grid_source(node, gm) is not None
+
+
+def grid_source(node, gm):
+    """The activation or weight quantizer node whose grid `node`'s value is on (walking back through
+    gradient quantizers and grid-preserving ops, as `on_grid` does), or None when it is on no grid."""
     while True:
         if _is_quantizer_node(node, gm, "activation") or _is_quantizer_node(node, gm, "weight"):
-            return True
+            return node
         if _is_quantizer_node(node, gm, "gradient") or is_grid_preserving(node, gm):
             if not node.args or not isinstance(node.args[0], fx.Node):
-                return False
+                return None
             node = node.args[0]
             continue
-        return False
+        return None
 
 
 def _from_input(node, gm) -> bool:
@@ -118,6 +127,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         layer = node.meta.get("qc_layer", node.name)
         cfg = config.for_layer(layer, _module_type(gm, layer))
         weighted = node.target in WEIGHTED_FUNCTIONS
+        result = node.meta.get("qc_output", node)
         for idx in ([0] if weighted else [0, 1]):
             arg = node.args[idx]
             suffix = "" if idx == 0 else str(idx)
@@ -130,6 +140,8 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                 g = _insert_after(gm, arg, f"{layer}.grad{suffix}_quant",
                                   _make("gradient", cfg, layer, generator=generator), "gradient", layer)
                 node.update_arg(idx, g)
+                if result is not node:
+                    result.replace_input_with(arg, g)
         if weighted:
             w = node.args[1]
             per_channel = cfg.weight_granularity == "per_channel"
@@ -141,8 +153,8 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                 wg = _insert_after(gm, wq, f"{layer}.weight_grad_quant",
                                    _make("gradient", cfg, layer, generator=generator), "gradient", layer)
                 node.update_arg(1, wg)
-        out = _insert_after(gm, node, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
-        node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+        out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
+        result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     if fallbacks:
         listed = ", ".join(f"{n.name} ({op_name(n, gm)})" for n in fallbacks)
         if config.strict:

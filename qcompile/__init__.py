@@ -3,8 +3,12 @@ from .compiler import compile
 from .config import QConfig
 from .errors import CalibrationError, CheckpointError, NonFiniteError, QCompileError, TraceError, UnsupportedOpError
 from .graph_module import QuantizedGraphModule
+from .draw import draw
+from .onnx_export import export_onnx
+from .passes.lower import lower
+from .runtime.codegen import emit_c
 from . import models
 
 __version__ = "0.1.0"
-__all__ = ["compile", "QConfig", "QuantizedGraphModule", "QCompileError", "TraceError",
+__all__ = ["compile", "draw", "export_onnx", "lower", "QConfig", "QuantizedGraphModule", "QCompileError", "TraceError",
            "UnsupportedOpError", "CalibrationError", "CheckpointError", "NonFiniteError", "__version__"]

@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qcompile.passes.fold_bn import fold_bn
+from qcompile.passes.narrow_acc import narrow_acc
 from qcompile.passes.normalize import normalize
 from qcompile.passes.quantize import quantize
+from qcompile.passes.regularize import regularize
 from qcompile.passes.trace import trace
 
 from .config import QConfig
@@ -19,13 +22,18 @@ from .graph_module import QuantizedGraphModule
 
 PIPELINE = (
     ("normalize", normalize),
+    ("fold_bn", fold_bn),
     ("quantize", quantize),
+    ("narrow_acc", narrow_acc),
+    ("regularize", regularize),
 )
 
 
-def _tag(qm: QuantizedGraphModule, pass_name: str) -> None:
+def _tag(qm: QuantizedGraphModule, pass_name: str, existing: set) -> None:
+    """Tag the nodes `pass_name` created (those not in `existing`) and record module types."""
     for node in qm.graph.nodes:
-        node.meta.setdefault("qc_pass", pass_name)
+        if node not in existing:
+            node.meta["qc_pass"] = pass_name
         if node.op == "call_module" and "qc_module_type" not in node.meta:
             node.meta["qc_module_type"] = type(qm.get_submodule(node.target)).__name__
 
@@ -54,10 +62,11 @@ def compile(model: nn.Module, example_inputs, config: QConfig | dict | None = No
     qm = QuantizedGraphModule(gm, gm.graph, class_name=f"Quantized{type(model).__name__}")
     qm.config = config
     qm.train(model.training)
-    _tag(qm, "trace")
+    _tag(qm, "trace", set())
     qm.snapshot("trace")
     for name, run in PIPELINE:
+        existing = set(qm.graph.nodes)
         run(qm, config)
-        _tag(qm, name)
+        _tag(qm, name, existing)
         qm.snapshot(name)
     return qm

@@ -46,6 +46,11 @@ class QConfig:
     grad_acc_bits: int | None = None
     acc_grad: str = "ste"
     log_barrier: bool = False
+    barrier_weight: float = 1e-2        # λ of the realized-accumulator (tail) term
+    barrier_bound_weight: float = 1e-4  # λ of the worst-case bound term
+    barrier_t0: float = 5.0             # log-barrier temperature at step 0
+    barrier_growth: float = 1.1         # t is multiplied by this every barrier_interval training steps
+    barrier_interval: int = 100
     # BatchNorm folding (passes/fold_bn) and the BN-rectification loss (passes/regularize)
     fold_bn: bool = True
     bn_freeze_steps: int | None = None
@@ -91,6 +96,20 @@ class QConfig:
             raise ValueError(f"QConfig.overflow={self.overflow!r}: choose one of {OVERFLOW_MODES}")
         if self.acc_grad not in ACC_GRAD_MODES:
             raise ValueError(f"QConfig.acc_grad={self.acc_grad!r}: choose one of {ACC_GRAD_MODES}")
+        if self.grad_acc_bits is not None and self.grad_bits is None:
+            raise ValueError(f"QConfig.grad_acc_bits={self.grad_acc_bits!r} needs grad_bits: the backward matmuls "
+                             "accumulate quantized gradients (set grad_bits, or leave grad_acc_bits=None)")
+        for name in ("barrier_weight", "barrier_bound_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"QConfig.{name}={v!r}: the loss weight must be a number >= 0")
+        if not isinstance(self.barrier_t0, (int, float)) or not self.barrier_t0 > 0:
+            raise ValueError(f"QConfig.barrier_t0={self.barrier_t0!r}: the barrier temperature must be > 0")
+        if not isinstance(self.barrier_growth, (int, float)) or not self.barrier_growth >= 1:
+            raise ValueError(f"QConfig.barrier_growth={self.barrier_growth!r}: must be >= 1 (t never decreases)")
+        if not isinstance(self.barrier_interval, int) or isinstance(self.barrier_interval, bool) \
+                or self.barrier_interval < 1:
+            raise ValueError(f"QConfig.barrier_interval={self.barrier_interval!r}: must be a positive integer")
         if self.bn_freeze_steps is not None and (not isinstance(self.bn_freeze_steps, int) or self.bn_freeze_steps < 0):
             raise ValueError(f"QConfig.bn_freeze_steps={self.bn_freeze_steps!r}: must be None or a non-negative integer")
         if not isinstance(self.bn_rectification, (int, float)) or self.bn_rectification < 0:

@@ -46,4 +46,7 @@ def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
     print(f"{'FP32':<22} {fp32_acc:>11.2f}% {1e3 * result['fp32_step']:>9.2f}")
     print(f"{'W8A8G8 in-hindsight':<22} {q_acc:>11.2f}% {1e3 * result['q_step']:>9.2f}")
     print(f"gap: {fp32_acc - q_acc:+.2f} points; step-time ratio {result['q_step'] / result['fp32_step']:.2f}x")
+    print(f"pass diagrams of the W8A8G8 net: {qcompile.draw(result['qm'], 'build/demo-diagrams').html.resolve()}")
+    result["onnx_acc"] = qcompile.onnx_export.report_heldout(result["qm"], result["data"])
+    result["c_runtime"] = qcompile.runtime.codegen.report_heldout(result["qm"], result["data"])
     return result

@@ -12,8 +12,10 @@ Requantization (the only way a value changes grid) is fixed-point:
 with m an int32 in [2^30, 2^31) (or 0) and s an int shift, computed from a real multiplier
 M = m · 2^(s − 31) by `runtime.integer_math.quantize_multiplier`. 64-bit products.
 
-Op kinds and their attrs (x, y: input/output codes; zx, zy: zero points; every op ends
-with y = clamp(zy + r, act_min, act_max) where r is what the op computes):
+Op kinds and their attrs (x, y: input/output codes; zx, zy: zero points, read from the
+tensors; every op ends with y = clamp(zy + r, act_min, act_max) where r is what the op
+computes; `act_min`/`act_max` are attrs of every op that requantizes, equal to the output
+tensor's qmin/qmax unless a ReLU was fused, then act_min = zy):
   conv2d   inputs [x]; weight (O, I/groups, kh, kw) int8, bias (O,) int32 at scale Sx·Sw[o],
            stride, padding, dilation (pairs), groups, multiplier/shift (O,) int arrays,
            acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap").
@@ -21,21 +23,37 @@ with y = clamp(zy + r, act_min, act_max) where r is what the op computes):
            cut into contiguous tiles of `tile` products; each tile's Σ (x − zx)·w is exact;
            after each tile acc = overflow(acc + partial) into acc_bits. Padding taps are
            x = zx (contribute 0). r = requantize(acc, multiplier[o], shift[o]).
-  linear   as conv2d with weight (O, I), reduction over I.
-  matmul   inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s);
-           acc_bits/tile/overflow as conv2d.
-  add      inputs [a, b]; r = requantize(requantize((a−za)·2^20, ma, sa) + requantize((b−zb)·2^20, mb, sb), m, s)
+           weight_scale: tuple of O floats, descriptive only (the real value of the weight codes,
+           for exporters whose ops take float scales); integer backends ignore it.
+  linear   as conv2d with weight (O, I), reduction over I (x of per-sample shape (I,)).
+  matmul   inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s)
+           with scalar multiplier/shift; acc_bits/tile/overflow as conv2d.
+  add      inputs [a, b]; attrs left_shift, multiplier_a/shift_a, multiplier_b/shift_b,
+           multiplier/shift (scalars);
+           r = requantize(requantize((a−za)·2^left_shift, ma, sa) + requantize((b−zb)·2^left_shift, mb, sb), m, s)
+           (left_shift = 20 for inputs of ≤ 8 bits, 12 for 16-bit inputs: products stay < 2^63)
   mul      inputs [a, b]; r = requantize((a−za)·(b−zb), m, s)
-  concat   inputs [x0, x1, ...], axis (per-sample axis); each input's r_i = requantize(x_i − z_i, m_i, s_i)
-  requantize  inputs [x]; r = requantize(x − zx, m, s)
-  max_pool2d  kernel, stride, padding, ceil_mode; padded taps never win; r = max − zy (same grid)
-  avg_pool2d  kernel, stride, padding (count_include_pad=True for explicit padding), or
-              global=True; r = requantize(Σ (x − zx), m, s) with the 1/count folded into m
+           add and mul broadcast a and b with numpy rules on the per-sample shapes.
+  concat   inputs [x0, x1, ...], axis (per-sample axis), multipliers/shifts (one per input);
+           each input's r_i = requantize(x_i − z_i, m_i, s_i)
+  requantize  inputs [x]; r = requantize(x − zx, m, s) (m = 2^30, s = 1 is the identity: a ReLU
+           on the same grid is a requantize with act_min = zy)
+  max_pool2d  kernel, stride, padding (pairs), ceil_mode; padded taps never win;
+           y = max (same grid as x, no clamp)
+  avg_pool2d  kernel, stride, padding (pairs; count_include_pad=True: padding taps are x = zx),
+           or global=True (kernel = whole H×W); r = requantize(Σ (x − zx), m, s) with the
+           1/count folded into m
   lut      table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
-           (relu6, hardswish, silu, sigmoid, hardsigmoid, and relu when the grid changes)
+           (relu6, hardswish, silu, sigmoid, hardsigmoid, a standalone BatchNorm, relu when
+           the grid changes). A 2-D table (C, n) is per channel: channel c = per-sample axis 0
+           uses table[c]. The table already holds clamped output codes (no act_min/act_max).
   reshape  shape (per sample); data order unchanged
   transpose  perm (per-sample axes)
-  slice    axis, start, stop (per-sample axis)
+  slice    axis (per-sample axis), start, stop
+
+Tensors are at most 16 bits. 8-bit (or narrower) tensors are the quantizers' grids of the
+trained graph; 16-bit signed tensors are intermediate grids that lowering chooses where the
+trained graph has no quantizer (e.g. between a SiLU and the multiply that consumes it).
 """
 from __future__ import annotations
 

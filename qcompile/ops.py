@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_bn import BatchNormFold, fold_weight
+
 # Ops whose reduction runs on the MAC array: their operands get Q_Y / Q_W, their result Q_Y.
 CONV_FUNCTIONS = {F.conv1d, F.conv2d}
 LINEAR_FUNCTIONS = {F.linear}
@@ -46,10 +48,12 @@ GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.
 QUANTIZABLE_FUNCTIONS = WEIGHTED_FUNCTIONS | MATMUL_FUNCTIONS | GRID_PRESERVING_FUNCTIONS | {
     F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, operator.add, operator.mul, torch.cat,
     F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, F.dropout, operator.floordiv,
+    fold_weight,  # BatchNorm folded into a weight (passes/fold_bn): a constant after training
 }
 QUANTIZABLE_METHODS = GRID_PRESERVING_METHODS | {"mean", "dim"}
 QUANTIZABLE_MODULES = GRID_PRESERVING_MODULES + (
     nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d,
+    BatchNormFold,  # a per-channel bias in eval (passes/fold_bn)
 )
 
 

@@ -1,0 +1,119 @@
+"""Single-thread latency and GMAC/s of the generated C runtime vs onnxruntime, resnet18.
+
+torchvision resnet18 (1000 classes, random weights) is compiled with qcompile (W8A8),
+calibrated on random inputs, put in eval mode and lowered once per accumulator setting:
+  exact           acc_bits=None (the static bound fits int32: 32-bit lanes, VNNI dot products)
+  acc16 wrap      acc_bits=16, tile=64, wrap      (modular: 16-bit lanes)
+  acc16 saturate  acc_bits=16, tile=64, saturate  (exact partial per tile, clamp after each)
+  acc32 saturate  acc_bits=32, tile=64, saturate  (provably never overflows: compiled as exact)
+Each is emitted as C, built with gcc -O3 -march=native and timed by its own harness
+(`--bench`: one sample, one thread, mean of REPEATS runs after one warm-up run). onnxruntime
+runs qcompile's own QOperator export of the exact model (1 intra-op thread, same input),
+median of REPEATS runs. GMAC/s = the graph's multiply-accumulates / latency. Before timing,
+the C output of the exact model is checked byte for byte against the integer reference.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/c_runtime.py [--sizes 64,224] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qcompile
+from qcompile.models import get
+from qcompile.onnx_export import export_onnx, onnxruntime_session
+from qcompile.runtime import reference
+from qcompile.runtime.build import bench, build, run
+from qcompile.runtime.codegen import emit_c
+
+VARIANTS = {
+    "exact": {},
+    "acc16 wrap": dict(acc_bits=16, tile=64, overflow="wrap"),
+    "acc16 saturate": dict(acc_bits=16, tile=64, overflow="saturate"),
+    "acc32 saturate": dict(acc_bits=32, tile=64, overflow="saturate"),
+}
+
+
+def lowered(size: int, **acc):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qcompile.compile(get("torchvision:resnet18").eval(), (x[:1],), act_range="running", **acc)
+    qm.calibrate([x[:2], x[2:]])
+    return qm.eval(), x
+
+
+def ort_latency(path, x: np.ndarray, repeats: int) -> float:
+    sess = onnxruntime_session(path, threads=1)
+    feed = {sess.get_inputs()[0].name: x}
+    sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="64,224")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--opt", default="-O3 -march=native")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            for label in args.variants.split(","):
+                qm, x = lowered(size, **VARIANTS[label])
+                graph = qcompile.lower(qm)
+                out = Path(tmp) / f"r{size}_{label.replace(' ', '_')}"
+                module = emit_c(graph, out, name="resnet18")
+                t0 = time.perf_counter()
+                exe = build(out, opt=args.opt)
+                build_s = time.perf_counter() - t0
+                codes = reference.quantize_input(graph, x[:1])
+                (got,) = run(out, codes, exe=exe)
+                exact = bool(np.array_equal(got, reference.run_codes(graph, codes)))
+                c_s = bench(out, codes, repeats=args.repeats, exe=exe)
+                row = dict(size=size, variant=label, c_ms=1e3 * c_s, c_gmacs=module.macs / c_s / 1e9, bit_exact=exact,
+                           arena=module.arena_bytes, naive=module.naive_bytes, weights=module.weight_bytes,
+                           build_s=build_s, macs=module.macs)
+                if label == "exact":
+                    onnx_path = Path(tmp) / f"r{size}.onnx"
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        export_onnx(qm, onnx_path, "qop")
+                    o_s = ort_latency(onnx_path, x[:1].numpy(), args.repeats)
+                    row.update(ort_ms=1e3 * o_s, ort_gmacs=module.macs / o_s / 1e9)
+                rows.append(row)
+                print(f"  {size}x{size} {label:<15} C {row['c_ms']:8.2f} ms {row['c_gmacs']:6.1f} GMAC/s "
+                      f"(bit-exact {exact}, gcc {build_s:.0f} s)" +
+                      (f"; onnxruntime {row['ort_ms']:.2f} ms {row['ort_gmacs']:.1f} GMAC/s" if "ort_ms" in row else ""),
+                      file=sys.stderr, flush=True)
+    print(f"\nresnet18, 1 thread, gcc {args.opt}; onnxruntime on qcompile's QOperator export\n")
+    print("| input | accumulator | C ms | C GMAC/s | ORT ms | ORT GMAC/s | C ÷ ORT time | bit-exact | arena KiB "
+          "(naive) | weights MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ort = {r["size"]: r for r in rows if "ort_ms" in r}
+    for r in rows:
+        o = ort.get(r["size"])
+        print(f"| {r['size']}×{r['size']} | {r['variant']} | {r['c_ms']:.2f} | {r['c_gmacs']:.1f} | "
+              f"{o['ort_ms'] if o else float('nan'):.2f} | {o['ort_gmacs'] if o else float('nan'):.1f} | "
+              f"{r['c_ms'] / o['ort_ms'] if o else float('nan'):.2f}× | {r['bit_exact']} | {r['arena'] / 1024:.0f} "
+              f"({r['naive'] / 1024:.0f}) | {r['weights'] / 2 ** 20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

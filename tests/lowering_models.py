@@ -1,0 +1,61 @@
+"""Small models and a train-then-eval helper shared by the lowering and ONNX export tests."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcompile
+
+
+class OpZoo(nn.Module):
+    """One of each op kind lowering handles: standalone BatchNorm, relu/relu6/hardswish/silu/sigmoid/
+    hardsigmoid, cat, chunk + channel shuffle, add, squeeze-excite multiply, avg/max pooling, mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.conv4 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv5 = nn.Conv2d(16, 16, 1)
+        self.conv6 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.bn0(x)
+        a = F.relu6(self.bn2(self.conv2(x)))
+        b = F.hardswish(self.conv3(x))
+        c = torch.cat([a, b], 1)
+        s = torch.sigmoid(self.conv5(F.adaptive_avg_pool2d(c, 1)))
+        y = F.silu(self.conv4(c)) * s
+        y = y + self.conv6(c)
+        n, ch, h, w = y.shape
+        y = y.view(n, 2, ch // 2, h, w).transpose(1, 2).contiguous().view(n, ch, h, w)
+        y1, y2 = y.chunk(2, dim=1)
+        y = torch.cat([F.hardsigmoid(y1), y2], 1)
+        y = F.avg_pool2d(y, 2)
+        return self.fc(y.mean((2, 3)))
+
+
+def trained(model: nn.Module, x: torch.Tensor, steps: int = 2, seed: int = 0, **config):
+    """compile(model) (traced in eval mode), `steps` SGD steps on x, then eval mode."""
+    torch.manual_seed(seed)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = qcompile.compile(model, (x[:2],), seed=seed, **config)
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = qm(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qm.eval()

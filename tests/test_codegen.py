@@ -1,0 +1,412 @@
+"""runtime/codegen: the generated C99 runtime equals the integer reference byte for byte.
+
+Every test builds with gcc and runs the generated harness. Hand-built graphs cover each op
+kind and accumulator mode in isolation; lowered models (LeNet on MNIST, torchvision
+resnet18 / mobilenet_v2 / shufflenet_v2_x0_5 / efficientnet_b0 at small inputs, and
+narrow-accumulator models that overflow) cover what lowering really emits.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import qcompile
+from qcompile import ir
+from qcompile.errors import QCompileError, UnsupportedOpError
+from qcompile.runtime import memory_plan, reference
+from qcompile.runtime.build import build, run
+from qcompile.runtime.codegen import TEMPLATES, c_identifier, emit_c, generate
+from qcompile.runtime.integer_math import quantize_multiplier, requantize
+
+from lowering_models import OpZoo, trained
+
+TEST_OPT = "-O1"   # tests only check bytes; -O1 halves gcc time on the large weight arrays
+
+
+def random_codes(t: ir.Tensor, n: int, rng) -> np.ndarray:
+    return rng.integers(t.qmin, t.qmax + 1, (n, *t.shape))
+
+
+def check_bit_exact(graph: ir.Graph, out_dir, n: int = 3, seed: int = 0, opt: str = TEST_OPT, codes=None,
+                    sanitize: bool = False):
+    """Emit, build and run `graph` on n random input samples; assert every output byte equals the reference."""
+    rng = np.random.default_rng(seed)
+    module = emit_c(graph, out_dir, name="net")
+    exe = build(out_dir, opt=opt, sanitize=sanitize)
+    if codes is None:
+        codes = [random_codes(graph.tensor(name), n, rng) for name in graph.inputs]
+    got = run(out_dir, *codes, exe=exe)
+    want = reference.run_codes(graph, *codes)
+    want = want if isinstance(want, list) else [want]
+    for name, g, w in zip(graph.outputs, got, want):
+        assert g.shape == w.shape, name
+        mismatch = int(np.sum(g.astype(np.int64) != w))
+        assert mismatch == 0, f"{name}: {mismatch} of {w.size} output codes differ from the reference"
+    return module, got
+
+
+# ---- the requantization helper, alone ---------------------------------------------------------
+def test_c_requantize_helper_matches_python(tmp_path):
+    """qc_requantize in C == integer_math.requantize on random values, exact ties and every shift."""
+    rng = np.random.default_rng(0)
+    ms = [quantize_multiplier(float(r)) for r in np.exp(rng.uniform(np.log(1e-9), np.log(3e3), 300))]
+    ms += [(1 << 30, 1), (1 << 30, -20), (0, 0), ((1 << 31) - 1, 31 + 20)]
+    rows = []
+    for m, s in ms:
+        n = 31 - s
+        vs = list(rng.integers(-(1 << 24), 1 << 24, 6))
+        if n > 1 and m % 2 == 1:                     # exact ties v·m = (2k+1)·2^(n-1) need m odd
+            k = (1 << (n - 1)) * pow(m, -1, 1 << n) % (1 << n)
+            vs += [k, k - (1 << n), -k]              # v·m ≡ 2^(n-1) (mod 2^n): a tie, odd or even quotient
+        rows += [(int(v), m, s) for v in vs if abs(int(v) * m) < 2 ** 62]
+    data = np.array(rows, dtype=np.int64)
+    (tmp_path / "in.txt").write_text("\n".join(f"{v} {m} {s}" for v, m, s in rows) + "\n")
+    common = (TEMPLATES / "common.c.j2").read_text()
+    common = common[:common.index("{#")]            # the C part, before the reduction macro
+    (tmp_path / "t.c").write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n" + common +
+        "int main(void)\n{\n    long long v, m, s;\n"
+        "    while (scanf(\"%lld %lld %lld\", &v, &m, &s) == 3)\n"
+        "        printf(\"%lld\\n\", (long long)qc_requantize((int64_t)v, (int32_t)m, (int32_t)s));\n"
+        "    return 0;\n}\n")
+    subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fsanitize=undefined",
+                    "-fno-sanitize-recover=all", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
+    out = subprocess.run([str(tmp_path / "t")], stdin=open(tmp_path / "in.txt"), capture_output=True, text=True,
+                         check=True).stdout.split()
+    got = np.array([int(v) for v in out], dtype=np.int64)
+    want = np.array([int(requantize(v, m, s)) for v, m, s in data])
+    ties = sum(1 for v, m, s in rows if 31 - s > 0 and (v * m) % (1 << (31 - s)) == 1 << (30 - s))
+    assert ties > 100 and len(got) == len(rows)
+    np.testing.assert_array_equal(got, want)
+
+
+# ---- hand-built graphs -----------------------------------------------------------------------
+def _t(name, shape, bits=8, signed=False, zp=0, scale=0.05):
+    return ir.Tensor(name, tuple(shape), bits, signed, scale, zp)
+
+
+def _mults(rng, n, lo, hi):
+    pairs = [quantize_multiplier(float(r)) for r in rng.uniform(lo, hi, n)]
+    return np.array([m for m, _ in pairs], np.int64), np.array([s for _, s in pairs], np.int64)
+
+
+CONV_CASES = [  # (kwargs, accumulator)
+    (dict(), None),
+    (dict(groups=2, cin=4), None),
+    (dict(stride=2, pad=0), None),
+    (dict(dil=2, pad=2), None),
+    (dict(groups=6, cin=6, cout=6), None),                          # depthwise
+    (dict(), (16, 8, "saturate")),
+    (dict(groups=6, cin=6, cout=6), (12, 4, "saturate")),           # depthwise, tile smaller than the kernel
+    (dict(stride=2), (12, 5, "saturate")),
+    (dict(groups=2, cin=4, positive=True), (17, None, "saturate")),  # one tile
+    (dict(wmax=3), (11, 16, "saturate")),                           # small weights: 16-bit partial sums
+    (dict(), (14, 32, "wrap")),
+    (dict(groups=6, cin=6, cout=6), (10, 4, "wrap")),
+    (dict(dil=2, pad=2, positive=True), (18, 7, "wrap")),           # exact int32 lanes, then one wrap
+]
+
+
+def conv_zoo_graph(seed: int = 0) -> ir.Graph:
+    """One input, one conv2d per CONV_CASES entry, each its own graph output."""
+    rng = np.random.default_rng(seed)
+    x = _t("x", (6, 9, 7), zp=17)
+    tensors, ops, outputs = {"x": x}, [], []
+    for i, (kw, acc) in enumerate(CONV_CASES):
+        cin, cout, g = kw.get("cin", 6), kw.get("cout", 8), kw.get("groups", 1)
+        st, pad, dil, k = kw.get("stride", 1), kw.get("pad", 1), kw.get("dil", 1), 3
+        oh = (9 + 2 * pad - dil * (k - 1) - 1) // st + 1
+        ow = (7 + 2 * pad - dil * (k - 1) - 1) // st + 1
+        src = "x"
+        if cin != 6:
+            src = f"s{i}"
+            tensors[src] = _t(src, (cin, 9, 7), zp=17)
+            ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, dict(axis=0, start=0, stop=cin)))
+        y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
+        m, s = _mults(rng, cout, 2e-4, 3e-3)
+        a, t, o = acc or (None, None, "saturate")
+        ops.append(ir.Op("conv2d", f"layer{i}.conv", [src], y.name, dict(
+            weight=rng.integers(0 if kw.get("positive") else -kw.get("wmax", 127), kw.get("wmax", 127) + 1,
+                                (cout, cin // g, k, k)).astype(np.int8),
+            bias=rng.integers(-3000, 3000, cout).astype(np.int32), stride=(st, st), padding=(pad, pad),
+            dilation=(dil, dil), groups=g, multiplier=m, shift=s, acc_bits=a, tile=t, overflow=o,
+            act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(["x"], outputs, tensors, ops)
+
+
+def wide_graph(seed: int = 0) -> ir.Graph:
+    """16-bit signed input, K = 1152: static bounds past int32 select 64-bit exact lanes, 64-bit
+    saturating partials and unsigned modular lanes (16 and 32 bits)."""
+    rng = np.random.default_rng(seed)
+    x = _t("x", (128, 4, 4), bits=16, signed=True)
+    tensors, ops, outputs = {"x": x}, [], []
+    for i, (a, t, o) in enumerate([(None, None, "saturate"), (31, None, "saturate"), (30, 100, "saturate"),
+                                   (16, 9, "wrap"), (30, 9, "wrap")]):
+        y = _t(f"y{i}", (8, 4, 4), signed=True)
+        m, s = _mults(rng, 8, 1e-7, 1e-6)
+        ops.append(ir.Op("conv2d", f"wide{i}", ["x"], y.name, dict(
+            weight=rng.integers(0, 128, (8, 128, 3, 3)).astype(np.int8), bias=rng.integers(-3000, 3000, 8).astype(np.int32),
+            stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, multiplier=m, shift=s, acc_bits=a, tile=t,
+            overflow=o, act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(["x"], outputs, tensors, ops)
+
+
+def op_zoo_graph(seed: int = 0) -> ir.Graph:
+    """Every non-conv op kind, shaped like a small network: conv, max-pool with padding, per-channel
+    and plain LUTs, 16-bit intermediates, requantize, depthwise conv, add with a skip, global
+    average pool, broadcast multiply, channel shuffle (reshape / transpose / reshape), slices,
+    concat of three grids, average pool with padding, flatten (reshape alias) and linear."""
+    rng = np.random.default_rng(seed)
+    ts, ops = {}, []
+
+    def t(name, shape, **kw):
+        ts[name] = _t(name, shape, **kw)
+        return name
+
+    def op(kind, name, inputs, out, **attrs):
+        y = ts[out]
+        if kind not in ("max_pool2d", "lut", "reshape", "transpose", "slice"):
+            attrs.setdefault("act_min", y.qmin)
+            attrs.setdefault("act_max", y.qmax)
+        ops.append(ir.Op(kind, name, inputs, out, attrs))
+
+    def qm(r):
+        return dict(zip(("multiplier", "shift"), quantize_multiplier(r)))
+
+    t("x", (3, 12, 12), zp=9)
+    t("c1", (8, 12, 12), zp=11)
+    m, s = _mults(rng, 8, 1e-3, 5e-3)
+    op("conv2d", "conv1", ["x"], "c1", weight=rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8),
+       bias=rng.integers(-500, 500, 8).astype(np.int32), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+       multiplier=m, shift=s, acc_bits=None, tile=None, overflow="saturate", act_min=11)
+    t("p1", (8, 6, 6), zp=11)
+    op("max_pool2d", "pool", ["c1"], "p1", kernel=(3, 3), stride=(2, 2), padding=(1, 1), ceil_mode=False)
+    t("l1", (8, 6, 6), bits=16, signed=True)
+    op("lut", "act.silu", ["p1"], "l1", table=rng.integers(-30000, 30000, 256))
+    t("q1", (8, 6, 6), zp=3)
+    op("requantize", "rq", ["l1"], "q1", **qm(0.003))
+    t("bn", (8, 6, 6), signed=True)
+    op("lut", "bn0", ["q1"], "bn", table=rng.integers(-128, 128, (8, 256)))               # per channel
+    t("d1", (8, 6, 6), zp=4)
+    m, s = _mults(rng, 8, 1e-3, 1e-2)
+    op("conv2d", "dw", ["bn"], "d1", weight=rng.integers(-127, 128, (8, 1, 3, 3)).astype(np.int8),
+       bias=rng.integers(-500, 500, 8).astype(np.int32), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+       groups=8, multiplier=m, shift=s, acc_bits=None, tile=None, overflow="saturate")
+    t("a1", (8, 6, 6), zp=30)
+    ma, sa = quantize_multiplier(0.4)
+    mb, sb = quantize_multiplier(0.5)
+    op("add", "add", ["d1", "p1"], "a1", left_shift=20, multiplier_a=ma, shift_a=sa, multiplier_b=mb,
+       shift_b=sb, **qm(0.9 / 2 ** 20))
+    t("g", (8, 1, 1), zp=2)
+    op("avg_pool2d", "gap", ["a1"], "g", kernel=(6, 6), stride=(6, 6), padding=(0, 0), **{"global": True},
+       **qm(1 / 36))
+    t("mu", (8, 6, 6), bits=16, signed=True)
+    op("mul", "se.mul", ["a1", "g"], "mu", **qm(0.01))                                    # broadcast
+    t("mq", (8, 6, 6), zp=7)
+    op("requantize", "rq2", ["mu"], "mq", **qm(0.02))
+    t("r1", (2, 4, 6, 6), zp=7)
+    op("reshape", "view", ["mq"], "r1", shape=(2, 4, 6, 6))
+    t("tr", (4, 2, 6, 6), zp=7)
+    op("transpose", "transpose", ["r1"], "tr", perm=(1, 0, 2, 3))
+    t("r2", (8, 6, 6), zp=7)
+    op("reshape", "view_1", ["tr"], "r2", shape=(8, 6, 6))
+    t("s1", (3, 6, 6), zp=7)
+    op("slice", "chunk.0", ["r2"], "s1", axis=0, start=0, stop=3)
+    t("s2", (5, 6, 6), zp=7)
+    op("slice", "chunk.1", ["r2"], "s2", axis=0, start=3, stop=8)
+    t("cat", (16, 6, 6), zp=12)
+    pairs = [quantize_multiplier(r) for r in (0.7, 1.3, 1.0)]
+    op("concat", "cat", ["s2", "s1", "a1"], "cat", axis=0, multipliers=[m for m, _ in pairs],
+       shifts=[s for _, s in pairs])
+    t("ap", (16, 3, 3), zp=12)
+    op("avg_pool2d", "avgpool", ["cat"], "ap", kernel=(3, 3), stride=(2, 2), padding=(1, 1), **{"global": False},
+       **qm(1 / 9))
+    t("fl", (144,), zp=12)
+    op("reshape", "flatten", ["ap"], "fl", shape=(144,))
+    t("out", (10,), signed=True)
+    m, s = _mults(rng, 10, 1e-4, 1e-3)
+    op("linear", "fc", ["fl"], "out", weight=rng.integers(-127, 128, (10, 144)).astype(np.int8),
+       bias=rng.integers(-5000, 5000, 10).astype(np.int32), multiplier=m, shift=s, acc_bits=None, tile=None,
+       overflow="saturate")
+    return ir.Graph(["x"], ["out", "mq"], ts, ops)
+
+
+def test_conv_accumulator_modes_bit_exact(tmp_path):
+    """conv2d: groups, depthwise, stride, dilation; exact, saturating and wrapping narrow accumulators."""
+    graph = conv_zoo_graph()
+    _, got = check_bit_exact(graph, tmp_path, n=4)
+    # the narrow cases really overflow: an exact accumulator gives other codes
+    exact = ir.Graph(graph.inputs, graph.outputs, graph.tensors,
+                     [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None}) for o in graph.ops])
+    x = random_codes(graph.tensor("x"), 4, np.random.default_rng(0))
+    free = reference.run_codes(exact, x)
+    narrow = [i for i, (_, acc) in enumerate(CONV_CASES) if acc is not None]
+    assert all(not np.array_equal(got[i], free[i]) for i in narrow)
+    assert "int16_t s0" in (tmp_path / "net.c").read_text()
+
+
+def test_wide_accumulator_lanes_bit_exact(tmp_path):
+    graph = wide_graph()
+    rng = np.random.default_rng(3)
+    x = np.where(rng.random((3, 128, 4, 4)) < 0.5, 32767, rng.integers(-32768, 32768, (3, 128, 4, 4)))
+    check_bit_exact(graph, tmp_path, codes=[x], sanitize=True)
+    src = (tmp_path / "net.c").read_text()
+    assert "int64_t s0" in src and "uint16_t s0" in src and "uint32_t s0" in src
+
+
+def test_every_op_kind_bit_exact_and_arena_shared(tmp_path):
+    graph = op_zoo_graph()
+    module, _ = check_bit_exact(graph, tmp_path, n=4, opt="-O2")
+    assert {op.kind for op in graph.ops} == {"conv2d", "max_pool2d", "lut", "requantize", "add", "avg_pool2d", "mul",
+                                             "reshape", "transpose", "slice", "concat", "linear"}
+    assert 0 < module.arena_bytes < module.naive_bytes
+    src = (tmp_path / "net.c").read_text()
+    assert "net_flatten(" not in src            # a reshape is an alias, not a copy
+
+
+def test_generated_code_is_pure_integer_c99(tmp_path):
+    emit_c(op_zoo_graph(), tmp_path, name="net")
+    for f in ("net.c", "net.h"):
+        text = (tmp_path / f).read_text()
+        code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)                  # comments may print scales
+        for word in ("float", "double", "math.h", "malloc", "calloc", "free(", "stdio"):
+            assert word not in code, (f, word)
+    build(tmp_path, opt="-O2")           # the Makefile's flags: -std=c99 -Wall -Wextra -Werror -pedantic
+    assert "-std=c99" in (tmp_path / "Makefile").read_text() and "-Werror -pedantic" in (tmp_path / "Makefile").read_text()
+
+
+def test_sanitizers_clean_with_narrow_accumulators(tmp_path):
+    """AddressSanitizer + UndefinedBehaviorSanitizer (any report aborts): wrap is modular, no signed overflow."""
+    graph = conv_zoo_graph(seed=1)
+    check_bit_exact(graph, tmp_path / "conv", n=2, seed=1, sanitize=True)
+    check_bit_exact(op_zoo_graph(seed=1), tmp_path / "zoo", n=2, seed=1, sanitize=True)
+
+
+def test_batch_of_samples_and_harness_errors(tmp_path):
+    graph = op_zoo_graph(seed=2)
+    check_bit_exact(graph, tmp_path, n=7, seed=2)
+    with pytest.raises(ValueError, match="expected shape"):
+        run(tmp_path, np.zeros((2, 3, 12, 11), np.uint8))
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 5)
+    proc = subprocess.run([str(tmp_path / "net"), str(tmp_path / "bad.bin"), str(tmp_path / "o0"),
+                           str(tmp_path / "o1")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "whole number" in proc.stderr
+
+
+# ---- names, errors ------------------------------------------------------------------------------
+def test_identifiers_sanitized_and_unique(tmp_path):
+    taken = set()
+    names = [c_identifier(n, taken, "m") for n in ("layer1.0/conv-1", "layer1_0_conv_1", "3x3", "int", "", "ü")]
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names)
+    assert len(set(names)) == len(names)
+    graph = conv_zoo_graph()
+    for i, op in enumerate(graph.ops):
+        op.name = ["for", "a.b", "a-b", "a/b", "1", "x y"][i % 6]
+    check_bit_exact(graph, tmp_path, n=1)
+    with pytest.raises(ValueError, match="C identifier"):
+        generate(graph, name="my-net")
+
+
+def test_unsupported_op_kind_is_a_clear_error(tmp_path):
+    graph = op_zoo_graph()
+    graph.ops[3].kind = "softmax"
+    with pytest.raises(UnsupportedOpError, match=r"'softmax'.*'rq'.*supported kinds"):
+        emit_c(graph, tmp_path)
+
+
+def test_uncalibrated_or_training_graph_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    model = OpZoo().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # OpZoo reads a shape: one op stays in float
+        qm = qcompile.compile(model, (torch.randn(2, 3, 16, 16),))
+    with pytest.raises(QCompileError, match="training mode"):
+        emit_c(qm.train(), tmp_path)
+    with pytest.raises(QCompileError, match="calibrat"):
+        emit_c(qm.eval(), tmp_path)
+    assert not (tmp_path / "model.c").exists()
+
+
+# ---- memory planning ---------------------------------------------------------------------------
+def test_memory_plan_never_overlaps_live_buffers():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        bufs = []
+        for i in range(30):
+            first = int(rng.integers(0, 20))
+            bufs.append(memory_plan.Buffer(f"b{i}", int(rng.integers(1, 5000)), first, first + int(rng.integers(0, 5))))
+        p = memory_plan.plan(bufs)
+        memory_plan.check(p)
+        peak = max(sum(b.size for b in bufs if b.first <= t <= b.last) for t in range(25))
+        assert peak <= p.arena_bytes <= p.naive_bytes
+
+
+# ---- lowered models -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_models():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    return x, {"exact": trained(OpZoo(), x),
+               "saturate": trained(OpZoo(), x, acc_bits=10, tile=8, overflow="saturate"),
+               "wrap": trained(OpZoo(), x, acc_bits=10, tile=8, overflow="wrap")}
+
+
+@pytest.mark.parametrize("mode", ["exact", "saturate", "wrap"])
+def test_lowered_op_zoo_bit_exact(zoo_models, mode, tmp_path):
+    x, models = zoo_models
+    graph = qcompile.lower(models[mode])
+    codes = reference.quantize_input(graph, x)
+    check_bit_exact(graph, tmp_path, codes=[codes])
+    if mode != "exact":      # the narrow accumulator overflows on these inputs
+        exact = qcompile.lower(models[mode])
+        for op in exact.ops:
+            if "acc_bits" in op.attrs:
+                op.attrs["acc_bits"] = None
+        assert not np.array_equal(reference.run_codes(graph, codes), reference.run_codes(exact, codes))
+
+
+def test_lenet_mnist_bit_exact(mnist, tmp_path):
+    from qcompile.models import get
+    from qcompile.train import train_classifier
+    torch.manual_seed(0)
+    qm = qcompile.compile(get("models:lenet5"), (mnist.x_train[:2],), grad_bits=8, seed=0)
+    qm.calibrate([mnist.x_train[:256]])
+    train_classifier(qm, mnist.x_train[:512], mnist.y_train[:512], epochs=1, batch_size=64, lr=0.05)
+    graph = qcompile.lower(qm.eval())
+    codes = reference.quantize_input(graph, mnist.x_test[:200])
+    module, (logits,) = check_bit_exact(graph, tmp_path, codes=[codes])
+    assert module.arena_bytes < module.activation_bytes
+    agree = (logits.argmax(1) == qm(mnist.x_test[:200]).argmax(1).numpy()).mean()
+    assert agree >= 0.97
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 32), ("mobilenet_v2", 32), ("shufflenet_v2_x0_5", 32),
+                                       ("efficientnet_b0", 32)])
+def test_torchvision_models_bit_exact(name, size, tmp_path):
+    from qcompile.models import get
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, size, size)
+    qm = trained(get(f"torchvision:{name}", num_classes=10), x[:4], steps=1)
+    graph = qcompile.lower(qm)
+    codes = reference.quantize_input(graph, torch.cat([x[4:], 3 * torch.randn(2, 3, size, size)]))
+    module, _ = check_bit_exact(graph, tmp_path, codes=[codes])
+    assert module.arena_bytes < module.naive_bytes and module.arena_bytes < module.activation_bytes
+
+
+def test_cli_emit_c(tmp_path, capsys):
+    from qcompile.cli import main
+    out = tmp_path / "c"
+    assert main(["emit-c", "models:lenet5", "--input-shape", "2,1,28,28", "--out", str(out), "--name", "lenet",
+                 "--build", f"--opt={TEST_OPT}"]) == 0
+    printed = capsys.readouterr().out
+    assert "arena" in printed and (out / "lenet").exists()
+    assert "int lenet_run(const uint8_t *input, " in (out / "lenet.h").read_text()

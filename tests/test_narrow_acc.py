@@ -1,0 +1,412 @@
+"""Tiled narrow accumulators: exactness against plain integer loops, the narrow_acc pass,
+overflow statistics, gradients through the accumulator, accumulator bounds."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qcompile
+from qcompile.analysis import accumulator_bounds
+from qcompile.errors import UnsupportedOpError
+from qcompile.tiled import (NarrowAccOp, acc_range, min_acc_bits, tiled_conv2d, tiled_conv2d_input_grad,
+                            tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
+
+torch.set_num_threads(1)
+SETTINGS = settings(max_examples=25, deadline=None)
+MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap")])
+TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
+
+
+# ---- the plain integer loops the tiled ops must equal -------------------------------------------
+
+def loop_accumulate(products, bias, acc_bits, tile, overflow):
+    """(acc, events) of one output: the accumulator semantics written as a Python loop over ints."""
+    acc, events = int(bias), 0
+    step = len(products) if tile is None else tile
+    for i in range(0, len(products), step):
+        v = acc + sum(products[i:i + step])
+        if acc_bits is None:
+            acc = v
+            continue
+        lo, hi = acc_range(acc_bits)
+        if overflow == "saturate":
+            acc = min(max(v, lo), hi)
+            events += acc != v
+        else:
+            acc = (v - lo) % 2 ** acc_bits + lo
+    if overflow == "wrap" and acc_bits is not None:
+        events = int(acc != int(bias) + sum(products))
+    return acc, events
+
+
+def loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow):
+    N, C, H, W = x.shape
+    O, cg, kh, kw = w.shape
+    og = O // groups
+    Ho, Wo = (H + 2 * pad - dil * (kh - 1) - 1) // stride + 1, (W + 2 * pad - dil * (kw - 1) - 1) // stride + 1
+    out, events = torch.zeros(N, O, Ho, Wo, dtype=torch.int64), 0
+    for n, o, i, j in itertools.product(range(N), range(O), range(Ho), range(Wo)):
+        prods = []
+        for c, ky, kx in itertools.product(range(cg), range(kh), range(kw)):
+            y, xx = i * stride - pad + ky * dil, j * stride - pad + kx * dil
+            v = int(x[n, (o // og) * cg + c, y, xx]) if 0 <= y < H and 0 <= xx < W else 0
+            prods.append(v * int(w[o, c, ky, kx]))
+        out[n, o, i, j], e = loop_accumulate(prods, 0 if b is None else b[o], acc_bits, tile, overflow)
+        events += e
+    return out, events
+
+
+def loop_matmul(a, b, bias, acc_bits, tile, overflow):
+    """a (B, M, K) @ b (B, K, N), reduction over K in order."""
+    B, M, K = a.shape
+    out, events = torch.zeros(B, M, b.shape[-1], dtype=torch.int64), 0
+    for z, m, n in itertools.product(range(B), range(M), range(b.shape[-1])):
+        prods = [int(a[z, m, k]) * int(b[z, k, n]) for k in range(K)]
+        out[z, m, n], e = loop_accumulate(prods, 0 if bias is None else bias[n], acc_bits, tile, overflow)
+        events += e
+    return out, events
+
+
+def loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile, overflow):
+    """G_X[n, c, y, x]: reduction over (o in c's group, ky, kx of the flipped kernel), i.e. ky, kx descending."""
+    N, O, Ho, Wo = g.shape
+    _, cg, kh, kw = w.shape
+    og = O // groups
+    out, events = torch.zeros(N, groups * cg, H, W, dtype=torch.int64), 0
+    for n, c, y, x in itertools.product(range(N), range(groups * cg), range(H), range(W)):
+        prods = []
+        for o in range((c // cg) * og, (c // cg + 1) * og):
+            for ky, kx in itertools.product(reversed(range(kh)), reversed(range(kw))):
+                uy, ux = y + pad - ky * dil, x + pad - kx * dil
+                hit = uy % stride == 0 and ux % stride == 0 and 0 <= uy // stride < Ho and 0 <= ux // stride < Wo
+                prods.append((int(g[n, o, uy // stride, ux // stride]) if hit else 0) * int(w[o, c % cg, ky, kx]))
+        out[n, c, y, x], e = loop_accumulate(prods, 0, acc_bits, tile, overflow)
+        events += e
+    return out, events
+
+
+def loop_conv2d_weight_grad(x, g, wshape, stride, pad, dil, groups, acc_bits, tile, overflow):
+    """G_W[o, c, ky, kx]: reduction over (n, i, j) in order."""
+    N, C, H, W = x.shape
+    O, cg, kh, kw = wshape
+    og = O // groups
+    out, events = torch.zeros(wshape, dtype=torch.int64), 0
+    for o, c, ky, kx in itertools.product(range(O), range(cg), range(kh), range(kw)):
+        prods = []
+        for n, i, j in itertools.product(range(N), range(g.shape[2]), range(g.shape[3])):
+            y, xx = i * stride - pad + ky * dil, j * stride - pad + kx * dil
+            v = int(x[n, (o // og) * cg + c, y, xx]) if 0 <= y < H and 0 <= xx < W else 0
+            prods.append(int(g[n, o, i, j]) * v)
+        out[o, c, ky, kx], e = loop_accumulate(prods, 0, acc_bits, tile, overflow)
+        events += e
+    return out, events
+
+
+@st.composite
+def conv_case(draw):
+    groups = draw(st.sampled_from([1, 2, 3]))
+    cg, og = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride, pad, dil = draw(st.integers(1, 2)), draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    H, W = draw(st.integers(max(3, dil * (kh - 1) + 1), 6)), draw(st.integers(max(3, dil * (kw - 1) + 1), 6))
+    seed = draw(st.integers(0, 2 ** 16))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-255, 256, (2, groups * cg, H, W), generator=gen)
+    w = torch.randint(-127, 128, (groups * og, cg, kh, kw), generator=gen)
+    b = torch.randint(-4000, 4000, (groups * og,), generator=gen)
+    return x, w, b, stride, pad, dil, groups
+
+
+# ---- exactness ----------------------------------------------------------------------------------
+
+@SETTINGS
+@given(conv_case(), TILES, MODES, st.sampled_from([torch.int64, torch.float32]))
+def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype):
+    x, w, b, stride, pad, dil, groups = case
+    acc_bits, overflow = mode
+    res = tiled_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), stride, pad, dil, groups,
+                       acc_bits=acc_bits, tile=tile, overflow=overflow)
+    ref, events = loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow)
+    assert torch.equal(res.acc.to(torch.int64), ref)
+    assert int(res.events) == events
+    if acc_bits is not None and overflow == "saturate":
+        assert bool(((res.acc - res.exact) != 0).le(res.overflowed).all())
+
+
+@SETTINGS
+@given(conv_case(), TILES, MODES)
+def test_tiled_conv2d_backward_equals_integer_loops(case, tile, mode):
+    x, w, _, stride, pad, dil, groups = case
+    acc_bits, overflow = mode
+    H, W = x.shape[-2:]
+    Ho = (H + 2 * pad - dil * (w.shape[2] - 1) - 1) // stride + 1
+    Wo = (W + 2 * pad - dil * (w.shape[3] - 1) - 1) // stride + 1
+    g = torch.randint(-127, 128, (x.shape[0], w.shape[0], Ho, Wo), generator=torch.Generator().manual_seed(1))
+    mode_kw = dict(acc_bits=acc_bits, tile=tile, overflow=overflow)
+    gx = tiled_conv2d_input_grad(g, w, (H, W), stride, pad, dil, groups, **mode_kw)
+    ref, events = loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile, overflow)
+    assert torch.equal(gx.acc, ref) and int(gx.events) == events
+    gw = tiled_conv2d_weight_grad(x, g, w.shape, stride, pad, dil, groups, **mode_kw)
+    ref, events = loop_conv2d_weight_grad(x, g, w.shape, stride, pad, dil, groups, acc_bits, tile, overflow)
+    assert torch.equal(gw.acc, ref) and int(gw.events) == events
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 20), st.integers(1, 4), TILES, MODES,
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_tiled_matmul_and_linear_equal_integer_loop(B, M, K, N, tile, mode, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(-255, 256, (B, M, K), generator=gen)
+    b = torch.randint(-127, 128, (B, K, N), generator=gen)
+    bias = torch.randint(-3000, 3000, (N,), generator=gen) if with_bias else None
+    acc_bits, overflow = mode
+    res = tiled_matmul(a.double(), b.double(), None if bias is None else bias.double(),
+                       acc_bits=acc_bits, tile=tile, overflow=overflow)
+    ref, events = loop_matmul(a, b, bias, acc_bits, tile, overflow)
+    assert torch.equal(res.acc.to(torch.int64), ref) and int(res.events) == events
+    lin = tiled_linear(a[0], b[0].t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow)
+    assert torch.equal(lin.acc, ref[0])
+
+
+def test_float32_partials_switch_to_float64_when_too_large():
+    # 4 products of 2^23 each: a float32 tile sum would round; the result must still be exact
+    a = torch.full((1, 1, 4), 2.0 ** 12)
+    b = torch.full((1, 4, 1), 2.0 ** 11 + 1)
+    res = tiled_matmul(a, b, acc_bits=None, tile=4)
+    assert int(res.acc) == 4 * 2 ** 12 * (2 ** 11 + 1)
+    with pytest.raises(ValueError, match="2\\^53"):
+        tiled_matmul(torch.full((1, 2), 2.0 ** 30), torch.full((2, 1), 2.0 ** 30), acc_bits=None, tile=None)
+
+
+# ---- the pass and the training op ----------------------------------------------------------------
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, stride=2, groups=4)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = F.relu(self.dw(x))
+        return self.fc(x.flatten(1))
+
+
+def _compiled(**cfg):
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 8, 8)
+    qm = qcompile.compile(Net(), (x,), qcompile.QConfig(seed=0, **cfg))
+    qm.train()
+    return qm, x
+
+
+def test_acc_bits_none_leaves_the_plain_quantized_op():
+    plain, x = _compiled(grad_bits=8)
+    same, _ = _compiled(grad_bits=8, acc_bits=None, tile=16, overflow="wrap", log_barrier=False)
+    assert not any(isinstance(m, NarrowAccOp) for m in same.modules())
+    assert same.code == plain.code
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y1, y2 = plain(x1), same(x2)
+    assert torch.equal(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_pass_rewrites_conv_depthwise_and_linear():
+    qm, x = _compiled(acc_bits=16, tile=4)
+    ops = {n: m for n, m in qm.named_modules() if isinstance(m, NarrowAccOp)}
+    assert set(ops) == {"conv.accumulator", "dw.accumulator", "fc.accumulator"}
+    assert ops["dw.accumulator"].groups == 4 and ops["conv.accumulator"].kind == "conv2d"
+    assert not any(n.op == "call_function" and n.target in (torch.conv2d, F.conv2d, F.linear) for n in qm.graph.nodes)
+    assert ops["conv.accumulator"].grids[0] is qm.get_submodule("conv.input_quant")
+
+
+def test_wide_accumulator_reproduces_the_plain_quantized_op():
+    """A 40-bit accumulator never overflows: the forward equals the fake-quantized op except where the
+    int32 bias (rounded to the accumulator's grid) moves an output across a rounding boundary: one step."""
+    plain, x = _compiled()
+    wide, _ = _compiled(acc_bits=40, tile=4)
+    wide.load_state_dict(plain.state_dict(), strict=False)
+    y_wide, y_plain = wide(x), plain(x)
+    step = float(plain.get_submodule("fc.output_quant").scale)
+    diff = (y_wide - y_plain).abs()
+    assert diff.max() <= 1.01 * step and diff.mean() < 0.1 * step
+
+
+def test_forward_is_the_integer_op_rescaled():
+    qm, x = _compiled(acc_bits=10, tile=3, overflow="saturate")
+    seen = {}
+    op = qm.get_submodule("conv.accumulator")
+    handle = op.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    qm(x)
+    handle.remove()
+    a, w, bias = seen["args"]
+    sx, sw = op.grids[0].scale, op.grids[1].scale
+    x_int, w_int = torch.round(a / sx), torch.round(w / sw.view(-1, 1, 1, 1))
+    b_int = torch.round(bias / (sx * sw))
+    ref, _ = loop_conv2d(x_int.long()[:2], w_int.long(), b_int.long(), 1, 1, 1, 1, 10, 3, "saturate")
+    torch.testing.assert_close(seen["out"][:2], ref.float() * (sx * sw).view(1, -1, 1, 1), rtol=1e-6, atol=0)
+
+
+def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
+    qm, x = _compiled(acc_bits=12, tile=4, grad_bits=8, grad_acc_bits=12, stochastic_rounding=False)
+    op = qm.get_submodule("fc.accumulator")
+    saved = {}
+    gq = op.grad_output_quant
+    orig = gq.quantize_gradient
+
+    def spy(g):
+        saved["u_hat"] = orig(g)
+        return saved["u_hat"]
+
+    gq.quantize_gradient = spy
+    a_in = {}
+    op.register_forward_pre_hook(lambda m, args: a_in.update(a=args[0], w=args[1]))
+    a_grad = {}
+    qm(x)  # initialize the estimators
+    y = qm(x)
+    a_in["a"].register_hook(lambda g: a_grad.update(g=g))
+    a_in["w"].register_hook(lambda g: a_grad.update(w=g))
+    y.square().sum().backward()
+    su, sw, sx = gq.scale, op.grids[1].scale, op.grids[0].scale
+    u_int = torch.round(saved["u_hat"] / su)
+    w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1))
+    ref = tiled_matmul(u_int.double(), w_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
+    torch.testing.assert_close(a_grad["g"], (ref * su).float(), rtol=1e-6, atol=0)
+    x_int = torch.round(a_in["a"].detach() / sx)
+    ref_w = tiled_matmul(u_int.t().double(), x_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
+    torch.testing.assert_close(a_grad["w"], (ref_w * su * sx / sw.view(-1, 1)).float(), rtol=1e-6, atol=0)
+    assert op.outputs_grad == a_grad["g"].numel() + a_grad["w"].numel()
+
+
+@pytest.mark.parametrize("acc_grad", ["ste", "zero_saturated"])
+def test_gradient_through_the_accumulator(acc_grad):
+    """Without gradient quantization the backward is exact: G_X = G_Y·Ŵᵀ, with G_Y zeroed at the
+    outputs that overflowed when acc_grad="zero_saturated" and passed straight through otherwise."""
+    qm, x = _compiled(acc_bits=14, tile=2, acc_grad=acc_grad)
+    op = qm.get_submodule("dw.accumulator")
+    seen = {}
+    orig = op.forward_int
+
+    def spy(*args):
+        seen["res"] = orig(*args)
+        return seen["res"]
+
+    op.forward_int = spy
+
+    def hooks(m, args, y):
+        seen["a"], seen["w"] = args[0], args[1]
+        args[0].register_hook(lambda g: seen.update(grad_a=g))
+        y.register_hook(lambda g: seen.update(grad_y=g))
+
+    op.register_forward_hook(hooks)
+    qm(x).sum().backward()
+    over = seen["res"].overflowed
+    assert over.any() and (~over).any()
+    g = seen["grad_y"].masked_fill(over, 0.0) if acc_grad == "zero_saturated" else seen["grad_y"]
+    ref = torch.nn.grad.conv2d_input(seen["a"].shape, seen["w"].detach(), g, op.stride, op.padding,
+                                     op.dilation, op.groups)
+    torch.testing.assert_close(seen["grad_a"], ref)
+
+
+def test_overflow_statistics_train_eval_reset_and_summary():
+    qm, x = _compiled(acc_bits=8, tile=4)
+    op = qm.get_submodule("conv.accumulator")
+    qm(x)
+    train = op.overflow_stats()["train"]
+    assert train["events"] > 0 and 0 < train["overflowed"] <= train["outputs"] == 8 * 4 * 8 * 8
+    assert op.overflow_stats()["eval"]["outputs"] == 0
+    qm.eval()
+    with torch.no_grad():
+        qm(x)
+    assert op.overflow_stats()["eval"]["outputs"] == 8 * 4 * 8 * 8
+    text = qm.summary()
+    assert "conv.accumulator" in text and "outputs overflowed" in text and "overflow-free margin" in text
+    op.reset_overflow_stats()
+    assert all(v["events"] == 0 and v["outputs"] == 0 for v in op.overflow_stats().values())
+    assert "train:" not in op.describe()
+
+
+def test_disabled_quantization_runs_the_float_op():
+    qm, x = _compiled(acc_bits=8, tile=4)
+    with qm.quantization_disabled():
+        y = qm(x)
+    ref = Net()
+    ref.load_state_dict({k: v for k, v in qm.state_dict().items() if k in Net().state_dict()})
+    torch.testing.assert_close(y, ref(x))
+
+
+def test_errors_name_the_option_or_node():
+    with pytest.raises(ValueError, match="grad_acc_bits"):
+        qcompile.QConfig(grad_acc_bits=16)
+    with pytest.raises(ValueError, match="barrier_growth"):
+        qcompile.QConfig(barrier_growth=0.5)
+
+    class Broadcast(nn.Module):
+        def forward(self, a, b):
+            return torch.matmul(a, b)
+
+    with pytest.raises(UnsupportedOpError, match="matmul"):
+        qcompile.compile(Broadcast(), (torch.randn(2, 3, 4), torch.randn(5, 2, 4, 3)), acc_bits=16)
+
+
+def test_bmm_is_rewritten_and_trains():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(6, 6)
+
+        def forward(self, x):
+            q = self.q(x)
+            return torch.bmm(q, q.transpose(1, 2))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    qm = qcompile.compile(Attn(), (x,), acc_bits=12, tile=4, grad_bits=8, seed=0)
+    qm.train()
+    kinds = sorted(m.kind for m in qm.modules() if isinstance(m, NarrowAccOp))
+    assert kinds == ["linear", "matmul"]
+    qm(x).sum().backward()
+    assert qm.q.weight.grad is not None and torch.isfinite(qm.q.weight.grad).all()
+
+
+# ---- accumulator bounds ------------------------------------------------------------------------
+
+def test_accumulator_bounds_p_min_is_sufficient_and_tight_enough():
+    qm, x = _compiled(acc_bits=32, tile=4)
+    qm(x)
+    rows = {r["layer"]: r for r in accumulator_bounds(qm)}
+    assert set(rows) == {"conv", "dw", "fc"}
+    r = rows["fc"]
+    fc = qm.get_submodule("fc.accumulator")
+    wq, xq = fc.grids[1], fc.grids[0]
+    w_int = torch.round(qm.fc.weight.detach() / wq.scale.view(-1, 1))
+    b_int = torch.round(qm.fc.bias.detach() / (xq.scale * wq.scale))
+    lo_x, hi_x = xq.qrange[0] - xq.zero_point, xq.qrange[1] - xq.zero_point
+    # the adversarial input for each channel: every product at its largest magnitude with the bias's sign
+    worst = 0
+    for o in range(w_int.shape[0]):
+        sign = 1 if b_int[o] >= 0 else -1
+        xs = torch.where(w_int[o] * sign >= 0, hi_x, lo_x)
+        worst = max(worst, abs(int((w_int[o] * xs).sum() + b_int[o])))
+    assert worst <= r["bound"]
+    assert r["p_min"] == min_acc_bits(r["bound"]) and r["p_min_tile"] <= r["p_min"]
+    # a P_min-bit accumulator holds the worst case, whatever the tiling
+    assert worst <= acc_range(r["p_min"])[1]
+    assert r["margin"] == acc_range(32)[1] - r["bound"]
+
+
+def test_accumulator_bounds_for_plain_quantized_layers():
+    qm, x = _compiled()
+    qm(x)
+    rows = accumulator_bounds(qm)
+    assert [r["layer"] for r in rows] == ["conv", "dw", "fc"]
+    assert all(r["acc_bits"] is None and r["p_min"] >= r["p_min_tile"] > 1 for r in rows)
+    assert rows[0]["K"] == 2 * 9 and rows[2]["K"] == 36

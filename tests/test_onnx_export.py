@@ -1,0 +1,145 @@
+"""qcompile.export_onnx: QDQ and QOperator models checked by onnx and run in onnxruntime against
+the integer reference."""
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qcompile
+from qcompile.models import get
+from qcompile.onnx_export import ExportError, onnxruntime_session, parity, to_onnx
+from qcompile.passes.lower import lower
+from qcompile.runtime import reference as ref
+
+from lowering_models import OpZoo, trained
+
+TORCHVISION = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"]
+
+
+def assert_identical(graph, x, formats=("qdq", "qop")):
+    for fmt in formats:
+        r = parity(graph, x, fmt)
+        assert r["max_lsb"] == 0 and r["local_max_lsb"] == 0, r
+
+
+def assert_within_one_lsb(graph, x):
+    for fmt in ("qdq", "qop"):
+        r = parity(graph, x, fmt)
+        assert r["local_max_lsb"] <= 1 and r["local_mismatch"] < 1e-3, r
+
+
+@pytest.fixture(scope="module")
+def zoo_pow2():
+    torch.manual_seed(0)
+    return trained(OpZoo(), torch.randn(8, 3, 16, 16), pow2_scales=True)
+
+
+def test_export_writes_checked_model_with_metadata(zoo_pow2, tmp_path):
+    for fmt in ("qdq", "qop"):
+        path = tmp_path / f"zoo_{fmt}.onnx"
+        graph = qcompile.export_onnx(zoo_pow2, path, format=fmt)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["qcompile_version"] == qcompile.__version__ and props["format"] == fmt
+        assert json.loads(props["config"])["pow2_scales"] is True
+        ops = {n.op_type for n in model.graph.node}
+        if fmt == "qdq":
+            assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+        else:
+            assert {"QLinearConv", "MatMulInteger", "Gather"} <= ops
+            kinds = [n.op_type for n in model.graph.node]      # integer from the input Q to the output DQ
+            assert kinds.count("QuantizeLinear") == 1 and kinds.count("DequantizeLinear") == 1
+        x = torch.randn(4, 3, 16, 16)
+        y = onnxruntime_session(path).run(None, {"input": x.numpy()})[0]
+        assert np.array_equal(y, ref.dequantize(graph, ref.run(graph, x)).astype(np.float32))
+
+
+def test_every_op_kind_identical_with_pow2_scales(zoo_pow2):
+    assert_identical(lower(zoo_pow2), torch.randn(8, 3, 16, 16))
+
+
+def test_every_op_kind_within_one_lsb_otherwise():
+    torch.manual_seed(1)
+    g = lower(trained(OpZoo(), torch.randn(8, 3, 16, 16)))
+    assert_within_one_lsb(g, torch.randn(8, 3, 16, 16))
+
+
+def test_lenet_both_scale_modes():
+    torch.manual_seed(0)
+    for pow2 in (True, False):
+        g = lower(trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), pow2_scales=pow2))
+        x = torch.randn(16, 1, 28, 28)
+        (assert_identical if pow2 else assert_within_one_lsb)(g, x)
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_identical_with_pow2_scales(name):
+    torch.manual_seed(0)
+    qm = trained(get(f"torchvision:{name}", num_classes=10), torch.randn(4, 3, 32, 32), pow2_scales=True)
+    g = lower(qm)
+    x = torch.randn(2, 3, 32, 32)
+    for fmt in ("qdq", "qop"):
+        r = parity(g, x, fmt, local=False)
+        assert r["max_lsb"] == 0, (name, r)
+
+
+def test_resnet18_within_one_lsb_per_op_without_pow2():
+    torch.manual_seed(0)
+    g = lower(trained(get("torchvision:resnet18", num_classes=10), torch.randn(4, 3, 32, 32)))
+    assert_within_one_lsb(g, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+def test_narrow_accumulator_overflow_reproduced(overflow):
+    """12-bit accumulators with tiles of 16 products: the IR overflows and onnxruntime's per-tile
+    ConvInteger/MatMulInteger + Clip/Mod graph gives the same codes as the reference."""
+    torch.manual_seed(0)
+    g = lower(trained(get("models:lenet5"), torch.randn(8, 1, 28, 28)))
+    x = torch.randn(8, 1, 28, 28)
+    exact = ref.run(g, x)
+    for op in g.ops:
+        if op.kind in ("conv2d", "linear"):
+            op.attrs.update(acc_bits=12, tile=16, overflow=overflow)
+    narrow = ref.run(g, x)
+    assert (narrow != exact).mean() > 0.1          # the accumulators really overflow
+    assert_identical(g, x)
+    model = to_onnx(g, "qop")
+    assert sum(n.op_type == "ConvInteger" for n in model.graph.node) > 2
+
+
+def test_weight_dtype_uint8_is_identical(zoo_pow2):
+    g = lower(zoo_pow2)
+    x = torch.randn(4, 3, 16, 16)
+    for fmt in ("qdq", "qop"):
+        assert parity(g, x, fmt, weight_dtype="uint8", local=False)["max_lsb"] == 0
+        model = to_onnx(g, fmt, weight_dtype="uint8")
+        w = next(i for i in model.graph.initializer if i.name.endswith("_w"))
+        assert w.data_type == onnx.TensorProto.UINT8
+
+
+def test_qop_rejects_wide_activations():
+    torch.manual_seed(0)
+    g = lower(trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), act_bits=12))
+    with pytest.raises(ExportError, match="12 bits.*QLinearConv.*format='qdq'"):
+        to_onnx(g, "qop")
+    onnx.checker.check_model(to_onnx(g, "qdq"), full_check=True)
+
+
+def test_bad_options_are_rejected(zoo_pow2):
+    g = lower(zoo_pow2)
+    with pytest.raises(ExportError, match="format='tflite'"):
+        to_onnx(g, "tflite")
+    with pytest.raises(ExportError, match="16-bit.*opset >= 21"):
+        to_onnx(g, "qdq", opset=17)
+    with pytest.raises(ExportError, match="opset=11"):
+        to_onnx(g, "qdq", opset=11)
+
+
+def test_export_of_training_mode_graph_is_rejected(zoo_pow2, tmp_path):
+    qm = copy.deepcopy(zoo_pow2).train()
+    with pytest.raises(qcompile.QCompileError, match="training mode"):
+        qcompile.export_onnx(qm, tmp_path / "m.onnx")
