@@ -24,18 +24,21 @@ from qcompile.models import get
 from qcompile.onnx_export import onnxruntime_session
 
 
-def latency_ms(path, x: np.ndarray, runs: int) -> float:
-    """Median wall time of one batch-1 run, 1 intra-op thread, after warm-up."""
-    sess = onnxruntime_session(path, threads=1)
-    name = sess.get_inputs()[0].name
-    for _ in range(5):
-        sess.run(None, {name: x})
-    times = []
+def latencies_ms(paths: list, x: np.ndarray, runs: int) -> list[float]:
+    """Median wall time of one batch-1 run per model, 1 intra-op thread, after warm-up; the models
+    run interleaved (A, B, C, A, B, C...) so background load affects them alike."""
+    sessions = [onnxruntime_session(p, threads=1) for p in paths]
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(5):
+            s.run(None, f)
+    times = [[] for _ in sessions]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[k].append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def ort_quantize_static(model: torch.nn.Module, batches: list, size: int, out: Path) -> Path:
@@ -81,11 +84,11 @@ def main() -> None:
     theirs = ort_quantize_static(model, batches, args.size, out)
 
     x = torch.randn(1, 3, args.size, args.size).numpy()
-    t_theirs = latency_ms(theirs, x, args.runs)
+    t_theirs, t_int8 = latencies_ms([theirs, ours["int8"]], x, args.runs)
+    t_uint8, = latencies_ms([ours["uint8"]], x, args.runs)
     print(f"resnet18 {args.size}x{args.size}, batch 1, onnxruntime 1 thread, median of {args.runs} runs")
     print(f"  onnxruntime quantize_static (QDQ, U8S8)     {t_theirs:8.2f} ms")
-    for wd, path in ours.items():
-        t = latency_ms(path, x, args.runs)
+    for wd, t in (("int8", t_int8), ("uint8", t_uint8)):
         kernel = "U8S8" if wd == "int8" else "U8U8"
         print(f"  qcompile export_onnx QDQ ({kernel} weights)   {t:8.2f} ms   ratio {t / t_theirs:.3f}x")
 

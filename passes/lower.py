@@ -312,7 +312,7 @@ class _Lowering:
                 return Const(len(shape))
             return Const(torch.Size(shape) if len(node.args) < 2 and "dim" not in node.kwargs
                          else shape[node.args[1] if len(node.args) > 1 else node.kwargs["dim"]])
-        if node.op == "call_function" and node.target in (F.conv2d, F.linear):
+        if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.linear):
             return self.lower_weighted(node)
         if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
             return Acc("matmul", node, [self.tensor_of(node, node.args[0]).name, self.tensor_of(node, node.args[1]).name],
@@ -324,6 +324,10 @@ class _Lowering:
         if node.op == "call_function" and node.target is operator.getitem:
             return self.lower_getitem(node)
         if self.is_identity(node):
+            if getattr(node.target, "__name__", "") == "stochastic_depth" and \
+                    (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
+                self.fail(node, "stochastic depth was traced with training=True, so it stays random in eval; "
+                          "call model.eval() before qcompile.compile (torchvision passes self.training as a constant)")
             return self.val[node.args[0]]
         if self.is_relu(node):
             return self.lower_relu(node)
@@ -420,13 +424,27 @@ class _Lowering:
             if len(x.shape) != 1:
                 self.fail(node, f"linear on per-sample shape {x.shape}; only (N, features) inputs are lowered")
             return Acc("linear", node, [x.name], {"weight": w, **acc}, bias, w.codes.shape[0])
+        if isinstance(args[4], str):
+            self.fail(node, f"padding={args[4]!r}; lower only numeric padding (set it explicitly in the model)")
+        if node.target is F.conv1d:
+            one = lambda v: (1 if v is None else int(v[0] if isinstance(v, (tuple, list)) else v))
+            stride, padding, dilation = (1, one(args[3])), (0, one(args[4]) if args[4] else 0), (1, one(args[5]))
+            return self.conv1d_as_2d(node, x, w, bias, {"stride": stride, "padding": padding, "dilation": dilation,
+                                                         "groups": int(args[6] or 1), **acc})
         pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
         stride, padding, dilation = pair(args[3] or 1), args[4] or 0, pair(args[5] or 1)
-        if isinstance(padding, str):
-            self.fail(node, f"padding={padding!r}; lower only numeric padding (set it explicitly in the model)")
         attrs = {"weight": w, "stride": stride, "padding": pair(padding), "dilation": dilation,
                  "groups": int(args[6] or 1), **acc}
         return Acc("conv2d", node, [x.name], attrs, bias, w.codes.shape[0])
+
+    def conv1d_as_2d(self, node, x: ir.Tensor, w: Weight, bias, attrs: dict) -> Acc:
+        """conv1d on (C, L) = reshape to (C, 1, L), conv2d with (1, k) kernels, reshape back (in finish_acc)."""
+        if len(x.shape) != 2:
+            self.fail(node, f"conv1d on per-sample shape {x.shape}; expected (C, L)")
+        x2 = self.add_tensor(node.name + "_in2d", (x.shape[0], 1, x.shape[1]), _of(x))
+        self.emit("reshape", node, [x.name], x2, shape=(x.shape[0], 1, x.shape[1]))
+        w2 = Weight(w.codes.reshape(w.codes.shape[0], w.codes.shape[1], 1, -1), w.scale)
+        return Acc("conv2d", node, [x2], {"weight": w2, "as_1d": True, **attrs}, bias, w.codes.shape[0])
 
     def lower_narrow(self, node, mod):
         """A NarrowAccOp(a, b, bias): the tiled narrow-accumulator conv2d / linear / matmul."""
@@ -434,13 +452,15 @@ class _Lowering:
         x = self.tensor_of(node, node.args[0])
         if mod.kind == "matmul":
             return Acc("matmul", node, [x.name, self.tensor_of(node, node.args[1]).name], acc, None, 0)
-        if mod.kind not in ("conv2d", "linear"):
-            self.fail(node, f"narrow-accumulator {mod.kind} has no integer form here; use conv2d or linear")
         w = self.val[node.args[1]]
         if not isinstance(w, Weight):
             self.fail(node, "weight is not the output of a weight quantizer")
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         bias = self.val[b].value.float() if isinstance(b, fx.Node) else None
+        if mod.kind == "conv1d":   # NarrowAccOp keeps conv1d geometry as (1, k) pairs
+            return self.conv1d_as_2d(node, x, w, bias, {"stride": tuple(mod.stride), "padding": tuple(mod.padding),
+                                                         "dilation": tuple(mod.dilation), "groups": int(mod.groups),
+                                                         **acc})
         if mod.kind == "linear":
             return Acc("linear", node, [x.name], {"weight": w, **acc}, bias, w.codes.shape[0])
         pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
@@ -461,10 +481,13 @@ class _Lowering:
         total = bias if acc.bias is None else acc.bias + bias
         return Acc(acc.kind, acc.node, acc.inputs, acc.attrs, total, acc.out_channels)
 
-    def finish_acc(self, node, acc: Acc, grid: Grid, shape) -> str:
+    def finish_acc(self, node, acc: Acc, grid: Grid, shape, name: str | None = None) -> str:
         """Emit the conv/linear/matmul writing onto the output quantizer's grid."""
         x = self.tensors[acc.inputs[0]]
-        out = self.add_tensor(node.name, shape, grid)
+        if acc.attrs.get("as_1d"):
+            out = None
+        else:
+            out = self.add_tensor(name or node.name, shape, grid)
         if acc.kind == "matmul":
             b = self.tensors[acc.inputs[1]]
             m, s = _multiplier(x.scale * b.scale / grid.scale, node.name)
@@ -472,6 +495,14 @@ class _Lowering:
                              acc_bits=acc.attrs.get("acc_bits"), tile=acc.attrs.get("tile"),
                              overflow=acc.attrs.get("overflow", "saturate"), **self.clamp_attrs(grid))
         w: Weight = acc.attrs["weight"]
+        if acc.attrs.get("as_1d"):
+            o, length = shape
+            conv_out = self.finish_acc(node, Acc(acc.kind, acc.node, acc.inputs,
+                                                 {k: v for k, v in acc.attrs.items() if k != "as_1d"},
+                                                 acc.bias, acc.out_channels), grid, (o, 1, length),
+                                       name=node.name + "_2d")
+            out = self.add_tensor(node.name, shape, grid)
+            return self.emit("reshape", node, [conv_out], out, shape=tuple(shape))
         in_scale = x.scale * w.scale                       # (O,) float64
         ms = [_multiplier(float(r), node.name) for r in in_scale / grid.scale]
         bias = np.zeros(acc.out_channels, dtype=np.int64)

@@ -46,8 +46,8 @@ class QConfig:
     grad_acc_bits: int | None = None
     acc_grad: str = "ste"
     log_barrier: bool = False
-    barrier_weight: float = 1e-2        # λ of the realized-accumulator (tail) term
-    barrier_bound_weight: float = 1e-4  # λ of the worst-case bound term
+    barrier_weight: float = 0.05        # λ of the realized-accumulator (tail) term
+    barrier_bound_weight: float = 1e-2  # λ of the worst-case bound term
     barrier_t0: float = 5.0             # log-barrier temperature at step 0
     barrier_growth: float = 1.1         # t is multiplied by this every barrier_interval training steps
     barrier_interval: int = 100

@@ -7,6 +7,7 @@ import torch
 
 import qcompile
 from qcompile.data import mnist_5k
+from qcompile.experiments import narrow_acc_sweep
 from qcompile.models import get
 from qcompile.train import accuracy, train_classifier
 
@@ -49,4 +50,5 @@ def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
     print(f"pass diagrams of the W8A8G8 net: {qcompile.draw(result['qm'], 'build/demo-diagrams').html.resolve()}")
     result["onnx_acc"] = qcompile.onnx_export.report_heldout(result["qm"], result["data"])
     result["c_runtime"] = qcompile.runtime.codegen.report_heldout(result["qm"], result["data"])
+    result["narrow_acc"] = narrow_acc_sweep.demo_run(result["data"])
     return result

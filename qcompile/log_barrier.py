@@ -26,6 +26,8 @@ from torch import nn
 
 from .tiled import acc_range
 
+PEAK_FLOOR = 1e-8   # a channel whose weights all vanish has no integer grid to speak of
+
 
 def psi(z: torch.Tensor, t) -> torch.Tensor:
     """The log-barrier extension ψ_t(z) of the constraint z <= 0 (elementwise)."""
@@ -66,12 +68,14 @@ class LogBarrier(nn.Module):
         if wq.estimator.name == "current" and wq.symmetric:
             absw = w.abs().reshape(w.shape[0], -1)
             peak = absw.amax(1) if wq.axis is not None else absw.amax().expand(w.shape[0])
-            sw = torch.clamp(peak, min=1e-12) / wq.qrange[1]
+            sw = torch.clamp(peak, min=PEAK_FLOOR) / wq.qrange[1]
         else:
             sw = wq.scale.detach().expand(w.shape[0]) if wq.scale.dim() == 0 else wq.scale.detach()
         w_int = w.reshape(w.shape[0], -1) / sw.unsqueeze(1)
         bias = seen["bias"]
-        bias_int = None if bias is None else bias / (xq.scale.detach() * sw)
+        bias_int = None
+        if bias is not None:  # int32, as the op stores it (a clamped bias passes no gradient)
+            bias_int = torch.clamp(bias / (xq.scale.detach() * sw), -2 ** 31, 2 ** 31 - 1)
         whole, _ = op.worst_case(w_int, bias_int)
         return psi(whole / A - 1.0, t).mean()
 

@@ -5,21 +5,25 @@
 output is the dequantized result of the integer graph. Every IR tensor exists in the
 model as its integer codes (uint8/int8, int16 for intermediate grids).
 
-QDQ: QuantizeLinear/DequantizeLinear around float Conv/Gemm/MatMul/Sum/Mul/Concat/pooling
-(onnxruntime fuses them into integer kernels); add/mul/concat/requantize/average pooling touching a 16-bit
-intermediate tensor use the integer form in both formats. A quantized add is DQ→Add→Q, which
-onnxruntime fuses into QLinearAdd; its fixed-point kernel rounds ties up, so with pow2_scales
+QDQ: QuantizeLinear/DequantizeLinear around float Conv/Gemm/MatMul/Add/Mul/Concat/pooling
+(onnxruntime fuses them into integer kernels); add/mul/concat/requantize/average pooling
+reading a 16-bit intermediate tensor use the integer form of QOperator below. A ReLU fused
+into an op's output (act_min = zero point) is a Max on the codes, so the op stays fusable.
+A quantized add is DQ→Add→Q, which onnxruntime fuses into QLinearAdd; its fixed-point kernel rounds ties up, so with pow2_scales
 (where ties are frequent and exactness is promised) the add is a two-input Sum instead, which
-onnxruntime keeps in float: float Sum + QuantizeLinear rounds half to even like the reference. QOperator: QLinearConv for convolutions,
-MatMulInteger for linear layers and integer arithmetic (int64 Mul/Mod/Div, half-to-even
-rounding) for every other requantization, so those match the reference bit for bit.
+onnxruntime keeps in float: float Sum + QuantizeLinear rounds half to even like the reference.
+
+QOperator: QLinearConv for convolutions, MatMulInteger for linear layers and integer
+arithmetic for every other requantization (int64 Mul, then floor division by 2^n as an
+unsigned BitShift with half-to-even rounding; Mod/Div before opset 18), so those match the
+reference bit for bit. Integer sums (pooling) run in float32 where they stay below 2^24.
 In both forms:
   - activation lookup tables (relu6, hardswish, silu, sigmoid, BatchNorm...) are a Gather
     of the table on the codes: exact, independent of the runtime's float approximations;
   - reshape/transpose/slice/max-pool act on the codes directly (same grid);
   - narrow accumulators (acc_bits) are one ConvInteger/MatMulInteger per tile (uint8
-    weights with zero point 128, exact int32 partial sums), accumulated in int64 with Clip
-    (saturate) or a modulo (wrap), then requantized with integer arithmetic.
+    weights with zero point 128, exact int32 partial sums), accumulated in int64 with a
+    clamp after every tile (saturate) or one modulo (wrap), then requantized in integers.
 
 Weights: `weight_dtype="int8"` (U8S8 kernels) or `"uint8"` (codes + 128 with zero point
 128: U8U8 kernels). On x86 CPUs without VNNI, onnxruntime's U8S8 kernels use VPMADDUBSW,
@@ -255,9 +259,10 @@ class _Builder:
             self.clamp_codes(out, op)
 
     def float_form(self, op: ir.Op) -> bool:
-        """QDQ writes add/mul/concat/requantize/avg-pool as DQ→float op→Q when every tensor is ≤ 8 bits; with a
-        16-bit tensor it uses the integer form (float32 cannot hold their products exactly)."""
-        return self.fmt == "qdq" and all(self.t(n).bits <= 8 for n in op.inputs + [op.output])
+        """QDQ writes add/mul/concat/requantize/avg-pool as DQ→float op→Q when its inputs are ≤ 8 bits
+        (the output may be a 16-bit grid); with a 16-bit input it uses the integer form (float32
+        cannot hold products of 16-bit codes and scales exactly)."""
+        return self.fmt == "qdq" and all(self.t(n).bits <= 8 for n in op.inputs)
 
     def check_qop_bits(self, op: ir.Op, *tensors: ir.Tensor) -> None:
         for t in tensors:
@@ -426,10 +431,19 @@ class _Builder:
             self.q_clamped(v, op)
             return
         xi = self.to_i64(x.name)
-        if a.get("global"):
+        count = int(np.prod(x.shape[1:])) if a.get("global") else int(np.prod(a["kernel"]))
+        bound = count * max(x.qmax - x.zero_point, x.zero_point - x.qmin)
+        if a.get("global") and bound < 2 ** 24:   # integer sums below 2^24 are exact in float32
+            xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
+            sf = self.node("ReduceSum", [xf, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sumf",
+                           keepdims=1)
+            s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
+        elif a.get("global"):
             s = self.node("ReduceSum", [xi, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sum",
                           keepdims=1)
         else:   # window sums of integers below 2^24 are exact in float32
+            if bound >= 2 ** 24:
+                raise ExportError(f"op {op.name!r}: average-pooling window sums reach {bound} >= 2^24")
             c = x.shape[0]
             xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
             ones = self.const(op.name + "_ones", np.ones((c, 1, *a["kernel"]), np.float32))

@@ -120,7 +120,8 @@ CHUNK_ELEMENTS = 1 << 22          # partial sums computed per GEMM call: at most
 def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start: torch.Tensor,
               acc_bits: int | None, overflow: str, per_tile: int | None = None) -> AccResult:
     """The accumulator over exact per-tile partial sums: partials(t0, t1) returns tiles t0..t1−1
-    stacked along dim 0, each shaped like `start` (the initial accumulator, e.g. the bias).
+    (a sequence, or a tensor stacked along dim 0), each shaped like `start` (the initial
+    accumulator, e.g. the bias).
     Tiles are requested in chunks of about CHUNK_ELEMENTS / per_tile (default: start's size)."""
     exact = start.clone()
     chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile or start.numel(), 1)))
@@ -128,7 +129,8 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start: t
     none = torch.zeros((), dtype=torch.int64, device=start.device)
     if acc_bits is None or overflow == "wrap":
         for t0, t1 in chunks:
-            exact += partials(t0, t1).sum(0)
+            for p in partials(t0, t1):
+                exact += p
         if acc_bits is None:
             return AccResult(exact, exact, torch.zeros(exact.shape, dtype=torch.bool, device=exact.device), none)
         acc = wrap(exact, acc_bits)
@@ -216,29 +218,33 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     kk, og = kh * kw, O // groups
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
-    wt = F.pad(w_.reshape(groups, og, K), (0, T * tl - K)).reshape(groups, og, T, tl).permute(2, 0, 1, 3)
-    wt = wt.contiguous()                                                                 # (T, G, og, tl)
+    wg = w_.reshape(groups, og, K)
 
-    def partials(t0, t1):                                                                # (t1−t0, O, N·L)
+    def partials(t0, t1):                                  # tiles t0..t1−1, each (N, O, L)
         k0, k1 = t0 * tl, min(t1 * tl, K)
-        c0, c1 = k0 // kk, (k1 - 1) // kk + 1                    # the input channels these tiles read
+        c0, c1 = k0 // kk, (k1 - 1) // kk + 1              # the input channels these tiles read
         if groups == 1:
             xs = x_[:, c0:c1]
         else:
             chans = (torch.arange(groups, device=x.device).view(groups, 1) * cin_g
                      + torch.arange(c0, c1, device=x.device)).reshape(-1)
             xs = x_.index_select(1, chans)
-        cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, G·(c1−c0)·kk, L)
+        cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         cols = cols.reshape(N, groups, (c1 - c0) * kk, L)[:, :, k0 - c0 * kk:k1 - c0 * kk]
-        cols = F.pad(cols, (0, 0, 0, (t1 - t0) * tl - (k1 - k0))).reshape(N, groups, t1 - t0, tl, L)
-        cols = cols.permute(2, 1, 3, 0, 4).reshape(t1 - t0, groups, tl, N * L)
-        return torch.matmul(wt[t0:t1], cols).reshape(t1 - t0, O, N * L).to(plan.acc_dtype)
+        full = (k1 - k0) // tl
+        out = []
+        if full:
+            wt = wg[:, :, k0:k0 + full * tl].reshape(groups, og, full, tl).transpose(1, 2)      # (G, full, og, tl)
+            ps = torch.matmul(wt, cols[:, :, :full * tl].reshape(N, groups, full, tl, L))     # (N, G, full, og, L)
+            out += [ps[:, :, i].reshape(N, O, L) for i in range(full)]
+        if k0 + full * tl < k1:
+            out.append(torch.matmul(wg[:, :, k0 + full * tl:k1], cols[:, :, full * tl:]).reshape(N, O, L))
+        return [p.to(plan.acc_dtype) for p in out]
 
-    start = _start((O, N * L), None if bias is None else bias.view(-1, 1), plan.acc_dtype, x.device)
-    per_tile = max(O, N * tl // max(groups, 1) + 1) * N * L
-    res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=per_tile)
-    res = AccResult(*(t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()
-                      for t in (res.acc, res.exact, res.overflowed)), res.events)
+    start = _start((N, O, L), None if bias is None else bias.view(-1, 1), plan.acc_dtype, x.device)
+    res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, 2 * tl) * N * L)
+    res = AccResult(res.acc.reshape(N, O, Ho, Wo), res.exact.reshape(N, O, Ho, Wo),
+                    res.overflowed.reshape(N, O, Ho, Wo), res.events)
     return _cast(res, _out_dtype(x))
 
 
@@ -405,7 +411,7 @@ class NarrowAccOp(nn.Module):
         self.grids = tuple(grids)              # the operands' quantizers (registered elsewhere in the graph)
         self.grad_output_quant = grad_output_quant
         if kind == "conv1d":
-            stride, padding, dilation = ((1, s) for s in (_pair1(stride), _pair1(padding), _pair1(dilation)))
+            stride, padding, dilation = (1, _pair1(stride)), (0, _pair1(padding)), (1, _pair1(dilation))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.track_exact = False               # set by the log barrier: keep the exact accumulator of the last step
         self._pending = None
@@ -451,8 +457,7 @@ class NarrowAccOp(nn.Module):
         if self.kind == "conv2d":
             return tiled_conv2d(a, b, bias, *self._conv_args(), **mode)
         if self.kind == "conv1d":
-            r = tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode)
-            return AccResult(r.acc.squeeze(2), r.exact.squeeze(2), r.overflowed.squeeze(2), r.events)
+            return _squeeze2(tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode))
         if self.kind == "linear":
             return tiled_linear(a, b, bias, **mode)
         return tiled_matmul(a, b, None, **mode)

@@ -76,7 +76,7 @@ def run(out_dir, *inputs: np.ndarray, exe=None) -> list[np.ndarray]:
 
 
 def bench(out_dir, *inputs: np.ndarray, repeats: int = 10, exe=None) -> float:
-    """Seconds per single-sample run of the harness (first sample of each input), one thread."""
+    """Median seconds of `repeats` single-sample runs of the harness (first sample of each input), one thread."""
     out_dir = Path(out_dir).resolve()
     info = manifest(out_dir)
     exe = Path(exe) if exe is not None else out_dir / info["name"]

@@ -33,8 +33,22 @@ from qcompile.errors import QCompileError, UnsupportedOpError
 from . import memory_plan
 
 TEMPLATES = Path(__file__).parent / "templates"
-PIXEL_BLOCK = 8          # output pixels (rows for linear) sharing each weight load
-SUPPORTED = ("conv2d", "linear", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
+PIXEL_BLOCK = 8          # output pixels (rows for linear) sharing each weight load; remainders in 4, 2, 1
+
+
+def _blocks(pixels: int) -> list[int]:
+    """The pixel-block sizes the kernels' loop meets over `pixels` outputs: blocks of 8 while at least
+    8 remain, then 4, 2, 1 (the C loop picks q the same way)."""
+    seen, p = set(), 0
+    while p < pixels:
+        rem = pixels - p
+        q = PIXEL_BLOCK if rem >= PIXEL_BLOCK else (4 if rem >= 4 else (2 if rem >= 2 else 1))
+        seen.add(q)
+        p += q
+    return sorted(seen, reverse=True)
+
+
+SUPPORTED = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
              "lut", "reshape", "transpose", "slice")
 C_KEYWORDS = {"auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
               "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
@@ -74,14 +88,20 @@ class CModule:
 
 
 # ---- small helpers ------------------------------------------------------------------------
+ARRAY_SUFFIXES = ("", "_w", "_wq", "_b", "_m", "_s", "_table")   # names derived from an op's identifier
+HELPERS = {"qc_floor_shift", "qc_from_u64", "qc_requantize", "qc_clamp", "qc_saturate", "qc_wrap"}
+
+
 def c_identifier(text: str, taken: set[str], prefix: str) -> str:
-    """`prefix_<text>` with every non-identifier character replaced by '_', unique in `taken`."""
+    """`prefix_<text>` with every non-identifier character replaced by '_', such that neither it
+    nor its derived array names (`_w`, `_b`, ...) collide with anything in `taken` (updated)."""
     body = re.sub(r"[^0-9A-Za-z_]", "_", text).strip("_") or "op"
     ident = f"{prefix}_{body}"
     base, n = ident, 2
-    while ident in taken or ident in C_KEYWORDS:
+    while any(ident + sfx in taken or ident + sfx in C_KEYWORDS or ident + sfx in HELPERS
+              for sfx in ARRAY_SUFFIXES):
         ident, n = f"{base}_{n}", n + 1
-    taken.add(ident)
+    taken.update(ident + sfx for sfx in ARRAY_SUFFIXES)
     return ident
 
 
@@ -307,8 +327,8 @@ class _Emitter:
         col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
         if cig == 1 and O == groups:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
-        block = PIXEL_BLOCK if OH * OW >= PIXEL_BLOCK else 1
-        return "conv2d.c.j2", L, [block * K * col_bytes]                      # one block of columns
+        L["blocks"] = _blocks(OH * OW)
+        return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
 
     def op_linear(self, op, sym):
         a = op.attrs
@@ -326,8 +346,33 @@ class _Emitter:
         L.update(_accumulator(op, w, bias, x))
         self.weight_bytes += _weight_arrays(op, L, w, bias, m, s)
         self.macs += O * K * rows
-        block = PIXEL_BLOCK if rows >= PIXEL_BLOCK else 1
-        return "linear.c.j2", L, [block * K * np.dtype(L["col_t"].replace("_t", "")).itemsize]
+        L["blocks"] = _blocks(rows)
+        return "linear.c.j2", L, [L["blocks"][0] * K * np.dtype(L["col_t"].replace("_t", "")).itemsize]
+
+    def op_matmul(self, op, sym):
+        a_t, b_t, y = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.output)
+        if len(a_t.shape) < 2 or len(b_t.shape) < 2 or a_t.shape[-1] != b_t.shape[-2]:
+            raise QCompileError(f"op {op.name!r} (matmul): shapes {a_t.shape} @ {b_t.shape} do not multiply")
+        M, K, N = a_t.shape[-2], a_t.shape[-1], b_t.shape[-1]
+        batch = int(np.prod(a_t.shape[:-2], dtype=np.int64))
+        b_batch = int(np.prod(b_t.shape[:-2], dtype=np.int64))
+        if b_batch not in (1, batch) or tuple(y.shape) != tuple(a_t.shape[:-2]) + (M, N):
+            raise UnsupportedOpError(f"op {op.name!r} (matmul): {a_t.shape} @ {b_t.shape} -> {y.shape}: only equal "
+                                     f"leading dimensions (or a 2-D right operand) are supported")
+        maxb = max(abs(b_t.qmin - b_t.zero_point), abs(b_t.qmax - b_t.zero_point))
+        L = _Layer(kind="matmul", op_name=op.name, sym=sym, batch=batch, m_rows=M, co=N, cog=N, K=K,
+                   b_stride=0 if b_batch == 1 else K * N, za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
+                   a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y), w_base="bt", bias_expr="0",
+                   mult=_scalar(op.attrs["multiplier"], "multiplier", op), shift=_scalar(op.attrs["shift"], "shift", op))
+        _check_shift(L["shift"], op)
+        L["lo"], L["hi"] = _act_range(op, y)
+        L.update(_accumulator(op, np.full((1, K), maxb, np.int64), np.zeros(1, np.int64), a_t))
+        if maxb >= 2 ** 15:
+            L["col_t"] = "int32_t"
+        L["w_t"] = L["col_t"]
+        self.macs += batch * M * N * K
+        size = np.dtype(L["col_t"].replace("_t", "")).itemsize
+        return "matmul.c.j2", L, [K * size, K * N * size]
 
     def _binary(self, op, sym):
         a_t, b_t, y = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.output)
@@ -480,6 +525,7 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
             f"the C backend does not support op kind {bad[0].kind!r} (op {bad[0].name!r}); supported kinds: "
             f"{', '.join(SUPPORTED)}")
     em = _Emitter(graph, name)
+    em.taken.update({f"{name}_run", "input", "output", "arena"})
     inputs, outputs = list(graph.inputs), list(graph.outputs)
     if set(inputs) & set(outputs):
         raise QCompileError(f"integer graph: tensor(s) {sorted(set(inputs) & set(outputs))} are both input and output")
@@ -583,6 +629,7 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     figures = dict(name=name, inputs=ins, outputs=outs, arena_bytes=plan.arena_bytes, naive_bytes=plan.naive_bytes,
                    activation_bytes=activation_bytes, weight_bytes=em.weight_bytes, macs=em.macs,
                    ops=len(graph.ops))
+    files = {k: re.sub(r"\n{3,}", "\n\n", v) for k, v in files.items()}    # template blocks leave blank runs
     files[f"{name}.json"] = json.dumps(figures, indent=1) + "\n"
     return files, figures
 

@@ -45,7 +45,8 @@ class OpZoo(nn.Module):
 
 
 def trained(model: nn.Module, x: torch.Tensor, steps: int = 2, seed: int = 0, **config):
-    """compile(model) (traced in eval mode), `steps` SGD steps on x, then eval mode."""
+    """compile(model) (traced in eval mode), `steps` SGD steps (cross-entropy on fixed random labels)
+    on x, then eval mode."""
     torch.manual_seed(seed)
     model.eval()
     with warnings.catch_warnings():
@@ -53,9 +54,26 @@ def trained(model: nn.Module, x: torch.Tensor, steps: int = 2, seed: int = 0, **
         qm = qcompile.compile(model, (x[:2],), seed=seed, **config)
     qm.train()
     opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    labels = None
     for _ in range(steps):
-        loss = qm(x).square().mean()
+        y = qm(x)
+        if labels is None:
+            labels = torch.randint(0, y.shape[1], (len(x),), generator=torch.Generator().manual_seed(seed))
+        loss = F.cross_entropy(y, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return qm.eval()
+
+
+class Conv1dNet(nn.Module):
+    """conv1d → relu → conv1d (strided, grouped) → flatten → linear, on (N, 4, 32) sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv1d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))

@@ -160,6 +160,23 @@ def wide_graph(seed: int = 0) -> ir.Graph:
     return ir.Graph(["x"], outputs, tensors, ops)
 
 
+def matmul_graph(seed: int = 0) -> ir.Graph:
+    """Three graph inputs; matmul exact and batched (a reshaped, @ c), saturating and wrapping."""
+    rng = np.random.default_rng(seed)
+    tensors = {"a": _t("a", (4, 24), zp=7), "b": _t("b", (24, 5), signed=True), "c": _t("c", (2, 24, 5), zp=100),
+               "a3": _t("a3", (2, 2, 24), zp=7)}
+    ops = [ir.Op("reshape", "view", ["a"], "a3", dict(shape=(2, 2, 24)))]
+    for i, (srcs, shape, acc) in enumerate([(["a3", "c"], (2, 2, 5), (None, None, "saturate")),
+                                            (["a", "b"], (4, 5), (12, 5, "saturate")),
+                                            (["a", "b"], (4, 5), (11, 8, "wrap"))]):
+        y = _t(f"y{i}", shape, signed=True)
+        m, s = quantize_multiplier(float(rng.uniform(1e-4, 1e-3)))
+        ops.append(ir.Op("matmul", f"bmm.{i}", srcs, y.name, dict(
+            multiplier=m, shift=s, acc_bits=acc[0], tile=acc[1], overflow=acc[2], act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+    return ir.Graph(["a", "b", "c"], ["y0", "y1", "y2"], tensors, ops)
+
+
 def op_zoo_graph(seed: int = 0) -> ir.Graph:
     """Every non-conv op kind, shaped like a small network: conv, max-pool with padding, per-channel
     and plain LUTs, 16-bit intermediates, requantize, depthwise conv, add with a skip, global
@@ -237,7 +254,9 @@ def op_zoo_graph(seed: int = 0) -> ir.Graph:
     op("linear", "fc", ["fl"], "out", weight=rng.integers(-127, 128, (10, 144)).astype(np.int8),
        bias=rng.integers(-5000, 5000, 10).astype(np.int32), multiplier=m, shift=s, acc_bits=None, tile=None,
        overflow="saturate")
-    return ir.Graph(["x"], ["out", "mq"], ts, ops)
+    t("gflat", (8,), zp=2)
+    op("reshape", "squeeze", ["g"], "gflat", shape=(8,))                                 # a reshape that leaves
+    return ir.Graph(["x"], ["out", "mq", "gflat"], ts, ops)
 
 
 def test_conv_accumulator_modes_bit_exact(tmp_path):
@@ -263,6 +282,19 @@ def test_wide_accumulator_lanes_bit_exact(tmp_path):
     assert "int64_t s0" in src and "uint16_t s0" in src and "uint32_t s0" in src
 
 
+def test_matmul_two_inputs_bit_exact(tmp_path):
+    graph = matmul_graph()
+    rng = np.random.default_rng(4)
+    codes = [rng.integers(0, 256, (3, 4, 24)), rng.integers(-128, 128, (3, 24, 5)), rng.integers(0, 256, (3, 2, 24, 5))]
+    _, got = check_bit_exact(graph, tmp_path, codes=codes, sanitize=True)
+    header = (tmp_path / "net.h").read_text()
+    assert "int net_run(const uint8_t *input0, const int8_t *input1, const uint8_t *input2, int8_t *output0" in header
+    exact = ir.Graph(graph.inputs, graph.outputs, graph.tensors,
+                     [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None}) for o in graph.ops])
+    free = reference.run_codes(exact, *codes)
+    assert not np.array_equal(got[1], free[1]) and not np.array_equal(got[2], free[2])   # they overflow
+
+
 def test_every_op_kind_bit_exact_and_arena_shared(tmp_path):
     graph = op_zoo_graph()
     module, _ = check_bit_exact(graph, tmp_path, n=4, opt="-O2")
@@ -270,7 +302,7 @@ def test_every_op_kind_bit_exact_and_arena_shared(tmp_path):
                                              "reshape", "transpose", "slice", "concat", "linear"}
     assert 0 < module.arena_bytes < module.naive_bytes
     src = (tmp_path / "net.c").read_text()
-    assert "net_flatten(" not in src            # a reshape is an alias, not a copy
+    assert "net_flatten(" not in src and "net_squeeze(" in src   # a reshape aliases its input unless it leaves
 
 
 def test_generated_code_is_pure_integer_c99(tmp_path):
@@ -297,20 +329,22 @@ def test_batch_of_samples_and_harness_errors(tmp_path):
     with pytest.raises(ValueError, match="expected shape"):
         run(tmp_path, np.zeros((2, 3, 12, 11), np.uint8))
     (tmp_path / "bad.bin").write_bytes(b"\0" * 5)
-    proc = subprocess.run([str(tmp_path / "net"), str(tmp_path / "bad.bin"), str(tmp_path / "o0"),
-                           str(tmp_path / "o1")], capture_output=True, text=True)
+    proc = subprocess.run([str(tmp_path / "net"), str(tmp_path / "bad.bin")] + [str(tmp_path / f"o{i}") for i in range(3)],
+                          capture_output=True, text=True)
     assert proc.returncode != 0 and "whole number" in proc.stderr
 
 
 # ---- names, errors ------------------------------------------------------------------------------
 def test_identifiers_sanitized_and_unique(tmp_path):
     taken = set()
-    names = [c_identifier(n, taken, "m") for n in ("layer1.0/conv-1", "layer1_0_conv_1", "3x3", "int", "", "ü")]
+    names = [c_identifier(n, taken, "m") for n in ("layer1.0/conv-1", "layer1_0_conv_1", "3x3", "int", "", "ü",
+                                                    "conv", "conv_w", "conv.b")]
     assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names)
-    assert len(set(names)) == len(names)
+    derived = [n + sfx for n in names for sfx in ("", "_w", "_b", "_m", "_s", "_table")]
+    assert len(set(derived)) == len(derived)              # no function collides with another op's arrays
     graph = conv_zoo_graph()
     for i, op in enumerate(graph.ops):
-        op.name = ["for", "a.b", "a-b", "a/b", "1", "x y"][i % 6]
+        op.name = ["for", "a.b", "a-b", "a/b", "1", "x y", "run", "conv", "conv_w", "a.b_m"][i % 10]
     check_bit_exact(graph, tmp_path, n=1)
     with pytest.raises(ValueError, match="C identifier"):
         generate(graph, name="my-net")
@@ -365,7 +399,7 @@ def test_lowered_op_zoo_bit_exact(zoo_models, mode, tmp_path):
     x, models = zoo_models
     graph = qcompile.lower(models[mode])
     codes = reference.quantize_input(graph, x)
-    check_bit_exact(graph, tmp_path, codes=[codes])
+    check_bit_exact(graph, tmp_path, codes=[codes], sanitize=mode == "wrap")
     if mode != "exact":      # the narrow accumulator overflows on these inputs
         exact = qcompile.lower(models[mode])
         for op in exact.ops:
@@ -389,17 +423,30 @@ def test_lenet_mnist_bit_exact(mnist, tmp_path):
     assert agree >= 0.97
 
 
-@pytest.mark.parametrize("name,size", [("resnet18", 32), ("mobilenet_v2", 32), ("shufflenet_v2_x0_5", 32),
-                                       ("efficientnet_b0", 32)])
-def test_torchvision_models_bit_exact(name, size, tmp_path):
+@pytest.mark.parametrize("name,size,acc", [
+    ("resnet18", 32, {}), ("mobilenet_v2", 32, {}), ("shufflenet_v2_x0_5", 32, {}), ("efficientnet_b0", 32, {}),
+    ("resnet18", 32, dict(acc_bits=16, tile=32, overflow="saturate")),
+    ("mobilenet_v2", 32, dict(acc_bits=12, tile=16, overflow="wrap")),
+], ids=["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0", "resnet18-acc16-saturate",
+        "mobilenet_v2-acc12-wrap"])
+def test_torchvision_models_bit_exact(name, size, acc, tmp_path):
     from qcompile.models import get
     torch.manual_seed(0)
     x = torch.randn(6, 3, size, size)
-    qm = trained(get(f"torchvision:{name}", num_classes=10), x[:4], steps=1)
+    qm = trained(get(f"torchvision:{name}", num_classes=10), x[:4], steps=1, **acc)
     graph = qcompile.lower(qm)
     codes = reference.quantize_input(graph, torch.cat([x[4:], 3 * torch.randn(2, 3, size, size)]))
     module, _ = check_bit_exact(graph, tmp_path, codes=[codes])
     assert module.arena_bytes < module.naive_bytes and module.arena_bytes < module.activation_bytes
+    if acc:   # the narrow accumulators overflow on these inputs: an exact graph computes other codes
+        env = reference.run_codes(graph, codes, keep=True)
+        overflowed = 0
+        for op in graph.ops:
+            if op.attrs.get("acc_bits") is not None:
+                exact = ir.Op(op.kind, op.name, op.inputs, op.output, {**op.attrs, "acc_bits": None})
+                one = ir.Graph(op.inputs, [op.output], graph.tensors, [exact])
+                overflowed += int((reference.run_codes(one, env[op.inputs[0]]) != env[op.output]).sum())
+        assert overflowed > 0
 
 
 def test_cli_emit_c(tmp_path, capsys):

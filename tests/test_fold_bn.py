@@ -86,6 +86,8 @@ def test_graph_quantizes_the_folded_weight_and_reads_the_output_after_the_correc
                   and qm.get_submodule(n.args[1].target).kind == "gradient"]
     assert {n.target for n in grad_reads} == {"bn2", "bn3", "bn4"}  # bn1's conv reads the graph input
     assert set(net.state_dict()) <= set(qm.state_dict())
+    loaded = qm.load_state_dict(net.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all("_quant" in k for k in loaded.missing_keys)
 
 
 def test_eval_equivalence_with_quantization_off(net):

@@ -42,7 +42,7 @@ def test_psi_approaches_the_hard_constraint(z_inside, z_outside):
     inside = [float(psi(torch.tensor(z_inside, dtype=torch.float64), t)) for t in ts if -1 / t ** 2 > z_inside]
     outside = [float(psi(torch.tensor(z_outside, dtype=torch.float64), t)) for t in ts]
     assert all(a >= b - 1e-12 for a, b in zip(inside, inside[1:])) and inside[-1] < 1e-2
-    assert all(b > a for a, b in zip(outside, outside[1:])) and outside[-1] > 1000 * z_outside
+    assert all(v >= t * z_outside for v, t in zip(outside, ts)) and outside[-1] > outside[-2]
     assert float(psi(torch.tensor(-1.0), 7.0)) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -145,9 +145,10 @@ def test_t_grows_on_schedule_and_only_in_training():
 
 def test_barrier_cuts_overflow_events_tenfold():
     x, y = _data()
-    plain = _compile(acc_bits=12, tile=8)
+    cfg = dict(weight_bits=6, act_bits=6, acc_bits=11, tile=8)
+    plain = _compile(**cfg)
     _train(plain, x, y, 60, use_barrier=False)
-    with_barrier = _compile(acc_bits=12, tile=8, log_barrier=True, barrier_weight=0.05, barrier_bound_weight=1e-3)
+    with_barrier = _compile(**cfg, log_barrier=True, barrier_weight=0.05, barrier_bound_weight=1e-2)
     _train(with_barrier, x, y, 60)
     before, after = _eval_events(plain, x), _eval_events(with_barrier, x)
     assert before > 0 and after * 10 <= before

@@ -410,3 +410,30 @@ def test_accumulator_bounds_for_plain_quantized_layers():
     assert [r["layer"] for r in rows] == ["conv", "dw", "fc"]
     assert all(r["acc_bits"] is None and r["p_min"] >= r["p_min_tile"] > 1 for r in rows)
     assert rows[0]["K"] == 2 * 9 and rows[2]["K"] == 36
+
+
+def test_conv1d_is_the_conv2d_semantics_on_one_row():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 9)
+    qm = qcompile.compile(Seq(), (x,), acc_bits=9, tile=4, grad_bits=8, seed=0)
+    qm.train()
+    op = qm.get_submodule("conv.accumulator")
+    seen = {}
+    op.register_forward_hook(lambda m, args, y: seen.update(args=args, y=y))
+    qm(x).sum().backward()
+    a, w, bias = seen["args"]
+    sx, sw = op.grids[0].scale, op.grids[1].scale
+    x_int, w_int = torch.round(a / sx).long(), torch.round(w.detach() / sw.view(-1, 1, 1)).long()
+    b_int = torch.round(bias.detach() / (sx * sw)).long()
+    res = tiled_conv2d(x_int.unsqueeze(2), w_int.unsqueeze(2), b_int, (1, 2), (0, 1), 1, 1,
+                       acc_bits=9, tile=4, overflow="saturate")
+    torch.testing.assert_close(seen["y"], res.acc.squeeze(2).float() * (sx * sw).view(1, -1, 1), rtol=1e-6, atol=0)
+    assert qm.conv.weight.grad is not None and op.outputs_grad > 0

@@ -95,20 +95,23 @@ def test_resnet18_within_one_lsb_per_op_without_pow2():
 
 @pytest.mark.parametrize("overflow", ["saturate", "wrap"])
 def test_narrow_accumulator_overflow_reproduced(overflow):
-    """12-bit accumulators with tiles of 16 products: the IR overflows and onnxruntime's per-tile
-    ConvInteger/MatMulInteger + Clip/Mod graph gives the same codes as the reference."""
+    """LeNet trained with 12-bit accumulators (tiles of 16 products) overflows; onnxruntime's per-tile
+    ConvInteger/MatMulInteger + clamp/modulo graph gives the reference's codes, which equal qm.eval()."""
     torch.manual_seed(0)
-    g = lower(trained(get("models:lenet5"), torch.randn(8, 1, 28, 28)))
+    qm = trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), acc_bits=12, tile=16, overflow=overflow)
+    g = lower(qm)
+    assert {op.attrs["acc_bits"] for op in g.ops if op.kind in ("conv2d", "linear")} == {12}
     x = torch.randn(8, 1, 28, 28)
-    exact = ref.run(g, x)
-    for op in g.ops:
-        if op.kind in ("conv2d", "linear"):
-            op.attrs.update(acc_bits=12, tile=16, overflow=overflow)
     narrow = ref.run(g, x)
-    assert (narrow != exact).mean() > 0.1          # the accumulators really overflow
+    exact = copy.deepcopy(g)
+    for op in exact.ops:
+        if "acc_bits" in op.attrs:
+            op.attrs["acc_bits"] = None
+    assert (ref.run(exact, x) != narrow).mean() > 0.1          # the accumulators really overflow
     assert_identical(g, x)
-    model = to_onnx(g, "qop")
-    assert sum(n.op_type == "ConvInteger" for n in model.graph.node) > 2
+    assert sum(n.op_type == "ConvInteger" for n in to_onnx(g, "qop").graph.node) > 2
+    d = np.rint(np.abs(ref.dequantize(g, narrow) - qm(x).detach().double().numpy()) / g.tensor(g.outputs[0]).scale)
+    assert d.max() <= 1
 
 
 def test_weight_dtype_uint8_is_identical(zoo_pow2):
@@ -143,3 +146,15 @@ def test_export_of_training_mode_graph_is_rejected(zoo_pow2, tmp_path):
     qm = copy.deepcopy(zoo_pow2).train()
     with pytest.raises(qcompile.QCompileError, match="training mode"):
         qcompile.export_onnx(qm, tmp_path / "m.onnx")
+
+
+def test_conv1d_lowered_as_2d_and_identical_with_pow2_scales():
+    from lowering_models import Conv1dNet
+    torch.manual_seed(0)
+    qm = trained(Conv1dNet(), torch.randn(8, 4, 32), pow2_scales=True)
+    g = lower(qm)
+    assert [op.kind for op in g.ops].count("conv2d") == 2
+    x = torch.randn(8, 4, 32)
+    d = np.rint(np.abs(ref.dequantize(g, ref.run(g, x)) - qm(x).detach().double().numpy()) / g.tensor(g.outputs[0]).scale)
+    assert d.max() <= 1
+    assert_identical(g, x)

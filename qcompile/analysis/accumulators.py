@@ -11,6 +11,7 @@ Matmuls of two activations: B = K·A·B' with A, B' their operands' largest inte
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 from qcompile.ops import is_matmul
 from qcompile.passes.quantize import grid_source
@@ -24,13 +25,25 @@ def _absmax_int(q: Quantizer) -> float:
     return float(torch.maximum((qmin - z).abs(), (qmax - z).abs()).max())
 
 
-def _param(node, gm):
-    """The parameter a get_attr node reads, walking back through quantizer nodes."""
+@torch.no_grad()
+def _constant(node, gm):
+    """The current value of a node computed from parameters and buffers alone (a weight, a BN-folded
+    weight, a bias), walking back through quantizer nodes; None when it depends on an input."""
     while node is not None and node.op == "call_module" and isinstance(gm.get_submodule(node.target), Quantizer):
         node = node.args[0]
-    if node is None or node.op != "get_attr":
+    if node is None:
         return None
-    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else None
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach() if isinstance(obj, torch.Tensor) else obj
+    if node.op == "call_function":
+        args = [(_constant(a, gm) if isinstance(a, fx.Node) else a) for a in node.args]
+        if any(a is None for a, raw in zip(args, node.args) if isinstance(raw, fx.Node)):
+            return None
+        return node.target(*args, **node.kwargs)
+    return None
 
 
 @torch.no_grad()
@@ -60,15 +73,16 @@ def accumulator_bounds(qm) -> list[dict]:
         tile = op.tile if isinstance(op, NarrowAccOp) else qm.config.for_layer(layer).tile
         acc_bits = op.acc_bits if isinstance(op, NarrowAccOp) else None
         if qb.kind == "weight":
-            w = _param(node.args[1], qm)
-            if w is None:
-                continue
-            w_int, sw = _weight_codes(w.detach(), qb)
+            w = _constant(node.args[1], qm)
+            if not isinstance(w, torch.Tensor):
+                raise ValueError(f"accumulator_bounds: the weight of layer {layer!r} (node {node.name}) is not "
+                                 "computed from parameters alone")
+            w_int, sw = _weight_codes(w, qb)
             bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias_abs = None
             if bias_node is not None:
-                b = _param(bias_node, qm)
-                bias_abs = torch.round(b.detach() / (qa.scale * sw)).abs() if b is not None else None
+                b = _constant(bias_node, qm)
+                bias_abs = torch.round(b / (qa.scale * sw)).abs() if isinstance(b, torch.Tensor) else None
             w_abs = w_int.abs().reshape(w_int.shape[0], -1).to(torch.float64)
             whole, per_tile = l1_bounds(w_abs, _absmax_int(qa), bias_abs, tile)
             K, kind = w_abs.shape[1], ("conv" if w.dim() > 2 else "linear")

@@ -10,7 +10,7 @@ writes the results table into docs/bn_rectification.md (between the markers of t
 the curves to docs/bn_rectification_<model>.csv and the plot to docs/bn_rectification_<model>.png.
 
     python -m qcompile.experiments.bn_rectification                 # LeNet-5-BN, 3 seeds
-    python -m qcompile.experiments.bn_rectification --model resnet20 --epochs 1 --seeds 0 --bits 4 2
+    python -m qcompile.experiments.bn_rectification --model resnet20 --epochs 1 --seeds 0 --probe-every 20
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _arms(rows):
 def write_table(rows, args) -> str:
     blocks = sorted({b for r in rows for g in r["curves"]["gain"] for b in g})
     shown = blocks if len(blocks) <= 4 else []
-    head = ("| grad bits | λ | held-out acc. % (mean; per seed) | final train loss | conv1 grad rel. error "
+    head = (f"| grad bits | λ | held-out acc. % (mean; per seed) | final train loss | {args.first_layer} grad rel. error "
             "(first / mean / last probe) | noise gain ‖Jᵀe‖/‖e‖ | noise gain / float-gradient gain | "
             + "".join(f"noise gain {b} | " for b in shown))
     lines = [head.rstrip(), "|" + "---|" * (7 + len(shown))]
