@@ -38,7 +38,7 @@ from torch import fx, nn
 from qcompile import ir
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.ops import op_name
-from qcompile.quantizers import Quantizer, quantize_codes
+from qcompile.quantizers import BiasQuant, Quantizer, bias_codes, quantize_codes
 from qcompile.runtime.integer_math import quantize_multiplier
 
 WIDE_BITS = 16
@@ -296,6 +296,8 @@ class _Lowering:
     def lower_node(self, node: fx.Node):
         if node.op == "placeholder":
             return Input(node)
+        if isinstance(self.module(node), BiasQuant):    # lowering rounds the bias itself, on the eval grids
+            return self.val[node.args[0]]
         if self.is_const(node):
             return self.fold_const(node)
         mod = self.module(node)
@@ -506,10 +508,9 @@ class _Lowering:
         in_scale = x.scale * w.scale                       # (O,) float64
         ms = [_multiplier(float(r), node.name) for r in in_scale / grid.scale]
         bias = np.zeros(acc.out_channels, dtype=np.int64)
-        if acc.bias is not None:   # float32 round(b / (Sx·Sw)) clamped to int32, as the narrow-accumulator op does
-            out_scale = torch.tensor(x.scale, dtype=torch.float32) * torch.from_numpy(w.scale).float()
-            bias = torch.round(acc.bias.float() / out_scale).clamp(-2 ** 31, 2 ** 31 - 1).double().numpy()
-            bias = bias.astype(np.int64)
+        if acc.bias is not None:
+            codes, _ = bias_codes(acc.bias, torch.tensor(x.scale), torch.from_numpy(w.scale))
+            bias = codes.double().numpy().astype(np.int64)
         attrs = {k: v for k, v in acc.attrs.items() if k != "weight"}
         return self.emit(acc.kind, acc.node, acc.inputs, out, weight=w.codes.astype(np.int8), bias=bias.astype(np.int32),
                          weight_scale=tuple(float(v) for v in w.scale),

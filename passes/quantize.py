@@ -10,6 +10,9 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
     straight from a graph input (no gradient flows there);
   - the weight operand is `weight_quant(get_attr weight)` (symmetric; per output channel
     or per tensor), followed by a gradient Quantizer when quantize_weight_grad is set;
+  - L's bias goes through a BiasQuant (`bias_quant`) that rounds it onto the int32 grid
+    S_x·S_w the integer layer adds it on (a folded BatchNorm rounds its folded bias the same
+    way, given the two scales as `input_scale`/`weight_scale` keyword arguments);
   - L's result goes through an activation Quantizer (`output_quant`) before any user; when
     `fold_bn` fused a BatchNorm into L, "L's result" is the node L.meta["qc_output"] (the
     BatchNorm correction), which also reads L's activation operand through L's gradient
@@ -29,7 +32,8 @@ from qcompile.config import QConfig
 from qcompile.errors import UnsupportedOpError
 from qcompile.estimators import make_estimator
 from qcompile.ops import WEIGHTED_FUNCTIONS, is_grid_preserving, is_matmul, is_quantizable, op_name
-from qcompile.quantizers import Quantizer, qrange
+from qcompile.fused_bn import BatchNormFold
+from qcompile.quantizers import BiasQuant, Quantizer, qrange
 
 
 class FloatFallbackWarning(UserWarning):
@@ -116,6 +120,25 @@ def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str)
     return q
 
 
+def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
+    """Round L's bias (or, for a folded BatchNorm, its folded bias) onto the grid S_x·S_w."""
+    with gm.graph.inserting_before(node):
+        in_scale = gm.graph.get_attr(f"{grid_source(node.args[0], gm).target}.scale")
+        w_scale = gm.graph.get_attr(f"{node.args[1].target}.scale")
+    bias = node.args[2] if len(node.args) > 2 else None
+    if isinstance(bias, fx.Node):
+        path = _free_path(gm, f"{layer}.bias_quant")
+        gm.add_submodule(path, BiasQuant(layer))
+        with gm.graph.inserting_before(node):
+            bq = gm.graph.call_module(path, (bias, in_scale, w_scale))
+        bq.meta.update(qc_quantizer="bias", qc_layer=layer, qc_module_type="BiasQuant")
+        node.update_arg(2, bq)
+    if result is not node and isinstance(gm.get_submodule(result.target), BatchNormFold):
+        gm.get_submodule(result.target).bias_quant = BiasQuant(layer)
+        result.update_kwarg("input_scale", in_scale)
+        result.update_kwarg("weight_scale", w_scale)
+
+
 def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     fallbacks = []
@@ -153,6 +176,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                 wg = _insert_after(gm, wq, f"{layer}.weight_grad_quant",
                                    _make("gradient", cfg, layer, generator=generator), "gradient", layer)
                 node.update_arg(1, wg)
+            _quantize_bias(gm, node, result, layer)
         out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
         result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     if fallbacks:

@@ -85,6 +85,7 @@ class BatchNormFold(nn.Module):
         self.rectification = float(rectification)   # λ of this block (set by add_bn_rectification)
         self.propagates_gradient = True              # False when the layer reads the graph input (set by fold_bn)
         self.gain_sq: torch.Tensor | None = None
+        self.bias_quant: nn.Module | None = None     # a BiasQuant, set by the quantize pass
         self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
         self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
 
@@ -108,7 +109,8 @@ class BatchNormFold(nn.Module):
         return shift if layer_bias is None else shift + layer_bias * scale
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                layer_bias: torch.Tensor | None = None) -> torch.Tensor:
+                layer_bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
         if y.dim() < 2 or y.shape[1] != self.num_features:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected {self.num_features} channels on dim 1, "
                              f"got shape {tuple(y.shape)}")
@@ -117,7 +119,10 @@ class BatchNormFold(nn.Module):
             self.num_batches_tracked.add_(1)
         if not self.training or frozen:
             self._record_gain(x, weight, self.running_var, None)
-            return y + _per_channel(self.folded_bias(layer_bias), y.dim())
+            bias = self.folded_bias(layer_bias)
+            if self.bias_quant is not None and input_scale is not None:
+                bias = self.bias_quant(bias, input_scale, weight_scale)   # the integer layer's int32 bias
+            return y + _per_channel(bias, y.dim())
         count = y.numel() // y.shape[1]
         if count < 2:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected more than 1 value per channel when "

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .config import QConfig
 from .errors import CheckpointError
-from .quantizers import Quantizer
+from .quantizers import BiasQuant, Quantizer
 
 
 @dataclass
@@ -55,14 +55,18 @@ class QuantizedGraphModule(fx.GraphModule):
     def quantizers(self) -> list[tuple[str, Quantizer]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Quantizer)]
 
+    def switches(self) -> list[nn.Module]:
+        """Every module quantization can be turned off on: quantizers and bias roundings."""
+        return [m for m in self.modules() if isinstance(m, (Quantizer, BiasQuant))]
+
     def set_quantization(self, enabled: bool) -> None:
         """Turn every quantizer on or off (off: tensors pass through untouched)."""
-        for _, q in self.quantizers():
+        for q in self.switches():
             q.enabled = enabled
 
     @contextlib.contextmanager
     def quantization_disabled(self):
-        states = [(q, q.enabled) for _, q in self.quantizers()]
+        states = [(q, q.enabled) for q in self.switches()]
         self.set_quantization(False)
         try:
             yield self
@@ -75,7 +79,7 @@ class QuantizedGraphModule(fx.GraphModule):
         """Run `batches` (tensors or tuples of tensors) with estimators updating and quantization
         off (the paper's calibration step). Returns the number of batches seen. The module's
         train/eval mode is kept: in train mode BatchNorm statistics update as in any forward."""
-        states = [(q, q.enabled, q.observing) for _, q in self.quantizers()]
+        states = [(q, q.enabled, q.observing) for q in self.switches()]
         for q, _, _ in states:
             q.enabled, q.observing = False, True
         count = 0

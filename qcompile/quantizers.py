@@ -23,6 +23,7 @@ from .errors import NonFiniteError
 from .estimators import CurrentMinMax, RangeEstimator
 
 SCALE_EPS = 1e-12
+BIAS_CODE_LIMIT = 2 ** 22
 KINDS = ("weight", "activation", "gradient")
 
 
@@ -105,6 +106,47 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     u = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
     z = float(zp)                      # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
     return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z).mul_(scale)
+
+
+def bias_codes(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor):
+    """(codes, scale): the integer bias a layer adds to its accumulator, at scale S_x·S_w
+    (a float32 product, per output channel), rounded half to even and saturated to
+    ±BIAS_CODE_LIMIT. The one rule for training (BiasQuant), lowering and the accumulator ops.
+    The limit 2^22 keeps codes·scale a float32 value that rounds back to the same code, so the
+    trained graph and the integer graph add the same bias; only degenerate (collapsed)
+    ranges reach it."""
+    scale = input_scale.float() * weight_scale.float()
+    return torch.round(bias.float() / scale).clamp_(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT), scale
+
+
+class _Replace(torch.autograd.Function):
+    """Forward: the second argument; backward: the gradient goes to the first, unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class BiasQuant(nn.Module):
+    """Rounds a layer's bias onto the int32 grid S_x·S_w its integer form adds it on
+    (straight-through gradient), so the trained graph in eval mode adds exactly the bias the
+    integer runtimes add. Off (`enabled=False`) it passes the bias through."""
+
+    def __init__(self, layer: str = ""):
+        super().__init__()
+        self.layer = layer
+        self.enabled = True
+        self.observing = False
+
+    def forward(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return bias
+        codes, scale = bias_codes(bias.detach(), input_scale, weight_scale)
+        return _Replace.apply(bias, (codes * scale).to(bias.dtype))
 
 
 class _QuantizeGradient(torch.autograd.Function):

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantizers import bias_codes
+
 FLOAT32_EXACT = 2 ** 24
 FLOAT64_EXACT = 2 ** 53
 OVERFLOW_MODES = ("saturate", "wrap")
@@ -336,9 +338,7 @@ class _NarrowAccFunction(torch.autograd.Function):
         a_int = torch.round(a / sa)
         b_int = torch.round(b / _channel_view(sb, b.dim(), 0)) if op.kind != "matmul" else torch.round(b / sb)
         out_scale = sa * sb
-        bias_int = None
-        if bias is not None:
-            bias_int = torch.round(bias.detach() / out_scale).clamp(-2 ** 31, 2 ** 31 - 1)
+        bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
         res = op.forward_int(a_int, b_int, bias_int)
         op.record("train" if op.training else "eval", res)
         op.remember_bounds(b_int, bias_int)

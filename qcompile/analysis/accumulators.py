@@ -15,7 +15,7 @@ from torch import fx
 
 from qcompile.ops import is_matmul
 from qcompile.passes.quantize import grid_source
-from qcompile.quantizers import Quantizer, quantize_codes
+from qcompile.quantizers import Quantizer, bias_codes, quantize_codes
 from qcompile.tiled import NarrowAccOp, acc_range, l1_bounds, min_acc_bits
 
 
@@ -38,11 +38,12 @@ def _constant(node, gm):
         for part in node.target.split("."):
             obj = getattr(obj, part)
         return obj.detach() if isinstance(obj, torch.Tensor) else obj
-    if node.op == "call_function":
+    if node.op in ("call_function", "call_module"):     # e.g. a BN-folded weight, a bias rounded by BiasQuant
         args = [(_constant(a, gm) if isinstance(a, fx.Node) else a) for a in node.args]
-        if any(a is None for a, raw in zip(args, node.args) if isinstance(raw, fx.Node)):
+        if node.kwargs or any(a is None for a, raw in zip(args, node.args) if isinstance(raw, fx.Node)):
             return None
-        return node.target(*args, **node.kwargs)
+        fn = node.target if node.op == "call_function" else gm.get_submodule(node.target)
+        return fn(*args)
     return None
 
 
@@ -82,7 +83,7 @@ def accumulator_bounds(qm) -> list[dict]:
             bias_abs = None
             if bias_node is not None:
                 b = _constant(bias_node, qm)
-                bias_abs = torch.round(b / (qa.scale * sw)).abs() if isinstance(b, torch.Tensor) else None
+                bias_abs = bias_codes(b, qa.scale, sw)[0].abs() if isinstance(b, torch.Tensor) else None
             w_abs = w_int.abs().reshape(w_int.shape[0], -1).to(torch.float64)
             whole, per_tile = l1_bounds(w_abs, _absmax_int(qa), bias_abs, tile)
             K, kind = w_abs.shape[1], ("conv" if w.dim() > 2 else "linear")
