@@ -122,10 +122,15 @@ def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str)
 
 def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
     """Round L's bias (or, for a folded BatchNorm, its folded bias) onto the grid S_x·S_w."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    fold = gm.get_submodule(result.target) if result is not node else None
+    if not isinstance(bias, fx.Node) and not isinstance(fold, BatchNormFold):
+        return
     with gm.graph.inserting_before(node):
         in_scale = gm.graph.get_attr(f"{grid_source(node.args[0], gm).target}.scale")
         w_scale = gm.graph.get_attr(f"{node.args[1].target}.scale")
-    bias = node.args[2] if len(node.args) > 2 else None
+    for scale in (in_scale, w_scale):
+        scale.meta["qc_layer"] = layer
     if isinstance(bias, fx.Node):
         path = _free_path(gm, f"{layer}.bias_quant")
         gm.add_submodule(path, BiasQuant(layer))
@@ -133,8 +138,8 @@ def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
             bq = gm.graph.call_module(path, (bias, in_scale, w_scale))
         bq.meta.update(qc_quantizer="bias", qc_layer=layer, qc_module_type="BiasQuant")
         node.update_arg(2, bq)
-    if result is not node and isinstance(gm.get_submodule(result.target), BatchNormFold):
-        gm.get_submodule(result.target).bias_quant = BiasQuant(layer)
+    if isinstance(fold, BatchNormFold):
+        fold.bias_quant = BiasQuant(layer)
         result.update_kwarg("input_scale", in_scale)
         result.update_kwarg("weight_scale", w_scale)
 

@@ -10,5 +10,5 @@ from .runtime.codegen import emit_c
 from . import models
 
 __version__ = "0.1.0"
-__all__ = ["compile", "draw", "export_onnx", "lower", "QConfig", "QuantizedGraphModule", "QCompileError", "TraceError",
+__all__ = ["compile", "draw", "export_onnx", "emit_c", "lower", "QConfig", "QuantizedGraphModule", "QCompileError", "TraceError",
            "UnsupportedOpError", "CalibrationError", "CheckpointError", "NonFiniteError", "__version__"]

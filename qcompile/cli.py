@@ -1,4 +1,4 @@
-"""Command line: `qcompile demo` (and the subcommands later issues add)."""
+"""Command line: `qcompile demo | draw | report | emit-c`."""
 from __future__ import annotations
 
 import argparse

@@ -37,6 +37,7 @@ CATEGORIES = {
     "weight_quantizer": ("#ffd6a5", "#c26a00", "weight quantizer Q_W"),
     "activation_quantizer": ("#bde0fe", "#1d6fb8", "activation quantizer Q_Y"),
     "gradient_quantizer": ("#e2c6ff", "#7b2cbf", "gradient quantizer Q_G (identity forward, quantizes backward)"),
+    "bias_quantizer": ("#fff0db", "#c26a00", "bias rounded onto the int32 grid S_x·S_w"),
     "narrow_acc": ("#ffadad", "#b00020", "narrow-accumulator op (tiled, b-bit accumulator)"),
     "matmul": ("#caffbf", "#2d6a4f", "conv / linear / matmul (exact accumulator)"),
     "float_fallback": ("#e9ecef", "#d00000", "float fallback (no quantized form)"),
@@ -168,7 +169,7 @@ def node_attributes(node: fx.Node, qm: nn.Module | None = None, quantized_graph:
 
 def _category(node, mod, attrs, quantized_graph: bool) -> str:
     role = attrs.get("role")
-    if role in ("weight", "activation", "gradient"):
+    if role in ("weight", "activation", "gradient", "bias"):
         return f"{role}_quantizer"
     if "acc_bits" in attrs and attrs["acc_bits"] is not None:
         return "narrow_acc"

@@ -19,8 +19,9 @@ results; float operands give the accumulator in the float dtype used (float32 or
 Partial sums are computed in float32 when every tile's Σ|products| < 2^24 (float32 holds every
 integer below 2^24, so any summation order is exact) and in float64 (exact below 2^53)
 otherwise. When the worst case |bias| + Σ|products| cannot leave the range, the whole
-reduction is one exact op. Otherwise the tiles run one after the other (one conv or GEMM per
-tile, whose result is folded into the accumulator at once: no T-fold intermediate).
+reduction is one exact op. Otherwise the partial sums are batched GEMMs (over the im2col
+matrix for a conv), computed a chunk of tiles at a time and folded into the accumulator tile
+after tile, so memory stays bounded whatever the number of tiles.
 """
 from __future__ import annotations
 
@@ -147,7 +148,8 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start: t
             exact += p
             torch.add(acc, p, out=v)
             torch.clamp(v, lo, hi, out=acc)
-            clamps += v.sub_(acc).abs_().clamp_(max=1)  # v − clamp(v) is an integer, nonzero where clamped
+            s = v.sub_(acc).clamp_(-1, 1)           # v − clamp(v) is an integer, nonzero where clamped
+            clamps.addcmul_(s, s)
     return AccResult(acc, exact, clamps > 0, clamps.sum(dtype=torch.float64).to(torch.int64))
 
 

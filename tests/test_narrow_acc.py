@@ -16,7 +16,7 @@ from qcompile.tiled import (NarrowAccOp, acc_range, min_acc_bits, tiled_conv2d, 
                             tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=40, deadline=None)
 MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap")])
 TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
 

@@ -250,7 +250,7 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
             continue
         if not _is_layer(qm, node):
             continue
-        operands = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        operands = [a for a in node.all_input_nodes if a.op != "get_attr" and a.meta.get("qc_quantizer") != "bias"]
         weight_node, weight_q = None, None
         for a in operands:
             q = _quantizer(qm, _through_gradient_quantizers(qm, a), "weight")
