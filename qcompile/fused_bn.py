@@ -10,7 +10,10 @@ For a layer L (conv1d/conv2d/linear) with weight W and bias b followed by a Batc
     out    = BatchNormFold(y, x, W, b)                    ← before the output quantizer
 
 BatchNormFold in training (statistics not frozen) computes the batch statistics μ_B, σ_B of
-z = L(x, W) in float, differentiably, and returns
+z = y·σ_r/γ — the folded layer's own output with the fold undone, which is L(x, W) exactly
+when quantization is off, and L(x, Q_W(W·γ/σ_r))·σ_r/γ with it (one conv per layer, as in
+torch.ao's fused ConvBn; Krishnamoorthi's figure uses a second, float conv for the
+statistics, which doubles the training cost) — differentiably, and returns
 
     out = y · σ_r/σ_B + (β − γ·μ_B/σ_B)
 
@@ -28,6 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
 
 def bn_scale(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,8 +59,11 @@ def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: torch.Tensor,
                 eps: float) -> torch.Tensor:
-    """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see."""
-    return weight * bn_scale(gamma, running_var, eps).reshape(-1, *([1] * (weight.dim() - 1)))
+    """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see.
+    γ enters as a constant: BatchNormFold divides the fold out again before normalizing, so γ's two
+    paths through it cancel exactly and γ's gradient is BatchNorm's own."""
+    scale = bn_scale(None if gamma is None else gamma.detach(), running_var, eps)
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
 class BatchNormFold(nn.Module):
@@ -84,7 +93,8 @@ class BatchNormFold(nn.Module):
         self.freeze_steps = freeze_steps
         self.rectification = float(rectification)   # λ of this block (set by add_bn_rectification)
         self.propagates_gradient = True              # False when the layer reads the graph input (set by fold_bn)
-        self.gain_sq: torch.Tensor | None = None
+        self._gain: torch.Tensor | None = None
+        self._gain_inputs: tuple | None = None
         self.bias_quant: nn.Module | None = None     # a BiasQuant, set by the quantize pass
         self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
         self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
@@ -127,28 +137,50 @@ class BatchNormFold(nn.Module):
         if count < 2:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected more than 1 value per channel when "
                              f"training, got input of shape {tuple(y.shape)}")
-        z = self.layer_fn(x, weight, None, *self.layer_args)
-        var_b, mean_b = torch.var_mean(z, dim=[0] + list(range(2, z.dim())), unbiased=False)
-        sigma_r = torch.sqrt(self.running_var + self.eps)       # the σ_r the weight was folded with
-        scale_b = bn_scale(self.weight, var_b, self.eps)        # γ/σ_B
-        shift = -mean_b * scale_b if self.bias is None else self.bias - mean_b * scale_b
-        out = y * _per_channel(sigma_r * torch.rsqrt(var_b + self.eps), y.dim()) + _per_channel(shift, y.dim())
-        with torch.no_grad():
-            m = self._momentum()
-            batch_mean = mean_b if layer_bias is None else mean_b + layer_bias
-            self.running_mean.mul_(1 - m).add_(batch_mean, alpha=m)
-            self.running_var.mul_(1 - m).add_(var_b * (count / (count - 1)), alpha=m)
+        fold = bn_scale(None if self.weight is None else self.weight.detach(), self.running_var, self.eps)  # γ/σ_r
+        fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
+        z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
+        if layer_bias is not None:
+            z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
+        # BatchNorm with batch statistics on z: γ(z − μ_B)/σ_B + β = y·σ_r/σ_B + β − γμ_B/σ_B, with
+        # running statistics updated as nn.BatchNorm does (one fused kernel, forward and backward)
+        out, _, invstd = torch.native_batch_norm(z, self.weight, self.bias, self.running_mean, self.running_var,
+                                                 True, self._momentum(), self.eps)
+        if self.rectification > 0 and torch.is_grad_enabled():   # the loss differentiates the gain
+            var_b = torch.var(z, dim=[0] + list(range(2, z.dim())), unbiased=False)
+        else:
+            var_b = invstd.detach().pow(-2) - self.eps
         self._record_gain(x, weight, var_b, count)
         return out
 
     def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var: torch.Tensor, count: int | None) -> None:
-        """Store this batch's per-channel noise gain² (differentiable only when the loss uses it)."""
-        from .bn_rectification import channel_gain_sq, tap_coverage  # the formula lives with its derivation
+        """Keep what this batch's per-channel noise gain² needs. It is computed here, differentiably,
+        when the rectification loss uses it, and otherwise only when `gain_sq` is read."""
+        from .bn_rectification import tap_coverage
         key = (tuple(x.shape[2:]), tuple(weight.shape))
         if key not in self._coverage:
             self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, x.shape, weight.shape)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.rectification > 0):
-            self.gain_sq = channel_gain_sq(self.weight, var, self.eps, weight, count, self._coverage[key])
+        self._gain_inputs = (var, weight, count, self._coverage[key])
+        self._gain = None
+        if self.rectification > 0 and torch.is_grad_enabled():
+            self._gain = self._compute_gain()
+
+    def _compute_gain(self) -> torch.Tensor:
+        from .bn_rectification import channel_gain_sq  # the formula lives with its derivation
+        var, weight, count, coverage = self._gain_inputs
+        return channel_gain_sq(self.weight, var, self.eps, weight, count, coverage)
+
+    @property
+    def gain_sq(self) -> torch.Tensor | None:
+        """Per-channel noise gain² (γ·‖W_c‖/σ_c)² of the last forward pass (None before one)."""
+        if self._gain is None and self._gain_inputs is not None:
+            with torch.no_grad():
+                self._gain = self._compute_gain()
+        return self._gain
+
+    @gain_sq.setter
+    def gain_sq(self, value: torch.Tensor | None) -> None:
+        self._gain, self._gain_inputs = value, None
 
     def describe(self) -> str:
         state = "frozen statistics" if self.frozen else "batch statistics + σ_r/σ_B correction"
