@@ -106,11 +106,11 @@ class Grid:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return ir.code_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
+        return ir.code_range(self.bits, self.signed)[1]
 
     @property
     def real_range(self) -> tuple[float, float]:
