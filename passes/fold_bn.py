@@ -87,8 +87,9 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         x, weight = layer.args[0], layer.args[1]
         bias = layer.args[2] if len(layer.args) > 2 else None
         layer_name = layer.meta.get("qc_layer", layer.name)
+        layer_cfg = config.for_layer(layer_name, type(gm.get_submodule(layer_name)) if layer.meta.get("qc_layer") else None)
         fused = BatchNormFold(bn, layer_name, layer.target, layer.args[3:] if layer.target in CONV_FUNCTIONS else (),
-                              freeze_steps=cfg.bn_freeze_steps)
+                              freeze_steps=cfg.bn_freeze_steps, float_statistics=layer_cfg.acc_bits is not None)
         fused.propagates_gradient = not _reaches_input(x, gm)
         gm.add_submodule(node.target, fused)
         with graph.inserting_before(layer):

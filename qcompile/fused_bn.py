@@ -12,11 +12,13 @@ For a layer L (conv1d/conv2d/linear) with weight W and bias b followed by a Batc
 BatchNormFold in training (statistics not frozen) computes the batch statistics μ_B, σ_B of
 z = y·σ_r/γ — the folded layer's own output with the fold undone, which is L(x, W) exactly
 when quantization is off, and L(x, Q_W(W·γ/σ_r))·σ_r/γ with it (one conv per layer, as in
-torch.ao's fused ConvBn; Krishnamoorthi's figure uses a second, float conv for the
-statistics, which doubles the training cost) — differentiably, and returns
+torch.ao's fused ConvBn) — differentiably, and returns
 
     out = y · σ_r/σ_B + (β − γ·μ_B/σ_B)
 
+When the layer has a narrow accumulator (`float_statistics`), y may have overflowed, so
+μ_B, σ_B come instead from a second, float conv of the same operands (Krishnamoorthi's
+figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. Either way
 updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b). In eval
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
@@ -80,7 +82,7 @@ class BatchNormFold(nn.Module):
     """
 
     def __init__(self, bn: _BatchNorm, layer: str, layer_fn, layer_args: tuple = (),
-                 freeze_steps: int | None = None, rectification: float = 0.0):
+                 freeze_steps: int | None = None, rectification: float = 0.0, float_statistics: bool = False):
         super().__init__()
         if not bn.track_running_stats:
             raise ValueError(f"BatchNorm after {layer!r} has track_running_stats=False: it cannot be folded")
@@ -91,6 +93,7 @@ class BatchNormFold(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
         self.layer, self.layer_fn, self.layer_args = layer, layer_fn, tuple(layer_args)
         self.freeze_steps = freeze_steps
+        self.float_statistics = float_statistics      # batch statistics from a float conv (narrow accumulators)
         self.rectification = float(rectification)   # λ of this block (set by add_bn_rectification)
         self.propagates_gradient = True              # False when the layer reads the graph input (set by fold_bn)
         self._gain: torch.Tensor | None = None
@@ -142,14 +145,30 @@ class BatchNormFold(nn.Module):
         z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
-        # BatchNorm with batch statistics on z: γ(z − μ_B)/σ_B + β = y·σ_r/σ_B + β − γμ_B/σ_B, with
-        # running statistics updated as nn.BatchNorm does (one fused kernel, forward and backward)
-        out, _, invstd = torch.native_batch_norm(z, self.weight, self.bias, self.running_mean, self.running_var,
-                                                 True, self._momentum(), self.eps)
-        if self.rectification > 0 and torch.is_grad_enabled():   # the loss differentiates the gain
-            var_b = torch.var(z, dim=[0] + list(range(2, z.dim())), unbiased=False)
+        dims = [0] + list(range(2, z.dim()))
+        if self.float_statistics:
+            # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
+            # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
+            # fold γ/σ_r grows and overflows more)
+            stats = self.layer_fn(x, weight, layer_bias, *self.layer_args)
+            var_b, mean_b = torch.var_mean(stats, dim=dims, unbiased=False)
+            gamma = torch.ones_like(var_b) if self.weight is None else self.weight
+            out = (z - _per_channel(mean_b, z.dim())) * _per_channel(gamma * torch.rsqrt(var_b + self.eps), z.dim())
+            if self.bias is not None:
+                out = out + _per_channel(self.bias, z.dim())
+            with torch.no_grad():
+                m = self._momentum()
+                self.running_mean.mul_(1 - m).add_(mean_b, alpha=m)
+                self.running_var.mul_(1 - m).add_(var_b * (count / (count - 1)), alpha=m)
         else:
-            var_b = invstd.detach().pow(-2) - self.eps
+            # BatchNorm with batch statistics on z: γ(z − μ_B)/σ_B + β = y·σ_r/σ_B + β − γμ_B/σ_B, with
+            # running statistics updated as nn.BatchNorm does (one fused kernel, forward and backward)
+            out, _, invstd = torch.native_batch_norm(z, self.weight, self.bias, self.running_mean, self.running_var,
+                                                     True, self._momentum(), self.eps)
+            if self.rectification > 0 and torch.is_grad_enabled():   # the loss differentiates the gain
+                var_b = torch.var(z, dim=dims, unbiased=False)
+            else:
+                var_b = invstd.detach().pow(-2) - self.eps
         self._record_gain(x, weight, var_b, count)
         return out
 

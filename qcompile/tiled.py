@@ -19,13 +19,14 @@ results; float operands give the accumulator in the float dtype used (float32 or
 Partial sums are computed in float32 when every tile's Σ|products| < 2^24 (float32 holds every
 integer below 2^24, so any summation order is exact) and in float64 (exact below 2^53)
 otherwise. When the worst case |bias| + Σ|products| cannot leave the range, the whole
-reduction is one exact op. Otherwise the partial sums are batched GEMMs (over the im2col
-matrix for a conv), computed a chunk of tiles at a time and folded into the accumulator tile
-after tile, so memory stays bounded whatever the number of tiles.
+reduction is one exact op. Otherwise one batched GEMM (over the im2col matrix for a conv)
+computes a chunk of tiles' partial sums at once, a (tiles, outputs) tensor; a clamp-scan over its
+tile axis folds them into the accumulator. Chunks bound the memory whatever the number of tiles.
 """
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,9 +43,10 @@ OVERFLOW_MODES = ("saturate", "wrap")
 
 @dataclass
 class AccResult:
-    """The accumulator after the last tile, per output; `exact` is bias + Σ partials (no overflow)."""
+    """The accumulator after the last tile, per output; `exact` is bias + Σ partials (no overflow),
+    None when not asked for (exact=False)."""
     acc: torch.Tensor
-    exact: torch.Tensor         # exact as an integer type or below 2^24 (float32) / 2^53 (float64)
+    exact: torch.Tensor | None  # exact as an integer type or below 2^24 (float32) / 2^53 (float64)
     overflowed: torch.Tensor    # bool, per output: at least one overflow event
     events: torch.Tensor        # int64 scalar: number of overflow events
 
@@ -117,40 +119,101 @@ def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Pl
     return _Plan(tl, 1 if dense else T, part, acc, dense)
 
 
-CHUNK_ELEMENTS = 1 << 22          # partial sums computed per GEMM call: at most ~16 MB of float32
+CHUNK_ELEMENTS = 1 << 23          # partial sums materialized at once: at most ~32 MB of float32
 
 
-def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start: torch.Tensor,
-              acc_bits: int | None, overflow: str, per_tile: int | None = None) -> AccResult:
-    """The accumulator over exact per-tile partial sums: partials(t0, t1) returns tiles t0..t1−1
-    (a sequence, or a tensor stacked along dim 0), each shaped like `start` (the initial
-    accumulator, e.g. the bias).
-    Tiles are requested in chunks of about CHUNK_ELEMENTS / per_tile (default: start's size)."""
-    exact = start.clone()
-    chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile or start.numel(), 1)))
-    chunks = [(t0, min(t0 + chunk, tiles)) for t0 in range(0, tiles, chunk)]
-    none = torch.zeros((), dtype=torch.int64, device=start.device)
-    if acc_bits is None or overflow == "wrap":
-        for t0, t1 in chunks:
-            for p in partials(t0, t1):
-                exact += p
-        if acc_bits is None:
-            return AccResult(exact, exact, torch.zeros(exact.shape, dtype=torch.bool, device=exact.device), none)
-        acc = wrap(exact, acc_bits)
-        hit = acc != exact
-        return AccResult(acc, exact, hit, hit.sum())
-    lo, hi = acc_range(acc_bits)
-    acc, v = start.clone(), torch.empty_like(start)
-    clamps = torch.zeros_like(start)            # per output: number of clamps so far
-    for t0, t1 in chunks:
-        ps = partials(t0, t1)
-        for p in ps:
-            exact += p
-            torch.add(acc, p, out=v)
-            torch.clamp(v, lo, hi, out=acc)
-            s = v.sub_(acc).clamp_(-1, 1)           # v − clamp(v) is an integer, nonzero where clamped
-            clamps.addcmul_(s, s)
-    return AccResult(acc, exact, clamps > 0, clamps.sum(dtype=torch.float64).to(torch.int64))
+class _Scratch(threading.local):
+    """Per-thread reusable CPU buffers for the large temporaries (padded input, im2col matrix, partial
+    sums): a fresh multi-megabyte tensor pays its page faults on every call, which costs more than
+    the GEMM that fills it. A buffer's contents are only valid until the next request of its name;
+    each holds about what one chunk of tiles needs (CHUNK_ELEMENTS)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def empty(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, acc_bits: int | None,
+              overflow: str, per_tile: int, exact: bool = True) -> AccResult:
+    """The accumulator over exact per-tile partial sums: partials(t0, t1) returns tiles t0..t1−1 as
+    a tensor (t1−t0, *tile shape), a permuted view of a contiguous buffer that is overwritten here;
+    `start` (the initial accumulator, e.g. the bias; None: 0) broadcasts to one tile. Tiles are
+    requested in chunks of about CHUNK_ELEMENTS / per_tile. Saturation is a clamp-scan over the tile
+    axis that leaves each tile's clamped amount d_t = v_t − clamp(v_t) in place; an event is a
+    nonzero d_t (an integer). exact=False skips the exact sum where the result does not need it."""
+    chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile, 1)))
+    saturate = acc_bits is not None and overflow == "saturate"
+    lo, hi = acc_range(acc_bits) if saturate else (None, None)
+    keep_exact = exact or not saturate
+    exact = acc = clamps = None                 # clamps: per output, number of events
+    for t0 in range(0, tiles, chunk):
+        ps = partials(t0, min(t0 + chunk, tiles))
+        if keep_exact:
+            s = ps.sum(0)
+            exact = exact.add_(s) if exact is not None else s if start is None else s.add_(start)
+        if not saturate:
+            continue
+        hit = _SCRATCH.empty("hit", (ps.numel(),), torch.bool, ps.device).as_strided(ps.shape, ps.stride())
+        acc = _clamp_scan(ps, acc, start, lo, hi, hit)
+        hit = hit.view(torch.uint8)
+        for i in range(0, len(hit), 255):     # uint8 counts hold up to 255 tiles
+            n = hit[i:i + 255].sum(0, dtype=torch.uint8)
+            clamps = n if clamps is None else clamps.to(torch.int32).add_(n)
+    if saturate:
+        total = torch.float32 if tiles * clamps.numel() < FLOAT32_EXACT else torch.float64   # exact: events <= that
+        return AccResult(acc, exact, clamps.bool(), clamps.sum(dtype=total).to(torch.int64))
+    if acc_bits is None:
+        none = torch.zeros((), dtype=torch.int64, device=exact.device)
+        return AccResult(exact, exact, torch.zeros(exact.shape, dtype=torch.bool, device=exact.device), none)
+    acc = wrap(exact, acc_bits)
+    hit = acc != exact
+    return AccResult(acc, exact, hit, hit.sum())
+
+
+SCAN_BLOCK = 1 << 17              # accumulators scanned together over the tiles: they stay in cache
+
+
+def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor | None, start, lo: int, hi: int,
+                hit: torch.Tensor) -> torch.Tensor:
+    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape; None: begin at `start`),
+    leaving each tile's d_t = v_t − clamp(v_t) in ps and d_t != 0 (an event) in hit (shaped like ps).
+    Runs on blocks of the last dimension of about SCAN_BLOCK outputs, tile after tile within a block."""
+    first = acc is None
+    if first:
+        acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
+    width = ps.shape[-1]
+    step = max(1, -(-width // max(1, -(-acc.numel() // SCAN_BLOCK))))
+    for b0 in range(0, width, step):
+        a = acc[..., b0:b0 + step]
+        for t, (p, h) in enumerate(zip(ps[..., b0:b0 + step], hit[..., b0:b0 + step])):
+            if t or not first:
+                p.add_(a)
+            elif start is not None:
+                p.add_(start if start.dim() == 0 or start.shape[-1] == 1 else start[..., b0:b0 + step])
+            torch.clamp(p, lo, hi, out=a)
+            h.copy_(p.sub_(a))
+    return acc
+
+
+def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
+    """The initial accumulator: the bias (shaped to broadcast to one tile) or None (0)."""
+    return None if bias is None else bias.to(dtype)
+
+
+def _apply(res: AccResult, fn) -> AccResult:
+    """`fn` (a reshape / permutation) applied to every per-output tensor of `res`."""
+    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact), fn(res.overflowed), res.events)
 
 
 def _out_dtype(ref: torch.Tensor) -> torch.dtype | None:
@@ -161,49 +224,49 @@ def _out_dtype(ref: torch.Tensor) -> torch.dtype | None:
 def _cast(res: AccResult, dtype: torch.dtype | None) -> AccResult:
     if dtype is None:
         return res
-    return AccResult(res.acc.round().to(dtype), res.exact.round().to(dtype), res.overflowed, res.events)
-
-
-def _start(shape, bias, dtype, device) -> torch.Tensor:
-    start = torch.zeros(shape, dtype=dtype, device=device)
-    return start if bias is None else start.add_(bias.to(dtype))
+    return _apply(res, lambda t: t if t.dtype == torch.bool else t.round().to(dtype))
 
 
 @torch.no_grad()
 def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None) -> AccResult:
+                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None,
+                 exact: bool = True) -> AccResult:
     """a (..., M, K) @ b (..., K, N) (+ bias broadcast to (..., M, N)) with the tiled accumulator;
-    the reduction runs over K in index order. `absmax`=(max|a|, max|b|), when known, skips measuring."""
+    the reduction runs over K in index order. `absmax`=(max|a|, max|b|), when known, skips measuring;
+    exact=False may leave AccResult.exact None (as in every tiled op)."""
     K = a.shape[-1]
     if b.shape[-2] != K:
         raise ValueError(f"tiled_matmul: inner dimensions differ ({tuple(a.shape)} @ {tuple(b.shape)})")
     plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
     tl, T = plan.tile, plan.tiles
-    pad = T * tl - K
-    a_ = F.pad(a.to(plan.part_dtype), (0, pad))
-    b_ = F.pad(b.to(plan.part_dtype).transpose(-1, -2), (0, pad)).transpose(-1, -2)
-    a_t = a_.reshape(*a_.shape[:-1], T, tl).movedim(-2, 0)                  # (T, ..., M, tl)
-    b_t = b_.reshape(*b_.shape[:-2], T, tl, b_.shape[-1]).movedim(-3, 0)    # (T, ..., tl, N)
+    a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
+    if T * tl > K:
+        a_ = F.pad(a_, (0, T * tl - K))
+        b_ = F.pad(b_.transpose(-1, -2), (0, T * tl - K)).transpose(-1, -2)
+    a_t = a_.unflatten(-1, (T, tl)).movedim(-2, 0)                          # (T, ..., M, tl)
+    b_t = b_.unflatten(-2, (T, tl)).movedim(-3, 0)                          # (T, ..., tl, N)
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
 
     def partials(t0, t1):
-        return torch.matmul(a_t[t0:t1], b_t[t0:t1]).to(plan.acc_dtype)
+        ps = _SCRATCH.empty("partials", (t1 - t0, *shape), a_.dtype, a.device)
+        return torch.matmul(a_t[t0:t1], b_t[t0:t1], out=ps).to(plan.acc_dtype)
 
-    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
-    res = run_tiles(partials, T, _start(shape, bias, plan.acc_dtype, a.device),
-                    None if plan.dense else acc_bits, overflow)
+    res = run_tiles(partials, T, _bias_start(bias, plan.acc_dtype), None if plan.dense else acc_bits, overflow,
+                    per_tile=math.prod(shape), exact=exact)
     return _cast(res, _out_dtype(a))
 
 
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None) -> AccResult:
+                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None,
+                 exact: bool = True) -> AccResult:
     """x (..., in) · w (out, in)ᵀ + bias (out,), reduction over in_features in index order."""
-    return tiled_matmul(x, w.t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow, absmax=absmax)
+    return tiled_matmul(x, w.t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow, absmax=absmax, exact=exact)
 
 
 @torch.no_grad()
 def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                 overflow: str = "saturate", absmax=None) -> AccResult:
+                 overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
     """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
     w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
     The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order."""
@@ -212,44 +275,62 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     O, cin_g, kh, kw = w.shape
     N, K = x.shape[0], cin_g * kh * kw
     plan = _plan(x, w, bias, K, acc_bits, tile, overflow, absmax)
-    x_, w_ = x.to(plan.part_dtype), w.to(plan.part_dtype)
     if plan.tiles == 1:
-        y = F.conv2d(x_, w_, None, stride, padding, dilation, groups).to(plan.acc_dtype)
-        start = _start(y.shape, None if bias is None else bias.view(-1, 1, 1), plan.acc_dtype, x.device)
-        res = run_tiles(lambda t0, t1: y.unsqueeze(0), 1, start, None if plan.dense else acc_bits, overflow)
+        y = F.conv2d(x.to(plan.part_dtype), w.to(plan.part_dtype), None, stride, padding, dilation, groups)
+        y = y.to(plan.acc_dtype)
+        start = _bias_start(None if bias is None else bias.view(-1, 1, 1), plan.acc_dtype)
+        res = run_tiles(lambda t0, t1: y.unsqueeze(0), 1, start, None if plan.dense else acc_bits, overflow,
+                        per_tile=y.numel(), exact=exact)
         return _cast(res, _out_dtype(x))
     tl, T = plan.tile, plan.tiles
-    kk, og = kh * kw, O // groups
+    og, kk = O // groups, kh * kw
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
-    wg = w_.reshape(groups, og, K)
+    ph, pw = _pair(padding)
+    xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
+    wt = w.to(plan.part_dtype).reshape(groups, og, K)
+    wt = F.pad(wt, (0, T * tl - K)) if T * tl > K else wt                                  # (G, og, T·tl)
 
-    def partials(t0, t1):                                  # tiles t0..t1−1, each (N, O, L)
+    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, N·L)
         k0, k1 = t0 * tl, min(t1 * tl, K)
-        c0, c1 = k0 // kk, (k1 - 1) // kk + 1              # the input channels these tiles read
-        if groups == 1:
-            xs = x_[:, c0:c1]
-        else:
-            chans = (torch.arange(groups, device=x.device).view(groups, 1) * cin_g
-                     + torch.arange(c0, c1, device=x.device)).reshape(-1)
-            xs = x_.index_select(1, chans)
-        cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        cols = cols.reshape(N, groups, (c1 - c0) * kk, L)[:, :, k0 - c0 * kk:k1 - c0 * kk]
-        full = (k1 - k0) // tl
-        out = []
-        if full:
-            wt = wg[:, :, k0:k0 + full * tl].reshape(groups, og, full, tl).transpose(1, 2)      # (G, full, og, tl)
-            ps = torch.matmul(wt, cols[:, :, :full * tl].reshape(N, groups, full, tl, L))     # (N, G, full, og, L)
-            out += [ps[:, :, i].reshape(N, O, L) for i in range(full)]
-        if k0 + full * tl < k1:
-            out.append(torch.matmul(wg[:, :, k0 + full * tl:k1], cols[:, :, full * tl:]).reshape(N, O, L))
-        return [p.to(plan.acc_dtype) for p in out]
+        c0, c1 = k0 // kk, -(-k1 // kk)                    # the input channels (per group) these tiles read
+        off, rows = k0 - c0 * kk, (t1 - t0) * tl
+        cols = _SCRATCH.empty("cols", (groups, max((c1 - c0) * kk, off + rows), N * L), xp.dtype, x.device)
+        _im2col(cols, xp, c0, c1, cin_g, (kh, kw), (Ho, Wo), stride, dilation)
+        cols = cols[:, off:off + rows].view(groups, t1 - t0, tl, N * L)
+        wk = wt[:, :, t0 * tl:t1 * tl].view(groups, og, t1 - t0, tl).transpose(1, 2)        # (G, T', og, tl)
+        ps = _SCRATCH.empty("partials", (groups, t1 - t0, og, N * L), xp.dtype, x.device)
+        return torch.matmul(wk, cols, out=ps).transpose(0, 1).to(plan.acc_dtype)
 
-    start = _start((N, O, L), None if bias is None else bias.view(-1, 1), plan.acc_dtype, x.device)
-    res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, 2 * tl) * N * L)
-    res = AccResult(res.acc.reshape(N, O, Ho, Wo), res.exact.reshape(N, O, Ho, Wo),
-                    res.overflowed.reshape(N, O, Ho, Wo), res.events)
-    return _cast(res, _out_dtype(x))
+    start = _bias_start(None if bias is None else bias.view(groups, og, 1), plan.acc_dtype)
+    res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, tl) * N * L, exact=exact)
+    return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
+
+
+def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
+    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer."""
+    (ph0, ph1, pw0, pw1), (N, C, H, W) = pads, x.shape
+    xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
+    if ph0 or ph1 or pw0 or pw1:
+        xp.zero_()
+    xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
+    return xp
+
+
+def _im2col(out: torch.Tensor, xp: torch.Tensor, c0: int, c1: int, cin_g: int, k, hw_out, stride, dilation) -> None:
+    """out (G, R, Q) ← the im2col matrix, one strided copy:
+    out[g, (c − c0, ky, kx), (n, i, j)] = xp[n, g·cin_g + c, i·s + ky·d, j·s + kx·d] for c in [c0, c1) of
+    each group g; every other entry ← 0. `xp` is the already padded input (N, C, Hp, Wp)."""
+    (kh, kw), (Ho, Wo), (sh, sw), (dh, dw) = k, hw_out, _pair(stride), _pair(dilation)
+    G = out.shape[0]
+    N, n_c = xp.shape[0], c1 - c0
+    rows, width = n_c * kh * kw, N * Ho * Wo
+    sN, sC, sH, sW = xp.stride()
+    src = xp.as_strided((G, n_c, kh, kw, N, Ho, Wo), (cin_g * sC, sC, dh * sH, dw * sW, sN, sh * sH, sw * sW),
+                        xp.storage_offset() + c0 * sC)
+    out[:, :rows, :width].view(G, n_c, kh, kw, N, Ho, Wo).copy_(src)
+    out[:, rows:].zero_()
+    out[:, :rows, width:].zero_()
 
 
 def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
@@ -266,7 +347,8 @@ def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile
     whole = w_abs.sum(1) * x_absmax
     if bias_abs is not None:
         whole = whole + bias_abs
-    per_tile = F.pad(w_abs, (0, T * tl - K)).reshape(w_abs.shape[0], T, tl).sum(2).amax(1) * x_absmax
+    w_tiles = F.pad(w_abs, (0, T * tl - K)) if T * tl > K else w_abs
+    per_tile = w_tiles.reshape(w_abs.shape[0], T, tl).sum(2).amax(1) * x_absmax
     return whole, per_tile
 
 
@@ -275,48 +357,149 @@ def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile
 @torch.no_grad()
 def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                            overflow: str = "saturate", absmax=None) -> AccResult:
+                            overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
     """G_X = G_Y·Wᵀ of conv2d: the conv2d of G_Y with stride-1 zeros inserted between its rows and
     columns, padded by dilation·(k−1) − padding (plus what the forward dropped at the end), with
     the spatially flipped, in/out-transposed kernel. Its reduction runs over (c_out/groups, ky', kx')
-    of the flipped kernel (inserted zeros and padding contribute 0) and is tiled like any conv."""
+    of the flipped kernel (inserted zeros and padding contribute 0) and is tiled like any conv.
+    With stride > 1 the zeros are not materialized (see _strided_input_grad)."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     H, W = input_hw
     if (sh, sw) != (1, 1):
-        stuffed = g.new_zeros(N, O, (Ho - 1) * sh + 1, (Wo - 1) * sw + 1)
-        stuffed[:, :, ::sh, ::sw] = g
-        g = stuffed
+        return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
+                                   overflow=overflow, absmax=absmax, exact=exact)
     lh, lw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
     eh = H - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
     ew = W - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
     g = F.pad(g, (lw, lw + ew, lh, lh + eh))
     og = O // groups
-    wt = w.reshape(groups, og, cin_g, kh, kw).transpose(1, 2).reshape(groups * cin_g, og, kh, kw).flip(-1, -2)
+    wt = w.reshape(groups, og, cin_g, kh * kw).transpose(1, 2).flip(-1).reshape(groups * cin_g, og, kh, kw)
     return tiled_conv2d(g, wt, None, 1, 0, (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
-                        absmax=absmax)
+                        absmax=absmax, exact=exact)
+
+
+def _phase_taps(r: int, k: int, s: int, d: int, lead: int, n_in: int, n_out: int):
+    """Along one axis of a strided conv's G_X (stuffed, padded G_Y read at y + a·d, `lead` = d·(k−1) −
+    padding before it): the flipped-kernel taps a (ascending) that meet a real G_Y row at the outputs
+    y ≡ r (mod s), as (taps, q0, q_step): output y = r + s·m reads G_Y row m + q0 + q_step·(index of a
+    in taps). Also the zero rows G_Y needs before and after (n_in rows; m < n_out) for every read."""
+    taps = [a for a in range(k) if (r + a * d - lead) % s == 0]
+    if not taps:
+        return taps, 0, 0, (0, 0)
+    q0 = (r + taps[0] * d - lead) // s
+    q_step = (taps[1] - taps[0]) * d // s if len(taps) > 1 else 0
+    q1 = q0 + q_step * (len(taps) - 1)
+    return taps, q0, q_step, (max(0, -q0), max(0, n_out - 1 + q1 - (n_in - 1)))
+
+
+@torch.no_grad()
+def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, acc_bits, tile, overflow,
+                        absmax, exact) -> AccResult:
+    """tiled_conv2d_input_grad for stride > 1 without the inserted zeros. The outputs split into
+    s_h·s_w phases (y mod s_h, x mod s_w); in each only the taps of _phase_taps meet G_Y: a
+    subsequence of the reduction (o, a, b), so each tile's products in it are a contiguous run (the
+    tile boundaries still count the skipped zeros). Per phase, the runs are gathered into tiles of
+    one length (zero-padded) and computed as one batched GEMM; the phases share the clamp-scan."""
+    N, O, Ho, Wo = g.shape
+    _, cin_g, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    H, W = input_hw
+    og, kk = O // groups, kh * kw
+    K, C = og * kk, groups * cin_g
+    plan = _plan(g, w, None, K, acc_bits, tile, overflow, absmax)
+    if plan.dense:
+        y = torch.nn.grad.conv2d_input((N, C, H, W), w.to(plan.part_dtype), g.to(plan.part_dtype), stride,
+                                       padding, dilation, groups).to(plan.acc_dtype)
+        return _cast(run_tiles(lambda t0, t1: y.unsqueeze(0), 1, None, None, overflow, per_tile=y.numel()),
+                     _out_dtype(g))
+    tl, T = plan.tile, plan.tiles
+    Mh, Mw = -(-H // sh), -(-W // sw)                     # outputs per phase (padded to the largest phase)
+    rows = [_phase_taps(r, kh, sh, dh, dh * (kh - 1) - ph, Ho, Mh) for r in range(sh)]
+    cols_ = [_phase_taps(r, kw, sw, dw, dw * (kw - 1) - pw, Wo, Mw) for r in range(sw)]
+    phases = [(ra, rb) for ra in rows for rb in cols_]
+    top, left = max(t[3][0] for t in rows), max(t[3][0] for t in cols_)
+    gp = _padded(g, (top, max(t[3][1] for t in rows), left, max(t[3][1] for t in cols_)), plan.part_dtype)
+    sN, sC, sH, sW = gp.stride()
+    wrows = gp.new_empty(groups, K + 1, cin_g)            # row o·kh·kw + ky·kw + kx: w[o, :, ky, kx]; last row 0
+    wrows[:, :K].view(groups, og, kk, cin_g).copy_(w.reshape(groups, og, cin_g, kk).transpose(2, 3))
+    wrows[:, K].zero_()
+    Q, S = N * Mh * Mw, sh * sw
+
+    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, S, G, cin_g, N·Mh·Mw)
+        f0, f1 = t0 * tl, min(t1 * tl, K)
+        o0, o1 = f0 // kk, -(-f1 // kk)                    # the G_Y channels (per group) these tiles read
+        runs = []
+        for (ta, *_), (tb, *_) in phases:                  # per phase: each tile's run of gathered rows
+            o = torch.arange(o0, o1).view(-1, 1, 1)
+            a, b = torch.tensor(ta, dtype=torch.int64).view(-1, 1), torch.tensor(tb, dtype=torch.int64)
+            f = (o * kk + a * kw + b).reshape(-1)          # index in the reduction (flipped taps)
+            w_row = (o * kk + (kh - 1 - a) * kw + (kw - 1 - b)).reshape(-1)                   # row of `wrows`
+            bounds = torch.searchsorted(torch.div(f, tl, rounding_mode="floor"), torch.arange(t0, t1 + 1))
+            runs.append((bounds[:-1], bounds[1:] - bounds[:-1], F.pad(w_row, (0, 1), value=K)))
+        ps = _SCRATCH.empty("partials", (S, groups, t1 - t0, cin_g, Q), gp.dtype, g.device)
+        for s, (((ta, qa, sa, _), (tb, qb, sb, _)), (start, n, w_row)) in enumerate(zip(phases, runs)):
+            R, rl = w_row.numel() - 1, max(1, int(n.max()))
+            j = torch.arange(rl)
+            idx = torch.where(j < n.view(-1, 1), start.view(-1, 1) + j, R).reshape(-1)
+            red = _SCRATCH.empty("phase", (groups, R + 1, Q), gp.dtype, g.device)
+            red[:, R].zero_()
+            if R:
+                src = gp.as_strided((groups, o1 - o0, len(ta), len(tb), N, Mh, Mw),
+                                    (og * sC, sC, sa * sH, sb * sW, sN, sH, sW),
+                                    gp.storage_offset() + o0 * sC + (qa + top) * sH + (qb + left) * sW)
+                red[:, :R].view(groups, o1 - o0, len(ta), len(tb), N, Mh, Mw).copy_(src)
+                ry, rx = divmod(s, sw)                     # outputs past H, W (phase padding) read zeros
+                red.view(groups, R + 1, N, Mh, Mw)[:, :, :, -(-(H - ry) // sh):].zero_()
+                red.view(groups, R + 1, N, Mh, Mw)[:, :, :, :, -(-(W - rx) // sw):].zero_()
+            cols = _SCRATCH.empty("cols", (groups, (t1 - t0) * rl, Q), gp.dtype, g.device)
+            wk = _SCRATCH.empty("weights", (groups, (t1 - t0) * rl, cin_g), gp.dtype, g.device)
+            torch.index_select(red, 1, idx.to(g.device), out=cols)
+            torch.index_select(wrows, 1, w_row[idx].to(g.device), out=wk)
+            torch.matmul(wk.view(groups, t1 - t0, rl, cin_g).transpose(-1, -2),
+                         cols.view(groups, t1 - t0, rl, Q), out=ps[s])
+        return ps.permute(2, 0, 1, 3, 4).to(plan.acc_dtype)
+
+    res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=S * max(C, groups * tl) * Q, exact=exact)
+
+    def to_input(t):                                       # (S, G, cin_g, N, Mh, Mw) → (N, C, H, W)
+        t = t.reshape(sh, sw, C, N, Mh, Mw).permute(3, 2, 4, 0, 5, 1).reshape(N, C, Mh * sh, Mw * sw)
+        return t[:, :, :H, :W].contiguous()
+    return _cast(_apply(res, to_input), _out_dtype(g))
 
 
 @torch.no_grad()
 def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
                              groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                             overflow: str = "saturate", absmax=None) -> AccResult:
+                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
     """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
     the reduction over (n, i, j) in that order, tiled. Result shaped like the weight."""
     O, cin_g, kh, kw = weight_shape
-    N = x.shape[0]
+    N, K = x.shape[0], cin_g * kh * kw
     og = O // groups
-    xf = x if x.is_floating_point() else x.to(torch.float64)                            # im2col is float-only
-    cols = F.unfold(xf, (kh, kw), dilation=dilation, padding=padding, stride=stride)      # (N, C·kk, L)
-    L = cols.shape[-1]
-    b = cols.reshape(N, groups, cin_g * kh * kw, L).permute(1, 0, 3, 2).reshape(groups, N * L, -1)
-    a = g.reshape(N, groups, og, L).permute(1, 2, 0, 3).reshape(groups, og, N * L)
-    if absmax is not None:
-        absmax = (absmax[1], absmax[0])                                                   # (|G_Y|, |X|)
-    res = tiled_matmul(a, b, None, acc_bits=acc_bits, tile=tile, overflow=overflow, absmax=absmax)
-    return AccResult(res.acc.reshape(weight_shape), res.exact.reshape(weight_shape),
-                     res.overflowed.reshape(weight_shape), res.events)
+    Ho, Wo = g.shape[-2:]
+    L = Ho * Wo
+    plan = _plan(g, x, None, N * L, acc_bits, tile, overflow, None if absmax is None else (absmax[1], absmax[0]))
+    tl, T = plan.tile, plan.tiles
+    ph, pw = _pair(padding)
+    xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
+    gt = F.pad(g.to(plan.part_dtype).reshape(N, groups, og, L).permute(1, 2, 0, 3).reshape(groups, og, N * L),
+               (0, T * tl - N * L))                                                       # (G, og, T·tl)
+
+    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
+        r0, r1 = t0 * tl, min(t1 * tl, N * L)
+        n0, n1 = r0 // L, -(-r1 // L)                      # the images these tiles read
+        off, cols_n = r0 - n0 * L, (t1 - t0) * tl
+        cols = _SCRATCH.empty("cols", (groups, K, max((n1 - n0) * L, off + cols_n)), xp.dtype, x.device)
+        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), (Ho, Wo), stride, dilation)
+        cols = cols[:, :, off:off + cols_n].view(groups, K, t1 - t0, tl).permute(0, 2, 3, 1)   # (G, T', tl, K)
+        gk = gt[:, :, r0:r0 + cols_n].view(groups, og, t1 - t0, tl).transpose(1, 2)            # (G, T', og, tl)
+        ps = _SCRATCH.empty("partials", (groups, t1 - t0, og, K), xp.dtype, x.device)
+        return torch.matmul(gk, cols, out=ps).transpose(0, 1).to(plan.acc_dtype)
+
+    res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=max(O, tl) * K, exact=exact)
+    return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
 
 
 # ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----
@@ -332,7 +515,8 @@ def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 class _NarrowAccFunction(torch.autograd.Function):
     """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands a/s_a, b/s_b;
-    also returns the exact accumulator (integer units). Backward: see NarrowAccOp."""
+    also returns the exact accumulator (integer units; a 0-d zero unless op.track_exact). Backward: see
+    NarrowAccOp."""
 
     @staticmethod
     def forward(ctx, a, b, bias, op):
@@ -347,7 +531,8 @@ class _NarrowAccFunction(torch.autograd.Function):
         y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_int, b_int, res.overflowed)
         ctx.op, ctx.sa, ctx.sb, ctx.has_bias = op, sa, sb, bias is not None
-        return (res.acc * y_scale).to(a.dtype), res.exact.to(a.dtype)
+        exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
+        return (res.acc * y_scale).to(a.dtype), exact
 
     @staticmethod
     def backward(ctx, gy, gexact):
@@ -455,7 +640,7 @@ class NarrowAccOp(nn.Module):
 
     def forward_int(self, a, b, bias) -> AccResult:
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
-                    absmax=(self.input_absmax(0), self.input_absmax(1)))
+                    absmax=(self.input_absmax(0), self.input_absmax(1)), exact=self.track_exact)
         if self.kind == "conv2d":
             return tiled_conv2d(a, b, bias, *self._conv_args(), **mode)
         if self.kind == "conv1d":
@@ -466,7 +651,7 @@ class NarrowAccOp(nn.Module):
 
     def backward_int(self, a, b, u, need_a: bool, need_b: bool):
         """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits."""
-        mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow)
+        mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
         umax = float(torch.maximum((q.qrange[0] - q.zero_point).abs(), (q.qrange[1] - q.zero_point).abs()))
         amax, bmax = self.input_absmax(0), self.input_absmax(1)
@@ -525,7 +710,7 @@ class NarrowAccOp(nn.Module):
     @torch.no_grad()
     def record(self, phase: str, res: AccResult) -> None:
         getattr(self, f"events_{phase}").add_(res.events)
-        getattr(self, f"overflowed_{phase}").add_(res.overflowed.sum())
+        getattr(self, f"overflowed_{phase}").add_(torch.count_nonzero(res.overflowed))
         getattr(self, f"outputs_{phase}").add_(res.overflowed.numel())
 
     def reset_overflow_stats(self) -> None:
@@ -599,8 +784,8 @@ def _pair1(v) -> int:
 
 
 def _squeeze2(r: AccResult) -> AccResult:
-    return AccResult(r.acc.squeeze(2), r.exact.squeeze(2), r.overflowed.squeeze(2), r.events)
+    return _apply(r, lambda t: t.squeeze(2))
 
 
 def _reshape(r: AccResult, shape) -> AccResult:
-    return AccResult(r.acc.reshape(shape), r.exact.reshape(shape), r.overflowed.reshape(shape), r.events)
+    return _apply(r, lambda t: t.reshape(shape))

@@ -338,3 +338,36 @@ def test_lowered_graph_has_no_batchnorm_and_matches_eval(mnist):
     steps = np.rint(np.abs(ref.dequantize(graph, codes) - y.double().numpy()) / graph.tensor(graph.outputs[0]).scale)
     assert (steps <= 1).mean() >= 0.99
     assert (codes.argmax(1) == y.argmax(1).numpy()).mean() >= 0.98
+
+
+def test_narrow_accumulator_layers_take_batch_statistics_from_a_float_conv():
+    """A narrow accumulator may overflow the folded output, so its BatchNorm's batch statistics come
+    from a float conv; with quantization off both paths are float conv+BN in train mode, gradients included."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 10, 10)
+    ref_model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        ref_model[1].weight.uniform_(0.5, 2.0)
+        ref_model[1].bias.uniform_(-1, 1)
+    assert all(b.float_statistics for b in _folds(qcompile.compile(ref_model, x[:2], acc_bits=16)))
+    outs, grads = [], []
+    for float_statistics in (False, True):
+        qm = qcompile.compile(ref_model, x[:2])
+        (fold,) = _folds(qm)
+        assert not fold.float_statistics
+        fold.float_statistics = float_statistics
+        qm.train()
+        with qm.quantization_disabled():
+            out = qm(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(fold.weight.grad.clone())
+    expected = ref_model.train()(x)
+    expected.square().sum().backward()
+    for out, grad in zip(outs, grads):
+        assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(grad, ref_model[1].weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def _folds(qm):
+    return [m for m in qm.modules() if isinstance(m, BatchNormFold)]
