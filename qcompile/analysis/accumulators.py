@@ -98,13 +98,3 @@ def accumulator_bounds(qm) -> list[dict]:
                "margin": acc_range(acc_bits)[1] - bound if acc_bits is not None else None}
         rows.append(row)
     return rows
-
-
-def format_bounds(rows: list[dict]) -> str:
-    """The rows of `accumulator_bounds` as a text table."""
-    head = f"{'layer':<28} {'kind':<7} {'K':>6} {'tile':>5} {'acc':>4} {'worst |acc|':>12} {'P_min':>5} {'P_tile':>6}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['layer']:<28} {r['kind']:<7} {r['K']:>6} {str(r['tile'] or 'all'):>5} "
-                     f"{str(r['acc_bits'] or '-'):>4} {r['bound']:>12.0f} {r['p_min']:>5} {r['p_min_tile']:>6}")
-    return "\n".join(lines)
