@@ -79,18 +79,19 @@ class QuantizedGraphModule(fx.GraphModule):
         """Run `batches` (tensors or tuples of tensors) with estimators updating and quantization
         off (the paper's calibration step). Returns the number of batches seen. The module's
         train/eval mode is kept: in train mode BatchNorm statistics update as in any forward."""
-        states = [(q, q.enabled, q.observing) for q in self.switches()]
-        for q, _, _ in states:
-            q.enabled, q.observing = False, True
+        observers = [q for _, q in self.quantizers()]
         count = 0
-        try:
-            for batch in batches:
-                args = batch if isinstance(batch, (tuple, list)) else (batch,)
-                self(*args)
-                count += 1
-        finally:
-            for q, enabled, observing in states:
-                q.enabled, q.observing = enabled, observing
+        with self.quantization_disabled():
+            for q in observers:
+                q.observing = True
+            try:
+                for batch in batches:
+                    args = batch if isinstance(batch, (tuple, list)) else (batch,)
+                    self(*args)
+                    count += 1
+            finally:
+                for q in observers:
+                    q.observing = False
         return count
 
     def save_checkpoint(self, path) -> None:

@@ -60,11 +60,17 @@ def _bshape(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def _unclamped_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """round_half_even(x · (1/scale)) + z, before the clamp: the grid's one rounding rule
+    (the same as torch's fused fake-quantize kernels). `scale`, `zp` broadcast against x."""
+    v = torch.mul(x, 1.0 / scale).round_()
+    return v.add_(zp) if bool(zp.any()) else v
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
                    axis: int | None = None) -> torch.Tensor:
     """Integer codes of `x` (as a float tensor), with exactly the fused kernels' rounding."""
-    inv = 1.0 / _bshape(scale, x, axis)
-    return torch.clamp(torch.round(x * inv) + _bshape(zp, x, axis), *qr)
+    return _unclamped_codes(x, _bshape(scale, x, axis), _bshape(zp, x, axis)).clamp_(*qr)
 
 
 class _FakeQuantPerChannel(torch.autograd.Function):
@@ -73,9 +79,7 @@ class _FakeQuantPerChannel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zp, qr, can_clip):
-        v = torch.mul(x, 1.0 / scale).round_()
-        if zp.any():
-            v.add_(zp)
+        v = _unclamped_codes(x, scale, zp)
         ctx.can_clip = can_clip
         if can_clip:
             ctx.save_for_backward((v >= qr[0]) & (v <= qr[1]))
@@ -140,7 +144,6 @@ class BiasQuant(nn.Module):
         super().__init__()
         self.layer = layer
         self.enabled = True
-        self.observing = False
 
     def forward(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
