@@ -25,6 +25,7 @@ tile axis folds them into the accumulator. Chunks bound the memory whatever the 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -182,27 +183,45 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
 
 
 SCAN_BLOCK = 1 << 17              # accumulators scanned together over the tiles: they stay in cache
+MIN_RUN = 1 << 12                 # contiguous runs at least this long are scanned as flat blocks
+
+
+def _scan_views(ps: torch.Tensor, acc: torch.Tensor, hit: torch.Tensor):
+    """(partials, accumulator, hit) views to scan: one per index of a tile's outer dimensions when
+    the rest of a tile is a contiguous run of at least MIN_RUN (flat views: fast elementwise ops),
+    else the whole (strided) chunk."""
+    shape, inner, run = ps.shape[1:], ps.dim() - 1, 1
+    while inner and ps.stride(inner) == run:
+        run *= shape[inner - 1]
+        inner -= 1
+    if run < MIN_RUN:
+        return [(ps, acc, hit)]
+    T = ps.shape[0]
+    return [(ps[(slice(None), *i)].view(T, -1), acc[i].view(-1), hit[(slice(None), *i)].view(T, -1))
+            for i in itertools.product(*map(range, shape[:inner]))]
 
 
 def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor | None, start, lo: int, hi: int,
                 hit: torch.Tensor) -> torch.Tensor:
     """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape; None: begin at `start`),
     leaving each tile's d_t = v_t − clamp(v_t) in ps and d_t != 0 (an event) in hit (shaped like ps).
-    Runs on blocks of the last dimension of about SCAN_BLOCK outputs, tile after tile within a block."""
+    Runs on blocks of about SCAN_BLOCK outputs of each view (_scan_views), tile after tile within a block."""
     first = acc is None
     if first:
         acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
-    width = ps.shape[-1]
-    step = max(1, -(-width // max(1, -(-acc.numel() // SCAN_BLOCK))))
-    for b0 in range(0, width, step):
-        a = acc[..., b0:b0 + step]
-        for t, (p, h) in enumerate(zip(ps[..., b0:b0 + step], hit[..., b0:b0 + step])):
-            if t or not first:
-                p.add_(a)
-            elif start is not None:
-                p.add_(start if start.dim() == 0 or start.shape[-1] == 1 else start[..., b0:b0 + step])
-            torch.clamp(p, lo, hi, out=a)
-            h.copy_(p.sub_(a))
+        if start is not None:
+            acc.copy_(start)
+    add_first = not first or start is not None
+    for p_all, acc_all, hit_all in _scan_views(ps, acc, hit):
+        width = p_all.shape[-1]
+        step = max(1, -(-width // max(1, -(-acc_all.numel() // SCAN_BLOCK))))
+        for b0 in range(0, width, step):
+            a = acc_all[..., b0:b0 + step]
+            for t, (p, h) in enumerate(zip(p_all[..., b0:b0 + step], hit_all[..., b0:b0 + step])):
+                if t or add_first:
+                    p.add_(a)
+                torch.clamp(p, lo, hi, out=a)
+                h.copy_(p.sub_(a))
     return acc
 
 
@@ -375,7 +394,10 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     ew = W - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
     g = F.pad(g, (lw, lw + ew, lh, lh + eh))
     og = O // groups
-    wt = w.reshape(groups, og, cin_g, kh * kw).transpose(1, 2).flip(-1).reshape(groups * cin_g, og, kh, kw)
+    # the flipped, in/out-transposed kernel, laid out (groups, og, ky', kx', cin_g): a small transpose per
+    # output channel; with one group its (cin_g, og·kh·kw) weight matrix is a view (no large transpose)
+    wt = w.reshape(groups, og, cin_g, kh, kw).permute(0, 1, 3, 4, 2).flip(2, 3).contiguous()
+    wt = wt.permute(0, 4, 1, 2, 3).reshape(groups * cin_g, og, kh, kw)
     return tiled_conv2d(g, wt, None, 1, 0, (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
                         absmax=absmax, exact=exact)
 
