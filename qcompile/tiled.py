@@ -380,8 +380,8 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     """G_X = G_Y·Wᵀ of conv2d: the conv2d of G_Y with stride-1 zeros inserted between its rows and
     columns, padded by dilation·(k−1) − padding (plus what the forward dropped at the end), with
     the spatially flipped, in/out-transposed kernel. Its reduction runs over (c_out/groups, ky', kx')
-    of the flipped kernel (inserted zeros and padding contribute 0) and is tiled like any conv.
-    With stride > 1 the zeros are not materialized (see _strided_input_grad)."""
+    of the flipped kernel (padding contributes 0) and is tiled like any conv. With stride > 1 the
+    inserted zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad)."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -419,75 +419,72 @@ def _phase_taps(r: int, k: int, s: int, d: int, lead: int, n_in: int, n_out: int
 @torch.no_grad()
 def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, acc_bits, tile, overflow,
                         absmax, exact) -> AccResult:
-    """tiled_conv2d_input_grad for stride > 1 without the inserted zeros. The outputs split into
-    s_h·s_w phases (y mod s_h, x mod s_w); in each only the taps of _phase_taps meet G_Y: a
-    subsequence of the reduction (o, a, b), so each tile's products in it are a contiguous run (the
-    tile boundaries still count the skipped zeros). Per phase, the runs are gathered into tiles of
-    one length (zero-padded) and computed as one batched GEMM; the phases share the clamp-scan."""
+    """tiled_conv2d_input_grad for stride > 1, without the inserted zeros. The outputs split into
+    s_h·s_w phases (y mod s_h, x mod s_w); in each only the taps of _phase_taps meet G_Y rows, so a
+    phase is an ordinary conv of G_Y with those taps of the flipped kernel: its reduction runs over
+    (o, a, b) for those taps in that order and is tiled like any conv (an inserted zero takes no
+    slot in a tile; padding does)."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     H, W = input_hw
     og, kk = O // groups, kh * kw
     K, C = og * kk, groups * cin_g
-    plan = _plan(g, w, None, K, acc_bits, tile, overflow, absmax)
+    plan = _plan(g, w, None, K, acc_bits, tile, overflow, absmax)       # every phase reduces over <= K products
     if plan.dense:
         y = torch.nn.grad.conv2d_input((N, C, H, W), w.to(plan.part_dtype), g.to(plan.part_dtype), stride,
                                        padding, dilation, groups).to(plan.acc_dtype)
         return _cast(run_tiles(lambda t0, t1: y.unsqueeze(0), 1, None, None, overflow, per_tile=y.numel()),
                      _out_dtype(g))
-    tl, T = plan.tile, plan.tiles
     Mh, Mw = -(-H // sh), -(-W // sw)                     # outputs per phase (padded to the largest phase)
     rows = [_phase_taps(r, kh, sh, dh, dh * (kh - 1) - ph, Ho, Mh) for r in range(sh)]
     cols_ = [_phase_taps(r, kw, sw, dw, dw * (kw - 1) - pw, Wo, Mw) for r in range(sw)]
-    phases = [(ra, rb) for ra in rows for rb in cols_]
     top, left = max(t[3][0] for t in rows), max(t[3][0] for t in cols_)
     gp = _padded(g, (top, max(t[3][1] for t in rows), left, max(t[3][1] for t in cols_)), plan.part_dtype)
     sN, sC, sH, sW = gp.stride()
-    wrows = gp.new_empty(groups, K + 1, cin_g)            # row o·kh·kw + ky·kw + kx: w[o, :, ky, kx]; last row 0
-    wrows[:, :K].view(groups, og, kk, cin_g).copy_(w.reshape(groups, og, cin_g, kk).transpose(2, 3))
-    wrows[:, K].zero_()
-    Q, S = N * Mh * Mw, sh * sw
+    wg = w.to(plan.part_dtype).reshape(groups, og, cin_g, kh, kw)
+    Q = N * Mh * Mw
+    phases = []
+    for s, ((ta, qa, sa, _), (tb, qb, sb, _)) in enumerate((ra, rb) for ra in rows for rb in cols_):
+        R = og * len(ta) * len(tb)
+        if not R:                                          # no tap meets G_Y: these outputs sum nothing
+            phases.append(None)
+            continue
+        tl, T = _ntiles(R, tile)
+        red = _SCRATCH.empty("phase", (groups, T * tl, Q), gp.dtype, g.device)  # the phase's im2col, rows (o, a, b)
+        src = gp.as_strided((groups, og, len(ta), len(tb), N, Mh, Mw), (og * sC, sC, sa * sH, sb * sW, sN, sH, sW),
+                            gp.storage_offset() + (qa + top) * sH + (qb + left) * sW)
+        red[:, :R].view(groups, og, len(ta), len(tb), N, Mh, Mw).copy_(src)
+        red[:, R:].zero_()
+        ry, rx = divmod(s, sw)                             # outputs past H, W (phase padding) read zeros
+        red.view(groups, T * tl, N, Mh, Mw)[:, :, :, -(-(H - ry) // sh):].zero_()
+        red.view(groups, T * tl, N, Mh, Mw)[:, :, :, :, -(-(W - rx) // sw):].zero_()
+        wk = _SCRATCH.empty("phase_weights", (groups, T * tl, cin_g), gp.dtype, g.device)     # row (o, a, b)
+        flipped = wg.index_select(3, torch.tensor([kh - 1 - a for a in ta], device=g.device))
+        flipped = flipped.index_select(4, torch.tensor([kw - 1 - b for b in tb], device=g.device))
+        wk[:, :R].view(groups, og, len(ta), len(tb), cin_g).copy_(flipped.permute(0, 1, 3, 4, 2))
+        wk[:, R:].zero_()
 
-    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, S, G, cin_g, N·Mh·Mw)
-        f0, f1 = t0 * tl, min(t1 * tl, K)
-        o0, o1 = f0 // kk, -(-f1 // kk)                    # the G_Y channels (per group) these tiles read
-        runs = []
-        for (ta, *_), (tb, *_) in phases:                  # per phase: each tile's run of gathered rows
-            o = torch.arange(o0, o1).view(-1, 1, 1)
-            a, b = torch.tensor(ta, dtype=torch.int64).view(-1, 1), torch.tensor(tb, dtype=torch.int64)
-            f = (o * kk + a * kw + b).reshape(-1)          # index in the reduction (flipped taps)
-            w_row = (o * kk + (kh - 1 - a) * kw + (kw - 1 - b)).reshape(-1)                   # row of `wrows`
-            bounds = torch.searchsorted(torch.div(f, tl, rounding_mode="floor"), torch.arange(t0, t1 + 1))
-            runs.append((bounds[:-1], bounds[1:] - bounds[:-1], F.pad(w_row, (0, 1), value=K)))
-        ps = _SCRATCH.empty("partials", (S, groups, t1 - t0, cin_g, Q), gp.dtype, g.device)
-        for s, (((ta, qa, sa, _), (tb, qb, sb, _)), (start, n, w_row)) in enumerate(zip(phases, runs)):
-            R, rl = w_row.numel() - 1, max(1, int(n.max()))
-            j = torch.arange(rl)
-            idx = torch.where(j < n.view(-1, 1), start.view(-1, 1) + j, R).reshape(-1)
-            red = _SCRATCH.empty("phase", (groups, R + 1, Q), gp.dtype, g.device)
-            red[:, R].zero_()
-            if R:
-                src = gp.as_strided((groups, o1 - o0, len(ta), len(tb), N, Mh, Mw),
-                                    (og * sC, sC, sa * sH, sb * sW, sN, sH, sW),
-                                    gp.storage_offset() + o0 * sC + (qa + top) * sH + (qb + left) * sW)
-                red[:, :R].view(groups, o1 - o0, len(ta), len(tb), N, Mh, Mw).copy_(src)
-                ry, rx = divmod(s, sw)                     # outputs past H, W (phase padding) read zeros
-                red.view(groups, R + 1, N, Mh, Mw)[:, :, :, -(-(H - ry) // sh):].zero_()
-                red.view(groups, R + 1, N, Mh, Mw)[:, :, :, :, -(-(W - rx) // sw):].zero_()
-            cols = _SCRATCH.empty("cols", (groups, (t1 - t0) * rl, Q), gp.dtype, g.device)
-            wk = _SCRATCH.empty("weights", (groups, (t1 - t0) * rl, cin_g), gp.dtype, g.device)
-            torch.index_select(red, 1, idx.to(g.device), out=cols)
-            torch.index_select(wrows, 1, w_row[idx].to(g.device), out=wk)
-            torch.matmul(wk.view(groups, t1 - t0, rl, cin_g).transpose(-1, -2),
-                         cols.view(groups, t1 - t0, rl, Q), out=ps[s])
-        return ps.permute(2, 0, 1, 3, 4).to(plan.acc_dtype)
+        def partials(t0, t1, red=red, wk=wk, tl=tl):       # tiles t0..t1−1: (t1−t0, G, cin_g, Q)
+            ps = _SCRATCH.empty("partials", (groups, t1 - t0, cin_g, Q), gp.dtype, g.device)
+            a = wk[:, t0 * tl:t1 * tl].view(groups, t1 - t0, tl, cin_g).transpose(-1, -2)
+            return torch.matmul(a, red[:, t0 * tl:t1 * tl].view(groups, t1 - t0, tl, Q), out=ps).transpose(0, 1) \
+                .to(plan.acc_dtype)
 
-    res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=S * max(C, groups * tl) * Q, exact=exact)
+        phases.append(run_tiles(partials, T, None, acc_bits, overflow, per_tile=groups * max(cin_g, tl) * Q,
+                                exact=exact))
+    some = next(r for r in phases if r is not None)
 
-    def to_input(t):                                       # (S, G, cin_g, N, Mh, Mw) → (N, C, H, W)
+    def stack(field):                                      # (S, G, cin_g, N·Mh·Mw), zeros for an empty phase
+        if getattr(some, field) is None:                   # exact=False: no phase kept its exact sum
+            return None
+        return torch.stack([getattr(r, field) if r is not None else torch.zeros_like(getattr(some, field))
+                            for r in phases])
+
+    def to_input(t):                                       # (S, G, cin_g, N·Mh·Mw) → (N, C, H, W)
         t = t.reshape(sh, sw, C, N, Mh, Mw).permute(3, 2, 4, 0, 5, 1).reshape(N, C, Mh * sh, Mw * sw)
         return t[:, :, :H, :W].contiguous()
+    res = AccResult(stack("acc"), stack("exact"), stack("overflowed"), sum(r.events for r in phases if r is not None))
     return _cast(_apply(res, to_input), _out_dtype(g))
 
 

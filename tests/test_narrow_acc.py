@@ -26,7 +26,7 @@ TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
 def loop_accumulate(products, bias, acc_bits, tile, overflow):
     """(acc, events) of one output: the accumulator semantics written as a Python loop over ints."""
     acc, events = int(bias), 0
-    step = len(products) if tile is None else tile
+    step = max(1, len(products)) if tile is None else tile
     for i in range(0, len(products), step):
         v = acc + sum(products[i:i + step])
         if acc_bits is None:
@@ -72,7 +72,8 @@ def loop_matmul(a, b, bias, acc_bits, tile, overflow):
 
 
 def loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile, overflow):
-    """G_X[n, c, y, x]: reduction over (o in c's group, ky, kx of the flipped kernel), i.e. ky, kx descending."""
+    """G_X[n, c, y, x]: reduction over (o in c's group, ky, kx of the flipped kernel), i.e. ky, kx descending,
+    over the taps that meet a G_Y row and column of the stride grid (out of range ones read padding: 0)."""
     N, O, Ho, Wo = g.shape
     _, cg, kh, kw = w.shape
     og = O // groups
@@ -82,8 +83,10 @@ def loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile,
         for o in range((c // cg) * og, (c // cg + 1) * og):
             for ky, kx in itertools.product(reversed(range(kh)), reversed(range(kw))):
                 uy, ux = y + pad - ky * dil, x + pad - kx * dil
-                hit = uy % stride == 0 and ux % stride == 0 and 0 <= uy // stride < Ho and 0 <= ux // stride < Wo
-                prods.append((int(g[n, o, uy // stride, ux // stride]) if hit else 0) * int(w[o, c % cg, ky, kx]))
+                if uy % stride or ux % stride:          # an inserted zero: no slot
+                    continue
+                inside = 0 <= uy // stride < Ho and 0 <= ux // stride < Wo
+                prods.append((int(g[n, o, uy // stride, ux // stride]) if inside else 0) * int(w[o, c % cg, ky, kx]))
         out[n, c, y, x], e = loop_accumulate(prods, 0, acc_bits, tile, overflow)
         events += e
     return out, events
@@ -153,6 +156,19 @@ def test_tiled_conv2d_backward_equals_integer_loops(case, tile, mode):
     gw = tiled_conv2d_weight_grad(x, g, w.shape, stride, pad, dil, groups, **mode_kw)
     ref, events = loop_conv2d_weight_grad(x, g, w.shape, stride, pad, dil, groups, acc_bits, tile, overflow)
     assert torch.equal(gw.acc, ref) and int(gw.events) == events
+
+
+def test_strided_input_grad_phases_without_taps():
+    """A 1×1 stride-2 kernel meets G_Y only at even outputs: the other three phases sum nothing (0, no
+    event), also when the exact sum is not kept (exact=False, what training asks for)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randint(-127, 128, (2, 6, 3, 3), generator=gen)
+    w = torch.randint(-127, 128, (6, 4, 1, 1), generator=gen)
+    for exact in (True, False):
+        res = tiled_conv2d_input_grad(g, w, (6, 6), 2, 0, 1, 1, acc_bits=10, tile=2, overflow="saturate", exact=exact)
+        ref, events = loop_conv2d_input_grad(g, w, 6, 6, 2, 0, 1, 1, 10, 2, "saturate")
+        assert torch.equal(res.acc, ref) and int(res.events) == events > 0
+        assert not bool(res.acc[:, :, 1::2].any()) and (res.exact is None) == (not exact)
 
 
 @SETTINGS
