@@ -79,14 +79,10 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         else:
             bias = conv.pop("bias")
-        channels = 1
-        if kind != "matmul":
-            wmeta = node.args[1].meta.get("tensor_meta")
-            channels = wmeta.shape[0] if wmeta is not None else grids[1].scale.numel()
         grad_q = _make("gradient", cfg, layer, generator=generator) if cfg.grad_bits is not None else None
         op = NarrowAccOp(kind, layer, grids, acc_bits=cfg.acc_bits, tile=cfg.tile, overflow=cfg.overflow,
                          grad_acc_bits=cfg.grad_acc_bits if cfg.grad_acc_bits is not None else cfg.acc_bits,
-                         acc_grad=cfg.acc_grad, grad_output_quant=grad_q, channels=channels, **conv)
+                         acc_grad=cfg.acc_grad, grad_output_quant=grad_q, **conv)
         path = _free_path(gm, f"{layer}.accumulator")
         gm.add_submodule(path, op)
         with gm.graph.inserting_before(node):

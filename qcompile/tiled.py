@@ -259,16 +259,19 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
     tl, T = plan.tile, plan.tiles
     a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
-    if T * tl > K:
-        a_ = F.pad(a_, (0, T * tl - K))
-        b_ = F.pad(b_.transpose(-1, -2), (0, T * tl - K)).transpose(-1, -2)
-    a_t = a_.unflatten(-1, (T, tl)).movedim(-2, 0)                          # (T, ..., M, tl)
-    b_t = b_.unflatten(-2, (T, tl)).movedim(-3, 0)                          # (T, ..., tl, N)
+    full = K // tl                                                          # tiles of tl products; then maybe a short one
+    a_t = a_[..., :full * tl].unflatten(-1, (full, tl)).movedim(-2, 0)      # (full, ..., M, tl): views
+    b_t = b_[..., :full * tl, :].unflatten(-2, (full, tl)).movedim(-3, 0)   # (full, ..., tl, N)
     shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
 
     def partials(t0, t1):
         ps = _SCRATCH.empty("partials", (t1 - t0, *shape), a_.dtype, a.device)
-        return torch.matmul(a_t[t0:t1], b_t[t0:t1], out=ps).to(plan.acc_dtype)
+        n = min(t1, full) - t0
+        if n > 0:
+            torch.matmul(a_t[t0:t0 + n], b_t[t0:t0 + n], out=ps[:n])
+        if t1 > full:                                                       # the short last tile
+            torch.matmul(a_[..., full * tl:], b_[..., full * tl:, :], out=ps[-1])
+        return ps.to(plan.acc_dtype)
 
     res = run_tiles(partials, T, _bias_start(bias, plan.acc_dtype), None if plan.dense else acc_bits, overflow,
                     per_tile=math.prod(shape), exact=exact)
@@ -546,7 +549,7 @@ class _NarrowAccFunction(torch.autograd.Function):
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
         res = op.forward_int(a_int, b_int, bias_int)
         op.record("train" if op.training else "eval", res)
-        op.remember_bounds(b_int, bias_int)
+        op.last_operands = (b_int, bias_int)
         y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_int, b_int, res.overflowed)
         ctx.op, ctx.sa, ctx.sb, ctx.has_bias = op, sa, sb, bias is not None
@@ -605,7 +608,7 @@ class NarrowAccOp(nn.Module):
 
     def __init__(self, kind: str, layer: str, grids: tuple, *, acc_bits: int | None, tile: int | None,
                  overflow: str, grad_acc_bits: int | None, acc_grad: str, grad_output_quant=None,
-                 channels: int = 1, stride=1, padding=0, dilation=1, groups: int = 1):
+                 stride=1, padding=0, dilation=1, groups: int = 1):
         super().__init__()
         if kind not in ("conv1d", "conv2d", "linear", "matmul"):
             raise ValueError(f"NarrowAccOp kind {kind!r}: choose conv1d, conv2d, linear or matmul")
@@ -621,11 +624,10 @@ class NarrowAccOp(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.track_exact = False               # set by the log barrier: keep the exact accumulator of the last step
         self._pending = None
+        self.last_operands = None              # (b_int, bias_int) of the last forward, for the summary's margin
         for phase in self.PHASES:
             for what in ("events", "overflowed", "outputs"):
                 self.register_buffer(f"{what}_{phase}", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("bound_whole", torch.full((channels,), float("nan"), dtype=torch.float64))
-        self.register_buffer("bound_tile", torch.full((channels,), float("nan"), dtype=torch.float64))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -745,11 +747,6 @@ class NarrowAccOp(nn.Module):
             out[phase] = {"events": ev, "overflowed": ov, "outputs": n, "rate": ov / n if n else 0.0}
         return out
 
-    @torch.no_grad()
-    def remember_bounds(self, b_int, bias_int) -> None:
-        """Cache the worst-case accumulator magnitudes per output channel for the operands just used."""
-        self.bound_whole, self.bound_tile = (t.to(torch.float64) for t in self.worst_case(b_int, bias_int))
-
     def worst_case(self, b_int, bias_int):
         """(whole-reduction, largest-tile) worst-case |acc| per output channel: Σ|w_int|·max|x_int| + |bias_int|
         (matmul: K·max|a_int|·max|b_int|, one value). Differentiable in b_int and bias_int."""
@@ -767,8 +764,9 @@ class NarrowAccOp(nn.Module):
             s = st[phase]
             if s["outputs"]:
                 parts.append(f"{phase}: {s['events']} events, {100 * s['rate']:.3g}% outputs overflowed")
-        if self.acc_bits is not None and not bool(torch.isnan(self.bound_whole).any()):
-            worst = float(self.bound_whole.max())
+        if self.acc_bits is not None and self.last_operands is not None:
+            with torch.no_grad():
+                worst = float(self.worst_case(*self.last_operands)[0].max())
             hi = acc_range(self.acc_bits)[1]
             parts.append(f"overflow-free margin {hi - worst:+.0f} ({self.acc_bits - min_acc_bits(worst):+d} bits; "
                          f"worst case {worst:.0f} vs {hi})")
