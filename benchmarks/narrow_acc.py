@@ -5,7 +5,8 @@ Each ResNet-18 (224×224 ImageNet) conv shape and its fc is compiled alone twice
 with acc_bits=16, tile=64, overflow="saturate" (grad_acc_bits defaults to 16 as well). One
 timed step is forward + backward of the compiled layer (G_X and G_W; conv1, whose input is the
 image, only G_W), quantizers included in both. Inputs and weights are random, so most tiled
-outputs saturate (the slow case: the clamp runs tile by tile). Ratio of medians, one thread.
+outputs saturate (the slow case: the clamp runs tile by tile). The two take turns step by step;
+ratio of medians, one thread.
 Goal: <= 2×.
 
     OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 5]
@@ -51,15 +52,18 @@ def _compiled(module: nn.Module, x: torch.Tensor, **cfg) -> nn.Module:
     return qm
 
 
-def _step_seconds(qm: nn.Module, x: torch.Tensor, repeats: int, input_grad: bool) -> float:
-    times = []
+def _step_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int, input_grad: bool) -> list[float]:
+    """Median step time of each model; the models take turns step by step, so a change of load on
+    the machine hits them alike."""
+    times = [[] for _ in models]
     for i in range(repeats + 1):
-        xi = x.clone().requires_grad_(input_grad)
-        t0 = time.perf_counter()
-        qm(xi).square().mean().backward()
-        if i:                               # the first step initializes the estimators
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for qm, ts in zip(models, times):
+            xi = x.clone().requires_grad_(input_grad)
+            t0 = time.perf_counter()
+            qm(xi).square().mean().backward()
+            if i:                           # the first step initializes the estimators
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main(argv=None) -> None:
@@ -76,9 +80,8 @@ def main(argv=None) -> None:
     for name, module, shape in shapes:
         x = torch.randn(shape)
         input_grad = name != "conv1"                # the image needs no gradient
-        exact = _step_seconds(_compiled(module, x), x, args.repeats, input_grad)
-        tiled = _step_seconds(_compiled(module, x, acc_bits=16, tile=64, overflow="saturate"), x, args.repeats,
-                              input_grad)
+        models = [_compiled(module, x), _compiled(module, x, acc_bits=16, tile=64, overflow="saturate")]
+        exact, tiled = _step_seconds(models, x, args.repeats, input_grad)
         total_exact += exact
         total_tiled += tiled
         print(f"{name:<20} {1e3 * exact:>9.2f} {1e3 * tiled:>9.2f} {tiled / exact:>6.2f}", flush=True)
