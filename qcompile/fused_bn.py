@@ -18,7 +18,9 @@ torch.ao's fused ConvBn) — differentiably, and returns
 
 When the layer has a narrow accumulator (`float_statistics`), y may have overflowed, so
 μ_B, σ_B come instead from a second, float conv of the same operands (Krishnamoorthi's
-figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. Either way
+figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. The gradient
+through μ_B, σ_B (and γ's) is then BatchNorm's on that conv, as if nothing overflowed (the
+straight-through view of the accumulator); z itself passes γ/σ_B straight through. Either way
 updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b). In eval
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
@@ -153,7 +155,12 @@ class BatchNormFold(nn.Module):
             stats = self.layer_fn(x, weight, layer_bias, *self.layer_args)
             var_b, mean_b = torch.var_mean(stats, dim=dims, unbiased=False)
             gamma = torch.ones_like(var_b) if self.weight is None else self.weight
-            out = (z - _per_channel(mean_b, z.dim())) * _per_channel(gamma * torch.rsqrt(var_b + self.eps), z.dim())
+            k = _per_channel(gamma * torch.rsqrt(var_b + self.eps), z.dim())
+            # value (z − μ_B)·k; gradient: z straight through k, and μ_B, k (so γ, x, W through them) as
+            # BatchNorm of `stats` gives it. Differentiating (z − μ_B)·k as written would weigh ∂k by the
+            # overflowed z − μ_B, a mismatch with the statistics that blows the gradient up.
+            s = stats.detach()
+            out = z * k.detach() + (s - _per_channel(mean_b, z.dim())) * k - s * k.detach()
             if self.bias is not None:
                 out = out + _per_channel(self.bias, z.dim())
             with torch.no_grad():

@@ -330,11 +330,16 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
-    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer."""
+    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer
+    (x itself when there is nothing to pad or convert)."""
     (ph0, ph1, pw0, pw1), (N, C, H, W) = pads, x.shape
+    if not any(pads) and x.dtype == dtype and x.is_contiguous():
+        return x
     xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
-    if ph0 or ph1 or pw0 or pw1:
-        xp.zero_()
+    xp[:, :, :ph0].zero_()
+    xp[:, :, ph0 + H:].zero_()
+    xp[:, :, ph0:ph0 + H, :pw0].zero_()
+    xp[:, :, ph0:ph0 + H, pw0 + W:].zero_()
     xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
     return xp
 

@@ -371,3 +371,24 @@ def test_narrow_accumulator_layers_take_batch_statistics_from_a_float_conv():
 
 def _folds(qm):
     return [m for m in qm.modules() if isinstance(m, BatchNormFold)]
+
+
+def test_overflow_does_not_reach_the_batch_statistics_gradient():
+    """With a wrapping narrow accumulator the folded output differs from the float statistics' conv; the
+    gradient of γ (through μ_B, σ_B and the normalized values) is BatchNorm's on those statistics: the
+    same as with an exact accumulator for the same upstream gradient, however far the output wrapped."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 10, 10)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+    g = torch.randn(8, 6, 10, 10)
+    outs, grads = [], []
+    for acc in (dict(acc_bits=9, tile=4, overflow="wrap"), dict()):
+        qm = qcompile.compile(copy.deepcopy(model), x[:2], **acc)
+        _folds(qm)[0].float_statistics = True            # the same statistics (float weights) in both
+        qm.train()
+        out = qm(x)
+        (out * g).sum().backward()
+        outs.append(out.detach())
+        grads.append(_folds(qm)[0].weight.grad)
+    assert (outs[0] - outs[1]).abs().max() > 1.0          # the 9-bit accumulator wrapped
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
