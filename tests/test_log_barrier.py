@@ -154,6 +154,24 @@ def test_barrier_cuts_overflow_events_tenfold():
     assert before > 0 and after * 10 <= before
 
 
+def test_zero_saturated_stops_the_task_gradient_but_not_the_barrier():
+    """acc_grad="zero_saturated" zeroes the task loss's gradient at overflowed outputs only: the tail term
+    still pulls on them, with the gradient it has under "ste" (the layer's own term, fc2 here)."""
+    x, y = _data()
+    barrier_grad = {}
+    for acc_grad in ("ste", "zero_saturated"):
+        qm = _compile(acc_bits=6, acc_grad=acc_grad, log_barrier=True, barrier_bound_weight=0.0)
+        qm.train()
+        task = F.cross_entropy(qm(x[:32]), y[:32])
+        ops = qm.regularizers["log_barrier"].ops
+        assert all(op.overflowed_train == op.outputs_train for op in ops)   # every output saturated
+        task_grad, = torch.autograd.grad(task, qm.fc2.weight, retain_graph=True)
+        assert (task_grad.abs().sum() == 0) == (acc_grad == "zero_saturated")
+        barrier_grad[acc_grad], = torch.autograd.grad(qm.regularization(), qm.fc2.weight)
+    assert barrier_grad["zero_saturated"].abs().sum() > 0
+    torch.testing.assert_close(barrier_grad["zero_saturated"], barrier_grad["ste"])
+
+
 def test_barrier_without_accumulators_is_an_error():
     with pytest.raises(QCompileError, match="acc_bits"):
         qcompile.compile(MLP(), (torch.randn(2, 32),), log_barrier=True)

@@ -8,7 +8,7 @@ an exact accumulator (acc_bits=None). The backward matmuls accumulate in 32 bits
 barrier acts on.
 
     OMP_NUM_THREADS=1 python -m qcompile.experiments.narrow_acc_sweep [--epochs 5] [--bits 8]
-        [--barrier-weight λa] [--bound-weight λb] [--t0 t0]
+        [--barrier-weight λa] [--bound-weight λb] [--t0 t0] [--acc-grad ste|zero_saturated]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import time
 import torch
 
 import qcompile
+from qcompile.config import ACC_GRAD_MODES
 from qcompile.data import mnist_5k
 from qcompile.models import get
 from qcompile.tiled import NarrowAccOp
@@ -26,8 +27,10 @@ from qcompile.train import accuracy, train_classifier
 
 BATCH, LR = 64, 0.05
 ACC_BITS, TILES = (12, 14, 16), (16, 64)
-# with 8-bit operands one product already reaches 2^15: a gentle barrier (large t0: weak inside, steep past it)
-W8A8_BARRIER = {"barrier_weight": 0.005, "barrier_bound_weight": 1e-4, "barrier_t0": 50.0}
+# with 8-bit operands one product already reaches 2^15: a gentle barrier (large t0: weak inside, steep past it),
+# and no task-loss gradient through saturated outputs, so only the barrier acts on them
+W8A8_BARRIER = {"barrier_weight": 0.005, "barrier_bound_weight": 1e-4, "barrier_t0": 50.0,
+                "acc_grad": "zero_saturated"}
 
 
 def overflow_on(qm, x) -> dict:
@@ -90,14 +93,15 @@ def format_row(r: dict) -> str:
 
 def demo_run(data, epochs: int = 5, seed: int = 0) -> dict:
     """The `make demo` run: LeNet-5 W8A8G8 with a 16-bit accumulator (tile 64, saturating; 32-bit
-    backward) and the log barrier (W8A8_BARRIER); prints its held-out overflow rate and accuracy."""
+    backward) and the log barrier (W8A8_BARRIER, zero_saturated); prints its held-out overflow rate and accuracy."""
     torch.manual_seed(seed)
     init = copy.deepcopy(get("models:lenet5").state_dict())
     cfg = qcompile.QConfig(weight_bits=8, act_bits=8, grad_bits=8, grad_acc_bits=32, acc_bits=16, tile=64,
                            log_barrier=True, seed=seed, **W8A8_BARRIER)
     qm, acc, ovf, seconds = train_run(data, init, cfg, epochs, seed)
-    print(f"16-bit accumulator (tile 64, saturate) + log barrier, {epochs} epochs: held-out accuracy {acc:.2f}%, "
-          f"overflowed outputs {100 * ovf['rate']:.3f}% ({ovf['events']} events on 1,000 digits), {seconds:.0f} s")
+    print(f"16-bit accumulator (tile 64, saturate, zero_saturated gradient) + log barrier, {epochs} epochs: "
+          f"held-out accuracy {acc:.2f}%, overflowed outputs {100 * ovf['rate']:.3f}% "
+          f"({ovf['events']} events on 1,000 digits), {seconds:.0f} s")
     return {"accuracy": acc, **ovf, "qm": qm}
 
 
@@ -109,9 +113,10 @@ def main(argv=None) -> None:
     ap.add_argument("--barrier-weight", type=float, default=None, help="QConfig.barrier_weight")
     ap.add_argument("--bound-weight", type=float, default=None, help="QConfig.barrier_bound_weight")
     ap.add_argument("--t0", type=float, default=None, help="QConfig.barrier_t0")
+    ap.add_argument("--acc-grad", default=None, choices=ACC_GRAD_MODES, help="QConfig.acc_grad (every run)")
     args = ap.parse_args(argv)
     barrier = {k: v for k, v in (("barrier_weight", args.barrier_weight), ("barrier_bound_weight", args.bound_weight),
-                                 ("barrier_t0", args.t0)) if v is not None}
+                                 ("barrier_t0", args.t0), ("acc_grad", args.acc_grad)) if v is not None}
     torch.set_num_threads(1)
     print(f"LeNet-5 on MNIST-5k, W{args.bits}A{args.bits}G8, {args.epochs} epochs, batch {BATCH}, lr {LR}, "
           f"barrier {barrier or 'defaults'}; overflow measured on the 1,000 held-out digits")
