@@ -25,8 +25,11 @@ def minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tenso
     x = x.detach()
     if axis is None:
         lo, hi = torch.aminmax(x)
-    else:
-        lo, hi = torch.aminmax(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
+    elif x.dim() == 1:          # one value per slice
+        lo, hi = x, x
+    else:                       # amin + amax over the other dims: several times faster than aminmax(dim=)
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        lo, hi = x.amin(dims), x.amax(dims)
     return lo.float(), hi.float()
 
 

@@ -37,7 +37,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", leave=True)
+        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", leave=True, disable=None)  # off without a TTY
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
