@@ -117,13 +117,20 @@ def dither(shape, generator: torch.Generator | None, dtype: torch.dtype, device)
     return k.mul_(2.0 ** -16).add_(0.5 + 2.0 ** -17).view(shape)
 
 
-def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(clamp(floor(g/scale + u) + z) - z)·scale with u the dither (uniform on 2^16 levels):
-    unbiased inside the range to within 2^-17 of a step."""
+def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """clamp(floor(g/scale + u) + z) − z with u the dither (uniform on 2^16 levels): stochastically
+    rounded codes minus the zero point (integer-valued floats), unbiased inside the range to within
+    2^-17 of a step."""
     u = dither(g.shape, generator, g.dtype, g.device)
     z = float(zp)                      # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
-    return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z).mul_(scale)
+    return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z)
+
+
+def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """(clamp(floor(g/scale + u) + z) - z)·scale: stochastic_codes on the grid."""
+    return stochastic_codes(g, scale, zp, qr, generator).mul_(scale)
 
 
 def bias_codes(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor):
@@ -237,14 +244,30 @@ class Quantizer(nn.Module):
         self.zero_point.copy_(zp)
         return fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
 
-    def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
+    def _gradient_grid(self, g: torch.Tensor) -> bool:
+        """Set the grid from the incoming gradient's range; False when g is not finite (on_nonfinite='skip')."""
         lo, hi, finite = self.estimator(g, update=True, who=self.layer)
         if not finite:
             self._nonfinite("incoming gradient")
-            return g
+            return False
         scale, zp = self.grid(lo, hi)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
+        return True
+
+    def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """Q_G(g) on a grid set from g's range (g itself when it is not finite and on_nonfinite='skip')."""
+        if not self._gradient_grid(g):
+            return g
         if self.stochastic:
-            return stochastic_fake_quant(g, scale, zp, self.qrange, self.generator)
-        return fake_quant(g, scale, zp, self.qrange)
+            return stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator)
+        return fake_quant(g, self.scale, self.zero_point, self.qrange)
+
+    def gradient_codes(self, g: torch.Tensor) -> torch.Tensor:
+        """Q_G(g) / scale, the codes minus the zero point (integer-valued floats), without forming Q_G(g)
+        (g / scale rounded when g is not finite and on_nonfinite='skip')."""
+        if not self._gradient_grid(g):
+            return torch.round(g / self.scale)
+        if self.stochastic:
+            return stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)
+        return torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)

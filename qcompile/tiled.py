@@ -21,10 +21,12 @@ integer below 2^24, so any summation order is exact) and in float64 (exact below
 otherwise. When the worst case |bias| + Σ|products| cannot leave the range, the whole
 reduction is one exact op. Otherwise one batched GEMM (over the im2col matrix for a conv)
 computes a chunk of tiles' partial sums at once, a (tiles, outputs) tensor; a clamp-scan over its
-tile axis folds them into the accumulator. Chunks bound the memory whatever the number of tiles.
+tile axis folds them into the accumulator (on the CPU in one pass, the C kernel csrc/clamp_scan.c;
+torch ops elsewhere). Chunks bound the memory whatever the number of tiles.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import threading
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .quantizers import bias_codes
 
 FLOAT32_EXACT = 2 ** 24
@@ -148,16 +151,16 @@ _SCRATCH = _Scratch()
 def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, acc_bits: int | None,
               overflow: str, per_tile: int, exact: bool = True) -> AccResult:
     """The accumulator over exact per-tile partial sums: partials(t0, t1) returns tiles t0..t1−1 as
-    a tensor (t1−t0, *tile shape), a permuted view of a contiguous buffer that is overwritten here;
-    `start` (the initial accumulator, e.g. the bias; None: 0) broadcasts to one tile. Tiles are
-    requested in chunks of about CHUNK_ELEMENTS / per_tile. Saturation is a clamp-scan over the tile
-    axis that leaves each tile's clamped amount d_t = v_t − clamp(v_t) in place; an event is a
-    nonzero d_t (an integer). exact=False skips the exact sum where the result does not need it."""
+    a tensor (t1−t0, *tile shape), a permuted view of a contiguous buffer that may be overwritten
+    here; `start` (the initial accumulator, e.g. the bias; None: 0) broadcasts to one tile. Tiles
+    are requested in chunks of about CHUNK_ELEMENTS / per_tile. Saturation is a clamp-scan over the
+    tile axis (_clamp_scan). exact=False skips the exact sum where the result does not need it."""
     chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile, 1)))
     saturate = acc_bits is not None and overflow == "saturate"
     lo, hi = acc_range(acc_bits) if saturate else (None, None)
     keep_exact = exact or not saturate
-    exact = acc = clamps = None                 # clamps: per output, number of events
+    exact = acc = overflowed = None
+    events = 0
     for t0 in range(0, tiles, chunk):
         ps = partials(t0, min(t0 + chunk, tiles))
         if keep_exact:
@@ -165,21 +168,65 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
             exact = exact.add_(s) if exact is not None else s if start is None else s.add_(start)
         if not saturate:
             continue
-        hit = _SCRATCH.empty("hit", (ps.numel(),), torch.bool, ps.device).as_strided(ps.shape, ps.stride())
-        acc = _clamp_scan(ps, acc, start, lo, hi, hit)
-        hit = hit.view(torch.uint8)
-        for i in range(0, len(hit), 255):     # uint8 counts hold up to 255 tiles
-            n = hit[i:i + 255].sum(0, dtype=torch.uint8)
-            clamps = n if clamps is None else clamps.to(torch.int32).add_(n)
+        if acc is None:
+            acc = torch.zeros(ps.shape[1:], dtype=ps.dtype, device=ps.device)
+            if start is not None:
+                acc.copy_(start)
+            overflowed = torch.zeros(ps.shape[1:], dtype=torch.bool, device=ps.device)
+        events += _clamp_scan(ps, acc, lo, hi, overflowed)
     if saturate:
-        total = torch.float32 if tiles * clamps.numel() < FLOAT32_EXACT else torch.float64   # exact: events <= that
-        return AccResult(acc, exact, clamps.bool(), clamps.sum(dtype=total).to(torch.int64))
+        return AccResult(acc, exact, overflowed, torch.tensor(events, dtype=torch.int64, device=acc.device))
     if acc_bits is None:
         none = torch.zeros((), dtype=torch.int64, device=exact.device)
         return AccResult(exact, exact, torch.zeros(exact.shape, dtype=torch.bool, device=exact.device), none)
     acc = wrap(exact, acc_bits)
     hit = acc != exact
     return AccResult(acc, exact, hit, hit.sum())
+
+
+def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor) -> int:
+    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape, contiguous): for each
+    tile in order acc = clamp(acc + p_t, lo, hi); sets `overflowed` (bool, like acc) where an update
+    clamped and returns the number of such events. ps may be overwritten. On the CPU the C kernel
+    csrc/clamp_scan.c does it in one pass over ps; elsewhere (or without a C compiler) torch ops."""
+    lib = native.library("clamp_scan") if ps.device.type == "cpu" and ps.dtype in _SCAN_KERNELS else None
+    if lib is None:
+        return _clamp_scan_torch(ps, acc, lo, hi, overflowed)
+    fn = getattr(lib, _SCAN_KERNELS[ps.dtype][0])
+    if fn.argtypes is None:
+        c_t = _SCAN_KERNELS[ps.dtype][1]
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t]
+        fn.restype = ctypes.c_int64
+    dims, inner = _outer_inner(ps.shape[1:], ps.stride()[1:])
+    (outer, outer_stride), loops = (dims[-1], dims[:-1]) if dims else ((1, 0), [])
+    size = ps.element_size()
+    events = 0
+    for index in itertools.product(*(range(n) for n, _ in loops)):   # dims the kernel's layout cannot merge
+        off = sum(i * st for i, (_, st) in zip(index, loops))
+        first = sum(i * math.prod(n for n, _ in loops[k + 1:]) for k, i in enumerate(index)) * outer * inner
+        events += fn(ps.data_ptr() + off * size, ps.shape[0], ps.stride(0), outer, outer_stride, inner,
+                     acc.data_ptr() + first * size, overflowed.data_ptr() + first, lo, hi)
+    return events
+
+
+_SCAN_KERNELS = {torch.float32: ("qc_clamp_scan_f32", ctypes.c_float),
+                 torch.float64: ("qc_clamp_scan_f64", ctypes.c_double)}
+
+
+def _outer_inner(shape, strides) -> tuple[list[tuple[int, int]], int]:
+    """One tile's layout (`shape`, element `strides`) as outer dims [(size, stride), ...] (adjacent dims
+    merged where their strides allow) around a contiguous innermost run of `inner` elements."""
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    inner = 1
+    while dims and dims[-1][1] == inner:
+        inner *= dims.pop()[0]
+    merged = []
+    for n, st in dims:
+        if merged and merged[-1][1] == st * n:
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    return merged, inner
 
 
 SCAN_BLOCK = 1 << 17              # accumulators scanned together over the tiles: they stay in cache
@@ -201,28 +248,26 @@ def _scan_views(ps: torch.Tensor, acc: torch.Tensor, hit: torch.Tensor):
             for i in itertools.product(*map(range, shape[:inner]))]
 
 
-def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor | None, start, lo: int, hi: int,
-                hit: torch.Tensor) -> torch.Tensor:
-    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape; None: begin at `start`),
-    leaving each tile's d_t = v_t − clamp(v_t) in ps and d_t != 0 (an event) in hit (shaped like ps).
-    Runs on blocks of about SCAN_BLOCK outputs of each view (_scan_views), tile after tile within a block."""
-    first = acc is None
-    if first:
-        acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
-        if start is not None:
-            acc.copy_(start)
-    add_first = not first or start is not None
+def _clamp_scan_torch(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor) -> int:
+    """_clamp_scan with torch ops: tile after tile on blocks of about SCAN_BLOCK outputs of each view
+    (_scan_views), leaving d_t = v_t − clamp(v_t) in ps and d_t != 0 in a bool scratch shaped like ps."""
+    hit = _SCRATCH.empty("hit", (ps.numel(),), torch.bool, ps.device).as_strided(ps.shape, ps.stride())
     for p_all, acc_all, hit_all in _scan_views(ps, acc, hit):
         width = p_all.shape[-1]
         step = max(1, -(-width // max(1, -(-acc_all.numel() // SCAN_BLOCK))))
         for b0 in range(0, width, step):
             a = acc_all[..., b0:b0 + step]
-            for t, (p, h) in enumerate(zip(p_all[..., b0:b0 + step], hit_all[..., b0:b0 + step])):
-                if t or add_first:
-                    p.add_(a)
+            for p, h in zip(p_all[..., b0:b0 + step], hit_all[..., b0:b0 + step]):
+                p.add_(a)
                 torch.clamp(p, lo, hi, out=a)
                 h.copy_(p.sub_(a))
-    return acc
+    hit = hit.view(torch.uint8)
+    clamps = None
+    for i in range(0, len(hit), 255):         # uint8 counts hold up to 255 tiles
+        n = hit[i:i + 255].sum(0, dtype=torch.uint8)
+        clamps = n if clamps is None else clamps.to(torch.int32).add_(n)
+    overflowed.logical_or_(clamps.bool())
+    return int(clamps.sum(dtype=torch.int64))
 
 
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
@@ -580,7 +625,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             # for weights, so G_X's reduction over channels has one scale), u_int = û/s_u
             fold = op.kind != "matmul"
             u = g * op.out_view(sb, g.dim()) if fold else g
-            u_int = torch.round(gq.quantize_gradient(u) / gq.scale)
+            u_int = gq.gradient_codes(u)
             su = gq.scale.clone()
             ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b)
             grad_a = ga.acc.to(g.dtype) * (su if fold else su * sb) if need_a else None

@@ -43,12 +43,13 @@ def loop_accumulate(products, bias, acc_bits, tile, overflow):
     return acc, events
 
 
-def loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow):
+def loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow, per_output=False):
     N, C, H, W = x.shape
     O, cg, kh, kw = w.shape
     og = O // groups
     Ho, Wo = (H + 2 * pad - dil * (kh - 1) - 1) // stride + 1, (W + 2 * pad - dil * (kw - 1) - 1) // stride + 1
     out, events = torch.zeros(N, O, Ho, Wo, dtype=torch.int64), 0
+    hit = torch.zeros(N, O, Ho, Wo, dtype=torch.bool)
     for n, o, i, j in itertools.product(range(N), range(O), range(Ho), range(Wo)):
         prods = []
         for c, ky, kx in itertools.product(range(cg), range(kh), range(kw)):
@@ -57,7 +58,8 @@ def loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow):
             prods.append(v * int(w[o, c, ky, kx]))
         out[n, o, i, j], e = loop_accumulate(prods, 0 if b is None else b[o], acc_bits, tile, overflow)
         events += e
-    return out, events
+        hit[n, o, i, j] = e > 0
+    return (out, events, hit) if per_output else (out, events)
 
 
 def loop_matmul(a, b, bias, acc_bits, tile, overflow):
@@ -118,7 +120,9 @@ def conv_case(draw):
     H, W = draw(st.integers(max(3, dil * (kh - 1) + 1), 6)), draw(st.integers(max(3, dil * (kw - 1) + 1), 6))
     seed = draw(st.integers(0, 2 ** 16))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(-255, 256, (2, groups * cg, H, W), generator=gen)
+    z = draw(st.sampled_from([None, 0, 37, 128, 255]))   # None: 9-bit values; else an 8-bit grid's codes − z
+    lo, hi = (-255, 255) if z is None else (-z, 255 - z)
+    x = torch.randint(lo, hi + 1, (2, groups * cg, H, W), generator=gen)
     w = torch.randint(-127, 128, (groups * og, cg, kh, kw), generator=gen)
     b = torch.randint(-4000, 4000, (groups * og,), generator=gen)
     return x, w, b, stride, pad, dil, groups
@@ -127,16 +131,17 @@ def conv_case(draw):
 # ---- exactness ----------------------------------------------------------------------------------
 
 @SETTINGS
-@given(conv_case(), TILES, MODES, st.sampled_from([torch.int64, torch.float32]))
-def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype):
+@given(conv_case(), TILES, MODES, st.sampled_from([torch.int64, torch.float32]), st.booleans())
+def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype, exact):
+    """exact=False lets 8-bit operands run int8 tile GEMMs (x shifted into int8, rows corrected)."""
     x, w, b, stride, pad, dil, groups = case
     acc_bits, overflow = mode
     res = tiled_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), stride, pad, dil, groups,
-                       acc_bits=acc_bits, tile=tile, overflow=overflow)
-    ref, events = loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow)
+                       acc_bits=acc_bits, tile=tile, overflow=overflow, exact=exact)
+    ref, events, hit = loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow, per_output=True)
     assert torch.equal(res.acc.to(torch.int64), ref)
-    assert int(res.events) == events
-    if acc_bits is not None and overflow == "saturate":
+    assert int(res.events) == events and torch.equal(res.overflowed, hit)
+    if exact and acc_bits is not None and overflow == "saturate":
         assert bool(((res.acc - res.exact) != 0).le(res.overflowed).all())
 
 
@@ -148,8 +153,9 @@ def test_tiled_conv2d_backward_equals_integer_loops(case, tile, mode):
     H, W = x.shape[-2:]
     Ho = (H + 2 * pad - dil * (w.shape[2] - 1) - 1) // stride + 1
     Wo = (W + 2 * pad - dil * (w.shape[3] - 1) - 1) // stride + 1
-    g = torch.randint(-127, 128, (x.shape[0], w.shape[0], Ho, Wo), generator=torch.Generator().manual_seed(1))
-    mode_kw = dict(acc_bits=acc_bits, tile=tile, overflow=overflow)
+    gz = int(x.abs().max()) % 200                      # asymmetric gradient codes (−z .. 255 − z) too
+    g = torch.randint(-gz, 256 - gz, (x.shape[0], w.shape[0], Ho, Wo), generator=torch.Generator().manual_seed(1))
+    mode_kw = dict(acc_bits=acc_bits, tile=tile, overflow=overflow, exact=False)
     gx = tiled_conv2d_input_grad(g, w, (H, W), stride, pad, dil, groups, **mode_kw)
     ref, events = loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile, overflow)
     assert torch.equal(gx.acc, ref) and int(gx.events) == events
@@ -186,6 +192,76 @@ def test_tiled_matmul_and_linear_equal_integer_loop(B, M, K, N, tile, mode, with
     assert torch.equal(res.acc.to(torch.int64), ref) and int(res.events) == events
     lin = tiled_linear(a[0], b[0].t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow)
     assert torch.equal(lin.acc, ref[0])
+
+
+def _scan_by_definition(ps, start, lo, hi):
+    """(acc, overflowed, events) of the clamp-scan written tile by tile on int64 copies."""
+    acc = start.to(torch.int64).clone()
+    hits = torch.zeros(acc.shape, dtype=torch.int64)
+    for p in ps.to(torch.int64):
+        v = acc + p
+        acc = v.clamp(lo, hi)
+        hits += (acc != v).to(torch.int64)
+    return acc, hits > 0, int(hits.sum())
+
+
+SCAN_LAYOUTS = [  # (buffer shape, permutation giving (tiles, *tile shape)): the layouts the tiled ops produce
+    ((7, 5, 300), (0, 1, 2)),                   # matmul: tiles outermost
+    ((3, 7, 4, 50), (1, 0, 2, 3)),              # conv / G_W / phases: (groups, tiles, rows, cols)
+    ((6, 1, 9), (1, 0, 2)),                     # depthwise G_W: size-1 dims
+    ((5, 7, 3, 11), (1, 3, 0, 2)),              # no contiguous run: the kernel walks single elements
+]
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("layout", SCAN_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, monkeypatch):
+    from qcompile import tiled
+    if kernel == "torch":
+        monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+    elif tiled.native.library("clamp_scan") is None:
+        pytest.fail("the C clamp-scan kernel did not build")
+    shape, perm = layout
+    gen = torch.Generator().manual_seed(sum(shape))
+    buf = torch.randint(-900, 900, shape, generator=gen).to(dtype)
+    ps = buf.permute(*perm)
+    start = torch.randint(-1000, 1000, ps.shape[1:], generator=gen).to(dtype)
+    want = _scan_by_definition(ps, start, -1024, 1023)
+    acc, overflowed = start.clone(), torch.zeros(ps.shape[1:], dtype=torch.bool)
+    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed)
+    assert torch.equal(acc.to(torch.int64), want[0])
+    assert torch.equal(overflowed, want[1]) and events == want[2] and events > 0
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_run_tiles_over_several_chunks_marks_each_overflowed_output(kernel, monkeypatch):
+    from qcompile import tiled
+    if kernel == "torch":
+        monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 64)        # 3 tiles per chunk below
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(-255, 256, (4, 40), generator=gen)
+    b = torch.randint(-127, 128, (40, 5), generator=gen)
+    bias = torch.randint(-3000, 3000, (5,), generator=gen)
+    res = tiled_matmul(a, b, bias, acc_bits=17, tile=4, overflow="saturate")
+    for m, n in itertools.product(range(4), range(5)):
+        acc, events = loop_accumulate([int(a[m, k]) * int(b[k, n]) for k in range(40)], bias[n], 17, 4, "saturate")
+        assert int(res.acc[m, n]) == acc and bool(res.overflowed[m, n]) == (events > 0)
+    assert 0 < int(res.overflowed.sum()) < 20
+
+
+def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
+    from qcompile import native
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    x = torch.randint(0, 256, (1, 3, 5, 5))
+    w = torch.randint(-127, 128, (2, 3, 3, 3))
+    with pytest.warns(native.NativeBuildWarning, match="clamp_scan.*no-such-compiler"):
+        res = tiled_conv2d(x, w, None, 1, 1, acc_bits=12, tile=5, overflow="saturate")
+    ref, events = loop_conv2d(x, w, None, 1, 1, 1, 1, 12, 5, "saturate")
+    assert torch.equal(res.acc, ref) and int(res.events) == events > 0
 
 
 def test_float32_partials_switch_to_float64_when_too_large():
@@ -276,13 +352,13 @@ def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
     op = qm.get_submodule("fc.accumulator")
     saved = {}
     gq = op.grad_output_quant
-    orig = gq.quantize_gradient
+    orig = gq.gradient_codes
 
     def spy(g):
-        saved["u_hat"] = orig(g)
-        return saved["u_hat"]
+        saved["u_int"], saved["su"] = orig(g), gq.scale.clone()
+        return saved["u_int"]
 
-    gq.quantize_gradient = spy
+    gq.gradient_codes = spy
     a_in = {}
     op.register_forward_pre_hook(lambda m, args: a_in.update(a=args[0], w=args[1]))
     a_grad = {}
@@ -291,8 +367,8 @@ def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
     a_in["a"].register_hook(lambda g: a_grad.update(g=g))
     a_in["w"].register_hook(lambda g: a_grad.update(w=g))
     y.square().sum().backward()
-    su, sw, sx = gq.scale, op.grids[1].scale, op.grids[0].scale
-    u_int = torch.round(saved["u_hat"] / su)
+    su, sw, sx = saved["su"], op.grids[1].scale, op.grids[0].scale
+    u_int = saved["u_int"]
     w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1))
     ref = tiled_matmul(u_int.double(), w_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
     torch.testing.assert_close(a_grad["g"], (ref * su).float(), rtol=1e-6, atol=0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,3 +40,19 @@ def test_pow2_scales_are_powers_of_two():
     scale, _ = qparams(torch.tensor(-0.3), torch.tensor(5.1), qrange(8, False), False, pow2=True)
     assert float(torch.log2(scale)) == round(float(torch.log2(scale)))
     assert float(scale) * 255 >= 5.4
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_gradient_codes_are_the_quantized_gradient_over_its_scale(stochastic):
+    from qcompile.config import QConfig
+    from qcompile.passes.quantize import _make
+    cfg = QConfig(grad_bits=8, stochastic_rounding=stochastic)
+    a, b = (_make("gradient", cfg, "layer", generator=torch.Generator().manual_seed(5)) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):                              # the hindsight grid moves from step to step
+        g = torch.randn(4000, generator=gen) * (step + 1) + 0.5
+        codes, g_hat = a.gradient_codes(g), b.quantize_gradient(g)
+        assert torch.equal(a.scale, b.scale) and torch.equal(codes * a.scale, g_hat)
+        z = float(a.zero_point)
+        assert torch.equal(codes, codes.round()) and codes.min() >= -z and codes.max() <= 255 - z
+        assert len(codes.unique()) > 100
