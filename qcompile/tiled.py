@@ -169,9 +169,11 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
         if not saturate:
             continue
         if acc is None:
-            acc = torch.zeros(ps.shape[1:], dtype=ps.dtype, device=ps.device)
+            acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
             if start is not None:
                 acc.copy_(start)
+            else:
+                acc.zero_()
             overflowed = torch.zeros(ps.shape[1:], dtype=torch.bool, device=ps.device)
         events += _clamp_scan(ps, acc, lo, hi, overflowed)
     if saturate:
@@ -556,8 +558,9 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
-    gt = F.pad(g.to(plan.part_dtype).reshape(N, groups, og, L).permute(1, 2, 0, 3).reshape(groups, og, N * L),
-               (0, T * tl - N * L))                                                       # (G, og, T·tl)
+    gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
+    gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
+    gt[..., N * L:].zero_()
 
     def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
         r0, r1 = t0 * tl, min(t1 * tl, N * L)
@@ -593,8 +596,8 @@ class _NarrowAccFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, op):
         sa, sb = op.operand_scales()
-        a_int = torch.round(a / sa)
-        b_int = torch.round(b / _channel_view(sb, b.dim(), 0)) if op.kind != "matmul" else torch.round(b / sb)
+        a_int = torch.div(a, sa).round_()
+        b_int = torch.div(b, _channel_view(sb, b.dim(), 0) if op.kind != "matmul" else sb).round_()
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
         res = op.forward_int(a_int, b_int, bias_int)
@@ -604,7 +607,8 @@ class _NarrowAccFunction(torch.autograd.Function):
         ctx.save_for_backward(a_int, b_int, res.overflowed)
         ctx.op, ctx.sa, ctx.sb, ctx.has_bias = op, sa, sb, bias is not None
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
-        return (res.acc * y_scale).to(a.dtype), exact
+        acc = res.acc.clone() if res.acc is res.exact else res.acc          # scaled in place: a fresh tensor
+        return acc.mul_(y_scale).to(a.dtype), exact
 
     @staticmethod
     def backward(ctx, gy, gexact):
@@ -628,10 +632,10 @@ class _NarrowAccFunction(torch.autograd.Function):
             u_int = gq.gradient_codes(u)
             su = gq.scale.clone()
             ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b)
-            grad_a = ga.acc.to(g.dtype) * (su if fold else su * sb) if need_a else None
+            grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
             if need_b:
                 b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
-                grad_b = gb.acc.to(g.dtype) * b_scale
+                grad_b = gb.acc.to(g.dtype).mul_(b_scale)
             else:
                 grad_b = None
         else:
