@@ -432,28 +432,27 @@ def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile
 def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
-    """G_X = G_Y·Wᵀ of conv2d: the conv2d of G_Y with stride-1 zeros inserted between its rows and
-    columns, padded by dilation·(k−1) − padding (plus what the forward dropped at the end), with
-    the spatially flipped, in/out-transposed kernel. Its reduction runs over (c_out/groups, ky', kx')
-    of the flipped kernel (padding contributes 0) and is tiled like any conv. With stride > 1 the
-    inserted zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad)."""
+    """G_X = G_Y·Wᵀ of conv2d, for stride 1: the conv2d of G_Y padded by dilation·(k−1) − padding on
+    each side with the spatially flipped, in/out-transposed kernel. Its reduction runs over
+    (c_out/groups, ky', kx') of the flipped kernel (padding contributes 0) and is tiled like any conv.
+    With stride > 1 (G_Y with stride − 1 zeros inserted between its rows and columns) the inserted
+    zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad)."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    H, W = input_hw
     if (sh, sw) != (1, 1):
         return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
                                    overflow=overflow, absmax=absmax, exact=exact)
-    lh, lw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    eh = H - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
-    ew = W - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
-    g = F.pad(g, (lw, lw + ew, lh, lh + eh))
+    lh, lw = dh * (kh - 1) - ph, dw * (kw - 1) - pw       # stride 1: the same padding after as before
+    if lh < 0 or lw < 0:                                   # padding wider than the kernel: crop instead
+        ch, cw = max(0, -lh), max(0, -lw)
+        g, lh, lw = g[:, :, ch:Ho - ch, cw:Wo - cw], max(0, lh), max(0, lw)
     og = O // groups
     # the flipped, in/out-transposed kernel, laid out (groups, og, ky', kx', cin_g): a small transpose per
     # output channel; with one group its (cin_g, og·kh·kw) weight matrix is a view (no large transpose)
     wt = w.reshape(groups, og, cin_g, kh, kw).permute(0, 1, 3, 4, 2).flip(2, 3).contiguous()
     wt = wt.permute(0, 4, 1, 2, 3).reshape(groups * cin_g, og, kh, kw)
-    return tiled_conv2d(g, wt, None, 1, 0, (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
+    return tiled_conv2d(g, wt, None, 1, (lh, lw), (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
                         absmax=absmax, exact=exact)
 
 
