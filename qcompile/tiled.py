@@ -169,14 +169,13 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
             exact = exact.add_(s) if exact is not None else s if start is None else s.add_(start)
         if not saturate:
             continue
-        if acc is None:
+        first = acc is None
+        if first:
             acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
+            overflowed = torch.empty(ps.shape[1:], dtype=torch.bool, device=ps.device)
             if start is not None:
                 acc.copy_(start)
-            else:
-                acc.zero_()
-            overflowed = torch.zeros(ps.shape[1:], dtype=torch.bool, device=ps.device)
-        events += _clamp_scan(ps, acc, lo, hi, overflowed)
+        events += _clamp_scan(ps, acc, lo, hi, overflowed, from_zero=first and start is None, first=first)
     if saturate:
         return AccResult(acc, exact, overflowed, torch.tensor(events, dtype=torch.int64, device=acc.device))
     if acc_bits is None:
@@ -187,18 +186,24 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
     return AccResult(acc, exact, hit, hit.sum())
 
 
-def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor) -> int:
-    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape, contiguous): for each
-    tile in order acc = clamp(acc + p_t, lo, hi); sets `overflowed` (bool, like acc) where an update
-    clamped and returns the number of such events. ps may be overwritten. On the CPU the C kernel
-    csrc/clamp_scan.c does it in one pass over ps; elsewhere (or without a C compiler) torch ops."""
+def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor,
+                from_zero: bool, first: bool) -> int:
+    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape, contiguous; from_zero:
+    uninitialized, the accumulator starts at 0): for each tile in order acc = clamp(acc + p_t, lo, hi);
+    sets `overflowed` (bool, like acc; first: uninitialized) where an update clamped and returns the
+    number of such events. ps may be overwritten. On the CPU the C kernel csrc/clamp_scan.c does it in
+    one pass over ps; elsewhere (or without a C compiler) torch ops."""
     lib = native.library("clamp_scan") if ps.device.type == "cpu" and ps.dtype in _SCAN_KERNELS else None
     if lib is None:
+        if from_zero:
+            acc.zero_()
+        if first:
+            overflowed.zero_()
         return _clamp_scan_torch(ps, acc, lo, hi, overflowed)
     fn = getattr(lib, _SCAN_KERNELS[ps.dtype][0])
     if fn.argtypes is None:
         c_t = _SCAN_KERNELS[ps.dtype][1]
-        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t]
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t] + [ctypes.c_int] * 2
         fn.restype = ctypes.c_int64
     dims, inner = _outer_inner(ps.shape[1:], ps.stride()[1:])
     (outer, outer_stride), loops = (dims[-1], dims[:-1]) if dims else ((1, 0), [])
@@ -206,9 +211,9 @@ def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowe
     events = 0
     for index in itertools.product(*(range(n) for n, _ in loops)):   # dims the kernel's layout cannot merge
         off = sum(i * st for i, (_, st) in zip(index, loops))
-        first = sum(i * math.prod(n for n, _ in loops[k + 1:]) for k, i in enumerate(index)) * outer * inner
+        at = sum(i * math.prod(n for n, _ in loops[k + 1:]) for k, i in enumerate(index)) * outer * inner
         events += fn(ps.data_ptr() + off * size, ps.shape[0], ps.stride(0), outer, outer_stride, inner,
-                     acc.data_ptr() + first * size, overflowed.data_ptr() + first, lo, hi)
+                     acc.data_ptr() + at * size, overflowed.data_ptr() + at, lo, hi, from_zero, first)
     return events
 
 

@@ -228,10 +228,15 @@ def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype,
     ps = buf.permute(*perm)
     start = torch.randint(-1000, 1000, ps.shape[1:], generator=gen).to(dtype)
     want = _scan_by_definition(ps, start, -1024, 1023)
-    acc, overflowed = start.clone(), torch.zeros(ps.shape[1:], dtype=torch.bool)
-    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed)
+    acc, overflowed = start.clone(), torch.ones(ps.shape[1:], dtype=torch.bool)    # first: overwritten
+    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=False, first=True)
     assert torch.equal(acc.to(torch.int64), want[0])
     assert torch.equal(overflowed, want[1]) and events == want[2] and events > 0
+    acc, before = torch.full(ps.shape[1:], float("nan"), dtype=dtype), overflowed.clone()   # from_zero: not read
+    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=True, first=False)
+    want = _scan_by_definition(ps, torch.zeros_like(start), -1024, 1023)
+    assert torch.equal(acc.to(torch.int64), want[0]) and events == want[2]
+    assert torch.equal(overflowed, before | want[1])                                 # not first: flags kept
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])

@@ -5,7 +5,9 @@
  *                                           t < tiles, i < outer, j < inner
  *   acc[i*inner + j]                        the accumulator, updated in place:
  *                                           acc <- clamp(acc + p_t, lo, hi) for t = 0, 1, ...
- *   overflowed[i*inner + j]                 set to 1 when an update clamped (an event)
+ *                                           (from_zero: acc is not read, it starts at 0)
+ *   overflowed[i*inner + j]                 set to 1 when an update clamped (an event), else
+ *                                           left as it is (first: set to 0, it is not read)
  *
  * Returns the number of events. Exact whenever acc + p_t is exact in the element type (the
  * caller's plan guarantees it: below 2^24 in float, 2^53 in double). One pass over the partial
@@ -17,7 +19,7 @@
 
 #define QC_DEFINE_CLAMP_SCAN(name, T)                                                           \
 int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int64_t outer_stride, \
-             int64_t inner, T *acc, uint8_t *overflowed, T lo, T hi)                            \
+             int64_t inner, T *acc, uint8_t *overflowed, T lo, T hi, int from_zero, int first)  \
 {                                                                                               \
     int64_t events = 0;                                                                         \
     for (int64_t i = 0; i < outer; ++i)                                                         \
@@ -28,7 +30,7 @@ int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int6
             T block[QC_SCAN_BLOCK];                                                             \
             int32_t hits[QC_SCAN_BLOCK];                                                        \
             for (int64_t j = 0; j < m; ++j) {                                                   \
-                block[j] = a[j];                                                                \
+                block[j] = from_zero ? (T)0 : a[j];                                             \
                 hits[j] = 0;                                                                    \
             }                                                                                   \
             for (int64_t t = 0; t < tiles; ++t) {                                               \
@@ -42,7 +44,7 @@ int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int6
             }                                                                                   \
             for (int64_t j = 0; j < m; ++j) {                                                   \
                 a[j] = block[j];                                                                \
-                o[j] |= hits[j] != 0;                                                           \
+                o[j] = (uint8_t)((first ? 0 : o[j]) | (hits[j] != 0));                         \
                 events += hits[j];                                                              \
             }                                                                                   \
         }                                                                                       \
