@@ -133,7 +133,7 @@ def conv_case(draw):
 @SETTINGS
 @given(conv_case(), TILES, MODES, st.sampled_from([torch.int64, torch.float32]), st.booleans())
 def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype, exact):
-    """exact=False lets 8-bit operands run int8 tile GEMMs (x shifted into int8, rows corrected)."""
+    """exact=False is the training op's path (no exact sum kept); per-output overflow flags checked too."""
     x, w, b, stride, pad, dil, groups = case
     acc_bits, overflow = mode
     res = tiled_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), stride, pad, dil, groups,
