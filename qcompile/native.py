@@ -6,7 +6,8 @@ flags, so a changed source or another machine gets its own build; the build writ
 file and renames it, so concurrent processes never load a half-written library. When no compiler
 is found or the build fails, `library` returns None once with a warning, and callers use their
 torch implementation; QCOMPILE_NATIVE=0 asks for that explicitly. ctypes releases the GIL
-during a call.
+during a call. Kernels are built with -fopenmp: they link libgomp.so.1, which resolves to the
+copy torch has already loaded, so their parallel loops share torch's threads.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import warnings
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"]
+CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}

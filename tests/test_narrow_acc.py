@@ -205,6 +205,15 @@ def _scan_by_definition(ps, start, lo, hi):
     return acc, hits > 0, int(hits.sum())
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and the scan kernel's OpenMP blocks, on torch's pool) on two threads for one test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 SCAN_LAYOUTS = [  # (buffer shape, permutation giving (tiles, *tile shape)): the layouts the tiled ops produce
     ((7, 5, 300), (0, 1, 2)),                   # matmul: tiles outermost
     ((3, 7, 4, 50), (1, 0, 2, 3)),              # conv / G_W / phases: (groups, tiles, rows, cols)
@@ -214,9 +223,9 @@ SCAN_LAYOUTS = [  # (buffer shape, permutation giving (tiles, *tile shape)): the
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])
-@pytest.mark.parametrize("layout", SCAN_LAYOUTS)
+@pytest.mark.parametrize("layout", SCAN_LAYOUTS + [((4, 3, 100_000), (0, 1, 2))])   # the last: >= 2^20, threaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, monkeypatch):
+def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, monkeypatch, two_threads):
     from qcompile import tiled
     if kernel == "torch":
         monkeypatch.setenv("QCOMPILE_NATIVE", "0")

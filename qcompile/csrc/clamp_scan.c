@@ -11,7 +11,9 @@
  *
  * Returns the number of events. Exact whenever acc + p_t is exact in the element type (the
  * caller's plan guarantees it: below 2^24 in float, 2^53 in double). One pass over the partial
- * sums: a block of accumulators stays in registers / L1 while every tile is added to it.
+ * sums: a block of accumulators stays in registers / L1 while every tile is added to it. Calls
+ * with at least 2^20 partial sums run their blocks on the OpenMP threads (torch's own pool: the
+ * library links libgomp.so.1, which torch has already loaded, so torch.set_num_threads applies).
  */
 #include <stdint.h>
 
@@ -22,6 +24,7 @@ int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int6
              int64_t inner, T *acc, uint8_t *overflowed, T lo, T hi, int from_zero, int first)  \
 {                                                                                               \
     int64_t events = 0;                                                                         \
+    _Pragma("omp parallel for collapse(2) schedule(static) reduction(+:events) if(tiles * outer * inner >= 1048576)") \
     for (int64_t i = 0; i < outer; ++i)                                                         \
         for (int64_t j0 = 0; j0 < inner; j0 += QC_SCAN_BLOCK) {                                 \
             const int64_t m = inner - j0 < QC_SCAN_BLOCK ? inner - j0 : QC_SCAN_BLOCK;          \
