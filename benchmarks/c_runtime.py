@@ -31,10 +31,10 @@ import torch
 
 import qcompile
 from qcompile.models import get
-from qcompile.onnx_export import export_onnx, onnxruntime_session
-from qcompile.runtime import reference
-from qcompile.runtime.build import bench, build, run
-from qcompile.runtime.codegen import emit_c
+from qcompile.backends.onnx import onnxruntime_session
+from qcompile.backends import reference
+from qcompile.backends.c.build import bench, build, run
+from qcompile.backends.c.codegen import emit
 
 VARIANTS = {
     "exact": {},
@@ -83,7 +83,7 @@ def main() -> None:
                 qm, x = lowered(size, **VARIANTS[label])
                 graph = qcompile.lower(qm)
                 out = Path(tmp) / f"r{size}_{label.replace(' ', '_')}"
-                module = emit_c(graph, out, name="resnet18")
+                module = emit(graph, out, name="resnet18")
                 t0 = time.perf_counter()
                 exe = build(out, opt=args.opt)
                 build_s = time.perf_counter() - t0
@@ -98,7 +98,7 @@ def main() -> None:
                     onnx_path = Path(tmp) / f"r{size}.onnx"
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        export_onnx(qm, onnx_path, "qop")
+                        qcompile.export_onnx(graph, onnx_path, "qop")
                     ort_x = x[:1].numpy()
             size_rows = rows[-len(prepared):]
             ort_s = float("inf")

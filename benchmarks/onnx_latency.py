@@ -21,7 +21,7 @@ import torch
 
 import qcompile
 from qcompile.models import get
-from qcompile.onnx_export import onnxruntime_session
+from qcompile.backends.onnx import onnxruntime_session
 
 
 def latencies_ms(paths: list, x: np.ndarray, runs: int) -> list[float]:

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lowering_models import trained  # noqa: E402
 
 from qcompile.models import get  # noqa: E402
-from qcompile.onnx_export import parity  # noqa: E402
-from qcompile.passes.lower import lower  # noqa: E402
-from qcompile.runtime import reference as ref  # noqa: E402
+from qcompile.backends.parity import onnx_per_op as parity  # noqa: E402
+from qcompile.ir.lower import lower  # noqa: E402
+from qcompile.backends import reference as ref  # noqa: E402
 
 MODELS = {
     "models:lenet5": (1, 28), "models:lenet5_bn": (1, 28), "models:resnet20": (3, 32),

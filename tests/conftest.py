@@ -27,5 +27,5 @@ def small_net():
 
 @pytest.fixture(scope="session")
 def mnist():
-    from qcompile.data import mnist_5k
+    from qcompile.tools.data import mnist_5k
     return mnist_5k()

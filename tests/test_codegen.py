@@ -18,10 +18,11 @@ import torch
 import qcompile
 from qcompile import ir
 from qcompile.errors import QCompileError, UnsupportedOpError
-from qcompile.runtime import memory_plan, reference
-from qcompile.runtime.build import build, run
-from qcompile.runtime.codegen import TEMPLATES, c_identifier, emit_c, generate
-from qcompile.runtime.integer_math import quantize_multiplier, requantize
+from qcompile.backends import reference
+from qcompile.backends.c import memory_plan
+from qcompile.backends.c.build import build, run
+from qcompile.backends.c.codegen import TEMPLATES, c_identifier, emit, generate
+from qcompile.core.requant import quantize_multiplier, requantize
 
 from lowering_models import OpZoo, trained
 
@@ -36,7 +37,7 @@ def check_bit_exact(graph: ir.Graph, out_dir, n: int = 3, seed: int = 0, opt: st
                     sanitize: bool = False):
     """Emit, build and run `graph` on n random input samples; assert every output byte equals the reference."""
     rng = np.random.default_rng(seed)
-    module = emit_c(graph, out_dir, name="net")
+    module = emit(graph, out_dir, name="net")
     exe = build(out_dir, opt=opt, sanitize=sanitize)
     if codes is None:
         codes = [random_codes(graph.tensor(name), n, rng) for name in graph.inputs]
@@ -306,7 +307,7 @@ def test_every_op_kind_bit_exact_and_arena_shared(tmp_path):
 
 
 def test_generated_code_is_pure_integer_c99(tmp_path):
-    emit_c(op_zoo_graph(), tmp_path, name="net")
+    emit(op_zoo_graph(), tmp_path, name="net")
     for f in ("net.c", "net.h"):
         text = (tmp_path / f).read_text()
         code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)                  # comments may print scales
@@ -354,7 +355,7 @@ def test_unsupported_op_kind_is_a_clear_error(tmp_path):
     graph = op_zoo_graph()
     graph.ops[3].kind = "softmax"
     with pytest.raises(UnsupportedOpError, match=r"'softmax'.*'rq'.*supported kinds"):
-        emit_c(graph, tmp_path)
+        emit(graph, tmp_path)
 
 
 def test_uncalibrated_or_training_graph_is_a_clear_error(tmp_path):
@@ -364,9 +365,9 @@ def test_uncalibrated_or_training_graph_is_a_clear_error(tmp_path):
         warnings.simplefilter("ignore")        # OpZoo reads a shape: one op stays in float
         qm = qcompile.compile(model, (torch.randn(2, 3, 16, 16),))
     with pytest.raises(QCompileError, match="training mode"):
-        emit_c(qm.train(), tmp_path)
+        qcompile.emit_c(qm.train(), tmp_path)
     with pytest.raises(QCompileError, match="calibrat"):
-        emit_c(qm.eval(), tmp_path)
+        qcompile.emit_c(qm.eval(), tmp_path)
     assert not (tmp_path / "model.c").exists()
 
 
@@ -410,7 +411,7 @@ def test_lowered_op_zoo_bit_exact(zoo_models, mode, tmp_path):
 
 def test_lenet_mnist_bit_exact(mnist, tmp_path):
     from qcompile.models import get
-    from qcompile.train import train_classifier
+    from qcompile.tools.training import train_classifier
     torch.manual_seed(0)
     qm = qcompile.compile(get("models:lenet5"), (mnist.x_train[:2],), grad_bits=8, seed=0)
     qm.calibrate([mnist.x_train[:256]])
@@ -450,7 +451,7 @@ def test_torchvision_models_bit_exact(name, size, acc, tmp_path):
 
 
 def test_cli_emit_c(tmp_path, capsys):
-    from qcompile.cli import main
+    from qcompile.tools.cli import main
     out = tmp_path / "c"
     assert main(["emit-c", "models:lenet5", "--input-shape", "2,1,28,28", "--out", str(out), "--name", "lenet",
                  "--build", f"--opt={TEST_OPT}"]) == 0

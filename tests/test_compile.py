@@ -10,7 +10,7 @@ from torch import nn
 
 import qcompile
 from qcompile import QConfig
-from qcompile.quantizers import Quantizer
+from qcompile.train.quantizers import Quantizer
 
 
 def quantizer_nodes(qm, kind):

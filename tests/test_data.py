@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qcompile.data import image_folder
+from qcompile.tools.data import image_folder
 
 
 def test_mnist_5k_is_a_stratified_reproducible_split(mnist):

@@ -1,5 +1,5 @@
 """The paper's claim on the embedded default: W8A8G8 in-hindsight within 1 point of FP32."""
-from qcompile.demo import train_pair
+from qcompile.tools.demo import train_pair
 
 
 def test_w8a8g8_hindsight_within_one_point_of_fp32():
@@ -13,7 +13,7 @@ def test_16_bit_accumulator_with_barrier_within_one_point_of_exact(mnist):
     saturating, docs/narrow_accumulators.md), as `make demo` runs them: with the log barrier the run
     is within 1 point of the exact-accumulator run and has >= 10x fewer overflow events on the
     held-out digits than without it."""
-    from qcompile.experiments.narrow_acc_sweep import W8A8_BARRIER, demo_run, initial_state, run_config, train_run
+    from qcompile.tools.experiments.narrow_acc_sweep import W8A8_BARRIER, demo_run, initial_state, run_config, train_run
 
     with_barrier = demo_run(mnist)
     off = run_config(8, 0, W8A8_BARRIER, acc_bits=16, tile=64)

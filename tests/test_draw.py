@@ -17,10 +17,10 @@ import torch
 from torch import fx, nn
 
 import qcompile
-from qcompile import cli
-from qcompile.compiler import PIPELINE
-from qcompile.draw import CATEGORIES, diff_graphs, graph_to_nx, layered_layout, repeated_blocks
-from qcompile.model_spec import load_model, parse_shape
+from qcompile.tools import cli
+from qcompile.passes.pipeline import PIPELINE
+from qcompile.tools.draw import CATEGORIES, diff_graphs, graph_to_nx, layered_layout, repeated_blocks
+from qcompile.tools.model_spec import load_model, parse_shape
 from qcompile.models import get
 
 CHROMIUM = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium") or None
@@ -368,7 +368,7 @@ def test_model_specs(tmp_path):
 
 
 def test_narrow_acc_diagram_shows_accumulator_width_tile_and_overflow_counts(tmp_path):
-    from qcompile.analysis import memory_traffic
+    from qcompile.tools.analysis import memory_traffic
     assert "narrow_acc" in [name for name, _ in PIPELINE]
     torch.manual_seed(0)
     qm = _compile(get("models:lenet5"), (2, 1, 28, 28), grad_bits=8, acc_bits=12, tile=16)

@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import qcompile
-from qcompile.bn_rectification import (BNRectificationLoss, add_bn_rectification, noise_amplification, tap_coverage,
+from qcompile.train.bn_rectification import (BNRectificationLoss, add_bn_rectification, noise_amplification, tap_coverage,
                                        weight_gradient_error)
-from qcompile.fused_bn import BatchNormFold, bn_affine, fold_weight
-from qcompile.quantizers import Quantizer
+from qcompile.train.fused_bn import BatchNormFold, bn_affine, fold_weight
+from qcompile.train.quantizers import Quantizer
 
 
 class ConvBNNet(nn.Module):
@@ -247,7 +247,7 @@ def test_gain_is_invariant_to_rescaling_w_and_matches_white_noise_amplification(
     qm.train()
     block = qm.get_submodule("3")
     node = _fused_calls(qm)[0]
-    from qcompile.bn_rectification import _Recorder
+    from qcompile.train.bn_rectification import _Recorder
     with qm.quantization_disabled():
         rec = _Recorder(qm, [node, node.args[1]])
         rec.run(x.requires_grad_())
@@ -321,9 +321,9 @@ def test_noise_amplification_measures_without_side_effects(mnist):
 
 def test_lowered_graph_has_no_batchnorm_and_matches_eval(mnist):
     import numpy as np
-    from qcompile.passes.lower import lower
-    from qcompile.runtime import reference as ref
-    from qcompile.train import train_classifier
+    from qcompile.ir.lower import lower
+    from qcompile.backends import reference as ref
+    from qcompile.tools.training import train_classifier
     torch.manual_seed(0)
     qm = qcompile.compile(qcompile.models.get("models:lenet5_bn"), mnist.x_train[:2], grad_bits=8, seed=0)
     qm.calibrate([mnist.x_train[:256]])

@@ -10,9 +10,9 @@ from torch import nn
 import qcompile
 from qcompile.errors import CalibrationError, UnsupportedOpError
 from qcompile.models import get
-from qcompile.passes.lower import LoweringError, lower
-from qcompile.runtime import reference as ref
-from qcompile.runtime.integer_math import requantize
+from qcompile.ir.lower import LoweringError, lower
+from qcompile.backends import reference as ref
+from qcompile.core.requant import requantize
 
 from lowering_models import OpZoo, trained
 
@@ -32,7 +32,7 @@ def zoo():
 def test_lenet_reference_matches_eval_within_one_step(mnist):
     """Each op agrees with the float eval graph up to rounding near ties; a flipped code can grow to
     two steps a few layers on, so the bound is on the share of outputs within one step."""
-    from qcompile.train import train_classifier
+    from qcompile.tools.training import train_classifier
     torch.manual_seed(0)
     qm = qcompile.compile(get("models:lenet5"), (mnist.x_train[:2],), grad_bits=8, seed=0)
     qm.calibrate([mnist.x_train[:256]])

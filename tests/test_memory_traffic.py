@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile import cli
-from qcompile.analysis import memory_traffic
+from qcompile.tools import cli
+from qcompile.tools.analysis import memory_traffic
 from qcompile.models import get
 
 KB = 1024

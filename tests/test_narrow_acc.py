@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qcompile
-from qcompile.analysis import accumulator_bounds
+from qcompile.tools.analysis import accumulator_bounds
 from qcompile.errors import UnsupportedOpError
-from qcompile.tiled import (NarrowAccOp, acc_range, min_acc_bits, tiled_conv2d, tiled_conv2d_input_grad,
+from qcompile.train.tiled import (NarrowAccOp, acc_range, min_acc_bits, tiled_conv2d, tiled_conv2d_input_grad,
                             tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
 
 torch.set_num_threads(1)
@@ -226,7 +226,7 @@ SCAN_LAYOUTS = [  # (buffer shape, permutation giving (tiles, *tile shape)): the
 @pytest.mark.parametrize("layout", SCAN_LAYOUTS + [((4, 3, 100_000), (0, 1, 2))])   # the last: >= 2^20, threaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, monkeypatch, two_threads):
-    from qcompile import tiled
+    from qcompile.train import tiled
     if kernel == "torch":
         monkeypatch.setenv("QCOMPILE_NATIVE", "0")
     elif tiled.native.library("clamp_scan") is None:
@@ -250,7 +250,7 @@ def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype,
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 def test_run_tiles_over_several_chunks_marks_each_overflowed_output(kernel, monkeypatch):
-    from qcompile import tiled
+    from qcompile.train import tiled
     if kernel == "torch":
         monkeypatch.setenv("QCOMPILE_NATIVE", "0")
     monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 64)        # 3 tiles per chunk below
@@ -266,7 +266,7 @@ def test_run_tiles_over_several_chunks_marks_each_overflowed_output(kernel, monk
 
 
 def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
-    from qcompile import native
+    from qcompile.train import native
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_loaded", {})

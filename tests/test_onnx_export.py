@@ -10,9 +10,10 @@ import torch
 
 import qcompile
 from qcompile.models import get
-from qcompile.onnx_export import ExportError, onnxruntime_session, parity, to_onnx
-from qcompile.passes.lower import lower
-from qcompile.runtime import reference as ref
+from qcompile.backends.onnx import ExportError, onnxruntime_session, to_onnx
+from qcompile.backends.parity import onnx_per_op as parity
+from qcompile.ir.lower import lower
+from qcompile.backends import reference as ref
 
 from lowering_models import OpZoo, trained
 

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.quantizers import fake_quant, qparams, qrange, quantize_codes, stochastic_fake_quant
+from qcompile.train.quantizers import fake_quant, qparams, qrange, quantize_codes, stochastic_fake_quant
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,652 @@
+"""C code generation: integer IR → pure-integer C99 sources (jinja2 templates in `templates/`).
+
+`emit(graph, out_dir, name)` writes
+  <name>.h     the entry point `int <name>_run(const in_t *input, out_t *output, uint8_t *arena)`
+               and sizes as macros (<NAME>_ARENA_BYTES, <NAME>_INPUT0_SIZE, ...)
+  <name>.c     one static function per op, weights / bias / requantization parameters as
+               static const arrays, and `<name>_run` calling the ops in order
+  main.c       a harness: raw input files in, raw output files out (see its header)
+  Makefile     gcc -std=c99 -Wall -Wextra -Werror -pedantic
+  <name>.json  the tensors at the boundary (shape, dtype, scale, zero point) and the sizes
+
+Invariants of the generated code: it computes exactly what `backends.reference` computes
+(the IR semantics in `qcompile.ir`), every output byte; it contains no float, no math.h
+and no allocation; every intermediate lives in the caller's arena at an offset chosen by
+`memory_plan` (reshape outputs alias their input). Accumulator lane widths are chosen from
+static bounds on the integer weights and input ranges, so no lane can overflow except
+where the IR asks for wrap-around, which is done in unsigned arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from qcompile import ir
+from qcompile.errors import QCompileError, UnsupportedOpError
+
+from qcompile.backends.c import memory_plan
+
+TEMPLATES = Path(__file__).parent / "templates"
+PIXEL_BLOCK = 8          # output pixels (rows for linear) sharing each weight load; remainders in 4, 2, 1
+
+
+def _blocks(pixels: int) -> list[int]:
+    """The pixel-block sizes the kernels' loop meets over `pixels` outputs: blocks of 8 while at least
+    8 remain, then 4, 2, 1 (the C loop picks q the same way)."""
+    seen, p = set(), 0
+    while p < pixels:
+        rem = pixels - p
+        q = PIXEL_BLOCK if rem >= PIXEL_BLOCK else (4 if rem >= 4 else (2 if rem >= 2 else 1))
+        seen.add(q)
+        p += q
+    return sorted(seen, reverse=True)
+
+
+SUPPORTED = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
+             "lut", "reshape", "transpose", "slice")
+C_KEYWORDS = {"auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
+              "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
+              "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch",
+              "typedef", "union", "unsigned", "void", "volatile", "while", "main"}
+
+_env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined,
+                   keep_trailing_newline=True)
+
+
+@dataclass
+class CModule:
+    """What `emit` wrote: file paths, boundary tensors and the memory figures (bytes)."""
+    out_dir: Path
+    name: str
+    inputs: list[ir.Tensor]
+    outputs: list[ir.Tensor]
+    arena_bytes: int
+    naive_bytes: int
+    activation_bytes: int
+    weight_bytes: int
+    macs: int
+    files: list[Path] = field(default_factory=list)
+
+    def build(self, **kwargs) -> Path:
+        from qcompile.backends.c.build import build
+        return build(self.out_dir, **kwargs)
+
+    def run(self, *inputs: np.ndarray, exe: Path | None = None) -> list[np.ndarray]:
+        from qcompile.backends.c.build import run
+        return run(self.out_dir, *inputs, exe=exe)
+
+    def summary(self) -> str:
+        return (f"{self.name}: arena {self.arena_bytes} B (naive sum of buffers {self.naive_bytes} B, "
+                f"activations alone {self.activation_bytes} B), weights {self.weight_bytes} B, "
+                f"{self.macs / 1e6:.2f} M MAC/sample")
+
+
+# ---- small helpers ------------------------------------------------------------------------
+ARRAY_SUFFIXES = ("", "_w", "_wq", "_b", "_m", "_s", "_table")   # names derived from an op's identifier
+HELPERS = {"qc_floor_shift", "qc_from_u64", "qc_requantize", "qc_clamp", "qc_saturate", "qc_wrap"}
+
+
+def c_identifier(text: str, taken: set[str], prefix: str) -> str:
+    """`prefix_<text>` with every non-identifier character replaced by '_', such that neither it
+    nor its derived array names (`_w`, `_b`, ...) collide with anything in `taken` (updated)."""
+    body = re.sub(r"[^0-9A-Za-z_]", "_", text).strip("_") or "op"
+    ident = f"{prefix}_{body}"
+    base, n = ident, 2
+    while any(ident + sfx in taken or ident + sfx in C_KEYWORDS or ident + sfx in HELPERS
+              for sfx in ARRAY_SUFFIXES):
+        ident, n = f"{base}_{n}", n + 1
+    taken.update(ident + sfx for sfx in ARRAY_SUFFIXES)
+    return ident
+
+
+def ctype(t: ir.Tensor) -> str:
+    """Storage type of a tensor: (u)int8 up to 8 bits, (u)int16 up to 16, (u)int32 up to 32."""
+    for width in (8, 16, 32):
+        if t.bits <= width:
+            return f"{'' if t.signed else 'u'}int{width}_t"
+    raise UnsupportedOpError(f"tensor {t.name!r}: {t.bits}-bit storage is not supported by the C backend (max 32)")
+
+
+NUMPY_DTYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "uint16_t": np.uint16,
+                "int32_t": np.int32, "uint32_t": np.uint32}
+
+
+def _int_type(lo: int, hi: int) -> str:
+    for width in (8, 16, 32, 64):
+        if -(1 << (width - 1)) <= lo and hi < (1 << (width - 1)):
+            return f"int{width}_t"
+    raise QCompileError(f"integer values in [{lo}, {hi}] do not fit 64 bits")
+
+
+def _c_array(values: np.ndarray) -> str:
+    """Comma-separated C literals, 24 per line (the most negative int64 spelled without overflow)."""
+    flat = np.asarray(values).astype(np.int64).ravel().tolist()
+    text = [str(v) if v != -(1 << 63) else "(-9223372036854775807 - 1)" for v in flat]
+    return ",\n    ".join(", ".join(text[i:i + 24]) for i in range(0, len(text), 24))
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    v = tuple(int(x) for x in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def _per_channel(v, n: int, what: str, op: ir.Op) -> np.ndarray:
+    a = np.asarray(v, dtype=np.int64).ravel()
+    if a.size == 1:
+        a = np.repeat(a, n)
+    if a.size != n:
+        raise QCompileError(f"op {op.name!r} ({op.kind}): {what} has {a.size} entries, expected 1 or {n}")
+    return a
+
+
+def _scalar(v, what: str, op: ir.Op) -> int:
+    a = np.asarray(v, dtype=np.int64).ravel()
+    if a.size != 1:
+        raise UnsupportedOpError(f"op {op.name!r} ({op.kind}): the C backend needs a single {what}, got {a.size} "
+                                 f"values")
+    return int(a[0])
+
+
+def _check_shift(s: np.ndarray | int, op: ir.Op) -> None:
+    s = np.asarray(s)
+    if s.size and (s.min() < -31 or s.max() > 62):
+        raise QCompileError(f"op {op.name!r} ({op.kind}): requantization shift outside [-31, 62]: "
+                            f"{int(s.min())}..{int(s.max())}")
+
+
+def _broadcast_strides(in_shape, out_shape) -> list[int]:
+    """Element strides of `in_shape` read at each index of `out_shape` (numpy broadcasting)."""
+    in_shape = (1,) * (len(out_shape) - len(in_shape)) + tuple(in_shape)
+    strides, acc = [], 1
+    for d in reversed(in_shape):
+        strides.append(acc)
+        acc *= d
+    strides = strides[::-1]
+    return [0 if d == 1 and o != 1 else s for d, o, s in zip(in_shape, out_shape, strides)]
+
+
+def _act_range(op: ir.Op, y: ir.Tensor) -> tuple[int, int]:
+    return int(op.attrs.get("act_min", y.qmin)), int(op.attrs.get("act_max", y.qmax))
+
+
+# ---- per-op layer descriptions ------------------------------------------------------------
+class _Layer(dict):
+    """Template context of one op; attribute access for the templates."""
+    __getattr__ = dict.__getitem__
+
+
+def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[str, Any]:
+    """Lane and accumulator types for the reduction of `w` (O, K) against x − zx.
+
+    exact: lanes hold |bias| + Σ|w|·max|x − zx|; wrap: unsigned lanes of the accumulator
+    width (modular, tiles irrelevant); saturate: lanes hold one tile's Σ|w|·max|x − zx|.
+    """
+    a = op.attrs
+    out_ch, K = w.shape
+    maxx = max(abs(x.qmin - x.zero_point), abs(x.qmax - x.zero_point))
+    wabs = np.abs(w.astype(np.int64))
+    acc_bits = a.get("acc_bits")
+    overflow = a.get("overflow", "saturate") or "saturate"
+    tile = a.get("tile")
+    if acc_bits is None:
+        mode = "exact"
+        tile = K
+    elif overflow == "wrap":
+        mode = "wrap"
+    elif overflow == "saturate":
+        mode = "saturate"
+    else:
+        raise UnsupportedOpError(f"op {op.name!r} ({op.kind}): overflow={overflow!r}; expected 'saturate' or 'wrap'")
+    if acc_bits is not None and not 2 <= int(acc_bits) <= 64:
+        raise QCompileError(f"op {op.name!r} ({op.kind}): acc_bits={acc_bits} outside 2..64")
+    tile = K if tile is None or int(tile) >= K else int(tile)
+    if tile < 1:
+        raise QCompileError(f"op {op.name!r} ({op.kind}): tile={tile} must be positive")
+    ntiles = -(-K // tile)
+    padded = np.zeros((out_ch, ntiles * tile), np.int64)
+    padded[:, :K] = wabs
+    tile_bound = int(padded.reshape(out_ch, ntiles, tile).sum(-1).max(initial=0)) * maxx
+    total_bound = int(wabs.sum(1).max(initial=0)) * maxx + int(np.abs(bias).max(initial=0))
+    if mode != "exact" and total_bound < 2 ** (int(acc_bits) - 1):
+        # no prefix sum of any input can leave the accumulator's range: it computes exactly
+        mode, tile = "exact", K
+    if mode == "wrap" and total_bound < 2 ** 31:
+        # modular: the exact sum in int32 lanes (no lane can overflow), wrapped once at the end.
+        # Measured faster than 16-bit lanes even for acc_bits <= 16 (pmaddwd / VNNI dot products
+        # do 16 multiply-adds per instruction into int32; 16-bit lanes need a multiply and an add).
+        bits = int(acc_bits)
+        lane, lane_op, dacc = "int32_t", "int32_t", "int32_t" if bits <= 32 else "int64_t"
+        desc = f"{bits}-bit, wrap-around, as an exact int32 sum wrapped once (wrap is modular)"
+    elif mode == "wrap":
+        bits = int(acc_bits)
+        lane = "uint16_t" if bits <= 16 else ("uint32_t" if bits <= 32 else "uint64_t")
+        lane_op = "unsigned int" if lane == "uint16_t" else lane
+        dacc = "int32_t" if bits <= 32 else "int64_t"
+        desc = f"{bits}-bit, wrap-around in {lane} lanes (modular: tiles do not matter)"
+    elif mode == "saturate":
+        bits = int(acc_bits)
+        lane = "int16_t" if tile_bound < 2 ** 15 else ("int32_t" if tile_bound < 2 ** 31 else "int64_t")
+        lane_op = lane
+        dacc = "int32_t" if bits <= 32 else "int64_t"
+        desc = f"{bits}-bit, saturating after each tile of {tile} products"
+    else:
+        bits = 64
+        lane = "int32_t" if total_bound < 2 ** 31 else "int64_t"
+        lane_op = lane
+        dacc = lane
+        desc = "exact" if acc_bits is None else (f"{acc_bits}-bit {overflow}, statically never overflows "
+                                                 f"(|bias| + Σ|w|·max|x − zx| < 2^{int(acc_bits) - 1}): exact")
+    if maxx >= 2 ** 31:
+        raise UnsupportedOpError(f"op {op.name!r}: input range too wide for the C backend")
+    col_t = "int16_t" if maxx < 2 ** 15 else "int32_t"
+    return dict(mode=mode, acc_bits=bits, tile=tile, tiles=[(t, min(t + tile, K)) for t in range(0, K, tile)],
+                lane_t=lane, lane_op_t=lane_op, dacc_t=dacc, col_t=col_t, acc_desc=desc)
+
+
+def _requant_params(op: ir.Op, n: int) -> tuple[np.ndarray, np.ndarray]:
+    m = _per_channel(op.attrs["multiplier"], n, "multiplier", op)
+    s = _per_channel(op.attrs["shift"], n, "shift", op)
+    _check_shift(s, op)
+    return m, s
+
+
+def _packed_bytes(values: np.ndarray) -> tuple[str, int]:
+    """int8 codes packed little-endian into uint64 hex literals (gcc parses these ~5x faster than
+    one decimal literal per byte; the kernels read them back through an int8_t pointer)."""
+    b = np.asarray(values, dtype=np.int8).ravel()
+    words = np.zeros(-(-b.size // 8) * 8, np.int8)
+    words[:b.size] = b
+    words = words.view("<u8").tolist()
+    text = [f"0x{w:016x}u" for w in words]
+    return ",\n    ".join(", ".join(text[i:i + 6]) for i in range(0, len(text), 6)), len(words)
+
+
+def _weight_arrays(op: ir.Op, L: dict, w: np.ndarray, bias: np.ndarray, m, s) -> int:
+    """Fill the template's weight / bias / requantization arrays; returns their bytes."""
+    L["w_t"] = _int_type(int(w.min(initial=0)), int(w.max(initial=0)))
+    if L["w_t"] == "int8_t":
+        L["w_data"], L["w_words"] = _packed_bytes(w)
+    else:
+        L["w_data"], L["w_words"] = _c_array(w), 0
+    L["b_data"] = _c_array(bias)
+    L["m_data"], L["s_data"] = _c_array(m), _c_array(s)
+    return w.size * np.dtype(L["w_t"].replace("_t", "")).itemsize + 8 * bias.size + 4 * m.size + 4 * s.size
+
+
+class _Emitter:
+    def __init__(self, graph: ir.Graph, name: str):
+        self.g = graph
+        self.name = name
+        self.taken: set[str] = set()
+        self.functions: list[str] = []
+        self.weight_bytes = 0
+        self.macs = 0
+
+    def t(self, name: str) -> ir.Tensor:
+        try:
+            return self.g.tensors[name]
+        except KeyError:
+            raise QCompileError(f"integer graph: tensor {name!r} is used but not declared") from None
+
+    # Each `op_*` returns (template name, layer context, scratch buffer sizes in bytes).
+    def op_conv2d(self, op, sym):
+        a = op.attrs
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        w = np.asarray(a["weight"], dtype=np.int64)
+        if w.ndim != 4 or len(x.shape) != 3 or len(y.shape) != 3:
+            raise QCompileError(f"op {op.name!r} (conv2d): expected (O, I/g, kh, kw) weights and (C, H, W) tensors, "
+                                f"got weight {w.shape}, input {x.shape}, output {y.shape}")
+        O, cig, kh, kw = w.shape
+        groups = int(a.get("groups", 1))
+        (sh, sw), (ph, pw), (dh, dw) = _pair(a.get("stride", 1)), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+        C, H, W = x.shape
+        _, OH, OW = y.shape
+        if C != cig * groups or O % groups or y.shape[0] != O:
+            raise QCompileError(f"op {op.name!r} (conv2d): channels do not match: input {C}, weight {w.shape}, "
+                                f"groups {groups}, output {y.shape[0]}")
+        K = cig * kh * kw
+        bias = _per_channel(a.get("bias", 0) if a.get("bias") is not None else 0, O, "bias", op)
+        m, s = _requant_params(op, O)
+        w2 = w.reshape(O, K)
+        L = _Layer(kind="conv2d", op_name=op.name, sym=sym, ci=C, h=H, w=W, co=O, oh=OH, ow=OW, kh=kh, kw=kw,
+                   sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, groups=groups, cig=cig, cog=O // groups, K=K,
+                   P=OH * OW, pb=PIXEL_BLOCK, hp=H + 2 * ph, wp=W + 2 * pw, zx=x.zero_point, zy=y.zero_point,
+                   x_t=ctype(x), y_t=ctype(y))
+        L["lo"], L["hi"] = _act_range(op, y)
+        L.update(_accumulator(op, w2, bias, x))
+        self.weight_bytes += _weight_arrays(op, L, w2, bias, m, s)
+        self.macs += O * K * OH * OW
+        col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
+        if cig == 1 and O == groups:
+            return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
+        L["blocks"] = _blocks(OH * OW)
+        return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
+
+    def op_linear(self, op, sym):
+        a = op.attrs
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        w = np.asarray(a["weight"], dtype=np.int64)
+        O, K = w.shape
+        if x.shape[-1] != K or y.shape[-1] != O:
+            raise QCompileError(f"op {op.name!r} (linear): weight {w.shape} does not match input {x.shape} / output {y.shape}")
+        rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+        bias = _per_channel(a.get("bias") if a.get("bias") is not None else 0, O, "bias", op)
+        m, s = _requant_params(op, O)
+        L = _Layer(kind="linear", op_name=op.name, sym=sym, co=O, cog=O, K=K, P=rows, pb=PIXEL_BLOCK,
+                   zx=x.zero_point, zy=y.zero_point, x_t=ctype(x), y_t=ctype(y))
+        L["lo"], L["hi"] = _act_range(op, y)
+        L.update(_accumulator(op, w, bias, x))
+        self.weight_bytes += _weight_arrays(op, L, w, bias, m, s)
+        self.macs += O * K * rows
+        L["blocks"] = _blocks(rows)
+        return "linear.c.j2", L, [L["blocks"][0] * K * np.dtype(L["col_t"].replace("_t", "")).itemsize]
+
+    def op_matmul(self, op, sym):
+        a_t, b_t, y = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.output)
+        if len(a_t.shape) < 2 or len(b_t.shape) < 2 or a_t.shape[-1] != b_t.shape[-2]:
+            raise QCompileError(f"op {op.name!r} (matmul): shapes {a_t.shape} @ {b_t.shape} do not multiply")
+        M, K, N = a_t.shape[-2], a_t.shape[-1], b_t.shape[-1]
+        batch = int(np.prod(a_t.shape[:-2], dtype=np.int64))
+        b_batch = int(np.prod(b_t.shape[:-2], dtype=np.int64))
+        if b_batch not in (1, batch) or tuple(y.shape) != tuple(a_t.shape[:-2]) + (M, N):
+            raise UnsupportedOpError(f"op {op.name!r} (matmul): {a_t.shape} @ {b_t.shape} -> {y.shape}: only equal "
+                                     f"leading dimensions (or a 2-D right operand) are supported")
+        maxb = max(abs(b_t.qmin - b_t.zero_point), abs(b_t.qmax - b_t.zero_point))
+        L = _Layer(kind="matmul", op_name=op.name, sym=sym, batch=batch, m_rows=M, co=N, cog=N, K=K,
+                   b_stride=0 if b_batch == 1 else K * N, za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
+                   a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y), w_base="bt", bias_expr="0",
+                   mult=_scalar(op.attrs["multiplier"], "multiplier", op), shift=_scalar(op.attrs["shift"], "shift", op))
+        _check_shift(L["shift"], op)
+        L["lo"], L["hi"] = _act_range(op, y)
+        L.update(_accumulator(op, np.full((1, K), maxb, np.int64), np.zeros(1, np.int64), a_t))
+        if maxb >= 2 ** 15:
+            L["col_t"] = "int32_t"
+        L["w_t"] = L["col_t"]
+        self.macs += batch * M * N * K
+        size = np.dtype(L["col_t"].replace("_t", "")).itemsize
+        return "matmul.c.j2", L, [K * size, K * N * size]
+
+    def _binary(self, op, sym):
+        a_t, b_t, y = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.output)
+        dims = list(y.shape) or [1]
+        try:
+            np.broadcast_shapes(a_t.shape, b_t.shape, y.shape)
+        except ValueError:
+            raise QCompileError(f"op {op.name!r} ({op.kind}): shapes {a_t.shape} and {b_t.shape} do not broadcast to "
+                                f"{y.shape}") from None
+        L = _Layer(op_name=op.name, sym=sym, dims=dims, sa=_broadcast_strides(a_t.shape, dims),
+                   sb=_broadcast_strides(b_t.shape, dims), za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
+                   a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y))
+        L["lo"], L["hi"] = _act_range(op, y)
+        L["m"], L["s"] = _scalar(op.attrs["multiplier"], "multiplier", op), _scalar(op.attrs["shift"], "shift", op)
+        _check_shift(L["s"], op)
+        return L
+
+    def op_add(self, op, sym):
+        L = self._binary(op, sym)
+        at = op.attrs
+        L["ma"], L["ssa"] = _scalar(at["multiplier_a"], "multiplier_a", op), _scalar(at["shift_a"], "shift_a", op)
+        L["mb"], L["ssb"] = _scalar(at["multiplier_b"], "multiplier_b", op), _scalar(at["shift_b"], "shift_b", op)
+        _check_shift([L["ssa"], L["ssb"]], op)
+        left = int(at.get("left_shift", 20))
+        if not 0 <= left <= 30:
+            raise QCompileError(f"op {op.name!r} (add): left_shift={left} outside 0..30")
+        L["scale_up"] = 1 << left
+        return "add.c.j2", L, []
+
+    def op_mul(self, op, sym):
+        return "mul.c.j2", self._binary(op, sym), []
+
+    def op_requantize(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        L = _Layer(op_name=op.name, sym=sym, n=int(np.prod(y.shape, dtype=np.int64)), zx=x.zero_point,
+                   zy=y.zero_point, x_t=ctype(x), y_t=ctype(y),
+                   m=_scalar(op.attrs["multiplier"], "multiplier", op), s=_scalar(op.attrs["shift"], "shift", op))
+        _check_shift(L["s"], op)
+        L["lo"], L["hi"] = _act_range(op, y)
+        return "requantize.c.j2", L, []
+
+    def op_concat(self, op, sym):
+        y = self.t(op.output)
+        axis = int(op.attrs.get("axis", 0))
+        axis = axis + len(y.shape) if axis < 0 else axis
+        ms = _per_channel(op.attrs["multipliers"], len(op.inputs), "multipliers", op)
+        ss = _per_channel(op.attrs["shifts"], len(op.inputs), "shifts", op)
+        _check_shift(ss, op)
+        outer = int(np.prod(y.shape[:axis], dtype=np.int64))
+        parts, offset = [], 0
+        for name, m, s in zip(op.inputs, ms, ss):
+            x = self.t(name)
+            inner = int(np.prod(x.shape[axis:], dtype=np.int64))
+            parts.append(dict(t=ctype(x), inner=inner, offset=offset, z=x.zero_point, m=int(m), s=int(s)))
+            offset += inner
+        L = _Layer(op_name=op.name, sym=sym, axis=axis, outer=outer, inner=offset, parts=parts, zy=y.zero_point,
+                   y_t=ctype(y))
+        if offset != int(np.prod(y.shape[axis:], dtype=np.int64)):
+            raise QCompileError(f"op {op.name!r} (concat): inputs do not add up to the output shape {y.shape}")
+        L["lo"], L["hi"] = _act_range(op, y)
+        return "concat.c.j2", L, []
+
+    def _pool(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        a = op.attrs
+        C, H, W = x.shape
+        _, OH, OW = y.shape
+        if a.get("global"):
+            k, st, pad = (H, W), (1, 1), (0, 0)
+        else:
+            k = _pair(a["kernel"])
+            st = _pair(a.get("stride") or a["kernel"])
+            pad = _pair(a.get("padding", 0))
+        d = _pair(a.get("dilation", 1))
+        L = _Layer(op_name=op.name, sym=sym, c=C, h=H, w=W, oh=OH, ow=OW, kh=k[0], kw=k[1], sh=st[0], sw=st[1],
+                   ph=pad[0], pw=pad[1], dh=d[0], dw=d[1], zx=x.zero_point, zy=y.zero_point, x_t=ctype(x),
+                   y_t=ctype(y))
+        L["lo"], L["hi"] = _act_range(op, y)
+        return L
+
+    def op_max_pool2d(self, op, sym):
+        return "max_pool2d.c.j2", self._pool(op, sym), []
+
+    def op_avg_pool2d(self, op, sym):
+        L = self._pool(op, sym)
+        if (L.dh, L.dw) != (1, 1):
+            raise UnsupportedOpError(f"op {op.name!r} (avg_pool2d): dilation is not supported")
+        L["m"], L["s"] = _scalar(op.attrs["multiplier"], "multiplier", op), _scalar(op.attrs["shift"], "shift", op)
+        _check_shift(L["s"], op)
+        return "avg_pool2d.c.j2", L, []
+
+    def op_lut(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        table = np.asarray(op.attrs["table"], dtype=np.int64)
+        codes = x.qmax - x.qmin + 1
+        channels = 1 if table.ndim == 1 else table.shape[0]
+        if table.ndim not in (1, 2) or table.shape[-1] != codes or (table.ndim == 2 and x.shape[0] != channels):
+            raise QCompileError(f"op {op.name!r} (lut): table of shape {table.shape} does not fit input {x.name!r} "
+                                f"({codes} codes, shape {x.shape})")
+        if table.min() < y.qmin or table.max() > y.qmax:
+            raise QCompileError(f"op {op.name!r} (lut): table values {table.min()}..{table.max()} leave the output "
+                                f"range {y.qmin}..{y.qmax}")
+        n = int(np.prod(y.shape, dtype=np.int64))
+        L = _Layer(op_name=op.name, sym=sym, n=n, qmin=x.qmin, codes=codes, channels=channels,
+                   inner=n // channels, size=table.size, table=_c_array(table), x_t=ctype(x), y_t=ctype(y))
+        self.weight_bytes += table.size * np.dtype(ctype(y).replace("_t", "")).itemsize
+        return "lut.c.j2", L, []
+
+    def op_transpose(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        perm = [int(p) for p in op.attrs["perm"]]
+        in_strides = _broadcast_strides(x.shape, x.shape)
+        L = _Layer(op_name=op.name, sym=sym, perm=perm, dims=list(y.shape) or [1],
+                   sx=[in_strides[p] for p in perm] or [0], x_t=ctype(x), y_t=ctype(y))
+        return "transpose.c.j2", L, []
+
+    def op_slice(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        a = op.attrs
+        if int(a.get("step", 1) or 1) != 1:
+            raise UnsupportedOpError(f"op {op.name!r} (slice): step {a['step']} is not supported")
+        axis = int(a["axis"])
+        axis = axis + len(x.shape) if axis < 0 else axis
+        start, stop = slice(a.get("start"), a.get("stop")).indices(x.shape[axis])[:2]
+        rest = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+        L = _Layer(op_name=op.name, sym=sym, axis=axis, start=start, stop=stop,
+                   outer=int(np.prod(x.shape[:axis], dtype=np.int64)), in_inner=x.shape[axis] * rest,
+                   out_inner=(stop - start) * rest, offset=start * rest, x_t=ctype(x), y_t=ctype(y))
+        return "slice.c.j2", L, []
+
+    def op_reshape_copy(self, op, sym):
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        L = _Layer(kind=op.kind, op_name=op.name, sym=sym, n=int(np.prod(y.shape, dtype=np.int64)),
+                   x_t=ctype(x), y_t=ctype(y))
+        return "copy.c.j2", L, []
+
+
+def _same_storage(a: ir.Tensor, b: ir.Tensor) -> bool:
+    return ctype(a) == ctype(b) and a.zero_point == b.zero_point
+
+
+def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict[str, Any]]:
+    """The generated files {filename: text} and the figures (bytes, MACs) of `graph`."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name in C_KEYWORDS:
+        raise ValueError(f"name={name!r}: must be a C identifier (letters, digits, '_', starting with a letter), "
+                         f"and is used for the file names and the `<name>_run` entry point")
+    bad = [op for op in graph.ops if op.kind not in SUPPORTED]
+    if bad:
+        raise UnsupportedOpError(
+            f"the C backend does not support op kind {bad[0].kind!r} (op {bad[0].name!r}); supported kinds: "
+            f"{', '.join(SUPPORTED)}")
+    em = _Emitter(graph, name)
+    em.taken.update({f"{name}_run", "input", "output", "arena"})
+    inputs, outputs = list(graph.inputs), list(graph.outputs)
+    if set(inputs) & set(outputs):
+        raise QCompileError(f"integer graph: tensor(s) {sorted(set(inputs) & set(outputs))} are both input and output")
+
+    # reshape outputs alias their input's bytes, except when the output leaves the graph
+    root: dict[str, str] = {}
+    def find(t: str) -> str:
+        while t in root:
+            t = root[t]
+        return t
+    copies = set()
+    for op in graph.ops:
+        if op.kind == "reshape":
+            if op.output in outputs or not _same_storage(em.t(op.inputs[0]), em.t(op.output)):
+                copies.add(op.output)
+            else:
+                root[op.output] = op.inputs[0]
+
+    # liveness of every arena buffer (roots of alias sets) and the per-op scratch buffers
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    rendered: list[tuple[str, _Layer, list[int], ir.Op]] = []
+    for i, op in enumerate(graph.ops):
+        for t in op.inputs:
+            r = find(t)
+            if r not in inputs and r not in first:
+                raise QCompileError(f"integer graph: op {op.name!r} reads {t!r} before any op writes it")
+            last[r] = max(last.get(r, i), i)
+        if op.kind == "reshape" and op.output not in copies:
+            continue
+        first[op.output] = i
+        last.setdefault(op.output, i)
+    for o in outputs:
+        if o not in first and find(o) == o:
+            raise QCompileError(f"integer graph: output {o!r} is written by no op")
+
+    for i, op in enumerate(graph.ops):
+        if op.kind == "reshape" and op.output not in copies:
+            continue
+        sym = c_identifier(op.name, em.taken, name)
+        handler = getattr(em, "op_reshape_copy" if op.kind == "reshape" else f"op_{op.kind}")
+        template, L, scratch = handler(op, sym)
+        rendered.append((template, L, scratch, op))
+
+    buffers = []
+    activation_bytes = 0
+    for t, f in first.items():
+        if t in outputs:
+            continue
+        ten = em.t(t)
+        size = int(np.prod(ten.shape, dtype=np.int64)) * np.dtype(ctype(ten).replace("_t", "")).itemsize
+        activation_bytes += size
+        buffers.append(memory_plan.Buffer(t, size, f, last[t]))
+    op_index = {id(op): i for i, op in enumerate(graph.ops)}
+    for template, L, scratch, op in rendered:
+        for j, size in enumerate(scratch):
+            i = op_index[id(op)]
+            buffers.append(memory_plan.Buffer(f"{L.sym}#scratch{j}", int(size), i, i))
+    plan = memory_plan.plan(buffers)
+    memory_plan.check(plan)
+
+    def ptr(tname: str) -> str:
+        r = find(tname)
+        ty = ctype(em.t(tname))
+        if r in inputs:
+            return "input" if len(inputs) == 1 else f"input{inputs.index(r)}"
+        if r in outputs:
+            return "output" if len(outputs) == 1 else f"output{outputs.index(r)}"
+        return f"({ty} *)(arena + {plan.offsets[r]})"
+
+    calls, functions = [], []
+    for template, L, scratch, op in rendered:
+        functions.append(_env.get_template(template).render(L=L))
+        args = [ptr(t) for t in op.inputs] + [ptr(op.output)]
+        args += [f"({L.col_t} *)(arena + {plan.offsets[f'{L.sym}#scratch{j}']})" for j in range(len(scratch))]
+        calls.append(f"{L.sym}({', '.join(args)});")
+
+    def describe(names):
+        out = []
+        for n in names:
+            t = em.t(n)
+            size = int(np.prod(t.shape, dtype=np.int64))
+            ct = ctype(t)
+            out.append(dict(name=n, shape=list(t.shape), ctype=ct, dtype=np.dtype(NUMPY_DTYPES[ct]).name,
+                            size=size, nbytes=size * np.dtype(NUMPY_DTYPES[ct]).itemsize, scale=float(t.scale),
+                            zero_point=int(t.zero_point)))
+        return out
+
+    ins, outs = describe(inputs), describe(outputs)
+    params = [f"const {t['ctype']} *{'input' if len(ins) == 1 else f'input{k}'}" for k, t in enumerate(ins)]
+    params += [f"{t['ctype']} *{'output' if len(outs) == 1 else f'output{k}'}" for k, t in enumerate(outs)]
+    params.append("uint8_t *arena")
+    ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
+               arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
+               functions=functions, calls=calls)
+    files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
+             f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
+             "main.c": _env.get_template("main.c.j2").render(**ctx),
+             "Makefile": _env.get_template("Makefile.j2").render(**ctx)}
+    figures = dict(name=name, inputs=ins, outputs=outs, arena_bytes=plan.arena_bytes, naive_bytes=plan.naive_bytes,
+                   activation_bytes=activation_bytes, weight_bytes=em.weight_bytes, macs=em.macs,
+                   ops=len(graph.ops))
+    files = {k: re.sub(r"\n{3,}", "\n\n", v) for k, v in files.items()}    # template blocks leave blank runs
+    files[f"{name}.json"] = json.dumps(figures, indent=1) + "\n"
+    return files, figures
+
+
+def emit(graph: ir.Graph, out_dir, name: str = "model") -> CModule:
+    """Write the C runtime of the integer graph `graph` into `out_dir`; returns the files and memory
+    figures (`qcompile.emit_c` lowers a trained graph first)."""
+    if not isinstance(graph, ir.Graph):
+        raise TypeError(f"the C backend takes an ir.Graph, not {type(graph).__name__}: lower a trained graph "
+                        "with qcompile.lower(qm) or use qcompile.emit_c(qm, ...)")
+    files, fig = generate(graph, name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, text in files.items():
+        p = out / fname
+        p.write_text(text)
+        paths.append(p)
+    return CModule(out, name, [graph.tensors[n] for n in graph.inputs], [graph.tensors[n] for n in graph.outputs],
+                   fig["arena_bytes"], fig["naive_bytes"], fig["activation_bytes"], fig["weight_bytes"], fig["macs"],
+                   paths)

@@ -1,0 +1,210 @@
+"""The integer reference interpreter of the IR (`qcompile.ir`): the oracle every backend matches.
+
+Narrow accumulators (acc_bits set) run through `qcompile.train.tiled` on int64 tensors, the one
+implementation of the tile semantics.
+
+Invariant: after the graph input is quantized (`quantize_input`), every value is an int64
+numpy array of codes and every op is integer arithmetic exactly as the IR docstring
+states; requantization is `runtime.integer_math.requantize` (round half to even). Arrays
+carry the batch as axis 0; the IR's per-sample axes are shifted by one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qcompile import ir
+from qcompile.train.tiled import tiled_conv2d, tiled_linear, tiled_matmul
+from qcompile.core.requant import requantize
+
+
+def quantize_input(graph: ir.Graph, x, name: str | None = None) -> np.ndarray:
+    """Codes of a float input, rounded exactly as the trained graph's quantizer (float32 x·(1/S), half to even)."""
+    t = graph.tensor(name or graph.inputs[0])
+    x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
+    inv = np.float32(1.0) / np.float32(t.scale)
+    q = np.rint(x * inv).astype(np.int64) + t.zero_point
+    return np.clip(q, t.qmin, t.qmax)
+
+
+def dequantize(graph: ir.Graph, codes: np.ndarray, name: str | None = None) -> np.ndarray:
+    """Real values scale·(q − zero_point) of an output (float64; the boundary back to float)."""
+    t = graph.tensor(name or graph.outputs[0])
+    return (np.asarray(codes, dtype=np.int64) - t.zero_point) * np.float64(t.scale)
+
+
+def _clamp(graph, op, r):
+    t = graph.tensor(op.output)
+    return np.clip(t.zero_point + r, op.attrs["act_min"], op.attrs["act_max"])
+
+
+def _pair_pad(x, pad, value):
+    ph, pw = pad
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _windows(x, kernel, stride, dilation=(1, 1)):
+    """(N, C, OH, OW, kh, kw) view of the windows of x (N, C, H, W)."""
+    kh, kw = kernel
+    eh, ew = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (eh, ew), axis=(2, 3))
+    win = win[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
+    return win
+
+
+def _narrow(op):
+    """The op's accumulator mode for qcompile.train.tiled (the one implementation of the tile semantics)."""
+    a = op.attrs
+    return dict(acc_bits=a["acc_bits"], tile=a.get("tile"), overflow=a.get("overflow", "saturate"))
+
+
+def conv2d(graph, op, x):
+    a = op.attrs
+    zx = graph.tensor(op.inputs[0]).zero_point
+    w = a["weight"].astype(np.int64)
+    o, cg, kh, kw = w.shape
+    g = a["groups"]
+    if a.get("acc_bits") is not None:
+        res = tiled_conv2d(torch.from_numpy(x - zx), torch.from_numpy(w), torch.from_numpy(a["bias"].astype(np.int64)),
+                           a["stride"], a["padding"], a["dilation"], g, **_narrow(op))
+        r = requantize(res.acc.numpy(), a["multiplier"].reshape(1, o, 1, 1), a["shift"].reshape(1, o, 1, 1))
+        return _clamp(graph, op, r)
+    xs = _pair_pad(x - zx, a["padding"], 0)
+    win = _windows(xs, (kh, kw), a["stride"], a["dilation"])         # (N, C, OH, OW, kh, kw)
+    n, c, oh, ow = win.shape[:4]
+    # columns ordered (c_in/groups, ky, kx) per group, as the IR's reduction order
+    cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(0, 1, 3, 4, 2, 5, 6).reshape(n, g, oh * ow, cg * kh * kw)
+    wg = w.reshape(g, o // g, cg * kh * kw)
+    bias = a["bias"].astype(np.int64).reshape(g, o // g)
+    acc = np.matmul(cols, wg.transpose(0, 2, 1)) + bias[None, :, None, :]      # (N, G, P, O/G)
+    acc = acc.transpose(0, 1, 3, 2).reshape(n, o, oh, ow)
+    r = requantize(acc, a["multiplier"].reshape(1, o, 1, 1), a["shift"].reshape(1, o, 1, 1))
+    return _clamp(graph, op, r)
+
+
+def linear(graph, op, x):
+    a = op.attrs
+    zx = graph.tensor(op.inputs[0]).zero_point
+    w, bias = a["weight"].astype(np.int64), a["bias"].astype(np.int64)
+    if a.get("acc_bits") is None:
+        acc = np.matmul(x - zx, w.T) + bias
+    else:
+        acc = tiled_linear(torch.from_numpy(x - zx), torch.from_numpy(w), torch.from_numpy(bias), **_narrow(op)).acc.numpy()
+    return _clamp(graph, op, requantize(acc, a["multiplier"], a["shift"]))
+
+
+def matmul(graph, op, a, b):
+    za, zb = (graph.tensor(i).zero_point for i in op.inputs)
+    if op.attrs.get("acc_bits") is None:
+        acc = np.matmul(a - za, b - zb)
+    else:
+        acc = tiled_matmul(torch.from_numpy(a - za), torch.from_numpy(b - zb), None, **_narrow(op)).acc.numpy()
+    return _clamp(graph, op, requantize(acc, op.attrs["multiplier"], op.attrs["shift"]))
+
+
+def add(graph, op, a, b):
+    at = op.attrs
+    za, zb = (graph.tensor(i).zero_point for i in op.inputs)
+    ls = at["left_shift"]
+    ra = requantize((a - za) << ls, at["multiplier_a"], at["shift_a"])
+    rb = requantize((b - zb) << ls, at["multiplier_b"], at["shift_b"])
+    return _clamp(graph, op, requantize(ra + rb, at["multiplier"], at["shift"]))
+
+
+def mul(graph, op, a, b):
+    za, zb = (graph.tensor(i).zero_point for i in op.inputs)
+    return _clamp(graph, op, requantize((a - za) * (b - zb), op.attrs["multiplier"], op.attrs["shift"]))
+
+
+def concat(graph, op, *xs):
+    parts = [requantize(x - graph.tensor(name).zero_point, m, s)
+             for x, name, m, s in zip(xs, op.inputs, op.attrs["multipliers"], op.attrs["shifts"])]
+    return _clamp(graph, op, np.concatenate(parts, axis=op.attrs["axis"] + 1))
+
+
+def requantize_op(graph, op, x):
+    zx = graph.tensor(op.inputs[0]).zero_point
+    return _clamp(graph, op, requantize(x - zx, op.attrs["multiplier"], op.attrs["shift"]))
+
+
+def max_pool2d(graph, op, x):
+    a = op.attrs
+    low = np.iinfo(np.int64).min
+    xp = _pair_pad(x, a["padding"], low)
+    if a.get("ceil_mode"):
+        xp = _ceil_pad(xp, a["kernel"], a["stride"], low, a["padding"])
+    return _windows(xp, a["kernel"], a["stride"]).max(axis=(4, 5))
+
+
+def _ceil_pad(x, kernel, stride, value, padding):
+    """Extra bottom/right padding so ceil_mode windows exist (a window must start inside input + left padding)."""
+    extra = []
+    for d, (k, s, p) in enumerate(zip(kernel, stride, padding)):
+        size = x.shape[2 + d]
+        out = -(-(size - k) // s) + 1
+        if (out - 1) * s >= size - p:
+            out -= 1
+        extra.append(max(0, (out - 1) * s + k - size))
+    return np.pad(x, ((0, 0), (0, 0), (0, extra[0]), (0, extra[1])), constant_values=value)
+
+
+def avg_pool2d(graph, op, x):
+    a = op.attrs
+    zx = graph.tensor(op.inputs[0]).zero_point
+    if a.get("global"):
+        s = (x - zx).sum(axis=(2, 3), keepdims=True)
+    else:
+        s = _windows(_pair_pad(x - zx, a["padding"], 0), a["kernel"], a["stride"]).sum(axis=(4, 5))
+    return _clamp(graph, op, requantize(s, a["multiplier"], a["shift"]))
+
+
+def lut(graph, op, x):
+    table = op.attrs["table"]
+    idx = x - graph.tensor(op.inputs[0]).qmin
+    if table.ndim == 1:
+        return table[idx]
+    ch = np.arange(table.shape[0]).reshape((1, -1) + (1,) * (x.ndim - 2))
+    return table[ch, idx]
+
+
+def reshape(graph, op, x):
+    return x.reshape((x.shape[0],) + tuple(op.attrs["shape"]))
+
+
+def transpose(graph, op, x):
+    return x.transpose((0,) + tuple(p + 1 for p in op.attrs["perm"]))
+
+
+def slice_op(graph, op, x):
+    idx = [slice(None)] * x.ndim
+    idx[op.attrs["axis"] + 1] = slice(op.attrs["start"], op.attrs["stop"])
+    return x[tuple(idx)]
+
+
+KERNELS = {
+    "conv2d": conv2d, "linear": linear, "matmul": matmul, "add": add, "mul": mul, "concat": concat,
+    "requantize": requantize_op, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d, "lut": lut,
+    "reshape": reshape, "transpose": transpose, "slice": slice_op,
+}
+
+
+def run_codes(graph: ir.Graph, *codes: np.ndarray, keep: bool = False):
+    """Run on input codes; returns the output codes (a list when the graph has several outputs),
+    or, with keep=True, the dict of every tensor's codes."""
+    env = {name: np.asarray(c, dtype=np.int64) for name, c in zip(graph.inputs, codes)}
+    for op in graph.ops:
+        kernel = KERNELS.get(op.kind)
+        if kernel is None:
+            raise ValueError(f"op {op.name!r}: unknown IR op kind {op.kind!r}")
+        env[op.output] = kernel(graph, op, *(env[i] for i in op.inputs)).astype(np.int64)
+    if keep:
+        return env
+    outs = [env[name] for name in graph.outputs]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def run(graph: ir.Graph, x_float, keep: bool = False):
+    """Quantize the float input onto the graph's input grid, then run the integer graph."""
+    return run_codes(graph, quantize_input(graph, x_float), keep=keep)

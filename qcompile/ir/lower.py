@@ -1,0 +1,760 @@
+"""Pass `lower`: a trained QuantizedGraphModule (eval mode, calibrated) → the integer IR.
+
+Invariant of the result (`qcompile.ir.Graph`): every tensor is integer codes on a grid
+(scale, zero point); every op is one of the IR kinds with integer attrs only; the graph
+input is the codes of the first activation quantizer's grid; training-only nodes
+(gradient quantizers, estimators, regularizers, dropout) are gone.
+
+How each trained-graph node becomes integer ops:
+  - activation Quantizer: its eval grid qparams(estimator lo, hi). Right after a conv /
+    linear / matmul it is that op's output grid (requantization inside the op); after
+    anything else it is a `requantize` op (or nothing, when the grid is already the same).
+  - conv / linear / matmul: int8 weight codes of `weight_quant`'s grid, int32 bias
+    round(b / (Sx·Sw[o])), multiplier Sx·Sw[o]/Sy. A folded BatchNorm (BatchNormFold in
+    eval) adds its per-channel shift to that bias.
+  - relu, max-pool, reshapes, transpose, chunk/split, cat: stay on a grid (relu clamps at
+    the zero point).
+  - unary activations (relu6, hardswish, silu, sigmoid, hardsigmoid) and a standalone
+    BatchNorm: a lookup table over the input codes, computed with the same torch functions
+    the trained graph runs in eval, so the table equals the trained graph's result code
+    for code.
+  - add, mul, cat, average pooling: fixed-point rescaling of each operand.
+A float-region op (one with no quantizer right after it) writes straight onto the grid
+of the quantizer it flows into when only grid-preserving ops lie between (relu, pooling by
+max, reshapes, cat); otherwise onto a 16-bit intermediate grid covering the exact range
+its operands' grids allow.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qcompile import ir
+from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
+from qcompile.passes.ops import op_name
+from qcompile.train.quantizers import BiasQuant, Quantizer, bias_codes, quantize_codes
+from qcompile.core.requant import quantize_multiplier
+
+WIDE_BITS = 16
+RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
+RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
+UNARY_FUNCTIONS = {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid}
+MAXPOOL_FUNCTIONS = {F.max_pool2d, F.adaptive_max_pool2d}
+AVGPOOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
+
+
+class LoweringError(QCompileError):
+    """The trained graph cannot be lowered as it is (mode, calibration, an op, a shape)."""
+
+
+# ---- values the lowering tracks per fx node ------------------------------------------
+@dataclass
+class Const:
+    """A value known at lowering time (parameters, folded weights, shapes, python ints)."""
+    value: object
+
+
+@dataclass
+class Weight:
+    """Weight codes of a weight quantizer's grid: codes (O, ...) int64, scale (O,) float64."""
+    codes: np.ndarray
+    scale: np.ndarray
+
+
+@dataclass
+class Acc:
+    """A conv / linear / matmul result waiting for its output quantizer."""
+    kind: str
+    node: fx.Node
+    inputs: list
+    attrs: dict
+    bias: np.ndarray | None      # float, added before requantization (layer bias + folded BN)
+    out_channels: int
+
+
+@dataclass
+class Input:
+    """The float graph input, before its input quantizer."""
+    node: fx.Node
+
+
+@dataclass
+class Pieces:
+    """The result of chunk/split: (tensor name, axis, [(start, stop), ...])."""
+    tensor: str
+    axis: int
+    bounds: list
+
+
+def _t(name: str, shape, grid: "Grid") -> ir.Tensor:
+    return ir.Tensor(name, tuple(int(d) for d in shape), grid.bits, grid.signed, grid.scale, grid.zero_point)
+
+
+@dataclass(frozen=True)
+class Grid:
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return ir.code_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return ir.code_range(self.bits, self.signed)[1]
+
+    @property
+    def real_range(self) -> tuple[float, float]:
+        return self.scale * (self.qmin - self.zero_point), self.scale * (self.qmax - self.zero_point)
+
+
+def _of(t: ir.Tensor) -> Grid:
+    return Grid(t.scale, t.zero_point, t.bits, t.signed)
+
+
+def wide_grid(lo: float, hi: float, scale_hint: float, pow2: bool) -> Grid:
+    """A 16-bit signed grid covering [min(lo, 0), max(hi, 0)], as fine as `scale_hint` when it fits."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = -(2 ** (WIDE_BITS - 1)), 2 ** (WIDE_BITS - 1) - 1
+    scale = max(scale_hint, (hi - lo) / (qmax - qmin), 1e-12)
+    if pow2:
+        scale = 2.0 ** math.ceil(math.log2(scale))
+    zp = int(min(max(round(qmin - lo / scale), qmin), qmax))
+    while scale * (qmax - zp) < hi * (1 - 1e-9) or scale * (qmin - zp) > lo * (1 - 1e-9):
+        scale *= 2.0 if pow2 else 1.0 + 1e-6
+        zp = int(min(max(round(qmin - lo / scale), qmin), qmax))
+    return Grid(float(scale), zp, WIDE_BITS, True)
+
+
+def _multiplier(real: float, where: str) -> tuple[int, int]:
+    if not real < 2.0 ** 16:
+        raise LoweringError(f"node {where!r}: requantization multiplier {real:g} is too large for 64-bit fixed "
+                            "point (an output grid far finer than its input's); check the ranges of its quantizers")
+    return quantize_multiplier(real)
+
+
+def _quantizer_grid(q: Quantizer, path: str) -> Grid:
+    """The eval-mode grid of a static activation quantizer (errors name the quantizer)."""
+    if not q.enabled:
+        raise LoweringError(f"quantizer {path!r} is disabled (qm.set_quantization(False)?): the graph is not "
+                            "quantized there; enable quantization before lowering")
+    if q.estimator.name == "current":
+        raise LoweringError(f"quantizer {path!r} uses the 'current' (dynamic) range estimator: its grid depends on "
+                            "each input, which has no integer form; train with act_range='hindsight', 'running', "
+                            "'dsgc' or 'fixed'")
+    if not bool(q.estimator.initialized):
+        raise CalibrationError(f"quantizer {path!r} has no range yet: run qm.calibrate(batches) or train a few "
+                               "steps before lowering")
+    if q.axis is not None or q.estimator.lo.numel() != 1:
+        raise LoweringError(f"activation quantizer {path!r} is per channel; lowering supports per-tensor activations")
+    scale, zp = q.grid(q.estimator.lo, q.estimator.hi)
+    qmin, qmax = q.qrange
+    signed = qmin < 0
+    return Grid(float(scale), int(zp), q.bits, signed)
+
+
+class _Lowering:
+    def __init__(self, qm: fx.GraphModule):
+        self.qm = qm
+        self.config = qm.config
+        self.pow2 = bool(qm.config.pow2_scales)
+        self.modules = dict(qm.named_modules())
+        self.tensors: dict[str, ir.Tensor] = {}
+        self.ops: list[ir.Op] = []
+        self.producer: dict[str, ir.Op] = {}
+        self.inputs: list[str] = []
+        self.val: dict[fx.Node, object] = {}
+
+    # ---- helpers ------------------------------------------------------------------
+    def fail(self, node: fx.Node, what: str, cls=LoweringError):
+        layer = node.meta.get("qc_layer")
+        where = f"node {node.name!r} ({op_name(node, self.qm)}{', layer ' + repr(layer) if layer else ''})"
+        raise cls(f"{where}: {what}")
+
+    def module(self, node):
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def shape(self, node) -> tuple[int, ...]:
+        tm = node.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            self.fail(node, "has no recorded shape (tensor_meta); compile with example inputs")
+        return tuple(int(d) for d in tm.shape[1:])
+
+    def tensor_of(self, node, arg) -> ir.Tensor:
+        v = self.val[arg] if isinstance(arg, fx.Node) else Const(arg)
+        if isinstance(v, str):
+            return self.tensors[v]
+        if isinstance(v, Input):
+            self.fail(node, "reads the float graph input directly; only a quantizer may consume the input "
+                      "(compile quantizes every conv/linear input; other uses of the input are not lowered)")
+        if isinstance(v, Acc):
+            self.fail(node, "reads a conv/linear/matmul result before its output quantizer")
+        self.fail(node, f"expects a quantized tensor operand, got {type(v).__name__}")
+
+    def add_tensor(self, name: str, shape, grid: Grid) -> str:
+        self.tensors[name] = _t(name, shape, grid)
+        return name
+
+    def emit(self, kind: str, node: fx.Node, inputs: list[str], out: str, **attrs) -> str:
+        op = ir.Op(kind, node.name, list(inputs), out, attrs)
+        self.ops.append(op)
+        self.producer[out] = op
+        return out
+
+    def consumers(self, name: str) -> set:
+        """The fx nodes that read tensor `name` other than through an alias of it."""
+        return {u for n, v in self.val.items() if v == name for u in n.users if self.val.get(u) != name}
+
+    def clamp_attrs(self, grid: Grid) -> dict:
+        return {"act_min": grid.qmin, "act_max": grid.qmax}
+
+    def sink_grid(self, node: fx.Node) -> Grid | None:
+        """The grid of the activation quantizer `node` flows into through grid-preserving ops only."""
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            mod = self.module(user)
+            if isinstance(mod, Quantizer):
+                if mod.kind == "activation":
+                    return _quantizer_grid(mod, user.target)
+                if mod.kind == "gradient":
+                    node = user
+                    continue
+                return None
+            if self.is_relu(user) or self.is_maxpool(user) or self.is_reshape(user) or self.is_identity(user) \
+                    or (user.op == "call_function" and user.target is torch.cat):
+                node = user
+                continue
+            return None
+        return None
+
+    # ---- op classification ----------------------------------------------------------
+    def is_relu(self, n):
+        return (n.op == "call_function" and n.target is F.relu) or isinstance(self.module(n), nn.ReLU)
+
+    def is_maxpool(self, n):
+        return (n.op == "call_function" and n.target in MAXPOOL_FUNCTIONS) or \
+            isinstance(self.module(n), (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
+
+    def is_reshape(self, n):
+        return (n.op == "call_method" and n.target in RESHAPE_METHODS) or \
+            (n.op == "call_function" and n.target in RESHAPE_FUNCTIONS) or \
+            isinstance(self.module(n), (nn.Flatten,))
+
+    def is_identity(self, n):
+        if n.op == "call_function":
+            return n.target is F.dropout or getattr(n.target, "__name__", "") == "stochastic_depth"
+        return isinstance(self.module(n), (nn.Identity, nn.Dropout))
+
+    # ---- the walk --------------------------------------------------------------------
+    def run(self) -> ir.Graph:
+        outputs = []
+        for node in self.qm.graph.nodes:
+            if node.op == "output":
+                outputs = self.lower_output(node)
+                continue
+            self.val[node] = self.lower_node(node)
+        return ir.Graph(self.inputs, outputs, self.tensors, self.ops)
+
+    def lower_output(self, node) -> list[str]:
+        args = node.args[0]
+        items = list(args) if isinstance(args, (tuple, list)) else [args]
+        names = []
+        for a in items:
+            t = self.tensor_of(node, a)
+            names.append(t.name)
+        return names
+
+    def is_const(self, node) -> bool:
+        deps = node.all_input_nodes
+        return node.op == "get_attr" or (deps != [] and all(isinstance(self.val.get(d), Const) for d in deps)
+                                         and not isinstance(self.module(node), Quantizer))
+
+    def fold_const(self, node):
+        if node.op == "get_attr":
+            obj = self.qm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return Const(obj.detach() if isinstance(obj, torch.Tensor) else obj)
+        args = fx.node.map_arg(node.args, lambda n: self.val[n].value)
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.val[n].value)
+        with torch.no_grad():
+            if node.op == "call_function":
+                return Const(node.target(*args, **kwargs))
+            if node.op == "call_method":
+                return Const(getattr(args[0], node.target)(*args[1:], **kwargs))
+            return Const(self.module(node)(*args, **kwargs))
+
+    def lower_node(self, node: fx.Node):
+        if node.op == "placeholder":
+            return Input(node)
+        if isinstance(self.module(node), BiasQuant):    # lowering rounds the bias itself, on the eval grids
+            return self.val[node.args[0]]
+        if self.is_const(node):
+            return self.fold_const(node)
+        mod = self.module(node)
+        if isinstance(mod, Quantizer):
+            return self.lower_quantizer(node, mod)
+        if node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim"):
+            x = node.args[0]
+            shape = (self.batch_dim(x),) + self.shape(x)
+            return Const(torch.Size(shape) if node.args[1] == "shape" else len(shape))
+        if node.op == "call_method" and node.target in ("size", "dim"):
+            x = node.args[0]
+            shape = (self.batch_dim(x),) + self.shape(x)
+            if node.target == "dim":
+                return Const(len(shape))
+            return Const(torch.Size(shape) if len(node.args) < 2 and "dim" not in node.kwargs
+                         else shape[node.args[1] if len(node.args) > 1 else node.kwargs["dim"]])
+        if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.linear):
+            return self.lower_weighted(node)
+        if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
+            return Acc("matmul", node, [self.tensor_of(node, node.args[0]).name, self.tensor_of(node, node.args[1]).name],
+                       {}, None, 0)
+        if type(mod).__name__ == "NarrowAccOp":
+            return self.lower_narrow(node, mod)
+        if type(mod).__name__ == "BatchNormFold":
+            return self.lower_bn_fold(node, mod)
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self.lower_getitem(node)
+        if self.is_identity(node):
+            if getattr(node.target, "__name__", "") == "stochastic_depth" and \
+                    (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
+                self.fail(node, "stochastic depth was traced with training=True, so it stays random in eval; "
+                          "call model.eval() before qcompile.compile (torchvision passes self.training as a constant)")
+            return self.val[node.args[0]]
+        if self.is_relu(node):
+            return self.lower_relu(node)
+        if self.is_reshape(node):
+            return self.lower_reshape(node)
+        if node.op in ("call_function", "call_method") and node.target in (torch.transpose, torch.permute,
+                                                                           "transpose", "permute"):
+            return self.lower_transpose(node)
+        if node.op in ("call_function", "call_method") and node.target in (torch.chunk, torch.split, "chunk", "split"):
+            return self.lower_split(node)
+        if self.is_maxpool(node):
+            return self.lower_maxpool(node)
+        if (node.op == "call_function" and node.target in AVGPOOL_FUNCTIONS) or \
+                isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or \
+                (node.op in ("call_method", "call_function") and node.target in ("mean", torch.mean)):
+            return self.lower_avgpool(node)
+        if node.op == "call_function" and node.target in UNARY_FUNCTIONS:
+            return self.lower_lut(node, lambda v: node.target(v))
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return self.lower_lut(node, mod, per_channel=True)
+        if node.op == "call_function" and node.target in (operator.add, operator.mul):
+            return self.lower_binary(node)
+        if node.op == "call_function" and node.target is torch.cat:
+            return self.lower_cat(node)
+        if node.op == "call_function" and node.target is operator.floordiv:
+            self.fail(node, "integer arithmetic on a non-constant value")
+        self.fail(node, "has no integer form; supported ops are conv2d, linear, matmul, the activations "
+                  "relu/relu6/hardswish/silu/sigmoid/hardsigmoid, add, mul, cat, max/avg pooling, BatchNorm, "
+                  "reshapes, transpose, chunk/split and dropout. Replace the op or keep it out of the "
+                  "deployed graph", UnsupportedOpError)
+
+    def batch_dim(self, node) -> int:
+        return int(node.meta["tensor_meta"].shape[0])
+
+    # ---- quantizers ---------------------------------------------------------------------
+    def lower_quantizer(self, node, q: Quantizer):
+        src = self.val[node.args[0]]
+        if q.kind == "gradient":
+            return src
+        if q.kind == "weight":
+            if not isinstance(src, Const):
+                self.fail(node, "weight quantizer input is not a constant (a parameter or a function of parameters)")
+            w = src.value.float()
+            if q.estimator.static:
+                if not bool(q.estimator.initialized):
+                    raise CalibrationError(f"weight quantizer {node.target!r} has no range yet: train or calibrate")
+                lo, hi = q.estimator.lo, q.estimator.hi
+            else:
+                from qcompile.train.estimators import minmax
+                lo, hi = minmax(w, q.axis)
+            scale, zp = q.grid(lo, hi)
+            if bool((zp != 0).any()):
+                self.fail(node, "weight grid is not symmetric (zero point ≠ 0)")
+            codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
+            scale = np.broadcast_to(scale.double().numpy(), (w.shape[0],)).copy()
+            if q.bits > 8:
+                self.fail(node, f"weights of {q.bits} bits: the integer IR stores weights in int8; use weight_bits <= 8")
+            return Weight(codes.to(torch.int64).numpy(), scale)
+        grid = _quantizer_grid(q, node.target)
+        shape = self.shape(node)
+        if isinstance(src, Input):
+            if self.inputs:
+                self.fail(node, "a second quantizer of the graph input; the integer graph has one input grid")
+            self.inputs.append(self.add_tensor(node.name, shape, grid))
+            return node.name
+        if isinstance(src, Acc):
+            return self.finish_acc(node, src, grid, shape)
+        if isinstance(src, str):
+            t = self.tensors[src]
+            if _of(t) == grid:
+                return src
+            return self.requantize(node, t, grid, shape)
+        self.fail(node, f"quantizes a {type(src).__name__}, not a tensor")
+
+    def requantize(self, node, t: ir.Tensor, grid: Grid, shape, name=None) -> str:
+        m, s = _multiplier(t.scale / grid.scale, node.name)
+        out = self.add_tensor(name or node.name, shape, grid)
+        return self.emit("requantize", node, [t.name], out, multiplier=m, shift=s, **self.clamp_attrs(grid))
+
+    # ---- conv / linear / matmul -----------------------------------------------------------
+    def lower_weighted(self, node):
+        args = list(node.args) + [None] * (7 - len(node.args))
+        x = self.tensor_of(node, args[0])
+        w = self.val[args[1]]
+        if not isinstance(w, Weight):
+            self.fail(node, "weight is not the output of a weight quantizer")
+        b = self.val[args[2]] if isinstance(args[2], fx.Node) else Const(args[2])
+        bias = None if b.value is None else b.value.float()
+        layer = node.meta.get("qc_layer", node.name)
+        mod_type = type(self.modules.get(layer)) if layer in self.modules else None
+        cfg = self.config.for_layer(layer, mod_type)
+        acc = {"acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow}
+        if node.target is F.linear:
+            if len(x.shape) != 1:
+                self.fail(node, f"linear on per-sample shape {x.shape}; only (N, features) inputs are lowered")
+            return Acc("linear", node, [x.name], {"weight": w, **acc}, bias, w.codes.shape[0])
+        if isinstance(args[4], str):
+            self.fail(node, f"padding={args[4]!r}; lower only numeric padding (set it explicitly in the model)")
+        if node.target is F.conv1d:
+            one = lambda v: (1 if v is None else int(v[0] if isinstance(v, (tuple, list)) else v))
+            stride, padding, dilation = (1, one(args[3])), (0, one(args[4]) if args[4] else 0), (1, one(args[5]))
+            return self.conv1d_as_2d(node, x, w, bias, {"stride": stride, "padding": padding, "dilation": dilation,
+                                                         "groups": int(args[6] or 1), **acc})
+        pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
+        stride, padding, dilation = pair(args[3] or 1), args[4] or 0, pair(args[5] or 1)
+        attrs = {"weight": w, "stride": stride, "padding": pair(padding), "dilation": dilation,
+                 "groups": int(args[6] or 1), **acc}
+        return Acc("conv2d", node, [x.name], attrs, bias, w.codes.shape[0])
+
+    def conv1d_as_2d(self, node, x: ir.Tensor, w: Weight, bias, attrs: dict) -> Acc:
+        """conv1d on (C, L) = reshape to (C, 1, L), conv2d with (1, k) kernels, reshape back (in finish_acc)."""
+        if len(x.shape) != 2:
+            self.fail(node, f"conv1d on per-sample shape {x.shape}; expected (C, L)")
+        x2 = self.add_tensor(node.name + "_in2d", (x.shape[0], 1, x.shape[1]), _of(x))
+        self.emit("reshape", node, [x.name], x2, shape=(x.shape[0], 1, x.shape[1]))
+        w2 = Weight(w.codes.reshape(w.codes.shape[0], w.codes.shape[1], 1, -1), w.scale)
+        return Acc("conv2d", node, [x2], {"weight": w2, "as_1d": True, **attrs}, bias, w.codes.shape[0])
+
+    def lower_narrow(self, node, mod):
+        """A NarrowAccOp(a, b, bias): the tiled narrow-accumulator conv2d / linear / matmul."""
+        acc = {"acc_bits": mod.acc_bits, "tile": mod.tile, "overflow": mod.overflow}
+        x = self.tensor_of(node, node.args[0])
+        if mod.kind == "matmul":
+            return Acc("matmul", node, [x.name, self.tensor_of(node, node.args[1]).name], acc, None, 0)
+        w = self.val[node.args[1]]
+        if not isinstance(w, Weight):
+            self.fail(node, "weight is not the output of a weight quantizer")
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = self.val[b].value.float() if isinstance(b, fx.Node) else None
+        if mod.kind == "conv1d":   # NarrowAccOp keeps conv1d geometry as (1, k) pairs
+            return self.conv1d_as_2d(node, x, w, bias, {"stride": tuple(mod.stride), "padding": tuple(mod.padding),
+                                                         "dilation": tuple(mod.dilation), "groups": int(mod.groups),
+                                                         **acc})
+        if mod.kind == "linear":
+            return Acc("linear", node, [x.name], {"weight": w, **acc}, bias, w.codes.shape[0])
+        pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
+        attrs = {"weight": w, "stride": pair(mod.stride), "padding": pair(mod.padding),
+                 "dilation": pair(mod.dilation), "groups": int(mod.groups), **acc}
+        return Acc("conv2d", node, [x.name], attrs, bias, w.codes.shape[0])
+
+    def lower_bn_fold(self, node, mod):
+        acc = self.val[node.args[0]]
+        if not isinstance(acc, Acc):
+            self.fail(node, "BatchNormFold must directly follow its conv/linear")
+        if mod.training:
+            self.fail(node, "is in training mode; call qm.eval() before lowering")
+        lb = node.args[3] if len(node.args) > 3 else node.kwargs.get("layer_bias")
+        layer_bias = self.val[lb].value if isinstance(lb, fx.Node) else lb
+        with torch.no_grad():
+            bias = mod.folded_bias(layer_bias).float()
+        total = bias if acc.bias is None else acc.bias + bias
+        return Acc(acc.kind, acc.node, acc.inputs, acc.attrs, total, acc.out_channels)
+
+    def finish_acc(self, node, acc: Acc, grid: Grid, shape, name: str | None = None) -> str:
+        """Emit the conv/linear/matmul writing onto the output quantizer's grid."""
+        x = self.tensors[acc.inputs[0]]
+        if acc.attrs.get("as_1d"):
+            out = None
+        else:
+            out = self.add_tensor(name or node.name, shape, grid)
+        if acc.kind == "matmul":
+            b = self.tensors[acc.inputs[1]]
+            m, s = _multiplier(x.scale * b.scale / grid.scale, node.name)
+            return self.emit("matmul", acc.node, acc.inputs, out, multiplier=m, shift=s,
+                             acc_bits=acc.attrs.get("acc_bits"), tile=acc.attrs.get("tile"),
+                             overflow=acc.attrs.get("overflow", "saturate"), **self.clamp_attrs(grid))
+        w: Weight = acc.attrs["weight"]
+        if acc.attrs.get("as_1d"):
+            o, length = shape
+            conv_out = self.finish_acc(node, Acc(acc.kind, acc.node, acc.inputs,
+                                                 {k: v for k, v in acc.attrs.items() if k != "as_1d"},
+                                                 acc.bias, acc.out_channels), grid, (o, 1, length),
+                                       name=node.name + "_2d")
+            out = self.add_tensor(node.name, shape, grid)
+            return self.emit("reshape", node, [conv_out], out, shape=tuple(shape))
+        in_scale = x.scale * w.scale                       # (O,) float64
+        ms = [_multiplier(float(r), node.name) for r in in_scale / grid.scale]
+        bias = np.zeros(acc.out_channels, dtype=np.int64)
+        if acc.bias is not None:
+            codes, _ = bias_codes(acc.bias, torch.tensor(x.scale), torch.from_numpy(w.scale))
+            bias = codes.double().numpy().astype(np.int64)
+        attrs = {k: v for k, v in acc.attrs.items() if k != "weight"}
+        return self.emit(acc.kind, acc.node, acc.inputs, out, weight=w.codes.astype(np.int8), bias=bias.astype(np.int32),
+                         weight_scale=tuple(float(v) for v in w.scale),
+                         multiplier=np.array([m for m, _ in ms], dtype=np.int64),
+                         shift=np.array([s for _, s in ms], dtype=np.int64), **attrs, **self.clamp_attrs(grid))
+
+    # ---- grid-preserving ops --------------------------------------------------------------
+    def lower_relu(self, node):
+        t = self.tensor_of(node, node.args[0])
+        grid = _of(t)
+        op = self.producer.get(t.name)
+        if op is not None and self.consumers(t.name) == {node}:
+            if op.kind == "lut":
+                op.attrs["table"] = np.maximum(op.attrs["table"], grid.zero_point)
+                return t.name
+            if "act_min" in op.attrs:
+                op.attrs["act_min"] = max(op.attrs["act_min"], grid.zero_point)
+                return t.name
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("requantize", node, [t.name], out, multiplier=1 << 30, shift=1,
+                         act_min=max(grid.qmin, grid.zero_point), act_max=grid.qmax)
+
+    def lower_reshape(self, node):
+        t = self.tensor_of(node, node.args[0])
+        if self.batch_dim(node) != self.batch_dim(node.args[0]):
+            self.fail(node, "changes the batch dimension; the integer graph keeps samples independent")
+        shape = self.shape(node)
+        if shape == t.shape:
+            return t.name
+        out = self.add_tensor(node.name, shape, _of(t))
+        return self.emit("reshape", node, [t.name], out, shape=shape)
+
+    def dim_arg(self, node, d, ndim_with_batch: int) -> int:
+        d = int(d) % ndim_with_batch
+        if d == 0:
+            self.fail(node, "operates on the batch dimension; the integer graph keeps samples independent")
+        return d - 1
+
+    def lower_transpose(self, node):
+        t = self.tensor_of(node, node.args[0])
+        nd = len(t.shape) + 1
+        if node.target in (torch.transpose, "transpose"):
+            a, b = (self.dim_arg(node, d, nd) for d in node.args[1:3])
+            perm = list(range(nd - 1))
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            full = [int(d) % nd for d in dims]
+            if full[0] != 0:
+                self.fail(node, "moves the batch dimension")
+            perm = [d - 1 for d in full[1:]]
+        out = self.add_tensor(node.name, self.shape(node), _of(t))
+        return self.emit("transpose", node, [t.name], out, perm=tuple(perm))
+
+    def lower_split(self, node):
+        t = self.tensor_of(node, node.args[0])
+        nd = len(t.shape) + 1
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        axis = self.dim_arg(node, dim, nd)
+        size = t.shape[axis]
+        arg = node.args[1]
+        if node.target in (torch.chunk, "chunk"):
+            step = -(-size // int(arg))
+            bounds = [(i, min(i + step, size)) for i in range(0, size, step)]
+        elif isinstance(arg, int):
+            bounds = [(i, min(i + arg, size)) for i in range(0, size, arg)]
+        else:
+            starts = np.cumsum([0] + list(arg))
+            bounds = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        return Pieces(t.name, axis, bounds)
+
+    def lower_getitem(self, node):
+        src = self.val[node.args[0]]
+        if isinstance(src, Pieces):
+            start, stop = src.bounds[node.args[1]]
+            t = self.tensors[src.tensor]
+            out = self.add_tensor(node.name, self.shape(node), _of(t))
+            return self.emit("slice", node, [t.name], out, axis=src.axis, start=start, stop=stop)
+        self.fail(node, "indexes a tensor; only the pieces of chunk/split are lowered")
+
+    def pool_args(self, node, mod, names, defaults):
+        if mod is not None:
+            vals = [getattr(mod, n) for n in names]
+        else:
+            vals = list(node.args[1:]) + [None] * len(names)
+            vals = [node.kwargs.get(n, vals[i]) for i, n in enumerate(names)]
+        vals = [d if v is None else v for v, d in zip(vals, defaults)]
+        return vals
+
+    def lower_maxpool(self, node):
+        t = self.tensor_of(node, node.args[0])
+        mod = self.module(node)
+        pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
+        if isinstance(mod, nn.AdaptiveMaxPool2d) or node.target is F.adaptive_max_pool2d:
+            out_hw = self.shape(node)[1:]
+            k = self.adaptive_kernel(node, t.shape[1:], out_hw)
+            kernel, stride, padding, dilation, ceil = k, k, (0, 0), (1, 1), False
+        else:
+            kernel, stride, padding, dilation, ceil = self.pool_args(
+                node, mod, ["kernel_size", "stride", "padding", "dilation", "ceil_mode"], [None, None, 0, 1, False])
+            stride = stride if stride not in (None, []) else kernel
+            kernel, stride, padding, dilation = pair(kernel), pair(stride), pair(padding), pair(dilation)
+        if dilation != (1, 1):
+            self.fail(node, "dilated max pooling has no integer form here")
+        out = self.add_tensor(node.name, self.shape(node), _of(t))
+        return self.emit("max_pool2d", node, [t.name], out, kernel=kernel, stride=stride, padding=padding,
+                         ceil_mode=bool(ceil))
+
+    def adaptive_kernel(self, node, in_hw, out_hw):
+        if any(i % o for i, o in zip(in_hw, out_hw)):
+            self.fail(node, f"adaptive pooling {tuple(in_hw)} → {tuple(out_hw)} with uneven windows; use input sizes "
+                      "that divide evenly")
+        return tuple(i // o for i, o in zip(in_hw, out_hw))
+
+    def lower_avgpool(self, node):
+        t = self.tensor_of(node, node.args[0])
+        mod = self.module(node)
+        in_shape, out_shape = t.shape, self.shape(node)
+        if len(in_shape) != 3:
+            self.fail(node, f"pooling over per-sample shape {in_shape}; only (C, H, W) is lowered")
+        pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
+        reshape_after = None
+        if node.target in ("mean", torch.mean):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = sorted(int(d) % 4 for d in (dims if isinstance(dims, (tuple, list)) else [dims]))
+            if dims != [2, 3]:
+                self.fail(node, f"mean over dims {dims}; only the spatial mean (dims 2, 3) is lowered")
+            kernel, stride, padding, glob = tuple(in_shape[1:]), tuple(in_shape[1:]), (0, 0), True
+            if out_shape != (in_shape[0], 1, 1):
+                reshape_after = out_shape
+        elif isinstance(mod, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d:
+            k = self.adaptive_kernel(node, in_shape[1:], out_shape[1:])
+            glob = tuple(out_shape[1:]) == (1, 1)
+            kernel, stride, padding = k, k, (0, 0)
+        else:
+            kernel, stride, padding, ceil, include_pad, divisor = self.pool_args(
+                node, mod, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+                [None, None, 0, False, True, None])
+            stride = stride if stride not in (None, []) else kernel
+            kernel, stride, padding = pair(kernel), pair(stride), pair(padding)
+            if ceil or divisor is not None or (not include_pad and padding != (0, 0)):
+                self.fail(node, "average pooling with ceil_mode, divisor_override or count_include_pad=False "
+                          "has no integer form here")
+            glob = False
+        count = kernel[0] * kernel[1]
+        grid = self.sink_grid(node) if reshape_after is None else None
+        grid = grid or _of(t)
+        m, s = _multiplier(t.scale / (count * grid.scale), node.name)
+        pooled_shape = (in_shape[0], 1, 1) if reshape_after is not None else out_shape
+        name = node.name if reshape_after is None else node.name + "_pooled"
+        out = self.add_tensor(name, pooled_shape, grid)
+        self.emit("avg_pool2d", node, [t.name], out, kernel=kernel, stride=stride, padding=padding,
+                  **{"global": glob}, multiplier=m, shift=s, **self.clamp_attrs(grid))
+        if reshape_after is None:
+            return out
+        self.add_tensor(node.name, reshape_after, grid)
+        return self.emit("reshape", node, [out], node.name, shape=tuple(reshape_after))
+
+    # ---- lookup tables ----------------------------------------------------------------------
+    def lower_lut(self, node, fn, per_channel=False):
+        t = self.tensor_of(node, node.args[0])
+        if per_channel and t.bits > 8:
+            self.fail(node, f"a standalone BatchNorm on a {t.bits}-bit intermediate tensor (per-channel table too "
+                      "large); fold it into the conv before it (fold_bn=True) or put a quantizer before it")
+        if per_channel and getattr(fn, "training", False):
+            self.fail(node, "is in training mode; call qm.eval() before lowering")
+        codes = torch.arange(t.qmin, t.qmax + 1, dtype=torch.float32)
+        x = (codes - t.zero_point) * torch.tensor(t.scale, dtype=torch.float32)
+        with torch.no_grad():
+            if per_channel:
+                c = t.shape[0]
+                xb = x.expand(c, -1).unsqueeze(0)                      # (1, C, n)
+                if isinstance(fn, nn.BatchNorm2d):
+                    xb = xb.unsqueeze(-1)
+                y = fn(xb).reshape(c, -1)
+            else:
+                y = fn(x)
+        grid = self.sink_grid(node)
+        if grid is None:
+            lo, hi = float(y.min()), float(y.max())
+            grid = wide_grid(lo, hi, 0.0, self.pow2)
+        table = quantize_codes(y, torch.tensor(grid.scale), torch.tensor(float(grid.zero_point)), (grid.qmin, grid.qmax))
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("lut", node, [t.name], out, table=table.to(torch.int64).numpy())
+
+    # ---- add / mul / cat ----------------------------------------------------------------------
+    def lower_binary(self, node):
+        if not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            self.fail(node, "adds or multiplies a python constant; only tensor ⊕ tensor is lowered")
+        a, b = (self.tensor_of(node, x) for x in node.args[:2])
+        (alo, ahi), (blo, bhi) = _of(a).real_range, _of(b).real_range
+        shape = self.shape(node)
+        if node.target is operator.add:
+            grid = self.sink_grid(node) or wide_grid(alo + blo, ahi + bhi, min(a.scale, b.scale), self.pow2)
+            left = 20 if max(a.bits, b.bits) <= 8 else 12
+            twice_max = 2 * max(a.scale, b.scale)
+            ma, sa = _multiplier(a.scale / twice_max, node.name)
+            mb, sb = _multiplier(b.scale / twice_max, node.name)
+            m, s = _multiplier(twice_max / (2 ** left * grid.scale), node.name)
+            out = self.add_tensor(node.name, shape, grid)
+            return self.emit("add", node, [a.name, b.name], out, left_shift=left, multiplier_a=ma, shift_a=sa,
+                             multiplier_b=mb, shift_b=sb, multiplier=m, shift=s, **self.clamp_attrs(grid))
+        prods = [alo * blo, alo * bhi, ahi * blo, ahi * bhi]
+        grid = self.sink_grid(node) or wide_grid(min(prods), max(prods), a.scale * b.scale, self.pow2)
+        m, s = _multiplier(a.scale * b.scale / grid.scale, node.name)
+        out = self.add_tensor(node.name, shape, grid)
+        return self.emit("mul", node, [a.name, b.name], out, multiplier=m, shift=s, **self.clamp_attrs(grid))
+
+    def lower_cat(self, node):
+        items = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        ts = [self.tensor_of(node, x) for x in items]
+        axis = self.dim_arg(node, dim, len(ts[0].shape) + 1)
+        grid = self.sink_grid(node)
+        if grid is None:
+            grids = {_of(t) for t in ts}
+            if len(grids) == 1:
+                grid = grids.pop()
+            else:
+                lo = min(_of(t).real_range[0] for t in ts)
+                hi = max(_of(t).real_range[1] for t in ts)
+                grid = wide_grid(lo, hi, min(t.scale for t in ts), self.pow2)
+        ms = [_multiplier(t.scale / grid.scale, node.name) for t in ts]
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("concat", node, [t.name for t in ts], out, axis=axis, multipliers=[m for m, _ in ms],
+                         shifts=[s for _, s in ms], **self.clamp_attrs(grid))
+
+
+def check_ready(qm: fx.GraphModule) -> None:
+    """Raise a clear error unless `qm` is in eval mode with every activation grid fixed."""
+    if not hasattr(qm, "config"):
+        raise LoweringError("lower() takes the QuantizedGraphModule returned by qcompile.compile")
+    training = [n for n, m in qm.named_modules() if m.training]
+    if training:
+        raise LoweringError(f"the graph is in training mode (e.g. module {training[0] or '<root>'!r}); call qm.eval() "
+                            "before lowering: lowering uses the eval-mode grids and BatchNorm running statistics")
+
+
+def lower(qm: fx.GraphModule) -> ir.Graph:
+    """The integer IR of a trained QuantizedGraphModule in eval mode (see the module docstring)."""
+    check_ready(qm)
+    graph = _Lowering(qm).run()
+    if not graph.inputs:
+        raise LoweringError("the graph input is never quantized; nothing to lower")
+    from qcompile import __version__
+    graph.meta = {"qcompile_version": __version__, "config": qm.config.to_dict()}
+    return graph

@@ -1,0 +1,116 @@
+"""Pass `fold_bn`: conv/linear + BatchNorm → one fused layer with the BatchNorm folded.
+
+Invariant after this pass, for every BatchNorm B (config `fold_bn` true for B's path) whose
+input is a conv1d/conv2d/linear node L used by B alone (L's weight and bias `get_attr`
+nodes, B called once, with running statistics and channels on dim 1):
+  - L's weight operand is `fold_weight(W, B.weight, B.running_var, eps)` (W·γ/σ_r), the
+    node the `quantize` pass puts the weight quantizer on, and L has no bias;
+  - B's call is replaced by a call of a `BatchNormFold` module at B's path (B's own
+    parameters and buffers, so `state_dict()` keys are unchanged) with arguments
+    (L, x, W, b): x is L's activation operand, W and b L's float weight and bias;
+  - L.meta["qc_output"] is that node: the layer's result is read after it, so `quantize`
+    puts L's output quantizer after the BatchNorm correction, not between L and it.
+There is no call of a BatchNorm module where folding applied. Any other BatchNorm stays
+a BatchNorm call (a per-channel affine op in eval, `qcompile.train.fused_bn.bn_affine`), tagged
+meta["qc_bn"] = "affine" with the reason in meta["qc_bn_reason"].
+"""
+from __future__ import annotations
+
+import collections
+
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qcompile.config import QConfig
+from qcompile.train.fused_bn import BatchNormFold, fold_weight
+from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS
+
+# which BatchNorm follows which layer function with channels on dim 1
+_BN_FOR = {F.conv2d: nn.BatchNorm2d, F.conv1d: nn.BatchNorm1d, F.linear: nn.BatchNorm1d}
+
+
+def _why_not_foldable(bn_node: fx.Node, bn: _BatchNorm, gm: fx.GraphModule, calls: collections.Counter) -> str | None:
+    """None when `bn_node` can be folded into its producer, else the reason it cannot."""
+    layer = bn_node.args[0] if bn_node.args else None
+    if bn_node.kwargs or len(bn_node.args) != 1 or not isinstance(layer, fx.Node):
+        return "not called with a single tensor argument"
+    if not (layer.op == "call_function" and layer.target in WEIGHTED_FUNCTIONS):
+        return f"its input {layer.name} is not a conv/linear"
+    if len(layer.users) != 1:
+        return f"the output of {layer.name} has other users besides the BatchNorm"
+    if calls[bn_node.target] != 1:
+        return "the BatchNorm module is called more than once"
+    if not bn.track_running_stats:
+        return "track_running_stats=False (batch statistics in eval: not an affine op)"
+    if type(bn) is not _BN_FOR[layer.target]:
+        return f"{type(bn).__name__} after {layer.target.__name__}"
+    weight, bias = layer.args[1], layer.args[2] if len(layer.args) > 2 else None
+    if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr") or layer.kwargs:
+        return f"the weight/bias of {layer.name} are not parameters"
+    if layer.target is F.linear and len(layer.meta["tensor_meta"].shape) != 2:
+        return "the linear output is not (batch, features)"
+    if weight.meta["tensor_meta"].shape[0] != bn.num_features:
+        return f"{bn.num_features} BatchNorm features for {weight.meta['tensor_meta'].shape[0]} output channels"
+    return None
+
+
+def _reaches_input(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """True when `node` is a graph input or a parameter-free, single-input chain from one (no gradient
+    leaves a layer reading it)."""
+    while node.op != "placeholder":
+        inputs = node.all_input_nodes
+        if len(inputs) != 1 or node.op == "get_attr":
+            return False
+        if node.op == "call_module" and next(gm.get_submodule(node.target).parameters(), None) is not None:
+            return False
+        node = inputs[0]
+    return True
+
+
+def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
+    graph = gm.graph
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        bn = gm.get_submodule(node.target)
+        if not isinstance(bn, _BatchNorm):
+            continue
+        cfg = config.for_layer(node.target, type(bn))
+        reason = "fold_bn=False" if not cfg.fold_bn else _why_not_foldable(node, bn, gm, calls)
+        if reason is not None:
+            node.meta["qc_bn"], node.meta["qc_bn_reason"] = "affine", reason
+            continue
+        layer = node.args[0]
+        x, weight = layer.args[0], layer.args[1]
+        bias = layer.args[2] if len(layer.args) > 2 else None
+        layer_name = layer.meta.get("qc_layer", layer.name)
+        layer_cfg = config.for_layer(layer_name, type(gm.get_submodule(layer_name)) if layer.meta.get("qc_layer") else None)
+        fused = BatchNormFold(bn, layer_name, layer.target, layer.args[3:] if layer.target in CONV_FUNCTIONS else (),
+                              freeze_steps=cfg.bn_freeze_steps, float_statistics=layer_cfg.acc_bits is not None)
+        fused.propagates_gradient = not _reaches_input(x, gm)
+        gm.add_submodule(node.target, fused)
+        with graph.inserting_before(layer):
+            gamma = graph.get_attr(f"{node.target}.weight") if bn.affine else None
+            var = graph.get_attr(f"{node.target}.running_var")
+            folded = graph.call_function(fold_weight, (weight, gamma, var, bn.eps))
+        folded.meta["tensor_meta"] = weight.meta["tensor_meta"]
+        for n, t in ((gamma, bn.weight), (var, bn.running_var)):
+            if n is not None:
+                n.meta["tensor_meta"] = _extract_tensor_metadata(t)
+        for n in (gamma, var, folded):
+            if n is not None:
+                n.meta["qc_layer"] = layer_name
+        layer.args = (x, folded, None, *layer.args[3:])
+        with graph.inserting_after(layer):
+            out = graph.call_module(node.target, (layer, x, weight, bias))
+        out.meta.update(node.meta)
+        out.meta.update(qc_layer=layer_name, qc_bn=node.target, qc_module_type=type(fused).__name__)
+        layer.meta["qc_output"] = out
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm

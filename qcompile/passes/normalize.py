@@ -1,0 +1,63 @@
+"""Pass `normalize`: one canonical form per op.
+
+Invariant after this pass: conv/linear modules are calls of F.conv1d/F.conv2d/F.linear
+whose weight and bias are `get_attr` nodes (the modules stay in the hierarchy as parameter
+holders, so `state_dict()` keys are unchanged); activation modules are calls of their
+functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `torch.add`,
+`.relu_()`...) are their out-of-place operator or function. Every layer node carries
+`meta["qc_layer"]` (module path) and `meta["qc_module_type"]`.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from qcompile.passes.ops import (ACTIVATION_MODULES, CANONICAL_FUNCTIONS, CANONICAL_METHODS, CONV_MODULES,
+                          LINEAR_MODULES)
+
+
+def _conv_function(mod):
+    return {1: F.conv1d, 2: F.conv2d}[len(mod.kernel_size)]
+
+
+def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES):
+                if isinstance(mod, CONV_MODULES) and mod.padding_mode != "zeros":
+                    continue  # stays a module: listed as a float fallback by quantize
+                with graph.inserting_before(node):
+                    w = graph.get_attr(f"{node.target}.weight")
+                    b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                    if isinstance(mod, CONV_MODULES):
+                        new = graph.call_function(_conv_function(mod), (node.args[0], w, b, mod.stride,
+                                                  mod.padding, mod.dilation, mod.groups))
+                    else:
+                        new = graph.call_function(F.linear, (node.args[0], w, b))
+                w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
+                new.meta.update(node.meta)
+                new.meta["qc_layer"] = node.target
+                new.meta["qc_module_type"] = type(mod).__name__
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            elif type(mod) in ACTIVATION_MODULES:
+                with graph.inserting_before(node):
+                    new = graph.call_function(ACTIVATION_MODULES[type(mod)], (node.args[0],))
+                new.meta.update(node.meta)
+                new.meta["qc_layer"] = node.target
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+        elif node.op == "call_function":
+            if "inplace" in node.kwargs:
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+            target = CANONICAL_FUNCTIONS.get(node.target, node.target)
+            if target is not node.target and not node.kwargs:
+                node.target = target
+        elif node.op == "call_method" and node.target in CANONICAL_METHODS and not node.kwargs:
+            node.op, node.target = "call_function", CANONICAL_METHODS[node.target]
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,72 @@
+"""`qcompile.compile`: the one call that runs the pass pipeline on a float model.
+
+The pipeline (ARCHITECTURE.md) runs in a fixed order; each pass is a function
+(GraphModule, QConfig) -> GraphModule that edits the module in place. After every pass
+the graph is snapshotted into `qm.pass_snapshots`, and nodes the pass created are tagged
+`meta["qc_pass"]` with its name.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcompile.passes.fold_bn import fold_bn
+from qcompile.passes.narrow_acc import narrow_acc
+from qcompile.passes.normalize import normalize
+from qcompile.passes.quantize import quantize
+from qcompile.passes.regularize import regularize
+from qcompile.passes.trace import trace
+
+from qcompile.config import QConfig
+from qcompile.train.graph_module import QuantizedGraphModule
+
+PIPELINE = (
+    ("normalize", normalize),
+    ("fold_bn", fold_bn),
+    ("quantize", quantize),
+    ("narrow_acc", narrow_acc),
+    ("regularize", regularize),
+)
+
+
+def _tag(qm: QuantizedGraphModule, pass_name: str, existing: set) -> None:
+    """Tag the nodes `pass_name` created (those not in `existing`) and record module types."""
+    for node in qm.graph.nodes:
+        if node not in existing:
+            node.meta["qc_pass"] = pass_name
+        if node.op == "call_module" and "qc_module_type" not in node.meta:
+            node.meta["qc_module_type"] = type(qm.get_submodule(node.target)).__name__
+
+
+def compile(model: nn.Module, example_inputs, config: QConfig | dict | None = None, *,
+            leaf_modules=None, concrete_args: dict | None = None, **overrides) -> QuantizedGraphModule:
+    """Trace `model` (not mutated) and return its trainable fully quantized graph.
+
+    `config` is a QConfig, a dict of its fields, or None (defaults); keyword `overrides`
+    replace single fields (e.g. `grad_bits=4`). `leaf_modules` (module paths or class names)
+    are kept as opaque calls; `concrete_args` are passed to torch.fx's tracer.
+    """
+    if config is None:
+        config = QConfig()
+    elif isinstance(config, dict):
+        config = QConfig.from_dict(config)
+    elif not isinstance(config, QConfig):
+        raise TypeError(f"config must be a QConfig, a dict or None, not {type(config).__name__}")
+    if leaf_modules is not None:
+        overrides["leaf_modules"] = tuple(leaf_modules)
+    if overrides:
+        config = config.replace(**overrides)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm = trace(model, tuple(example_inputs), config.leaf_modules, concrete_args)
+    qm = QuantizedGraphModule(gm, gm.graph, class_name=f"Quantized{type(model).__name__}")
+    qm.config = config
+    qm.train(model.training)
+    _tag(qm, "trace", set())
+    qm.snapshot("trace")
+    for name, run in PIPELINE:
+        existing = set(qm.graph.nodes)
+        run(qm, config)
+        _tag(qm, name, existing)
+        qm.snapshot(name)
+    return qm

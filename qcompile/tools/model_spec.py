@@ -1,0 +1,93 @@
+"""MODEL arguments of the command line: `torchvision:NAME`, `models:NAME` or `path/to/file.py:factory`.
+
+Invariant: `load_model(spec)` returns a fresh nn.Module or raises ValueError naming the
+spec and what to change; `parse_shape("1,3,64,64")` returns a tuple of positive ints.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from torch import nn
+
+from qcompile.models import get
+
+
+def load_model(spec: str, **kwargs) -> nn.Module:
+    """The model a spec names; a file spec calls `factory(**kwargs)` from that Python file."""
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise ValueError(f"model {spec!r}: use 'torchvision:NAME', 'models:NAME' or 'path/to/file.py:factory'")
+    if source in ("torchvision", "models"):
+        return get(spec, **kwargs)
+    path = Path(source)
+    if path.suffix != ".py":
+        raise ValueError(f"model {spec!r}: {source!r} is neither 'torchvision', 'models' nor a .py file")
+    if not path.is_file():
+        raise ValueError(f"model {spec!r}: file {str(path)!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"qcompile_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ValueError(f"model {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"model {spec!r}: {path} has no callable {name!r}; callables there: {public}")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,64,64' (or '1x3x64x64') -> (1, 3, 64, 64)."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"input shape {text!r}: write comma-separated integers, e.g. 1,3,224,224") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input shape {text!r}: needs at least one dimension, all positive")
+    return shape
+
+
+# ---- config options as command-line flags ------------------------------------------------
+_NOT_FLAGS = ("overrides",)
+
+
+def add_config_arguments(parser) -> None:
+    """`--config file.toml` and one `--FIELD-NAME VALUE` flag per QConfig field (TOML syntax
+    for the value: 4, 0.9, true, "running", [-1.0, 1.0]; bare words are strings; none = None)."""
+    import dataclasses
+
+    from qcompile.config import QConfig
+    group = parser.add_argument_group("quantization config (flags override --config)")
+    group.add_argument("--config", metavar="FILE.toml", help="QConfig fields, top level or under [qcompile]")
+    for f in dataclasses.fields(QConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", metavar="V",
+                           help=f"default {default!r}" + (" (comma-separated)" if f.name == "leaf_modules" else ""))
+
+
+def _flag_value(name: str, text: str):
+    import tomllib
+    if name == "leaf_modules":
+        return tuple(p for p in text.split(",") if p)
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def config_from_args(args):
+    """The QConfig of `--config` (or the defaults) with every given flag replacing its field."""
+    from qcompile.config import QConfig
+    config = QConfig.from_toml(args.config) if getattr(args, "config", None) else QConfig()
+    changes = {k[4:]: _flag_value(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return config.replace(**changes) if changes else config

@@ -1,0 +1,232 @@
+"""Range estimators: where a quantizer's [lo, hi] comes from.
+
+Each estimator keeps its whole state in buffers (`lo`, `hi`, `initialized`, `nonfinite`,
+and `step` for DSGC), so `state_dict()` restores it exactly. `forward(x, update)` returns
+the range to quantize `x` with, and, when `update` is true, folds the statistics of `x`
+into the state. Statistics that are not finite never touch the state: the update is
+skipped, `nonfinite` is incremented, and `forward` reports it through `finite=False`.
+
+Under torch.distributed, batch statistics are all-reduced (min of mins, max of maxes) so
+every rank quantizes with the same range.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qcompile.errors import CalibrationError
+
+
+def minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` (per slice along `axis` when given), in float32."""
+    x = x.detach()
+    if axis is None:
+        lo, hi = torch.aminmax(x)
+    elif x.dim() == 1:          # one value per slice
+        lo, hi = x, x
+    else:                       # amin + amax over the other dims: several times faster than aminmax(dim=)
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        lo, hi = x.amin(dims), x.amax(dims)
+    return lo.float(), hi.float()
+
+
+def _all_reduce_minmax(lo: torch.Tensor, hi: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+
+
+class RangeEstimator(nn.Module):
+    """Base class. `static` is True when the range used at step t is known before step t."""
+
+    name = "base"
+    static = False
+
+    def __init__(self, shape: tuple[int, ...] = (), axis: int | None = None, sync: bool = True):
+        super().__init__()
+        self.axis = axis
+        self.sync = sync
+        self.register_buffer("lo", torch.zeros(shape))
+        self.register_buffer("hi", torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("nonfinite", torch.tensor(0, dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {'static' if self.static else 'dynamic'}"
+
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        lo, hi = minmax(x, self.axis)
+        if self.sync:
+            _all_reduce_minmax(lo, hi)
+        finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+        if not finite:
+            self.nonfinite += 1
+        return lo, hi, finite
+
+    def stored(self, who: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        if not bool(self.initialized):
+            raise CalibrationError(
+                f"{who or 'quantizer'}: the {self.name} estimator has no range yet; run "
+                "qm.calibrate(batches) or train a few steps before using it in eval mode")
+        return self.lo.clone(), self.hi.clone()
+
+    def _set(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor, update: bool, who: str = ""):
+        raise NotImplementedError
+
+
+class CurrentMinMax(RangeEstimator):
+    """Dynamic: the range of the tensor being quantized. `lo`/`hi` hold the last one seen."""
+
+    name = "current"
+
+    def forward(self, x, update, who=""):
+        lo, hi, finite = self.stats(x)
+        if finite and update:
+            self._set(lo, hi)
+        return lo, hi, finite
+
+
+class RunningMinMax(RangeEstimator):
+    """Dynamic: q^t = (1-η)·minmax(G^t) + η·q^(t-1); q^0 = minmax(G^0). Frozen when not updating."""
+
+    name = "running"
+
+    def __init__(self, momentum: float, **kw):
+        super().__init__(**kw)
+        self.momentum = momentum
+
+    def forward(self, x, update, who=""):
+        if not update:
+            return (*self.stored(who), True)
+        lo, hi, finite = self.stats(x)
+        if finite:
+            if bool(self.initialized):
+                eta = self.momentum
+                lo, hi = (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi
+            self._set(lo, hi)
+        elif not bool(self.initialized):
+            return lo, hi, False
+        return self.lo.clone(), self.hi.clone(), finite
+
+
+class HindsightMinMax(RangeEstimator):
+    """Static: step t is quantized with q^t = (1-η)·minmax(G^(t-1)) + η·q^(t-1), the range
+    known before G^t is seen; G^t's statistics then update the state for step t+1. The
+    first batch initializes the state with its own min-max and is quantized with it."""
+
+    name = "hindsight"
+    static = True
+
+    def __init__(self, momentum: float, **kw):
+        super().__init__(**kw)
+        self.momentum = momentum
+
+    def forward(self, x, update, who=""):
+        if not update:
+            return (*self.stored(who), True)
+        if not bool(self.initialized):
+            lo, hi, finite = self.stats(x)
+            if finite:
+                self._set(lo, hi)
+            return lo, hi, finite
+        use_lo, use_hi = self.lo.clone(), self.hi.clone()
+        lo, hi, finite = self.stats(x)
+        if finite:
+            eta = self.momentum
+            self._set((1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi)
+        return use_lo, use_hi, finite
+
+
+class DSGC(RangeEstimator):
+    """Direction-sensitive gradient clipping: every `interval` updates (the first included),
+    a golden-section search picks α ∈ [α_min, 1] maximizing cos(x, Q(x; α·minmax(x)));
+    the range α·minmax(x) is then used, unchanged (static), until the next search."""
+
+    name = "dsgc"
+    static = True
+    alpha_min = 0.01
+    search_iters = 20
+
+    def __init__(self, interval: int, qrange: tuple[int, int], symmetric: bool, **kw):
+        super().__init__(**kw)
+        self.interval = interval
+        self.qrange = qrange
+        self.symmetric = symmetric
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+
+    def _cosine(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> float:
+        from qcompile.train.quantizers import qparams, quantize_codes  # one definition of the grid
+        scale, zp = qparams(lo, hi, self.qrange, self.symmetric)
+        xq = (quantize_codes(x, scale, zp, self.qrange) - zp) * scale
+        return float(torch.nn.functional.cosine_similarity(x.flatten(), xq.flatten(), dim=0))
+
+    def search(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> float:
+        """The α in [alpha_min, 1] that maximizes the cosine similarity (golden section)."""
+        x = x.detach().float()
+        inv_phi = (math.sqrt(5) - 1) / 2
+        a, b = self.alpha_min, 1.0
+        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+        fc, fd = self._cosine(x, c * lo, c * hi), self._cosine(x, d * lo, d * hi)
+        for _ in range(self.search_iters):
+            if fc > fd:
+                b, d, fd = d, c, fc
+                c = b - inv_phi * (b - a)
+                fc = self._cosine(x, c * lo, c * hi)
+            else:
+                a, c, fc = c, d, fd
+                d = a + inv_phi * (b - a)
+                fd = self._cosine(x, d * lo, d * hi)
+        return (a + b) / 2
+
+    def forward(self, x, update, who=""):
+        if not update:
+            return (*self.stored(who), True)
+        finite = True
+        if int(self.step) % self.interval == 0 or not bool(self.initialized):
+            lo, hi, finite = self.stats(x)
+            if finite:
+                alpha = self.search(x, lo, hi)
+                self._set(alpha * lo, alpha * hi)
+            elif not bool(self.initialized):
+                return lo, hi, False
+        self.step += 1
+        return self.lo.clone(), self.hi.clone(), finite
+
+
+class FixedRange(RangeEstimator):
+    """Static: a user-given range that never changes."""
+
+    name = "fixed"
+    static = True
+
+    def __init__(self, lo: float, hi: float, **kw):
+        super().__init__(**kw)
+        self._set(torch.full_like(self.lo, lo), torch.full_like(self.hi, hi))
+
+    def forward(self, x, update, who=""):
+        return self.lo.clone(), self.hi.clone(), True
+
+
+def make_estimator(kind: str, *, momentum: float, interval: int, fixed: tuple[float, float] | None,
+                   qrange: tuple[int, int], symmetric: bool, shape=(), axis=None, sync=True) -> RangeEstimator:
+    """Build the estimator named `kind` (one of QConfig's estimator names)."""
+    kw = dict(shape=shape, axis=axis, sync=sync)
+    if kind == "current":
+        return CurrentMinMax(**kw)
+    if kind == "running":
+        return RunningMinMax(momentum, **kw)
+    if kind == "hindsight":
+        return HindsightMinMax(momentum, **kw)
+    if kind == "dsgc":
+        return DSGC(interval, qrange, symmetric, **kw)
+    if kind == "fixed":
+        return FixedRange(*fixed, **kw)
+    raise ValueError(f"unknown range estimator {kind!r}")

@@ -1,0 +1,222 @@
+"""BatchNorm folded into the conv/linear before it, trained with simulated folding
+(Krishnamoorthi 2018, "Quantizing deep convolutional networks for efficient inference",
+section 3.2).
+
+For a layer L (conv1d/conv2d/linear) with weight W and bias b followed by a BatchNorm
+(γ, β, running μ_r, σ_r² = running_var + eps), the fused graph is
+
+    W_fold = fold_weight(W, γ, running_var, eps)          = W · γ/σ_r   (per output channel)
+    y      = L(x, Q_W(W_fold), bias=None)                 ← the weight quantizer sees W_fold
+    out    = BatchNormFold(y, x, W, b)                    ← before the output quantizer
+
+BatchNormFold in training (statistics not frozen) computes the batch statistics μ_B, σ_B of
+z = y·σ_r/γ — the folded layer's own output with the fold undone, which is L(x, W) exactly
+when quantization is off, and L(x, Q_W(W·γ/σ_r))·σ_r/γ with it (one conv per layer, as in
+torch.ao's fused ConvBn) — differentiably, and returns
+
+    out = y · σ_r/σ_B + (β − γ·μ_B/σ_B)
+
+When the layer has a narrow accumulator (`float_statistics`), y may have overflowed, so
+μ_B, σ_B come instead from a second, float conv of the same operands (Krishnamoorthi's
+figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. The gradient
+through μ_B, σ_B (and γ's) is then BatchNorm's on that conv, as if nothing overflowed (the
+straight-through view of the accumulator); z itself passes γ/σ_B straight through. Either way
+updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b). In eval
+mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
+a per-channel bias, which is what lowering folds into the integer bias.
+
+Invariant: with every quantizer off, out equals BatchNorm(L(x, W) + b) in value and in its
+gradients with respect to x, W, b, γ and β, in train and eval mode. The per-channel
+arithmetic γ/σ and β − μ·γ/σ is written once here (`bn_scale`, `bn_affine`) and reused by
+the rectification loss and by lowering.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
+
+
+def bn_scale(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """γ/σ per channel with σ = sqrt(var + eps) (γ = 1 for a BatchNorm without affine)."""
+    inv_std = torch.rsqrt(var + eps)
+    return inv_std if gamma is None else gamma * inv_std
+
+
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a BatchNorm (or BatchNormFold) in eval mode: BN(x) = x·scale + shift per channel."""
+    if getattr(bn, "running_var", None) is None:
+        raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False): "
+                         "it normalizes with batch statistics even in eval mode and is not a per-channel affine op")
+    scale = bn_scale(bn.weight, bn.running_var, bn.eps)
+    shift = -bn.running_mean * scale
+    return scale, shift if bn.bias is None else shift + bn.bias
+
+
+def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast along dim 1 of an `ndim`-dim activation."""
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see.
+    γ enters as a constant: BatchNormFold divides the fold out again before normalizing, so γ's two
+    paths through it cancel exactly and γ's gradient is BatchNorm's own."""
+    scale = bn_scale(None if gamma is None else gamma.detach(), running_var, eps)
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+class BatchNormFold(nn.Module):
+    """The BatchNorm half of a fused layer (see the module docstring for the arithmetic).
+
+    Parameters and buffers carry BatchNorm's names (`weight`, `bias`, `running_mean`,
+    `running_var`, `num_batches_tracked`) and are BatchNorm's own tensors, so the model's
+    `state_dict()` keys are unchanged by folding. `num_batches_tracked` counts training
+    forward passes; once it reaches `freeze_steps` the running statistics stop updating and
+    training uses them (no batch correction). `layer_fn`/`layer_args` are the preceding
+    layer's function and its arguments after the bias (stride, padding, ...), used for the
+    float batch-statistics pass. After every forward, `gain_sq` holds the per-channel noise
+    gain² (γ·‖W_c‖/σ_c)² of that batch (see qcompile.train.bn_rectification), differentiable.
+    """
+
+    def __init__(self, bn: _BatchNorm, layer: str, layer_fn, layer_args: tuple = (),
+                 freeze_steps: int | None = None, rectification: float = 0.0, float_statistics: bool = False):
+        super().__init__()
+        if not bn.track_running_stats:
+            raise ValueError(f"BatchNorm after {layer!r} has track_running_stats=False: it cannot be folded")
+        self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
+        self.layer, self.layer_fn, self.layer_args = layer, layer_fn, tuple(layer_args)
+        self.freeze_steps = freeze_steps
+        self.float_statistics = float_statistics      # batch statistics from a float conv (narrow accumulators)
+        self.rectification = float(rectification)   # λ of this block (set by add_bn_rectification)
+        self.propagates_gradient = True              # False when the layer reads the graph input (set by fold_bn)
+        self._gain: torch.Tensor | None = None
+        self._gain_inputs: tuple | None = None
+        self.bias_quant: nn.Module | None = None     # a BiasQuant, set by the quantize pass
+        self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
+        self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
+
+    def extra_repr(self) -> str:
+        fn = getattr(self.layer_fn, "__name__", str(self.layer_fn))
+        freeze = f", freeze_steps={self.freeze_steps}" if self.freeze_steps is not None else ""
+        return f"{self.num_features}, eps={self.eps}, folded into {self.layer} ({fn}){freeze}"
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze_steps is not None and int(self.num_batches_tracked) >= self.freeze_steps
+
+    def _momentum(self) -> float:
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def folded_bias(self, layer_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """β + γ·(b − μ_r)/σ_r: the bias of the folded layer in eval mode (what lowering uses)."""
+        scale, shift = bn_affine(self)
+        return shift if layer_bias is None else shift + layer_bias * scale
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                layer_bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if y.dim() < 2 or y.shape[1] != self.num_features:
+            raise ValueError(f"BatchNormFold after {self.layer!r}: expected {self.num_features} channels on dim 1, "
+                             f"got shape {tuple(y.shape)}")
+        frozen = self.frozen  # steps 1..freeze_steps use batch statistics
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        if not self.training or frozen:
+            self._record_gain(x, weight, self.running_var, None)
+            bias = self.folded_bias(layer_bias)
+            if self.bias_quant is not None and input_scale is not None:
+                bias = self.bias_quant(bias, input_scale, weight_scale)   # the integer layer's int32 bias
+            return y + _per_channel(bias, y.dim())
+        count = y.numel() // y.shape[1]
+        if count < 2:
+            raise ValueError(f"BatchNormFold after {self.layer!r}: expected more than 1 value per channel when "
+                             f"training, got input of shape {tuple(y.shape)}")
+        fold = bn_scale(None if self.weight is None else self.weight.detach(), self.running_var, self.eps)  # γ/σ_r
+        fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
+        z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
+        if layer_bias is not None:
+            z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
+        dims = [0] + list(range(2, z.dim()))
+        if self.float_statistics:
+            # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
+            # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
+            # fold γ/σ_r grows and overflows more)
+            stats = self.layer_fn(x, weight, layer_bias, *self.layer_args)
+            var_b, mean_b = torch.var_mean(stats, dim=dims, unbiased=False)
+            gamma = torch.ones_like(var_b) if self.weight is None else self.weight
+            k = _per_channel(gamma * torch.rsqrt(var_b + self.eps), z.dim())
+            # value (z − μ_B)·k; gradient: z straight through k, and μ_B, k (so γ, x, W through them) as
+            # BatchNorm of `stats` gives it. Differentiating (z − μ_B)·k as written would weigh ∂k by the
+            # overflowed z − μ_B, a mismatch with the statistics that blows the gradient up.
+            s = stats.detach()
+            out = z * k.detach() + (s - _per_channel(mean_b, z.dim())) * k - s * k.detach()
+            if self.bias is not None:
+                out = out + _per_channel(self.bias, z.dim())
+            with torch.no_grad():
+                m = self._momentum()
+                self.running_mean.mul_(1 - m).add_(mean_b, alpha=m)
+                self.running_var.mul_(1 - m).add_(var_b * (count / (count - 1)), alpha=m)
+        else:
+            # BatchNorm with batch statistics on z: γ(z − μ_B)/σ_B + β = y·σ_r/σ_B + β − γμ_B/σ_B, with
+            # running statistics updated as nn.BatchNorm does (one fused kernel, forward and backward)
+            out, _, invstd = torch.native_batch_norm(z, self.weight, self.bias, self.running_mean, self.running_var,
+                                                     True, self._momentum(), self.eps)
+            if self.rectification > 0 and torch.is_grad_enabled():   # the loss differentiates the gain
+                var_b = torch.var(z, dim=dims, unbiased=False)
+            else:
+                var_b = invstd.detach().pow(-2) - self.eps
+        self._record_gain(x, weight, var_b, count)
+        return out
+
+    def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var: torch.Tensor, count: int | None) -> None:
+        """Keep what this batch's per-channel noise gain² needs. It is computed here, differentiably,
+        when the rectification loss uses it, and otherwise only when `gain_sq` is read."""
+        from qcompile.train.bn_rectification import tap_coverage
+        key = (tuple(x.shape[2:]), tuple(weight.shape))
+        if key not in self._coverage:
+            self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, x.shape, weight.shape)
+        self._gain_inputs = (var, weight, count, self._coverage[key])
+        self._gain = None
+        if self.rectification > 0 and torch.is_grad_enabled():
+            self._gain = self._compute_gain()
+
+    def _compute_gain(self) -> torch.Tensor:
+        from qcompile.train.bn_rectification import channel_gain_sq  # the formula lives with its derivation
+        var, weight, count, coverage = self._gain_inputs
+        return channel_gain_sq(self.weight, var, self.eps, weight, count, coverage)
+
+    @property
+    def gain_sq(self) -> torch.Tensor | None:
+        """Per-channel noise gain² (γ·‖W_c‖/σ_c)² of the last forward pass (None before one)."""
+        if self._gain is None and self._gain_inputs is not None:
+            with torch.no_grad():
+                self._gain = self._compute_gain()
+        return self._gain
+
+    @gain_sq.setter
+    def gain_sq(self, value: torch.Tensor | None) -> None:
+        self._gain, self._gain_inputs = value, None
+
+    def describe(self) -> str:
+        state = "frozen statistics" if self.frozen else "batch statistics + σ_r/σ_B correction"
+        text = f"BN folded into {self.layer} ({state})"
+        if not self.propagates_gradient:
+            return text + "; reads the graph input (no gradient to amplify)"
+        if self.rectification:
+            text += f"; rectification λ={self.rectification:g}"
+        if self.gain_sq is not None:
+            text += f"; noise gain predicted {float(self.gain_sq.detach().mean().sqrt()):.3f}"
+        if self.measured_gain is not None:
+            text += f", measured {self.measured_gain[0]:.3f} (float gradient's gain {self.measured_gain[1]:.3f})"
+        return text

@@ -1,0 +1,867 @@
+"""Tiled narrow-accumulator matmuls: the one implementation of the accumulator semantics.
+
+Semantics (shared with `qcompile.ir` and every backend). For each output element:
+  acc_0 = bias;  the reduction (conv: (c_in/groups, ky, kx) in that order; linear: in_features;
+  matmul: the inner dimension) is cut into contiguous tiles of `tile` products (the last one
+  may be shorter; tile=None is one tile); each tile's sum p_t of integer products is exact;
+  acc_t = overflow(acc_(t-1) + p_t), overflow = clamp to [-2^(b-1), 2^(b-1)-1] ("saturate")
+  or two's-complement wrap ("wrap"); acc_bits=None is an exact accumulator.
+Wrapping after each tile equals wrapping once at the end (arithmetic mod 2^b), so wrap does
+no per-tile work. Saturation is order dependent: the clamp runs after every tile.
+Overflow statistics: with saturation an event is one tile update whose exact value
+acc_(t-1) + p_t left the range (it was clamped); with wrap, intermediate wraps that cancel
+leave the result exact, so an event is an output whose wrapped result differs from the exact
+sum. An output `overflowed` when it had at least one event.
+
+Every function takes integer-valued tensors (int64, or float32/float64 holding integers) and
+is exact whenever the bounds below hold; it raises otherwise. Integer operands give integer
+results; float operands give the accumulator in the float dtype used (float32 or float64).
+Partial sums are computed in float32 when every tile's Σ|products| < 2^24 (float32 holds every
+integer below 2^24, so any summation order is exact) and in float64 (exact below 2^53)
+otherwise. When the worst case |bias| + Σ|products| cannot leave the range, the whole
+reduction is one exact op. Otherwise one batched GEMM (over the im2col matrix for a conv)
+computes a chunk of tiles' partial sums at once, a (tiles, outputs) tensor; a clamp-scan over its
+tile axis folds them into the accumulator (on the CPU in one pass, the C kernel csrc/clamp_scan.c;
+torch ops elsewhere). Chunks bound the memory whatever the number of tiles.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.train import native
+from qcompile.train.quantizers import bias_codes
+
+FLOAT32_EXACT = 2 ** 24
+FLOAT64_EXACT = 2 ** 53
+OVERFLOW_MODES = ("saturate", "wrap")
+
+
+@dataclass
+class AccResult:
+    """The accumulator after the last tile, per output; `exact` is bias + Σ partials (no overflow),
+    None when not asked for (exact=False)."""
+    acc: torch.Tensor
+    exact: torch.Tensor | None  # exact as an integer type or below 2^24 (float32) / 2^53 (float64)
+    overflowed: torch.Tensor    # bool, per output: at least one overflow event
+    events: torch.Tensor        # int64 scalar: number of overflow events
+
+
+def acc_range(acc_bits: int) -> tuple[int, int]:
+    """[lo, hi] of a signed `acc_bits`-bit accumulator."""
+    return -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
+
+
+def min_acc_bits(bound) -> int:
+    """The smallest signed width whose range holds every integer of magnitude <= `bound`."""
+    return math.ceil(math.log2(float(bound) + 1)) + 1
+
+
+def wrap(v: torch.Tensor, acc_bits: int) -> torch.Tensor:
+    """Two's-complement wrap of integer-valued `v` into `acc_bits` bits (exact for |v| < 2^53 as float)."""
+    lo, _ = acc_range(acc_bits)
+    return torch.remainder(v - lo, 2 ** acc_bits) + lo
+
+
+def _absmax(t: torch.Tensor | None) -> float:
+    return float(t.detach().abs().max()) if t is not None and t.numel() else 0.0
+
+
+def _check_mode(acc_bits, tile, overflow) -> None:
+    if acc_bits is not None and (not isinstance(acc_bits, int) or acc_bits < 2):
+        raise ValueError(f"acc_bits={acc_bits!r}: must be None (exact) or an integer >= 2")
+    if tile is not None and (not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"tile={tile!r}: must be None (whole reduction) or a positive integer")
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW_MODES}")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _ntiles(length: int, tile: int | None) -> tuple[int, int]:
+    """(tile length, number of tiles) for a reduction of `length` products."""
+    t = length if tile is None or tile >= length else tile
+    return t, -(-length // t)
+
+
+@dataclass
+class _Plan:
+    """How to run one reduction exactly: tile length/count and the float dtypes of partials and sums."""
+    tile: int
+    tiles: int
+    part_dtype: torch.dtype
+    acc_dtype: torch.dtype
+    dense: bool                 # no overflow possible: compute the whole reduction at once
+
+
+def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Plan:
+    _check_mode(acc_bits, tile, overflow)
+    amax, bmax = absmax if absmax is not None else (_absmax(a), _absmax(b))
+    prod = amax * bmax
+    total = length * prod + _absmax(bias)
+    if total >= FLOAT64_EXACT:
+        raise ValueError(f"operands too large for an exact accumulation: |bias| + Σ|products| can reach "
+                         f"{total:.3g} >= 2^53")
+    dense = acc_bits is None or total <= acc_range(acc_bits)[1]
+    tl, T = _ntiles(length, None if dense else tile)
+    part = torch.float32 if tl * prod < FLOAT32_EXACT else torch.float64
+    # float32 sums are exact below 2^24; with saturation the accumulator stays in range (acc_bits <= 24),
+    # an out-of-range value is clamped whatever its rounding, and `exact` is then only used as a float
+    acc_ok = total < FLOAT32_EXACT or (overflow == "saturate" and acc_bits is not None and acc_bits <= 24
+                                       and _absmax(bias) < FLOAT32_EXACT)
+    acc = torch.float32 if part == torch.float32 and acc_ok else torch.float64
+    return _Plan(tl, 1 if dense else T, part, acc, dense)
+
+
+CHUNK_ELEMENTS = 1 << 21          # partial sums materialized at once (~8 MB of float32): still in the last-level cache
+                                  # when the scan reads them (measured best of 2^20..2^23 on the benchmark)
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable CPU buffers for the large temporaries (padded input, im2col matrix, partial
+    sums): a fresh multi-megabyte tensor pays its page faults on every call, which costs more than
+    the GEMM that fills it. A buffer's contents are only valid until the next request of its name;
+    each holds about what one chunk of tiles needs (CHUNK_ELEMENTS)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def empty(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, acc_bits: int | None,
+              overflow: str, per_tile: int, exact: bool = True) -> AccResult:
+    """The accumulator over exact per-tile partial sums: partials(t0, t1) returns tiles t0..t1−1 as
+    a tensor (t1−t0, *tile shape), a permuted view of a contiguous buffer that may be overwritten
+    here; `start` (the initial accumulator, e.g. the bias; None: 0) broadcasts to one tile. Tiles
+    are requested in chunks of about CHUNK_ELEMENTS / per_tile. Saturation is a clamp-scan over the
+    tile axis (_clamp_scan). exact=False skips the exact sum where the result does not need it."""
+    chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile, 1)))
+    saturate = acc_bits is not None and overflow == "saturate"
+    lo, hi = acc_range(acc_bits) if saturate else (None, None)
+    keep_exact = exact or not saturate
+    exact = acc = overflowed = None
+    events = 0
+    for t0 in range(0, tiles, chunk):
+        ps = partials(t0, min(t0 + chunk, tiles))
+        if keep_exact:
+            s = ps.sum(0)
+            exact = exact.add_(s) if exact is not None else s if start is None else s.add_(start)
+        if not saturate:
+            continue
+        first = acc is None
+        if first:
+            acc = torch.empty(ps.shape[1:], dtype=ps.dtype, device=ps.device)
+            overflowed = torch.empty(ps.shape[1:], dtype=torch.bool, device=ps.device)
+            if start is not None:
+                acc.copy_(start)
+        events += _clamp_scan(ps, acc, lo, hi, overflowed, from_zero=first and start is None, first=first)
+    if saturate:
+        return AccResult(acc, exact, overflowed, torch.tensor(events, dtype=torch.int64, device=acc.device))
+    if acc_bits is None:
+        none = torch.zeros((), dtype=torch.int64, device=exact.device)
+        return AccResult(exact, exact, torch.zeros(exact.shape, dtype=torch.bool, device=exact.device), none)
+    acc = wrap(exact, acc_bits)
+    hit = acc != exact
+    return AccResult(acc, exact, hit, hit.sum())
+
+
+def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor,
+                from_zero: bool, first: bool) -> int:
+    """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape, contiguous; from_zero:
+    uninitialized, the accumulator starts at 0): for each tile in order acc = clamp(acc + p_t, lo, hi);
+    sets `overflowed` (bool, like acc; first: uninitialized) where an update clamped and returns the
+    number of such events. ps may be overwritten. On the CPU the C kernel csrc/clamp_scan.c does it in
+    one pass over ps; elsewhere (or without a C compiler) torch ops."""
+    lib = native.library("clamp_scan") if ps.device.type == "cpu" and ps.dtype in _SCAN_KERNELS else None
+    if lib is None:
+        if from_zero:
+            acc.zero_()
+        if first:
+            overflowed.zero_()
+        return _clamp_scan_torch(ps, acc, lo, hi, overflowed)
+    fn = getattr(lib, _SCAN_KERNELS[ps.dtype][0])
+    if fn.argtypes is None:
+        c_t = _SCAN_KERNELS[ps.dtype][1]
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t] + [ctypes.c_int] * 2
+        fn.restype = ctypes.c_int64
+    dims, inner = _outer_inner(ps.shape[1:], ps.stride()[1:])
+    (outer, outer_stride), loops = (dims[-1], dims[:-1]) if dims else ((1, 0), [])
+    size = ps.element_size()
+    events = 0
+    for index in itertools.product(*(range(n) for n, _ in loops)):   # dims the kernel's layout cannot merge
+        off = sum(i * st for i, (_, st) in zip(index, loops))
+        at = sum(i * math.prod(n for n, _ in loops[k + 1:]) for k, i in enumerate(index)) * outer * inner
+        events += fn(ps.data_ptr() + off * size, ps.shape[0], ps.stride(0), outer, outer_stride, inner,
+                     acc.data_ptr() + at * size, overflowed.data_ptr() + at, lo, hi, from_zero, first)
+    return events
+
+
+_SCAN_KERNELS = {torch.float32: ("qc_clamp_scan_f32", ctypes.c_float),
+                 torch.float64: ("qc_clamp_scan_f64", ctypes.c_double)}
+
+
+def _outer_inner(shape, strides) -> tuple[list[tuple[int, int]], int]:
+    """One tile's layout (`shape`, element `strides`) as outer dims [(size, stride), ...] (adjacent dims
+    merged where their strides allow) around a contiguous innermost run of `inner` elements."""
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    inner = 1
+    while dims and dims[-1][1] == inner:
+        inner *= dims.pop()[0]
+    merged = []
+    for n, st in dims:
+        if merged and merged[-1][1] == st * n:
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    return merged, inner
+
+
+SCAN_BLOCK = 1 << 17              # accumulators scanned together over the tiles: they stay in cache
+MIN_RUN = 1 << 12                 # contiguous runs at least this long are scanned as flat blocks
+
+
+def _scan_views(ps: torch.Tensor, acc: torch.Tensor, hit: torch.Tensor):
+    """(partials, accumulator, hit) views to scan: one per index of a tile's outer dimensions when
+    the rest of a tile is a contiguous run of at least MIN_RUN (flat views: fast elementwise ops),
+    else the whole (strided) chunk."""
+    shape, inner, run = ps.shape[1:], ps.dim() - 1, 1
+    while inner and ps.stride(inner) == run:
+        run *= shape[inner - 1]
+        inner -= 1
+    if run < MIN_RUN:
+        return [(ps, acc, hit)]
+    T = ps.shape[0]
+    return [(ps[(slice(None), *i)].view(T, -1), acc[i].view(-1), hit[(slice(None), *i)].view(T, -1))
+            for i in itertools.product(*map(range, shape[:inner]))]
+
+
+def _clamp_scan_torch(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor) -> int:
+    """_clamp_scan with torch ops: tile after tile on blocks of about SCAN_BLOCK outputs of each view
+    (_scan_views), leaving d_t = v_t − clamp(v_t) in ps and d_t != 0 in a bool scratch shaped like ps."""
+    hit = _SCRATCH.empty("hit", (ps.numel(),), torch.bool, ps.device).as_strided(ps.shape, ps.stride())
+    for p_all, acc_all, hit_all in _scan_views(ps, acc, hit):
+        width = p_all.shape[-1]
+        step = max(1, -(-width // max(1, -(-acc_all.numel() // SCAN_BLOCK))))
+        for b0 in range(0, width, step):
+            a = acc_all[..., b0:b0 + step]
+            for p, h in zip(p_all[..., b0:b0 + step], hit_all[..., b0:b0 + step]):
+                p.add_(a)
+                torch.clamp(p, lo, hi, out=a)
+                h.copy_(p.sub_(a))
+    hit = hit.view(torch.uint8)
+    clamps = None
+    for i in range(0, len(hit), 255):         # uint8 counts hold up to 255 tiles
+        n = hit[i:i + 255].sum(0, dtype=torch.uint8)
+        clamps = n if clamps is None else clamps.to(torch.int32).add_(n)
+    overflowed.logical_or_(clamps.bool())
+    return int(clamps.sum(dtype=torch.int64))
+
+
+def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
+    """The initial accumulator: the bias (shaped to broadcast to one tile) or None (0)."""
+    return None if bias is None else bias.to(dtype)
+
+
+def _apply(res: AccResult, fn) -> AccResult:
+    """`fn` (a reshape / permutation) applied to every per-output tensor of `res`."""
+    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact), fn(res.overflowed), res.events)
+
+
+def _out_dtype(ref: torch.Tensor) -> torch.dtype | None:
+    """Integer operands give integer results; float operands keep the (exact) accumulation dtype."""
+    return ref.dtype if ref.dtype in (torch.int64, torch.int32) else None
+
+
+def _cast(res: AccResult, dtype: torch.dtype | None) -> AccResult:
+    if dtype is None:
+        return res
+    return _apply(res, lambda t: t if t.dtype == torch.bool else t.round().to(dtype))
+
+
+@torch.no_grad()
+def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None,
+                 exact: bool = True) -> AccResult:
+    """a (..., M, K) @ b (..., K, N) (+ bias broadcast to (..., M, N)) with the tiled accumulator;
+    the reduction runs over K in index order. `absmax`=(max|a|, max|b|), when known, skips measuring;
+    exact=False may leave AccResult.exact None (as in every tiled op)."""
+    K = a.shape[-1]
+    if b.shape[-2] != K:
+        raise ValueError(f"tiled_matmul: inner dimensions differ ({tuple(a.shape)} @ {tuple(b.shape)})")
+    plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
+    tl, T = plan.tile, plan.tiles
+    a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
+    full = K // tl                                                          # tiles of tl products; then maybe a short one
+    a_t = a_[..., :full * tl].unflatten(-1, (full, tl)).movedim(-2, 0)      # (full, ..., M, tl): views
+    b_t = b_[..., :full * tl, :].unflatten(-2, (full, tl)).movedim(-3, 0)   # (full, ..., tl, N)
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+
+    def partials(t0, t1):
+        ps = _SCRATCH.empty("partials", (t1 - t0, *shape), a_.dtype, a.device)
+        n = min(t1, full) - t0
+        if n > 0:
+            torch.matmul(a_t[t0:t0 + n], b_t[t0:t0 + n], out=ps[:n])
+        if t1 > full:                                                       # the short last tile
+            torch.matmul(a_[..., full * tl:], b_[..., full * tl:, :], out=ps[-1])
+        return ps.to(plan.acc_dtype)
+
+    res = run_tiles(partials, T, _bias_start(bias, plan.acc_dtype), None if plan.dense else acc_bits, overflow,
+                    per_tile=math.prod(shape), exact=exact)
+    return _cast(res, _out_dtype(a))
+
+
+def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None,
+                 exact: bool = True) -> AccResult:
+    """x (..., in) · w (out, in)ᵀ + bias (out,), reduction over in_features in index order."""
+    return tiled_matmul(x, w.t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow, absmax=absmax, exact=exact)
+
+
+@torch.no_grad()
+def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                 dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
+                 overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+    """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
+    w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
+    The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order."""
+    if x.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"tiled_conv2d: expects 4-d x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
+    O, cin_g, kh, kw = w.shape
+    N, K = x.shape[0], cin_g * kh * kw
+    plan = _plan(x, w, bias, K, acc_bits, tile, overflow, absmax)
+    if plan.tiles == 1:
+        y = F.conv2d(x.to(plan.part_dtype), w.to(plan.part_dtype), None, stride, padding, dilation, groups)
+        y = y.to(plan.acc_dtype)
+        start = _bias_start(None if bias is None else bias.view(-1, 1, 1), plan.acc_dtype)
+        res = run_tiles(lambda t0, t1: y.unsqueeze(0), 1, start, None if plan.dense else acc_bits, overflow,
+                        per_tile=y.numel(), exact=exact)
+        return _cast(res, _out_dtype(x))
+    tl, T = plan.tile, plan.tiles
+    og, kk = O // groups, kh * kw
+    Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
+    L = Ho * Wo
+    ph, pw = _pair(padding)
+    xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
+    wt = w.to(plan.part_dtype).reshape(groups, og, K)
+    wt = F.pad(wt, (0, T * tl - K)) if T * tl > K else wt                                  # (G, og, T·tl)
+
+    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, N·L)
+        k0, k1 = t0 * tl, min(t1 * tl, K)
+        c0, c1 = k0 // kk, -(-k1 // kk)                    # the input channels (per group) these tiles read
+        off, rows = k0 - c0 * kk, (t1 - t0) * tl
+        cols = _SCRATCH.empty("cols", (groups, max((c1 - c0) * kk, off + rows), N * L), xp.dtype, x.device)
+        _im2col(cols, xp, c0, c1, cin_g, (kh, kw), (Ho, Wo), stride, dilation)
+        cols = cols[:, off:off + rows].view(groups, t1 - t0, tl, N * L)
+        wk = wt[:, :, t0 * tl:t1 * tl].view(groups, og, t1 - t0, tl).transpose(1, 2)        # (G, T', og, tl)
+        ps = _SCRATCH.empty("partials", (groups, t1 - t0, og, N * L), xp.dtype, x.device)
+        return torch.matmul(wk, cols, out=ps).transpose(0, 1).to(plan.acc_dtype)
+
+    start = _bias_start(None if bias is None else bias.view(groups, og, 1), plan.acc_dtype)
+    res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, tl) * N * L, exact=exact)
+    return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
+
+
+def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
+    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer
+    (x itself when there is nothing to pad or convert)."""
+    (ph0, ph1, pw0, pw1), (N, C, H, W) = pads, x.shape
+    if not any(pads) and x.dtype == dtype and x.is_contiguous():
+        return x
+    xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
+    xp[:, :, :ph0].zero_()
+    xp[:, :, ph0 + H:].zero_()
+    xp[:, :, ph0:ph0 + H, :pw0].zero_()
+    xp[:, :, ph0:ph0 + H, pw0 + W:].zero_()
+    xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
+    return xp
+
+
+def _im2col(out: torch.Tensor, xp: torch.Tensor, c0: int, c1: int, cin_g: int, k, hw_out, stride, dilation) -> None:
+    """out (G, R, Q) ← the im2col matrix, one strided copy:
+    out[g, (c − c0, ky, kx), (n, i, j)] = xp[n, g·cin_g + c, i·s + ky·d, j·s + kx·d] for c in [c0, c1) of
+    each group g; every other entry ← 0. `xp` is the already padded input (N, C, Hp, Wp)."""
+    (kh, kw), (Ho, Wo), (sh, sw), (dh, dw) = k, hw_out, _pair(stride), _pair(dilation)
+    G = out.shape[0]
+    N, n_c = xp.shape[0], c1 - c0
+    rows, width = n_c * kh * kw, N * Ho * Wo
+    sN, sC, sH, sW = xp.stride()
+    src = xp.as_strided((G, n_c, kh, kw, N, Ho, Wo), (cin_g * sC, sC, dh * sH, dw * sW, sN, sh * sH, sw * sW),
+                        xp.storage_offset() + c0 * sC)
+    out[:, :rows, :width].view(G, n_c, kh, kw, N, Ho, Wo).copy_(src)
+    out[:, rows:].zero_()
+    out[:, :rows, width:].zero_()
+
+
+def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    return ((hw[0] + 2 * ph - dh * (k[0] - 1) - 1) // sh + 1, (hw[1] + 2 * pw - dw * (k[1] - 1) - 1) // sw + 1)
+
+
+def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile: int | None):
+    """Worst-case accumulator magnitudes per output channel for weights |w_int| (O, K) in reduction
+    order and inputs |x_int| <= x_absmax: (whole reduction incl. |bias|, largest single tile).
+    Differentiable in its tensor arguments."""
+    K = w_abs.shape[1]
+    tl, T = _ntiles(K, tile)
+    whole = w_abs.sum(1) * x_absmax
+    if bias_abs is not None:
+        whole = whole + bias_abs
+    w_tiles = F.pad(w_abs, (0, T * tl - K)) if T * tl > K else w_abs
+    per_tile = w_tiles.reshape(w_abs.shape[0], T, tl).sum(2).amax(1) * x_absmax
+    return whole, per_tile
+
+
+# ---- backward matmuls: the same tiled accumulator over the backward reductions ----------------
+
+@torch.no_grad()
+def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
+                            groups: int = 1, *, acc_bits: int | None, tile: int | None,
+                            overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+    """G_X = G_Y·Wᵀ of conv2d, for stride 1: the conv2d of G_Y padded by dilation·(k−1) − padding on
+    each side with the spatially flipped, in/out-transposed kernel. Its reduction runs over
+    (c_out/groups, ky', kx') of the flipped kernel (padding contributes 0) and is tiled like any conv.
+    With stride > 1 (G_Y with stride − 1 zeros inserted between its rows and columns) the inserted
+    zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad)."""
+    N, O, Ho, Wo = g.shape
+    _, cin_g, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    if (sh, sw) != (1, 1):
+        return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
+                                   overflow=overflow, absmax=absmax, exact=exact)
+    lh, lw = dh * (kh - 1) - ph, dw * (kw - 1) - pw       # stride 1: the same padding after as before
+    if lh < 0 or lw < 0:                                   # padding wider than the kernel: crop instead
+        ch, cw = max(0, -lh), max(0, -lw)
+        g, lh, lw = g[:, :, ch:Ho - ch, cw:Wo - cw], max(0, lh), max(0, lw)
+    og = O // groups
+    # the flipped, in/out-transposed kernel, laid out (groups, og, ky', kx', cin_g): a small transpose per
+    # output channel; with one group its (cin_g, og·kh·kw) weight matrix is a view (no large transpose)
+    wt = w.reshape(groups, og, cin_g, kh, kw).permute(0, 1, 3, 4, 2).flip(2, 3).contiguous()
+    wt = wt.permute(0, 4, 1, 2, 3).reshape(groups * cin_g, og, kh, kw)
+    return tiled_conv2d(g, wt, None, 1, (lh, lw), (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
+                        absmax=absmax, exact=exact)
+
+
+def _phase_taps(r: int, k: int, s: int, d: int, lead: int, n_in: int, n_out: int):
+    """Along one axis of a strided conv's G_X (stuffed, padded G_Y read at y + a·d, `lead` = d·(k−1) −
+    padding before it): the flipped-kernel taps a (ascending) that meet a real G_Y row at the outputs
+    y ≡ r (mod s), as (taps, q0, q_step): output y = r + s·m reads G_Y row m + q0 + q_step·(index of a
+    in taps). Also the zero rows G_Y needs before and after (n_in rows; m < n_out) for every read."""
+    taps = [a for a in range(k) if (r + a * d - lead) % s == 0]
+    if not taps:
+        return taps, 0, 0, (0, 0)
+    q0 = (r + taps[0] * d - lead) // s
+    q_step = (taps[1] - taps[0]) * d // s if len(taps) > 1 else 0
+    q1 = q0 + q_step * (len(taps) - 1)
+    return taps, q0, q_step, (max(0, -q0), max(0, n_out - 1 + q1 - (n_in - 1)))
+
+
+@torch.no_grad()
+def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, acc_bits, tile, overflow,
+                        absmax, exact) -> AccResult:
+    """tiled_conv2d_input_grad for stride > 1, without the inserted zeros. The outputs split into
+    s_h·s_w phases (y mod s_h, x mod s_w); in each only the taps of _phase_taps meet G_Y rows, so a
+    phase is an ordinary conv of G_Y with those taps of the flipped kernel: its reduction runs over
+    (o, a, b) for those taps in that order and is tiled like any conv (an inserted zero takes no
+    slot in a tile; padding does)."""
+    N, O, Ho, Wo = g.shape
+    _, cin_g, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    H, W = input_hw
+    og, kk = O // groups, kh * kw
+    K, C = og * kk, groups * cin_g
+    plan = _plan(g, w, None, K, acc_bits, tile, overflow, absmax)       # every phase reduces over <= K products
+    if plan.dense:
+        y = torch.nn.grad.conv2d_input((N, C, H, W), w.to(plan.part_dtype), g.to(plan.part_dtype), stride,
+                                       padding, dilation, groups).to(plan.acc_dtype)
+        return _cast(run_tiles(lambda t0, t1: y.unsqueeze(0), 1, None, None, overflow, per_tile=y.numel()),
+                     _out_dtype(g))
+    Mh, Mw = -(-H // sh), -(-W // sw)                     # outputs per phase (padded to the largest phase)
+    rows = [_phase_taps(r, kh, sh, dh, dh * (kh - 1) - ph, Ho, Mh) for r in range(sh)]
+    cols_ = [_phase_taps(r, kw, sw, dw, dw * (kw - 1) - pw, Wo, Mw) for r in range(sw)]
+    top, left = max(t[3][0] for t in rows), max(t[3][0] for t in cols_)
+    gp = _padded(g, (top, max(t[3][1] for t in rows), left, max(t[3][1] for t in cols_)), plan.part_dtype)
+    sN, sC, sH, sW = gp.stride()
+    wg = w.to(plan.part_dtype).reshape(groups, og, cin_g, kh, kw)
+    Q = N * Mh * Mw
+    phases = []
+    for s, ((ta, qa, sa, _), (tb, qb, sb, _)) in enumerate((ra, rb) for ra in rows for rb in cols_):
+        R = og * len(ta) * len(tb)
+        if not R:                                          # no tap meets G_Y: these outputs sum nothing
+            phases.append(None)
+            continue
+        tl, T = _ntiles(R, tile)
+        red = _SCRATCH.empty("phase", (groups, T * tl, Q), gp.dtype, g.device)  # the phase's im2col, rows (o, a, b)
+        src = gp.as_strided((groups, og, len(ta), len(tb), N, Mh, Mw), (og * sC, sC, sa * sH, sb * sW, sN, sH, sW),
+                            gp.storage_offset() + (qa + top) * sH + (qb + left) * sW)
+        red[:, :R].view(groups, og, len(ta), len(tb), N, Mh, Mw).copy_(src)
+        red[:, R:].zero_()
+        ry, rx = divmod(s, sw)                             # outputs past H, W (phase padding) read zeros
+        red.view(groups, T * tl, N, Mh, Mw)[:, :, :, -(-(H - ry) // sh):].zero_()
+        red.view(groups, T * tl, N, Mh, Mw)[:, :, :, :, -(-(W - rx) // sw):].zero_()
+        wk = _SCRATCH.empty("phase_weights", (groups, T * tl, cin_g), gp.dtype, g.device)     # row (o, a, b)
+        flipped = wg.index_select(3, torch.tensor([kh - 1 - a for a in ta], device=g.device))
+        flipped = flipped.index_select(4, torch.tensor([kw - 1 - b for b in tb], device=g.device))
+        wk[:, :R].view(groups, og, len(ta), len(tb), cin_g).copy_(flipped.permute(0, 1, 3, 4, 2))
+        wk[:, R:].zero_()
+
+        def partials(t0, t1, red=red, wk=wk, tl=tl):       # tiles t0..t1−1: (t1−t0, G, cin_g, Q)
+            ps = _SCRATCH.empty("partials", (groups, t1 - t0, cin_g, Q), gp.dtype, g.device)
+            a = wk[:, t0 * tl:t1 * tl].view(groups, t1 - t0, tl, cin_g).transpose(-1, -2)
+            return torch.matmul(a, red[:, t0 * tl:t1 * tl].view(groups, t1 - t0, tl, Q), out=ps).transpose(0, 1) \
+                .to(plan.acc_dtype)
+
+        phases.append(run_tiles(partials, T, None, acc_bits, overflow, per_tile=groups * max(cin_g, tl) * Q,
+                                exact=exact))
+    some = next(r for r in phases if r is not None)
+
+    def stack(field):                                      # (S, G, cin_g, N·Mh·Mw), zeros for an empty phase
+        if getattr(some, field) is None:                   # exact=False: no phase kept its exact sum
+            return None
+        return torch.stack([getattr(r, field) if r is not None else torch.zeros_like(getattr(some, field))
+                            for r in phases])
+
+    def to_input(t):                                       # (S, G, cin_g, N·Mh·Mw) → (N, C, H, W)
+        t = t.reshape(sh, sw, C, N, Mh, Mw).permute(3, 2, 4, 0, 5, 1).reshape(N, C, Mh * sh, Mw * sw)
+        return t[:, :, :H, :W].contiguous()
+    res = AccResult(stack("acc"), stack("exact"), stack("overflowed"), sum(r.events for r in phases if r is not None))
+    return _cast(_apply(res, to_input), _out_dtype(g))
+
+
+@torch.no_grad()
+def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
+                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
+                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+    """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
+    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight."""
+    O, cin_g, kh, kw = weight_shape
+    N, K = x.shape[0], cin_g * kh * kw
+    og = O // groups
+    Ho, Wo = g.shape[-2:]
+    L = Ho * Wo
+    plan = _plan(g, x, None, N * L, acc_bits, tile, overflow, None if absmax is None else (absmax[1], absmax[0]))
+    tl, T = plan.tile, plan.tiles
+    ph, pw = _pair(padding)
+    xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
+    gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
+    gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
+    gt[..., N * L:].zero_()
+
+    def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
+        r0, r1 = t0 * tl, min(t1 * tl, N * L)
+        n0, n1 = r0 // L, -(-r1 // L)                      # the images these tiles read
+        off, cols_n = r0 - n0 * L, (t1 - t0) * tl
+        cols = _SCRATCH.empty("cols", (groups, K, max((n1 - n0) * L, off + cols_n)), xp.dtype, x.device)
+        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), (Ho, Wo), stride, dilation)
+        cols = cols[:, :, off:off + cols_n].view(groups, K, t1 - t0, tl).permute(0, 2, 3, 1)   # (G, T', tl, K)
+        gk = gt[:, :, r0:r0 + cols_n].view(groups, og, t1 - t0, tl).transpose(1, 2)            # (G, T', og, tl)
+        ps = _SCRATCH.empty("partials", (groups, t1 - t0, og, K), xp.dtype, x.device)
+        return torch.matmul(gk, cols, out=ps).transpose(0, 1).to(plan.acc_dtype)
+
+    res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=max(O, tl) * K, exact=exact)
+    return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
+
+
+# ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----
+
+def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """`t` (a scalar or one value per channel) shaped to broadcast along `axis` of an ndim tensor."""
+    if t.dim() == 0:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class _NarrowAccFunction(torch.autograd.Function):
+    """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands a/s_a, b/s_b;
+    also returns the exact accumulator (integer units; a 0-d zero unless op.track_exact). Backward: see
+    NarrowAccOp."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, op):
+        sa, sb = op.operand_scales()
+        a_int = torch.div(a, sa).round_()
+        b_int = torch.div(b, _channel_view(sb, b.dim(), 0) if op.kind != "matmul" else sb).round_()
+        out_scale = sa * sb
+        bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
+        res = op.forward_int(a_int, b_int, bias_int)
+        op.record("train" if op.training else "eval", res)
+        op.last_operands = (b_int, bias_int)
+        y_scale = op.out_view(out_scale, res.acc.dim())
+        ctx.save_for_backward(a_int, b_int, res.overflowed)
+        ctx.op, ctx.sa, ctx.sb, ctx.has_bias = op, sa, sb, bias is not None
+        exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
+        acc = res.acc.clone() if res.acc is res.exact else res.acc          # scaled in place: a fresh tensor
+        return acc.mul_(y_scale).to(a.dtype), exact
+
+    @staticmethod
+    def backward(ctx, gy, gexact):
+        a_int, b_int, overflowed = ctx.saved_tensors
+        op, sa, sb = ctx.op, ctx.sa, ctx.sb
+        g = gy
+        if op.acc_grad == "zero_saturated":
+            g = g.masked_fill(overflowed, 0.0)
+        if gexact is not None:
+            g = g + gexact / op.out_view(sa * sb, g.dim())
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(dim=[d for d in range(g.dim()) if d != op.channel_axis(g.dim())])
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gq = op.grad_output_quant
+        if gq is not None and gq.enabled:
+            # one quantized gradient operand for both backward matmuls: u = G_Y·s_w (per output channel
+            # for weights, so G_X's reduction over channels has one scale), u_int = û/s_u
+            fold = op.kind != "matmul"
+            u = g * op.out_view(sb, g.dim()) if fold else g
+            u_int = gq.gradient_codes(u)
+            su = gq.scale.clone()
+            ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b)
+            grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
+            if need_b:
+                b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
+                grad_b = gb.acc.to(g.dtype).mul_(b_scale)
+            else:
+                grad_b = None
+        else:
+            a_hat = a_int * sa
+            b_hat = b_int * (_channel_view(sb, b_int.dim(), 0) if op.kind != "matmul" else sb)
+            grad_a, grad_b = op.backward_float(a_hat, b_hat, g, need_a, need_b)
+        return grad_a, grad_b, grad_bias, None
+
+
+class NarrowAccOp(nn.Module):
+    """A quantized conv2d / conv1d / linear / matmul computed with the tiled narrow accumulator.
+
+    Called as op(a, b, bias) with a, b on the grids of the quantizers `grids` (activation, and
+    weight or activation); computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded
+    into int32) and rescales. Backward, with a gradient quantizer: u = G_Y·s_w is quantized once
+    and G_X = s_u·(u_int ⊛ W_int), G_W = s_u·s_x/s_w·(X_int ⊛ u_int) run through the same tiled
+    accumulator with `grad_acc_bits`; without one, the backward matmuls are exact in float.
+    The accumulator is straight-through (acc_grad="ste") or passes no gradient to outputs that
+    overflowed ("zero_saturated"). With a grid's quantizer disabled it is the plain float op.
+    Overflow statistics are int64 buffers per phase (train, eval, grad); `reset_overflow_stats()`.
+    """
+
+    PHASES = ("train", "eval", "grad")
+
+    def __init__(self, kind: str, layer: str, grids: tuple, *, acc_bits: int | None, tile: int | None,
+                 overflow: str, grad_acc_bits: int | None, acc_grad: str, grad_output_quant=None,
+                 stride=1, padding=0, dilation=1, groups: int = 1):
+        super().__init__()
+        if kind not in ("conv1d", "conv2d", "linear", "matmul"):
+            raise ValueError(f"NarrowAccOp kind {kind!r}: choose conv1d, conv2d, linear or matmul")
+        _check_mode(acc_bits, tile, overflow)
+        _check_mode(grad_acc_bits, tile, overflow)
+        self.kind, self.layer = kind, layer
+        self.acc_bits, self.tile, self.overflow = acc_bits, tile, overflow
+        self.grad_acc_bits, self.acc_grad = grad_acc_bits, acc_grad
+        self.grids = tuple(grids)              # the operands' quantizers (registered elsewhere in the graph)
+        self.grad_output_quant = grad_output_quant
+        if kind == "conv1d":
+            stride, padding, dilation = (1, _pair1(stride)), (0, _pair1(padding)), (1, _pair1(dilation))
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.track_exact = False               # set by the log barrier: keep the exact accumulator of the last step
+        self._pending = None
+        self.last_operands = None              # (b_int, bias_int) of the last forward, for the summary's margin
+        for phase in self.PHASES:
+            for what in ("events", "overflowed", "outputs"):
+                self.register_buffer(f"{what}_{phase}", torch.zeros((), dtype=torch.int64))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pending"] = None               # autograd graphs are not state
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, acc_bits={self.acc_bits}, tile={self.tile}, overflow={self.overflow}, "
+                f"grad_acc_bits={self.grad_acc_bits}, acc_grad={self.acc_grad}")
+
+    # ---- geometry --------------------------------------------------------------------
+    def channel_axis(self, ndim: int) -> int:
+        return 1 if self.kind in ("conv1d", "conv2d") else ndim - 1
+
+    def out_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return _channel_view(t, ndim, self.channel_axis(ndim))
+
+    def operand_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.grids[0].scale.detach().clone(), self.grids[1].scale.detach().clone()
+
+    def input_absmax(self, index: int = 0) -> float:
+        """max |x − z| over the grid of operand `index` (the input range in integer units)."""
+        q = self.grids[index]
+        qmin, qmax = q.qrange
+        z = q.zero_point.detach()
+        return float(torch.maximum((qmin - z).abs(), (qmax - z).abs()).max())
+
+    # ---- integer forward / backward -------------------------------------------------
+    def _conv_args(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def forward_int(self, a, b, bias) -> AccResult:
+        mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
+                    absmax=(self.input_absmax(0), self.input_absmax(1)), exact=self.track_exact)
+        if self.kind == "conv2d":
+            return tiled_conv2d(a, b, bias, *self._conv_args(), **mode)
+        if self.kind == "conv1d":
+            return _squeeze2(tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode))
+        if self.kind == "linear":
+            return tiled_linear(a, b, bias, **mode)
+        return tiled_matmul(a, b, None, **mode)
+
+    def backward_int(self, a, b, u, need_a: bool, need_b: bool):
+        """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits."""
+        mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
+        q = self.grad_output_quant
+        umax = float(torch.maximum((q.qrange[0] - q.zero_point).abs(), (q.qrange[1] - q.zero_point).abs()))
+        amax, bmax = self.input_absmax(0), self.input_absmax(1)
+        ga = gb = None
+        if self.kind in ("conv2d", "conv1d"):
+            sq = self.kind == "conv1d"
+            a4, b4, u4 = (t.unsqueeze(2) for t in (a, b, u)) if sq else (a, b, u)
+            if need_a:
+                ga = tiled_conv2d_input_grad(u4, b4, a4.shape[-2:], *self._conv_args(), **mode, absmax=(umax, bmax))
+            if need_b:
+                gb = tiled_conv2d_weight_grad(a4, u4, b4.shape, *self._conv_args(), **mode, absmax=(amax, umax))
+            ga, gb = (_squeeze2(r) if sq and r is not None else r for r in (ga, gb))
+        elif self.kind == "linear":
+            u2, a2 = u.reshape(-1, u.shape[-1]), a.reshape(-1, a.shape[-1])
+            if need_a:
+                ga = _reshape(tiled_matmul(u2, b, None, **mode, absmax=(umax, bmax)), a.shape)
+            if need_b:
+                gb = tiled_matmul(u2.t(), a2, None, **mode, absmax=(umax, amax))
+        else:
+            if need_a:
+                ga = tiled_matmul(u, b.transpose(-1, -2), None, **mode, absmax=(umax, bmax))
+            if need_b:
+                a_t = a.reshape(-1, a.shape[-1]).t() if b.dim() == 2 else a.transpose(-1, -2)
+                u_ = u.reshape(-1, u.shape[-1]) if b.dim() == 2 else u
+                gb = tiled_matmul(a_t, u_, None, **mode, absmax=(amax, umax))
+        for r in (ga, gb):
+            if r is not None:
+                self.record("grad", r)
+        return ga, gb
+
+    def backward_float(self, a, b, g, need_a: bool, need_b: bool):
+        """The exact float backward of the op (used when gradients are not quantized)."""
+        ga = gb = None
+        if self.kind in ("conv2d", "conv1d"):
+            sq = self.kind == "conv1d"
+            a4, b4, g4 = (t.unsqueeze(2) for t in (a, b, g)) if sq else (a, b, g)
+            if need_a:
+                ga = torch.nn.grad.conv2d_input(a4.shape, b4, g4, *self._conv_args())
+            if need_b:
+                gb = torch.nn.grad.conv2d_weight(a4, b4.shape, g4, *self._conv_args())
+            ga, gb = (t.squeeze(2) if sq and t is not None else t for t in (ga, gb))
+        elif self.kind == "linear":
+            if need_a:
+                ga = g @ b
+            if need_b:
+                gb = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        else:
+            if need_a:
+                ga = g @ b.transpose(-1, -2)
+            if need_b:
+                gb = (a.reshape(-1, a.shape[-1]).t() @ g.reshape(-1, g.shape[-1]) if b.dim() == 2
+                      else a.transpose(-1, -2) @ g)
+        return ga, gb
+
+    # ---- statistics and bounds ------------------------------------------------------
+    @torch.no_grad()
+    def record(self, phase: str, res: AccResult) -> None:
+        getattr(self, f"events_{phase}").add_(res.events)
+        getattr(self, f"overflowed_{phase}").add_(torch.count_nonzero(res.overflowed))
+        getattr(self, f"outputs_{phase}").add_(res.overflowed.numel())
+
+    def reset_overflow_stats(self) -> None:
+        for phase in self.PHASES:
+            for what in ("events", "overflowed", "outputs"):
+                getattr(self, f"{what}_{phase}").zero_()
+
+    def overflow_stats(self) -> dict:
+        """{phase: {"events", "overflowed", "outputs", "rate"}} with rate = overflowed / outputs."""
+        out = {}
+        for phase in self.PHASES:
+            ev, ov, n = (int(getattr(self, f"{w}_{phase}")) for w in ("events", "overflowed", "outputs"))
+            out[phase] = {"events": ev, "overflowed": ov, "outputs": n, "rate": ov / n if n else 0.0}
+        return out
+
+    def worst_case(self, b_int, bias_int):
+        """(whole-reduction, largest-tile) worst-case |acc| per output channel: Σ|w_int|·max|x_int| + |bias_int|
+        (matmul: K·max|a_int|·max|b_int|, one value). Differentiable in b_int and bias_int."""
+        if self.kind == "matmul":
+            K = b_int.shape[-2]
+            w_abs = torch.full((1, K), self.input_absmax(1), dtype=torch.float64, device=b_int.device)
+            return l1_bounds(w_abs, self.input_absmax(0), None, self.tile)
+        w_abs = b_int.abs().reshape(b_int.shape[0], -1)
+        return l1_bounds(w_abs, self.input_absmax(0), None if bias_int is None else bias_int.abs(), self.tile)
+
+    def describe(self) -> str:
+        st = self.overflow_stats()
+        parts = [f"acc{self.acc_bits or '∞'}/tile {self.tile or 'all'}/{self.overflow}"]
+        for phase in self.PHASES:
+            s = st[phase]
+            if s["outputs"]:
+                parts.append(f"{phase}: {s['events']} events, {100 * s['rate']:.3g}% outputs overflowed")
+        if self.acc_bits is not None and self.last_operands is not None:
+            with torch.no_grad():
+                worst = float(self.worst_case(*self.last_operands)[0].max())
+            hi = acc_range(self.acc_bits)[1]
+            parts.append(f"overflow-free margin {hi - worst:+.0f} ({self.acc_bits - min_acc_bits(worst):+d} bits; "
+                         f"worst case {worst:.0f} vs {hi})")
+        return " | ".join(parts)
+
+    # ---- forward --------------------------------------------------------------------
+    def forward(self, a, b, bias=None):
+        if not all(q.enabled for q in self.grids):
+            return self.float_op(a, b, bias)
+        y, exact = _NarrowAccFunction.apply(a, b, bias, self)
+        if self.track_exact and self.training and torch.is_grad_enabled():
+            self._pending = {"exact": exact, "b": b, "bias": bias}
+        return y
+
+    def float_op(self, a, b, bias=None):
+        if self.kind == "conv2d":
+            return F.conv2d(a, b, bias, *self._conv_args())
+        if self.kind == "conv1d":
+            return F.conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args()).squeeze(2)
+        if self.kind == "linear":
+            return F.linear(a, b, bias)
+        return torch.matmul(a, b)
+
+    def pop_pending(self):
+        """What the last training forward saw (exact accumulator, b operand, bias), with its graph; once."""
+        p, self._pending = self._pending, None
+        return p
+
+
+def _pair1(v) -> int:
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+def _squeeze2(r: AccResult) -> AccResult:
+    return _apply(r, lambda t: t.squeeze(2))
+
+
+def _reshape(r: AccResult, shape) -> AccResult:
+    return _apply(r, lambda t: t.reshape(shape))
