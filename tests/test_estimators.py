@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qcompile.train.estimators import DSGC, CurrentMinMax, FixedRange, HindsightMinMax, RunningMinMax
-from qcompile.train.quantizers import qrange
+from qcompile.core.grids import qrange
 
 SEQ = [torch.tensor([-1.0, 2.0, 0.5]), torch.tensor([-3.0, 1.0]), torch.tensor([-0.5, 6.0]),
        torch.tensor([-2.0, 2.0])]

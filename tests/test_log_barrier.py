@@ -12,7 +12,8 @@ from torch import nn
 import qcompile
 from qcompile.errors import QCompileError
 from qcompile.train.log_barrier import LogBarrier, psi
-from qcompile.train.tiled import NarrowAccOp, acc_range
+from qcompile.core.accumulator import acc_range
+from qcompile.train.tiled import NarrowAccOp
 
 torch.set_num_threads(1)
 T_VALUES = st.floats(0.5, 200.0)

@@ -12,7 +12,8 @@ from torch import nn
 import qcompile
 from qcompile.tools.analysis import accumulator_bounds
 from qcompile.errors import UnsupportedOpError
-from qcompile.train.tiled import (NarrowAccOp, acc_range, min_acc_bits, tiled_conv2d, tiled_conv2d_input_grad,
+from qcompile.core.accumulator import acc_range, min_acc_bits
+from qcompile.train.tiled import (NarrowAccOp, tiled_conv2d, tiled_conv2d_input_grad,
                             tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
 
 torch.set_num_threads(1)

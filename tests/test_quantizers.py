@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.train.quantizers import fake_quant, qparams, qrange, quantize_codes, stochastic_fake_quant
+from qcompile.train.quantizers import fake_quant, stochastic_fake_quant
+from qcompile.core.grids import qparams, qrange, quantize_codes
 
 
 @settings(max_examples=40, deadline=None)

@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
+from qcompile.core.accumulator import acc_range
 from qcompile.core.requant import is_power_of_two
 from qcompile.errors import QCompileError
 
@@ -309,7 +310,7 @@ class _Builder:
         k = int(np.prod(w.shape[1:]))
         tile = a.get("tile") or k
         bits, mode = int(a["acc_bits"]), a.get("overflow", "saturate")
-        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        lo, hi = acc_range(bits)
         if x.signed:
             raise ExportError(f"op {op.name!r}: signed activations; onnxruntime's ConvInteger/MatMulInteger take "
                               "uint8 inputs (train with act_symmetric=False)")

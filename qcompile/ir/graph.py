@@ -1,4 +1,4 @@
-"""The integer graph IR: what `passes/lower` produces and every backend consumes.
+"""The integer graph IR: what `qcompile.ir.lower` produces and every backend consumes.
 
 A `Graph` is a list of `Op`s in topological order over named `Tensor`s. Tensors hold
 integer codes; the real value of a code q is scale·(q − zero_point). Shapes are per
@@ -10,7 +10,7 @@ quantizing the graph input / dequantizing the outputs at the boundary.
 Requantization (the only way a value changes grid) is fixed-point:
     requantize(v, m, s) = round_half_to_even(v · m / 2^(31 − s))
 with m an int32 in [2^30, 2^31) (or 0) and s an int shift, computed from a real multiplier
-M = m · 2^(s − 31) by `runtime.integer_math.quantize_multiplier`. 64-bit products.
+M = m · 2^(s − 31) by `qcompile.core.requant.quantize_multiplier`. 64-bit products.
 
 Op kinds and their attrs (x, y: input/output codes; zx, zy: zero points, read from the
 tensors; every op ends with y = clamp(zy + r, act_min, act_max) where r is what the op
@@ -60,7 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from qcompile.core.grids import code_range
 
 
 @dataclass
@@ -79,11 +79,6 @@ class Tensor:
     @property
     def qmax(self) -> int:
         return code_range(self.bits, self.signed)[1]
-
-
-def code_range(bits: int, signed: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a `bits`-wide signed or unsigned integer tensor."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
 @dataclass
@@ -105,6 +100,3 @@ class Graph:
 
     def tensor(self, name: str) -> Tensor:
         return self.tensors[name]
-
-    def weight_bytes(self) -> int:
-        return int(sum(v.nbytes for op in self.ops for v in op.attrs.values() if isinstance(v, np.ndarray)))

@@ -38,7 +38,8 @@ from torch import fx, nn
 from qcompile import ir
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import op_name
-from qcompile.train.quantizers import BiasQuant, Quantizer, bias_codes, quantize_codes
+from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.core.grids import bias_codes, quantize_codes
 from qcompile.core.requant import quantize_multiplier
 
 WIDE_BITS = 16

@@ -33,7 +33,8 @@ from qcompile.errors import UnsupportedOpError
 from qcompile.train.estimators import make_estimator
 from qcompile.passes.ops import WEIGHTED_FUNCTIONS, is_grid_preserving, is_matmul, is_quantizable, op_name
 from qcompile.train.fused_bn import BatchNormFold
-from qcompile.train.quantizers import BiasQuant, Quantizer, qrange
+from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.core.grids import qrange
 
 
 class FloatFallbackWarning(UserWarning):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qcompile.core.grids import qparams, quantize_codes
 from qcompile.errors import CalibrationError
 
 
@@ -163,7 +164,6 @@ class DSGC(RangeEstimator):
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
 
     def _cosine(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> float:
-        from qcompile.train.quantizers import qparams, quantize_codes  # one definition of the grid
         scale, zp = qparams(lo, hi, self.qrange, self.symmetric)
         xq = (quantize_codes(x, scale, zp, self.qrange) - zp) * scale
         return float(torch.nn.functional.cosine_similarity(x.flatten(), xq.flatten(), dim=0))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcompile.train.tiled import acc_range
+from qcompile.core.accumulator import acc_range
 
 PEAK_FLOOR = 1e-8   # a channel whose weights all vanish has no integer grid to speak of
 

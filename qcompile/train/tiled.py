@@ -1,13 +1,7 @@
 """Tiled narrow-accumulator matmuls: the one implementation of the accumulator semantics.
 
-Semantics (shared with `qcompile.ir` and every backend). For each output element:
-  acc_0 = bias;  the reduction (conv: (c_in/groups, ky, kx) in that order; linear: in_features;
-  matmul: the inner dimension) is cut into contiguous tiles of `tile` products (the last one
-  may be shorter; tile=None is one tile); each tile's sum p_t of integer products is exact;
-  acc_t = overflow(acc_(t-1) + p_t), overflow = clamp to [-2^(b-1), 2^(b-1)-1] ("saturate")
-  or two's-complement wrap ("wrap"); acc_bits=None is an exact accumulator.
-Wrapping after each tile equals wrapping once at the end (arithmetic mod 2^b), so wrap does
-no per-tile work. Saturation is order dependent: the clamp runs after every tile.
+Semantics: `qcompile.core.accumulator` (tiles of `tile` products, each exact; after each
+tile the accumulator saturates or wraps into acc_bits; wrap is modular, so it is applied once).
 Overflow statistics: with saturation an event is one tile update whose exact value
 acc_(t-1) + p_t left the range (it was clamped); with wrap, intermediate wraps that cancel
 leave the result exact, so an event is an output whose wrapped result differs from the exact
@@ -38,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.train import native
-from qcompile.train.quantizers import bias_codes
+from qcompile.core.accumulator import acc_range, check_mode, l1_bounds, min_acc_bits, tile_plan, wrap
+from qcompile.core.grids import bias_codes, max_code_magnitude
 
 FLOAT32_EXACT = 2 ** 24
 FLOAT64_EXACT = 2 ** 53
-OVERFLOW_MODES = ("saturate", "wrap")
 
 
 @dataclass
@@ -55,43 +49,12 @@ class AccResult:
     events: torch.Tensor        # int64 scalar: number of overflow events
 
 
-def acc_range(acc_bits: int) -> tuple[int, int]:
-    """[lo, hi] of a signed `acc_bits`-bit accumulator."""
-    return -(2 ** (acc_bits - 1)), 2 ** (acc_bits - 1) - 1
-
-
-def min_acc_bits(bound) -> int:
-    """The smallest signed width whose range holds every integer of magnitude <= `bound`."""
-    return math.ceil(math.log2(float(bound) + 1)) + 1
-
-
-def wrap(v: torch.Tensor, acc_bits: int) -> torch.Tensor:
-    """Two's-complement wrap of integer-valued `v` into `acc_bits` bits (exact for |v| < 2^53 as float)."""
-    lo, _ = acc_range(acc_bits)
-    return torch.remainder(v - lo, 2 ** acc_bits) + lo
-
-
 def _absmax(t: torch.Tensor | None) -> float:
     return float(t.detach().abs().max()) if t is not None and t.numel() else 0.0
 
 
-def _check_mode(acc_bits, tile, overflow) -> None:
-    if acc_bits is not None and (not isinstance(acc_bits, int) or acc_bits < 2):
-        raise ValueError(f"acc_bits={acc_bits!r}: must be None (exact) or an integer >= 2")
-    if tile is not None and (not isinstance(tile, int) or tile < 1):
-        raise ValueError(f"tile={tile!r}: must be None (whole reduction) or a positive integer")
-    if overflow not in OVERFLOW_MODES:
-        raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW_MODES}")
-
-
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _ntiles(length: int, tile: int | None) -> tuple[int, int]:
-    """(tile length, number of tiles) for a reduction of `length` products."""
-    t = length if tile is None or tile >= length else tile
-    return t, -(-length // t)
 
 
 @dataclass
@@ -105,7 +68,7 @@ class _Plan:
 
 
 def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Plan:
-    _check_mode(acc_bits, tile, overflow)
+    check_mode(acc_bits, tile, overflow)
     amax, bmax = absmax if absmax is not None else (_absmax(a), _absmax(b))
     prod = amax * bmax
     total = length * prod + _absmax(bias)
@@ -113,7 +76,7 @@ def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Pl
         raise ValueError(f"operands too large for an exact accumulation: |bias| + Σ|products| can reach "
                          f"{total:.3g} >= 2^53")
     dense = acc_bits is None or total <= acc_range(acc_bits)[1]
-    tl, T = _ntiles(length, None if dense else tile)
+    tl, T = tile_plan(length, None if dense else tile)
     part = torch.float32 if tl * prod < FLOAT32_EXACT else torch.float64
     # float32 sums are exact below 2^24; with saturation the accumulator stays in range (acc_bits <= 24),
     # an out-of-range value is clamped whatever its rounding, and `exact` is then only used as a float
@@ -418,20 +381,6 @@ def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
     return ((hw[0] + 2 * ph - dh * (k[0] - 1) - 1) // sh + 1, (hw[1] + 2 * pw - dw * (k[1] - 1) - 1) // sw + 1)
 
 
-def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile: int | None):
-    """Worst-case accumulator magnitudes per output channel for weights |w_int| (O, K) in reduction
-    order and inputs |x_int| <= x_absmax: (whole reduction incl. |bias|, largest single tile).
-    Differentiable in its tensor arguments."""
-    K = w_abs.shape[1]
-    tl, T = _ntiles(K, tile)
-    whole = w_abs.sum(1) * x_absmax
-    if bias_abs is not None:
-        whole = whole + bias_abs
-    w_tiles = F.pad(w_abs, (0, T * tl - K)) if T * tl > K else w_abs
-    per_tile = w_tiles.reshape(w_abs.shape[0], T, tl).sum(2).amax(1) * x_absmax
-    return whole, per_tile
-
-
 # ---- backward matmuls: the same tiled accumulator over the backward reductions ----------------
 
 @torch.no_grad()
@@ -510,7 +459,7 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
         if not R:                                          # no tap meets G_Y: these outputs sum nothing
             phases.append(None)
             continue
-        tl, T = _ntiles(R, tile)
+        tl, T = tile_plan(R, tile)
         red = _SCRATCH.empty("phase", (groups, T * tl, Q), gp.dtype, g.device)  # the phase's im2col, rows (o, a, b)
         src = gp.as_strided((groups, og, len(ta), len(tb), N, Mh, Mw), (og * sC, sC, sa * sH, sb * sW, sN, sH, sW),
                             gp.storage_offset() + (qa + top) * sH + (qb + left) * sW)
@@ -671,8 +620,8 @@ class NarrowAccOp(nn.Module):
         super().__init__()
         if kind not in ("conv1d", "conv2d", "linear", "matmul"):
             raise ValueError(f"NarrowAccOp kind {kind!r}: choose conv1d, conv2d, linear or matmul")
-        _check_mode(acc_bits, tile, overflow)
-        _check_mode(grad_acc_bits, tile, overflow)
+        check_mode(acc_bits, tile, overflow)
+        check_mode(grad_acc_bits, tile, overflow)
         self.kind, self.layer = kind, layer
         self.acc_bits, self.tile, self.overflow = acc_bits, tile, overflow
         self.grad_acc_bits, self.acc_grad = grad_acc_bits, acc_grad
@@ -710,9 +659,7 @@ class NarrowAccOp(nn.Module):
     def input_absmax(self, index: int = 0) -> float:
         """max |x − z| over the grid of operand `index` (the input range in integer units)."""
         q = self.grids[index]
-        qmin, qmax = q.qrange
-        z = q.zero_point.detach()
-        return float(torch.maximum((qmin - z).abs(), (qmax - z).abs()).max())
+        return float(max_code_magnitude(q.qrange, q.zero_point.detach()).max())
 
     # ---- integer forward / backward -------------------------------------------------
     def _conv_args(self):
@@ -733,7 +680,7 @@ class NarrowAccOp(nn.Module):
         """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
-        umax = float(torch.maximum((q.qrange[0] - q.zero_point).abs(), (q.qrange[1] - q.zero_point).abs()))
+        umax = float(max_code_magnitude(q.qrange, q.zero_point))
         amax, bmax = self.input_absmax(0), self.input_absmax(1)
         ga = gb = None
         if self.kind in ("conv2d", "conv1d"):

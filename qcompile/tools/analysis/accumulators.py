@@ -15,14 +15,14 @@ from torch import fx
 
 from qcompile.passes.ops import is_matmul
 from qcompile.passes.quantize import grid_source
-from qcompile.train.quantizers import Quantizer, bias_codes, quantize_codes
-from qcompile.train.tiled import NarrowAccOp, acc_range, l1_bounds, min_acc_bits
+from qcompile.train.quantizers import Quantizer
+from qcompile.core.grids import bias_codes, max_code_magnitude, quantize_codes
+from qcompile.core.accumulator import acc_range, l1_bounds, min_acc_bits
+from qcompile.train.tiled import NarrowAccOp
 
 
 def _absmax_int(q: Quantizer) -> float:
-    qmin, qmax = q.qrange
-    z = q.zero_point.detach()
-    return float(torch.maximum((qmin - z).abs(), (qmax - z).abs()).max())
+    return float(max_code_magnitude(q.qrange, q.zero_point.detach()).max())
 
 
 @torch.no_grad()

@@ -1,0 +1,112 @@
+"""Quantization grids, written once: ranges of codes, grid parameters, rounding rules.
+
+  signed range (b bits, storage):   [-2^(b-1), 2^(b-1)-1]                 (`code_range(b, True)`)
+  asymmetric grid (b bits):         codes [0, 2^b-1], scale = (hi'-lo')/(2^b-1) with lo' = min(lo, 0),
+                                    hi' = max(hi, 0), z = clamp(round(-lo'/scale), 0, 2^b-1);
+  symmetric grid (b bits):          codes [-(2^(b-1)-1), 2^(b-1)-1] (narrow, so -x is representable),
+                                    scale = max(|lo|, |hi|)/(2^(b-1)-1), z = 0;
+  code(x) = clamp(round_half_even(x * (1/scale)) + z, qmin, qmax); x̂ = (code - z)·scale.
+With `pow2`, the scale is rounded up to the next power of two (the range still fits).
+Gradients round stochastically: floor(g/scale + u), u uniform on 2^16 levels (unbiased to
+within 2^-17 of a step). Biases: round(b / (S_x·S_w)) on the int32 grid of the accumulator.
+Invariant: every other layer rounds floats to codes through these functions only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALE_EPS = 1e-12
+BIAS_CODE_LIMIT = 2 ** 22
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, qr: tuple[int, int], symmetric: bool,
+            pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of the grid covering [lo, hi]; zero_point is an integer-valued float tensor."""
+    qmin, qmax = qr
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+    else:
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.clamp(scale, min=SCALE_EPS)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    if symmetric:
+        zp = torch.zeros_like(scale)
+    else:
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def unclamped_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """round_half_even(x · (1/scale)) + z, before the clamp: the grid's one rounding rule
+    (the same as torch's fused fake-quantize kernels). `scale`, `zp` broadcast against x."""
+    v = torch.mul(x, 1.0 / scale).round_()
+    return v.add_(zp) if bool(zp.any()) else v
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                   axis: int | None = None) -> torch.Tensor:
+    """Integer codes of `x` (as a float tensor), with exactly the fused kernels' rounding."""
+    return unclamped_codes(x, broadcast_along(scale, x, axis), broadcast_along(zp, x, axis)).clamp_(*qr)
+
+
+def dither(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """u uniform on the 2^16 levels (k + ½)/2^16 of [0, 1): 16 random bits per element, four per
+    64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
+    n = math.prod(shape)
+    bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1,
+                                                                            generator=generator)
+    k = bits.view(torch.int16)[:n].to(dtype)                    # uniform on [−2^15, 2^15)
+    return k.mul_(2.0 ** -16).add_(0.5 + 2.0 ** -17).view(shape)
+
+
+def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """clamp(floor(g/scale + u) + z) − z with u the dither (uniform on 2^16 levels): stochastically
+    rounded codes minus the zero point (integer-valued floats), unbiased inside the range to within
+    2^-17 of a step."""
+    u = dither(g.shape, generator, g.dtype, g.device)
+    z = float(zp)                      # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
+    return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z)
+
+
+def bias_codes(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor):
+    """(codes, scale): the integer bias a layer adds to its accumulator, at scale S_x·S_w
+    (a float32 product, per output channel), rounded half to even and saturated to
+    ±BIAS_CODE_LIMIT. The one rule for training (BiasQuant), lowering and the accumulator ops.
+    The limit 2^22 keeps codes·scale a float32 value that rounds back to the same code, so the
+    trained graph and the integer graph add the same bias; only degenerate (collapsed)
+    ranges reach it."""
+    scale = input_scale.float() * weight_scale.float()
+    return torch.round(bias.float() / scale).clamp_(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT), scale
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-wide signed or unsigned integer (storage; the full signed range)."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def max_code_magnitude(qr: tuple[int, int], zero_point):
+    """max |code − z| over a grid's codes [qmin, qmax] (elementwise in z, a number or a tensor): the
+    largest integer operand a matmul meets on that grid."""
+    qmin, qmax = qr
+    if isinstance(zero_point, torch.Tensor):
+        return torch.maximum((qmin - zero_point).abs(), (qmax - zero_point).abs())
+    return max(abs(qmin - zero_point), abs(qmax - zero_point))
