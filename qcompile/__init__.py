@@ -6,13 +6,14 @@ lowering, the backends (onnx, jinja2) and the tools (networkx) are imported when
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 from qcompile.config import QConfig
 from qcompile.errors import CalibrationError, CheckpointError, NonFiniteError, QCompileError, TraceError, UnsupportedOpError
 from qcompile.passes.pipeline import compile
 from qcompile.train.graph_module import QuantizedGraphModule
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("qcompile")
 
 # name → (module, attribute or None for the module itself), loaded on first access
 _LAZY = {

@@ -9,8 +9,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import qcompile
-from qcompile.train.bn_rectification import (BNRectificationLoss, add_bn_rectification, noise_amplification, tap_coverage,
-                                       weight_gradient_error)
+from qcompile.core.batchnorm import tap_coverage
+from qcompile.train.bn_rectification import (BNRectificationLoss, add_bn_rectification, noise_amplification,
+                                             weight_gradient_error)
 from qcompile.train.fused_bn import BatchNormFold, bn_affine, fold_weight
 from qcompile.train.quantizers import Quantizer
 

@@ -510,6 +510,7 @@ class _Builder:
 
 def to_onnx(graph: ir.Graph, format: str = "qdq", opset: int | None = None, weight_dtype: str = "auto") -> onnx.ModelProto:
     """The ONNX model of an integer IR graph (see the module docstring); checked with full_check."""
+    ir.verify(graph)
     if format not in FORMATS:
         raise ExportError(f"format={format!r}: choose 'qdq' (QuantizeLinear/DequantizeLinear around float ops) or "
                           "'qop' (QLinearConv and integer ops)")

@@ -26,6 +26,7 @@ its operands' grids allow.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import operator
 from dataclasses import dataclass
@@ -756,6 +757,5 @@ def lower(qm: fx.GraphModule) -> ir.Graph:
     graph = _Lowering(qm).run()
     if not graph.inputs:
         raise LoweringError("the graph input is never quantized; nothing to lower")
-    from qcompile import __version__
-    graph.meta = {"qcompile_version": __version__, "config": qm.config.to_dict()}
-    return graph
+    graph.meta = {"qcompile_version": importlib.metadata.version("qcompile"), "config": qm.config.to_dict()}
+    return ir.verify(graph)

@@ -27,7 +27,7 @@ a per-channel bias, which is what lowering folds into the integer bias.
 
 Invariant: with every quantizer off, out equals BatchNorm(L(x, W) + b) in value and in its
 gradients with respect to x, W, b, γ and β, in train and eval mode. The per-channel
-arithmetic γ/σ and β − μ·γ/σ is written once here (`bn_scale`, `bn_affine`) and reused by
+arithmetic γ/σ is `qcompile.core.batchnorm.bn_scale` and β − μ·γ/σ is written once here (`bn_affine`) and reused by
 the rectification loss and by lowering.
 """
 from __future__ import annotations
@@ -36,14 +36,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
+
 
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
-
-
-def bn_scale(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """γ/σ per channel with σ = sqrt(var + eps) (γ = 1 for a BatchNorm without affine)."""
-    inv_std = torch.rsqrt(var + eps)
-    return inv_std if gamma is None else gamma * inv_std
 
 
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +178,6 @@ class BatchNormFold(nn.Module):
     def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var: torch.Tensor, count: int | None) -> None:
         """Keep what this batch's per-channel noise gain² needs. It is computed here, differentiably,
         when the rectification loss uses it, and otherwise only when `gain_sq` is read."""
-        from qcompile.train.bn_rectification import tap_coverage
         key = (tuple(x.shape[2:]), tuple(weight.shape))
         if key not in self._coverage:
             self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, x.shape, weight.shape)
@@ -192,7 +187,6 @@ class BatchNormFold(nn.Module):
             self._gain = self._compute_gain()
 
     def _compute_gain(self) -> torch.Tensor:
-        from qcompile.train.bn_rectification import channel_gain_sq  # the formula lives with its derivation
         var, weight, count, coverage = self._gain_inputs
         return channel_gain_sq(self.weight, var, self.eps, weight, count, coverage)
 
