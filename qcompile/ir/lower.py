@@ -38,18 +38,16 @@ from torch import fx, nn
 
 from qcompile import ir
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
-from qcompile.passes.ops import op_name
+from qcompile.passes.ops import family_of, op_name
+from qcompile.train.tiled import NarrowAccOp
 from qcompile.train.quantizers import BiasQuant, Quantizer
 from qcompile.core.grids import bias_codes, quantize_codes
 from qcompile.core.requant import quantize_multiplier
 
 WIDE_BITS = 16
-RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
-RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-RESHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
-UNARY_FUNCTIONS = {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid}
-MAXPOOL_FUNCTIONS = {F.max_pool2d, F.adaptive_max_pool2d}
-AVGPOOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d}
+# families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
+EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
+SINK_FAMILIES = {"relu", "max_pool", "reshape", "identity", "dropout", "cat"}
 
 
 class LoweringError(QCompileError):
@@ -231,30 +229,12 @@ class _Lowering:
                     node = user
                     continue
                 return None
-            if self.is_relu(user) or self.is_maxpool(user) or self.is_reshape(user) or self.is_identity(user) \
-                    or (user.op == "call_function" and user.target is torch.cat):
+            fam = family_of(user, self.qm)
+            if fam is not None and fam.name in SINK_FAMILIES:
                 node = user
                 continue
             return None
         return None
-
-    # ---- op classification ----------------------------------------------------------
-    def is_relu(self, n):
-        return (n.op == "call_function" and n.target is F.relu) or isinstance(self.module(n), nn.ReLU)
-
-    def is_maxpool(self, n):
-        return (n.op == "call_function" and n.target in MAXPOOL_FUNCTIONS) or \
-            isinstance(self.module(n), (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
-
-    def is_reshape(self, n):
-        return (n.op == "call_method" and n.target in RESHAPE_METHODS) or \
-            (n.op == "call_function" and n.target in RESHAPE_FUNCTIONS) or \
-            isinstance(self.module(n), (nn.Flatten,))
-
-    def is_identity(self, n):
-        if n.op == "call_function":
-            return n.target is F.dropout or getattr(n.target, "__name__", "") == "stochastic_depth"
-        return isinstance(self.module(n), (nn.Identity, nn.Dropout))
 
     # ---- the walk --------------------------------------------------------------------
     def run(self) -> ir.Graph:
@@ -316,52 +296,38 @@ class _Lowering:
                 return Const(len(shape))
             return Const(torch.Size(shape) if len(node.args) < 2 and "dim" not in node.kwargs
                          else shape[node.args[1] if len(node.args) > 1 else node.kwargs["dim"]])
-        if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.linear):
-            return self.lower_weighted(node)
-        if node.op == "call_function" and node.target in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
-            return Acc("matmul", node, [self.tensor_of(node, node.args[0]).name, self.tensor_of(node, node.args[1]).name],
-                       {}, None, 0)
-        if type(mod).__name__ == "NarrowAccOp":
+        if isinstance(mod, NarrowAccOp):
             return self.lower_narrow(node, mod)
-        if type(mod).__name__ == "BatchNormFold":
-            return self.lower_bn_fold(node, mod)
-        if node.op == "call_function" and node.target is operator.getitem:
-            return self.lower_getitem(node)
-        if self.is_identity(node):
-            if getattr(node.target, "__name__", "") == "stochastic_depth" and \
-                    (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
-                self.fail(node, "stochastic depth was traced with training=True, so it stays random in eval; "
-                          "call model.eval() before qcompile.compile (torchvision passes self.training as a constant)")
-            return self.val[node.args[0]]
-        if self.is_relu(node):
-            return self.lower_relu(node)
-        if self.is_reshape(node):
-            return self.lower_reshape(node)
-        if node.op in ("call_function", "call_method") and node.target in (torch.transpose, torch.permute,
-                                                                           "transpose", "permute"):
-            return self.lower_transpose(node)
-        if node.op in ("call_function", "call_method") and node.target in (torch.chunk, torch.split, "chunk", "split"):
-            return self.lower_split(node)
-        if self.is_maxpool(node):
-            return self.lower_maxpool(node)
-        if (node.op == "call_function" and node.target in AVGPOOL_FUNCTIONS) or \
-                isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or \
-                (node.op in ("call_method", "call_function") and node.target in ("mean", torch.mean)):
-            return self.lower_avgpool(node)
-        if node.op == "call_function" and node.target in UNARY_FUNCTIONS:
-            return self.lower_lut(node, lambda v: node.target(v))
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            return self.lower_lut(node, mod, per_channel=True)
-        if node.op == "call_function" and node.target in (operator.add, operator.mul):
-            return self.lower_binary(node)
-        if node.op == "call_function" and node.target is torch.cat:
-            return self.lower_cat(node)
-        if node.op == "call_function" and node.target is operator.floordiv:
-            self.fail(node, "integer arithmetic on a non-constant value")
-        self.fail(node, "has no integer form; supported ops are conv2d, linear, matmul, the activations "
-                  "relu/relu6/hardswish/silu/sigmoid/hardsigmoid, add, mul, cat, max/avg pooling, BatchNorm, "
-                  "reshapes, transpose, chunk/split and dropout. Replace the op or keep it out of the "
-                  "deployed graph", UnsupportedOpError)
+        fam = family_of(node, self.qm)
+        rule = RULES.get(fam.name) if fam is not None else None
+        if rule is None:
+            self.fail(node, "has no integer form; supported ops are conv2d, linear, matmul, the activations "
+                      "relu/relu6/hardswish/silu/sigmoid/hardsigmoid, add, mul, cat, max/avg pooling, BatchNorm, "
+                      "reshapes, transpose, chunk/split and dropout. Replace the op or keep it out of the "
+                      "deployed graph", UnsupportedOpError)
+        return rule(self, node)
+
+    # ---- one lowering rule per op family (qcompile.passes.ops.FAMILIES) ----------------------
+    def lower_matmul(self, node):
+        return Acc("matmul", node, [self.tensor_of(node, node.args[0]).name, self.tensor_of(node, node.args[1]).name],
+                   {}, None, 0)
+
+    def lower_identity(self, node):
+        """Dropout, stochastic depth and nn.Identity: identity in eval."""
+        if getattr(node.target, "__name__", "") == "stochastic_depth" and \
+                (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
+            self.fail(node, "stochastic depth was traced with training=True, so it stays random in eval; "
+                      "call model.eval() before qcompile.compile (torchvision passes self.training as a constant)")
+        return self.val[node.args[0]]
+
+    def lower_unary(self, node):
+        return self.lower_lut(node, lambda v: node.target(v))
+
+    def lower_batchnorm(self, node):
+        return self.lower_lut(node, self.module(node), per_channel=True)
+
+    def lower_shape_arithmetic(self, node):
+        self.fail(node, "integer arithmetic on a non-constant value")
 
     def batch_dim(self, node) -> int:
         return int(node.meta["tensor_meta"].shape[0])
@@ -420,10 +386,7 @@ class _Lowering:
             self.fail(node, "weight is not the output of a weight quantizer")
         b = self.val[args[2]] if isinstance(args[2], fx.Node) else Const(args[2])
         bias = None if b.value is None else b.value.float()
-        layer = node.meta.get("qc_layer", node.name)
-        mod_type = type(self.modules.get(layer)) if layer in self.modules else None
-        cfg = self.config.for_layer(layer, mod_type)
-        acc = {"acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow}
+        acc = EXACT_ACCUMULATOR    # a plain layer: narrow_acc made every narrow one a NarrowAccOp
         if node.target is F.linear:
             if len(x.shape) != 1:
                 self.fail(node, f"linear on per-sample shape {x.shape}; only (N, features) inputs are lowered")
@@ -472,7 +435,8 @@ class _Lowering:
                  "dilation": pair(mod.dilation), "groups": int(mod.groups), **acc}
         return Acc("conv2d", node, [x.name], attrs, bias, w.codes.shape[0])
 
-    def lower_bn_fold(self, node, mod):
+    def lower_bn_fold(self, node):
+        mod = self.module(node)
         acc = self.val[node.args[0]]
         if not isinstance(acc, Acc):
             self.fail(node, "BatchNormFold must directly follow its conv/linear")
@@ -606,6 +570,8 @@ class _Lowering:
         t = self.tensor_of(node, node.args[0])
         mod = self.module(node)
         pair = lambda v: tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else (v, v)))
+        if node.target is F.max_pool1d or isinstance(mod, nn.MaxPool1d):
+            self.fail(node, "1-d max pooling has no integer form here")
         if isinstance(mod, nn.AdaptiveMaxPool2d) or node.target is F.adaptive_max_pool2d:
             out_hw = self.shape(node)[1:]
             k = self.adaptive_kernel(node, t.shape[1:], out_hw)
@@ -759,3 +725,14 @@ def lower(qm: fx.GraphModule) -> ir.Graph:
         raise LoweringError("the graph input is never quantized; nothing to lower")
     graph.meta = {"qcompile_version": importlib.metadata.version("qcompile"), "config": qm.config.to_dict()}
     return ir.verify(graph)
+
+
+RULES = {
+    "conv": _Lowering.lower_weighted, "linear": _Lowering.lower_weighted, "matmul": _Lowering.lower_matmul,
+    "batchnorm_fold": _Lowering.lower_bn_fold, "getitem": _Lowering.lower_getitem,
+    "identity": _Lowering.lower_identity, "dropout": _Lowering.lower_identity, "relu": _Lowering.lower_relu,
+    "reshape": _Lowering.lower_reshape, "transpose": _Lowering.lower_transpose, "split": _Lowering.lower_split,
+    "max_pool": _Lowering.lower_maxpool, "avg_pool": _Lowering.lower_avgpool, "lut": _Lowering.lower_unary,
+    "batchnorm": _Lowering.lower_batchnorm, "add": _Lowering.lower_binary, "mul": _Lowering.lower_binary,
+    "cat": _Lowering.lower_cat, "shape": _Lowering.lower_shape_arithmetic,
+}

@@ -1,11 +1,17 @@
-"""Op tables shared by the passes: which canonical ops are matmuls, which keep a tensor on
-its quantization grid, and which have a quantized (integer) form at all.
+"""The op table: the one classification of ops in qcompile, by family.
 
-Invariant: every table lists canonical forms only (what `passes/normalize` produces).
+Each `Family` lists the canonical forms of one kind of op (what `passes/normalize` produces:
+functions, tensor methods, module types) and says what the passes need to know of it:
+  matmul           a reduction on the MAC array: its operands get Q_Y / Q_W, its result Q_Y;
+  grid_preserving  a quantized input stays on its grid (0 is a grid point; no arithmetic).
+Every op of a family is quantizable: `quantize` leaves ops of no family in float (with a
+warning), and lowering has one rule per family (`qcompile.ir.lower.RULES`).
+Invariant: a function, method or module type belongs to at most one family.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,17 +19,61 @@ from torch import nn
 
 from qcompile.train.fused_bn import BatchNormFold, fold_weight
 
-# Ops whose reduction runs on the MAC array: their operands get Q_Y / Q_W, their result Q_Y.
-CONV_FUNCTIONS = {F.conv1d, F.conv2d}
-LINEAR_FUNCTIONS = {F.linear}
-MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    functions: frozenset = frozenset()
+    methods: frozenset = frozenset()
+    modules: tuple = ()
+    names: frozenset = frozenset()      # library functions matched by __name__ (torchvision's stochastic_depth)
+    matmul: bool = False
+    grid_preserving: bool = False
+
+
+def _family(name, functions=(), methods=(), modules=(), names=(), **flags) -> Family:
+    return Family(name, frozenset(functions), frozenset(methods), tuple(modules), frozenset(names), **flags)
+
+
+FAMILIES = (
+    _family("conv", {F.conv1d, F.conv2d}, matmul=True),
+    _family("linear", {F.linear}, matmul=True),
+    _family("matmul", {torch.matmul, operator.matmul, torch.bmm, torch.mm}, matmul=True),
+    _family("relu", {F.relu}, modules=(nn.ReLU,), grid_preserving=True),
+    _family("max_pool", {F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d},
+            modules=(nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d), grid_preserving=True),
+    _family("reshape", {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze},
+            {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}, (nn.Flatten,), grid_preserving=True),
+    _family("expand", methods={"expand"}, grid_preserving=True),
+    _family("transpose", {torch.transpose, torch.permute}, {"transpose", "permute"}, grid_preserving=True),
+    _family("split", {torch.chunk, torch.split}, {"chunk", "split"}, grid_preserving=True),
+    _family("getitem", {operator.getitem}, grid_preserving=True),
+    _family("identity", modules=(nn.Identity,), grid_preserving=True),
+    _family("dropout", {F.dropout}, modules=(nn.Dropout,), names={"stochastic_depth"}),   # identity in eval
+    _family("shape", {operator.floordiv}, {"size", "dim"}),                              # shape arithmetic
+    _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
+            (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
+    _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid}),         # elementwise: a table
+    _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
+    _family("batchnorm_fold", {fold_weight}, modules=(BatchNormFold,)),                  # folded: a bias in eval
+    _family("add", {operator.add}),
+    _family("mul", {operator.mul}),
+    _family("cat", {torch.cat}),
+)
+_BY_FUNCTION = {f: fam for fam in FAMILIES for f in fam.functions}
+_BY_METHOD = {m: fam for fam in FAMILIES for m in fam.methods}
+_BY_NAME = {n: fam for fam in FAMILIES for n in fam.names}
+_BY_MODULE = tuple((t, fam) for fam in FAMILIES for t in fam.modules)
+
+CONV_FUNCTIONS = FAMILIES[0].functions
+LINEAR_FUNCTIONS = FAMILIES[1].functions
 WEIGHTED_FUNCTIONS = CONV_FUNCTIONS | LINEAR_FUNCTIONS
 
 # Module types normalize turns into the functional forms above.
 CONV_MODULES = (nn.Conv1d, nn.Conv2d)
 LINEAR_MODULES = (nn.Linear,)
 
-# Activation modules and in-place variants, mapped to their canonical function.
+# Activation modules and in-place variants, mapped to their canonical function (normalize's rewrites).
 ACTIVATION_MODULES = {
     nn.ReLU: F.relu, nn.ReLU6: F.relu6, nn.Hardswish: F.hardswish, nn.SiLU: F.silu,
     nn.Sigmoid: torch.sigmoid, nn.Hardsigmoid: F.hardsigmoid,
@@ -36,50 +86,31 @@ CANONICAL_FUNCTIONS = {
 CANONICAL_METHODS = {"relu_": F.relu, "relu": F.relu, "add_": operator.add, "add": operator.add,
                      "mul_": operator.mul, "mul": operator.mul, "sigmoid": torch.sigmoid}
 
-# Ops after which a quantized tensor is still on its grid (0 is a grid point; no arithmetic).
-GRID_PRESERVING_FUNCTIONS = {F.relu, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d, torch.flatten,
-                             operator.getitem, torch.chunk, torch.split, torch.transpose, torch.permute,
-                             torch.reshape, torch.squeeze, torch.unsqueeze}
-GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
-                           "unsqueeze", "chunk", "split", "expand", "size"}
-GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
 
-# Ops the integer lowering gives a quantized form (besides the matmuls and grid-preserving ops).
-QUANTIZABLE_FUNCTIONS = WEIGHTED_FUNCTIONS | MATMUL_FUNCTIONS | GRID_PRESERVING_FUNCTIONS | {
-    F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, operator.add, operator.mul, torch.cat,
-    F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, F.dropout, operator.floordiv,
-    fold_weight,  # BatchNorm folded into a weight (passes/fold_bn): a constant after training
-}
-QUANTIZABLE_METHODS = GRID_PRESERVING_METHODS | {"mean", "dim"}
-QUANTIZABLE_MODULES = GRID_PRESERVING_MODULES + (
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d,
-    BatchNormFold,  # a per-channel bias in eval (passes/fold_bn)
-)
-
-
-def node_is(node, functions=(), methods=(), modules=(), gm=None) -> bool:
-    """True when `node` calls one of `functions`, `methods`, or a module of type in `modules`."""
+def family_of(node, gm=None) -> Family | None:
+    """The family of what `node` calls (None: no family — not quantizable — or not a call)."""
     if node.op == "call_function":
-        return node.target in functions
+        return _BY_FUNCTION.get(node.target) or _BY_NAME.get(getattr(node.target, "__name__", None))
     if node.op == "call_method":
-        return node.target in methods
-    if node.op == "call_module" and gm is not None and modules:
-        return isinstance(gm.get_submodule(node.target), modules)
-    return False
+        return _BY_METHOD.get(node.target)
+    if node.op == "call_module" and gm is not None:
+        mod = gm.get_submodule(node.target)
+        return next((fam for t, fam in _BY_MODULE if isinstance(mod, t)), None)
+    return None
 
 
 def is_matmul(node) -> bool:
-    return node.op == "call_function" and (node.target in WEIGHTED_FUNCTIONS or node.target in MATMUL_FUNCTIONS)
+    fam = family_of(node)
+    return fam is not None and fam.matmul
 
 
 def is_grid_preserving(node, gm) -> bool:
-    return node_is(node, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS, GRID_PRESERVING_MODULES, gm)
+    fam = family_of(node, gm)
+    return fam is not None and fam.grid_preserving
 
 
 def is_quantizable(node, gm) -> bool:
-    if node.op in ("placeholder", "output", "get_attr"):
-        return True
-    return node_is(node, QUANTIZABLE_FUNCTIONS, QUANTIZABLE_METHODS, QUANTIZABLE_MODULES, gm)
+    return node.op in ("placeholder", "output", "get_attr") or family_of(node, gm) is not None
 
 
 def op_name(node, gm=None) -> str:
@@ -96,3 +127,15 @@ def op_name(node, gm=None) -> str:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+def verification_error(pass_name: str, node, gm, expected: str):
+    """The VerificationError of a pass's `verify`: names the pass, the node, what it calls and
+    what the pass's invariant expected there."""
+    from qcompile.errors import VerificationError
+    calls = {"call_module": f"calls module {node.target!r} ({op_name(node, gm)})",
+             "call_function": f"calls {op_name(node, gm)}", "call_method": f"calls .{node.target}()",
+             "get_attr": f"reads {node.target!r}"}.get(node.op, node.op)
+    layer = f", layer {node.meta['qc_layer']!r}" if node.meta.get("qc_layer") else ""
+    return VerificationError(f"verify after pass {pass_name!r}: node {node.name!r} ({calls}{layer}): expected {expected}; "
+                             "the pass broke its invariant, or the graph was edited after it")
