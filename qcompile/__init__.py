@@ -9,7 +9,14 @@ import importlib
 import importlib.metadata
 
 from qcompile.config import QConfig
-from qcompile.errors import CalibrationError, CheckpointError, NonFiniteError, QCompileError, TraceError, UnsupportedOpError
+from qcompile.errors import (
+    CalibrationError,
+    CheckpointError,
+    NonFiniteError,
+    QCompileError,
+    TraceError,
+    UnsupportedOpError,
+)
 from qcompile.passes.pipeline import compile
 from qcompile.train.graph_module import QuantizedGraphModule
 

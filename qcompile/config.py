@@ -57,6 +57,7 @@ class QConfig:
     bn_rectification: float = 0.0
     on_nonfinite: str = "raise"
     strict: bool = False
+    verify: bool = False                # check each pass's invariant after it runs (also QCOMPILE_VERIFY=1)
     leaf_modules: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
 
@@ -116,6 +117,8 @@ class QConfig:
             raise ValueError(f"QConfig.bn_rectification={self.bn_rectification!r}: the loss weight λ must be >= 0")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"QConfig.on_nonfinite={self.on_nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"QConfig.verify={self.verify!r}: must be True or False")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
         if not isinstance(self.overrides, dict):
             raise ValueError("QConfig.overrides must be a dict {module-name glob or module type: {field: value}}")

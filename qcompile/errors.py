@@ -23,3 +23,8 @@ class NonFiniteError(QCompileError, FloatingPointError):
 
 class CheckpointError(QCompileError):
     """A checkpoint could not be read or does not match the graph; nothing was loaded."""
+
+
+class VerificationError(QCompileError):
+    """A pass's output graph breaks the invariant its docstring states (a bug in that pass, or a
+    graph edited by hand between passes); the message names the pass, the node and what was expected."""

@@ -1,6 +1,12 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Every model any test compiles is checked after every pass against the invariant the pass states
+# (qcompile.passes.pipeline.VERIFIERS). Set at import so it also holds in subprocesses tests start.
+os.environ["QCOMPILE_VERIFY"] = "1"
 
 
 class SmallNet(nn.Module):

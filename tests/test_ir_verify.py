@@ -4,12 +4,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from lowering_models import OpZoo, trained
 
 import qcompile
 from qcompile import ir
 from qcompile.ir.verify import IRError
-
-from lowering_models import OpZoo, trained
 
 
 @pytest.fixture(scope="module")

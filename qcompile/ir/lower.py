@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompile import ir
-from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
-from qcompile.passes.ops import family_of, op_name
-from qcompile.train.tiled import NarrowAccOp
-from qcompile.train.quantizers import BiasQuant, Quantizer
 from qcompile.core.grids import bias_codes, quantize_codes
 from qcompile.core.requant import quantize_multiplier
+from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
+from qcompile.passes.ops import family_of, op_name
+from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.train.tiled import NarrowAccOp
 
 WIDE_BITS = 16
 # families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)

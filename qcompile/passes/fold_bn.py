@@ -24,8 +24,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qcompile.config import QConfig
+from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS, verification_error
 from qcompile.train.fused_bn import BatchNormFold, fold_weight
-from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS
 
 # which BatchNorm follows which layer function with channels on dim 1
 _BN_FOR = {F.conv2d: nn.BatchNorm2d, F.conv1d: nn.BatchNorm1d, F.linear: nn.BatchNorm1d}
@@ -114,3 +114,32 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def verify(gm: fx.GraphModule, config: QConfig) -> None:
+    """Raise VerificationError unless every BatchNorm still called is tagged meta["qc_bn"] ==
+    "affine" with a reason, and every BatchNormFold call reads a layer L (conv/linear) whose weight
+    operand is fold_weight(...), which has no bias, whose meta["qc_output"] is that call and whose
+    only user it is, and whose activation operand is the call's second argument."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _BatchNorm):
+            if node.meta.get("qc_bn") != "affine" or not node.meta.get("qc_bn_reason"):
+                raise verification_error("fold_bn", node, gm, 'no BatchNorm call where folding applied: a BatchNorm '
+                                         'left unfolded is tagged meta["qc_bn"] = "affine" with meta["qc_bn_reason"]')
+        elif isinstance(mod, BatchNormFold):
+            layer = node.args[0] if node.args else None
+            if not (isinstance(layer, fx.Node) and layer.op == "call_function" and layer.target in WEIGHTED_FUNCTIONS):
+                raise verification_error("fold_bn", node, gm, "its first argument to be the conv/linear it is folded into")
+            weight = layer.args[1]
+            if not (isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is fold_weight):
+                raise verification_error("fold_bn", layer, gm, f"weight operand fold_weight(W, γ, σ², eps) (BatchNorm "
+                                         f"{node.target!r} folded into it), not {getattr(weight, 'name', weight)!r}")
+            if (len(layer.args) > 2 and layer.args[2] is not None) or "bias" in layer.kwargs:
+                raise verification_error("fold_bn", layer, gm, f"no bias (BatchNorm {node.target!r} adds the folded bias)")
+            if layer.meta.get("qc_output") is not node or set(layer.users) != {node}:
+                raise verification_error("fold_bn", layer, gm, f'meta["qc_output"] = {node.name!r} and no user but it')
+            if len(node.args) < 2 or node.args[1] is not layer.args[0]:
+                raise verification_error("fold_bn", node, gm, f"second argument {layer.name}'s activation operand")

@@ -16,7 +16,12 @@ from torch import fx
 
 from qcompile.config import QConfig
 from qcompile.errors import QCompileError, UnsupportedOpError
-from qcompile.passes.ops import CONV_FUNCTIONS, LINEAR_FUNCTIONS, is_matmul
+from qcompile.passes.ops import (
+    CONV_FUNCTIONS,
+    LINEAR_FUNCTIONS,
+    is_matmul,
+    verification_error,
+)
 from qcompile.passes.quantize import _free_path, _make, _module_type, grid_source
 from qcompile.train.tiled import NarrowAccOp
 
@@ -97,3 +102,31 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     gm.recompile()
     return gm
 
+
+
+def verify(gm: fx.GraphModule, config: QConfig) -> None:
+    """Raise VerificationError unless no conv/linear/matmul node remains for a layer whose config
+    sets acc_bits or grad_acc_bits, and every NarrowAccOp call is such a layer's, with that
+    config's acc_bits, its operands on the grids of the quantizers it reads its scales from, and
+    a gradient quantizer of its own exactly when grad_bits is set."""
+    for node in gm.graph.nodes:
+        if is_matmul(node):
+            layer = node.meta.get("qc_layer", node.name)
+            cfg = config.for_layer(layer, _module_type(gm, layer))
+            if cfg.acc_bits is not None or cfg.grad_acc_bits is not None:
+                raise verification_error("narrow_acc", node, gm, f"a call of the NarrowAccOp '{layer}.accumulator' "
+                                         f"(acc_bits={cfg.acc_bits}, grad_acc_bits={cfg.grad_acc_bits}), not the "
+                                         "plain op")
+        elif node.op == "call_module" and isinstance(op := gm.get_submodule(node.target), NarrowAccOp):
+            cfg = config.for_layer(op.layer, _module_type(gm, op.layer))
+            if (cfg.acc_bits is None and cfg.grad_acc_bits is None) or op.acc_bits != cfg.acc_bits:
+                raise verification_error("narrow_acc", node, gm, f"acc_bits={cfg.acc_bits} from layer "
+                                         f"{op.layer!r}'s config, not {op.acc_bits}")
+            for idx, grid in enumerate(op.grids):
+                src = grid_source(node.args[idx], gm) if isinstance(node.args[idx], fx.Node) else None
+                if src is None or gm.get_submodule(src.target) is not grid:
+                    raise verification_error("narrow_acc", node, gm, f"operand {idx} on the grid of the quantizer "
+                                             f"it reads its scale from ({grid.layer!r} {grid.kind})")
+            if (op.grad_output_quant is None) != (cfg.grad_bits is None):
+                raise verification_error("narrow_acc", node, gm, "a grad_output_quant exactly when grad_bits is set "
+                                         f"(grad_bits={cfg.grad_bits})")

@@ -9,12 +9,22 @@ functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `tor
 """
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from qcompile.passes.ops import (ACTIVATION_MODULES, CANONICAL_FUNCTIONS, CANONICAL_METHODS, CONV_MODULES,
-                          LINEAR_MODULES)
+from qcompile.passes.ops import (
+    ACTIVATION_MODULES,
+    CANONICAL_FUNCTIONS,
+    CANONICAL_METHODS,
+    CONV_MODULES,
+    LINEAR_MODULES,
+    WEIGHTED_FUNCTIONS,
+    verification_error,
+)
 
 
 def _conv_function(mod):
@@ -61,3 +71,39 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+# in-place forms normalize rewrites whatever their arguments (an alias such as torch.add is
+# only rewritten without keyword arguments, so it may legitimately remain with them)
+_INPLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.imul}
+_INPLACE_METHODS = {m for m in CANONICAL_METHODS if m.endswith("_")}
+
+
+def verify(gm: fx.GraphModule, config=None) -> None:
+    """Raise VerificationError unless no conv/linear module is called (except a conv whose
+    padding_mode is not "zeros", left for quantize to list as a float fallback), every
+    F.conv*/F.linear made from a module reads `get_attr` weight and bias, no activation module
+    is called, no call passes inplace=True, and no in-place or alias form remains."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES) and getattr(mod, "padding_mode", "zeros") == "zeros":
+                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear on the "
+                                         "module's get_attr weight and bias, not a call of the module")
+            if type(mod) in ACTIVATION_MODULES:
+                raise verification_error("normalize", node, gm, f"a call of {ACTIVATION_MODULES[type(mod)].__name__}, "
+                                         "not of the activation module")
+        elif node.op in ("call_function", "call_method"):
+            if node.kwargs.get("inplace"):
+                raise verification_error("normalize", node, gm, "no inplace=True")
+            inplace = _INPLACE_FUNCTIONS if node.op == "call_function" else _INPLACE_METHODS
+            aliases = CANONICAL_FUNCTIONS if node.op == "call_function" else CANONICAL_METHODS
+            if node.target in inplace or (node.target in aliases and not node.kwargs):
+                name = CANONICAL_FUNCTIONS.get(node.target) or CANONICAL_METHODS.get(node.target)
+                raise verification_error("normalize", node, gm, f"its out-of-place canonical form {name.__name__}")
+            if node.op == "call_function" and node.target in WEIGHTED_FUNCTIONS and "qc_layer" in node.meta:
+                operands = [a for a in node.args[1:3] if a is not None]
+                if any(not isinstance(a, fx.Node) or a.op != "get_attr" for a in operands) \
+                        or "qc_module_type" not in node.meta:
+                    raise verification_error("normalize", node, gm, "get_attr weight and bias operands and "
+                                             'meta["qc_module_type"] (a layer made from a module)')

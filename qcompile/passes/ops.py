@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight
 
 
@@ -132,7 +133,6 @@ def op_name(node, gm=None) -> str:
 def verification_error(pass_name: str, node, gm, expected: str):
     """The VerificationError of a pass's `verify`: names the pass, the node, what it calls and
     what the pass's invariant expected there."""
-    from qcompile.errors import VerificationError
     calls = {"call_module": f"calls module {node.target!r} ({op_name(node, gm)})",
              "call_function": f"calls {op_name(node, gm)}", "call_method": f"calls .{node.target}()",
              "get_attr": f"reads {node.target!r}"}.get(node.op, node.op)

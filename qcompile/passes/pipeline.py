@@ -4,20 +4,34 @@ The pipeline (ARCHITECTURE.md) runs in a fixed order; each pass is a function
 (GraphModule, QConfig) -> GraphModule that edits the module in place. After every pass
 the graph is snapshotted into `qm.pass_snapshots`, and nodes the pass created are tagged
 `meta["qc_pass"]` with its name.
+
+Verification: each pass module (trace included) has a `verify(gm, config)` that checks the
+invariant its docstring states and raises `VerificationError` naming the pass, the node and
+what was expected. With `QConfig.verify=True` or the environment variable QCOMPILE_VERIFY=1,
+`compile` runs the pass's verify (looked up in `VERIFIERS`) right after the pass, before it
+is tagged and snapshotted, so a broken invariant is reported by the pass that broke it.
+The test suite runs with QCOMPILE_VERIFY=1 (tests/conftest.py).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
+from qcompile.config import QConfig
+from qcompile.passes import fold_bn as _fold_bn
+from qcompile.passes import narrow_acc as _narrow_acc
+from qcompile.passes import normalize as _normalize
+from qcompile.passes import quantize as _quantize
+from qcompile.passes import regularize as _regularize
+from qcompile.passes import trace as _trace
 from qcompile.passes.fold_bn import fold_bn
 from qcompile.passes.narrow_acc import narrow_acc
 from qcompile.passes.normalize import normalize
 from qcompile.passes.quantize import quantize
 from qcompile.passes.regularize import regularize
 from qcompile.passes.trace import trace
-
-from qcompile.config import QConfig
 from qcompile.train.graph_module import QuantizedGraphModule
 
 PIPELINE = (
@@ -27,6 +41,21 @@ PIPELINE = (
     ("narrow_acc", narrow_acc),
     ("regularize", regularize),
 )
+
+# each pass's invariant check, run after it when verification is on
+VERIFIERS = {
+    "trace": _trace.verify,
+    "normalize": _normalize.verify,
+    "fold_bn": _fold_bn.verify,
+    "quantize": _quantize.verify,
+    "narrow_acc": _narrow_acc.verify,
+    "regularize": _regularize.verify,
+}
+
+
+def verification_on(config: QConfig) -> bool:
+    """True when `config.verify` is set or the environment variable QCOMPILE_VERIFY is 1."""
+    return config.verify or os.environ.get("QCOMPILE_VERIFY", "") == "1"
 
 
 def _tag(qm: QuantizedGraphModule, pass_name: str, existing: set) -> None:
@@ -62,11 +91,16 @@ def compile(model: nn.Module, example_inputs, config: QConfig | dict | None = No
     qm = QuantizedGraphModule(gm, gm.graph, class_name=f"Quantized{type(model).__name__}")
     qm.config = config
     qm.train(model.training)
+    check = verification_on(config)
+    if check:
+        VERIFIERS["trace"](qm, config)
     _tag(qm, "trace", set())
     qm.snapshot("trace")
     for name, run in PIPELINE:
         existing = set(qm.graph.nodes)
         run(qm, config)
+        if check:
+            VERIFIERS[name](qm, config)
         _tag(qm, name, existing)
         qm.snapshot(name)
     return qm

@@ -29,12 +29,19 @@ import torch
 from torch import fx
 
 from qcompile.config import QConfig
+from qcompile.core.grids import qrange
 from qcompile.errors import UnsupportedOpError
+from qcompile.passes.ops import (
+    WEIGHTED_FUNCTIONS,
+    is_grid_preserving,
+    is_matmul,
+    is_quantizable,
+    op_name,
+    verification_error,
+)
 from qcompile.train.estimators import make_estimator
-from qcompile.passes.ops import WEIGHTED_FUNCTIONS, is_grid_preserving, is_matmul, is_quantizable, op_name
 from qcompile.train.fused_bn import BatchNormFold
 from qcompile.train.quantizers import BiasQuant, Quantizer
-from qcompile.core.grids import qrange
 
 
 class FloatFallbackWarning(UserWarning):
@@ -195,3 +202,43 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def verify(gm: fx.GraphModule, config: QConfig) -> None:
+    """Raise VerificationError unless, for every conv/linear/matmul node L: each activation operand
+    is on a quantizer grid (`grid_source`), through L's gradient Quantizer when grad_bits is set
+    and the operand does not come from a graph input; a weight operand is a weight Quantizer's
+    output (possibly through its gradient Quantizer); a bias operand is a BiasQuant's output; and
+    L's result (L.meta["qc_output"] when a BatchNorm is folded into L) has one user, an activation
+    Quantizer."""
+    for node in gm.graph.nodes:
+        if not is_matmul(node):
+            continue
+        layer = node.meta.get("qc_layer", node.name)
+        cfg = config.for_layer(layer, _module_type(gm, layer))
+        weighted = node.target in WEIGHTED_FUNCTIONS
+        for idx in ([0] if weighted else [0, 1]):
+            arg = node.args[idx]
+            if not isinstance(arg, fx.Node) or grid_source(arg, gm) is None:
+                raise verification_error("quantize", node, gm, f"operand {idx} ({getattr(arg, 'name', arg)}) on an "
+                                         "activation quantizer's grid, possibly through grid-preserving ops")
+            if cfg.grad_bits is not None and not _from_input(arg, gm) and not _is_quantizer_node(arg, gm, "gradient"):
+                raise verification_error("quantize", node, gm, f"operand {idx} ({arg.name}) to be a gradient "
+                                         "Quantizer's output (grad_bits is set)")
+        if weighted:
+            w = node.args[1]
+            if isinstance(w, fx.Node) and _is_quantizer_node(w, gm, "gradient"):
+                w = w.args[0]
+            if not (isinstance(w, fx.Node) and _is_quantizer_node(w, gm, "weight")):
+                raise verification_error("quantize", node, gm, f"weight operand a weight Quantizer's output, not "
+                                         f"{getattr(w, 'name', w)!r}")
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if isinstance(bias, fx.Node) and not (bias.op == "call_module"
+                                                  and isinstance(gm.get_submodule(bias.target), BiasQuant)):
+                raise verification_error("quantize", node, gm, f"bias operand a BiasQuant's output, not {bias.name!r}")
+        result = node.meta.get("qc_output", node)
+        users = list(result.users)
+        if len(users) != 1 or not _is_quantizer_node(users[0], gm, "activation"):
+            names = ", ".join(u.name for u in users) or "none"
+            raise verification_error("quantize", result, gm, f"one user, the output activation Quantizer of layer "
+                                     f"{layer!r}, not: {names}")

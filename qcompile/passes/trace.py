@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qcompile.errors import TraceError
+from qcompile.passes.ops import verification_error
 
 
 class _Tracer(fx.Tracer):
@@ -72,3 +73,21 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
         for m, mode in modes.items():
             m.training = mode
     return gm
+
+
+def verify(gm: fx.GraphModule, config=None) -> None:
+    """Raise VerificationError unless every node ran under ShapeProp (meta["type"]), every node
+    whose value holds a tensor carries meta["tensor_meta"], and every call_module node carries
+    meta["qc_module_type"] naming its module's type."""
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if "type" not in node.meta and "tensor_meta" not in node.meta:
+            raise verification_error("trace", node, gm, 'meta["type"] / meta["tensor_meta"] from shape propagation '
+                                     "on the example inputs (the node was never run)")
+        kind = node.meta.get("type")
+        if isinstance(kind, type) and issubclass(kind, torch.Tensor) and node.meta.get("tensor_meta") is None:
+            raise verification_error("trace", node, gm, f'meta["tensor_meta"] (shape, dtype): it produces a {kind.__name__}')
+        if node.op == "call_module" and node.meta.get("qc_module_type") != type(gm.get_submodule(node.target)).__name__:
+            raise verification_error("trace", node, gm, f'meta["qc_module_type"] = '
+                                     f'{type(gm.get_submodule(node.target)).__name__!r}, not {node.meta.get("qc_module_type")!r}')

@@ -8,9 +8,9 @@ import torch
 
 import qcompile
 from qcompile.backends import parity
+from qcompile.models import get
 from qcompile.tools.data import mnist_5k
 from qcompile.tools.experiments import narrow_acc_sweep
-from qcompile.models import get
 from qcompile.tools.training import accuracy, train_classifier
 
 EPOCHS, BATCH, LR = 8, 64, 0.05

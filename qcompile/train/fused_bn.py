@@ -38,7 +38,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
 
-
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
 

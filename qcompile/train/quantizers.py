@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcompile.core.grids import broadcast_along, bias_codes, qparams, qrange, stochastic_codes, unclamped_codes
+from qcompile.core.grids import (
+    bias_codes,
+    broadcast_along,
+    qparams,
+    qrange,
+    stochastic_codes,
+    unclamped_codes,
+)
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, RangeEstimator
 

@@ -31,9 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompile.train import native
-from qcompile.core.accumulator import acc_range, check_mode, l1_bounds, min_acc_bits, tile_plan, wrap
+from qcompile.core.accumulator import (
+    acc_range,
+    check_mode,
+    l1_bounds,
+    min_acc_bits,
+    tile_plan,
+    wrap,
+)
 from qcompile.core.grids import bias_codes, max_code_magnitude
+from qcompile.train import native
 
 FLOAT32_EXACT = 2 ** 24
 FLOAT64_EXACT = 2 ** 53

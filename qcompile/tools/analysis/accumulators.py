@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qcompile.core.accumulator import acc_range, l1_bounds, min_acc_bits
+from qcompile.core.grids import bias_codes, max_code_magnitude, quantize_codes
 from qcompile.passes.ops import is_matmul
 from qcompile.passes.quantize import grid_source
 from qcompile.train.quantizers import Quantizer
-from qcompile.core.grids import bias_codes, max_code_magnitude, quantize_codes
-from qcompile.core.accumulator import acc_range, l1_bounds, min_acc_bits
 from qcompile.train.tiled import NarrowAccOp
 
 

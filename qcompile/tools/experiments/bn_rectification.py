@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import qcompile
-from qcompile.train.bn_rectification import noise_amplification, weight_gradient_error
-from qcompile.tools.data import mnist_5k
 from qcompile.models import get
+from qcompile.tools.data import mnist_5k
 from qcompile.tools.training import accuracy, train_classifier
+from qcompile.train.bn_rectification import noise_amplification, weight_gradient_error
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

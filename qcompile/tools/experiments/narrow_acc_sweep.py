@@ -21,10 +21,10 @@ import torch
 
 import qcompile
 from qcompile.config import ACC_GRAD_MODES
-from qcompile.tools.data import mnist_5k
 from qcompile.models import get
-from qcompile.train.tiled import NarrowAccOp
+from qcompile.tools.data import mnist_5k
 from qcompile.tools.training import accuracy, train_classifier
+from qcompile.train.tiled import NarrowAccOp
 
 BATCH, LR = 64, 0.05
 MODELS = {"lenet5": {}, "resnet20": {"in_channels": 1}}     # models: name → arguments for 1×28×28 digits

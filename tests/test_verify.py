@@ -1,0 +1,210 @@
+"""Each pass's verify() rejects a graph that breaks the pass's invariant, naming the pass and node.
+
+A graph is broken by wrapping one pass of the pipeline with a function that edits its output, then
+compiling with verification on: the error must come from that pass's verify, right after it.
+That every legitimately compiled model passes all verifies is covered by the whole suite: conftest
+sets QCOMPILE_VERIFY=1, so every compile in every test runs them.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcompile
+from qcompile import QConfig
+from qcompile.errors import QCompileError, VerificationError
+from qcompile.passes import pipeline
+from qcompile.train.fused_bn import BatchNormFold
+from qcompile.train.quantizers import Quantizer
+from qcompile.train.tiled import NarrowAccOp
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn1(self.conv1(x))))
+
+
+def _sabotage(monkeypatch, pass_name, edit):
+    """Make `pass_name` run `edit(gm)` on its output; returns a dict `edit` may record into."""
+    seen = {}
+    wrapped = []
+    for name, run in pipeline.PIPELINE:
+        if name == pass_name:
+            def run(gm, config, _run=run):
+                _run(gm, config)
+                edit(gm, seen)
+                return gm
+        wrapped.append((name, run))
+    monkeypatch.setattr(pipeline, "PIPELINE", tuple(wrapped))
+    return seen
+
+
+def _module_nodes(gm, kind):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+
+
+def _layer_node(gm, layer):
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.conv2d, F.linear)
+                and n.meta.get("qc_layer") == layer)
+
+
+def test_quantize_rejects_conv_reading_around_its_input_quantizer(monkeypatch, small_net):
+    def edit(gm, seen):
+        conv = _layer_node(gm, "conv1")
+        q = conv.args[0]
+        assert isinstance(gm.get_submodule(q.target), Quantizer)
+        conv.update_arg(0, q.args[0])          # the model input, unquantized
+        seen["node"] = conv.name
+
+    seen = _sabotage(monkeypatch, "quantize", edit)
+    with pytest.raises(VerificationError, match="'quantize'") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value) and "conv2d" in str(err.value) and "grid" in str(err.value)
+
+
+def test_quantize_rejects_a_user_reading_a_layer_result_before_its_output_quantizer(monkeypatch, small_net):
+    def edit(gm, seen):
+        conv = _layer_node(gm, "conv2")
+        out_q = next(iter(conv.users))
+        for user in list(out_q.users):
+            user.replace_input_with(out_q, conv)   # relu now reads the unquantized conv output
+        seen["node"] = conv.name
+
+    seen = _sabotage(monkeypatch, "quantize", edit)
+    with pytest.raises(VerificationError, match="output activation Quantizer") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
+def test_quantize_rejects_an_unquantized_weight(monkeypatch, small_net):
+    def edit(gm, seen):
+        fc = _layer_node(gm, "fc")
+        fc.update_arg(1, fc.args[1].args[0])    # the float get_attr weight
+        seen["node"] = fc.name
+
+    seen = _sabotage(monkeypatch, "quantize", edit)
+    with pytest.raises(VerificationError, match="weight Quantizer") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value) and "linear" in str(err.value)
+
+
+def test_narrow_acc_rejects_a_plain_conv_for_a_layer_with_acc_bits(monkeypatch, small_net):
+    def edit(gm, seen):
+        node = next(n for n in _module_nodes(gm, NarrowAccOp) if gm.get_submodule(n.target).layer == "conv2")
+        op = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            conv = gm.graph.call_function(F.conv2d, (*node.args, op.stride, op.padding, op.dilation, op.groups))
+        conv.meta.update(node.meta)
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+        seen["node"] = conv.name
+
+    seen = _sabotage(monkeypatch, "narrow_acc", edit)
+    with pytest.raises(VerificationError, match="'narrow_acc'") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, verify=True)
+    assert repr(seen["node"]) in str(err.value) and "NarrowAccOp" in str(err.value)
+
+
+def test_fold_bn_rejects_a_batchnorm_call_where_folding_applied(monkeypatch):
+    def edit(gm, seen):
+        fold = _module_nodes(gm, BatchNormFold)[0]
+        gm.add_submodule("bn_again", nn.BatchNorm2d(8))
+        with gm.graph.inserting_after(fold):
+            bn = gm.graph.call_module("bn_again", (fold.args[0],))
+        fold.replace_all_uses_with(bn)
+        gm.graph.erase_node(fold)
+        seen["node"] = bn.name
+
+    seen = _sabotage(monkeypatch, "fold_bn", edit)
+    with pytest.raises(VerificationError, match="'fold_bn'") as err:
+        qcompile.compile(ConvBN(), torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value) and "BatchNorm2d" in str(err.value)
+
+
+def test_fold_bn_rejects_a_folded_layer_reading_the_unfolded_weight(monkeypatch):
+    def edit(gm, seen):
+        conv = _layer_node(gm, "conv1")
+        conv.update_arg(1, conv.args[1].args[0])  # fold_weight(W, ...) -> W
+        seen["node"] = conv.name
+
+    seen = _sabotage(monkeypatch, "fold_bn", edit)
+    with pytest.raises(VerificationError, match="fold_weight") as err:
+        qcompile.compile(ConvBN(), torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
+def test_normalize_rejects_inplace_and_trace_rejects_missing_shapes(monkeypatch, small_net):
+    def inplace(gm, seen):
+        relu = next(n for n in gm.graph.nodes if n.target is F.relu)
+        relu.kwargs = {"inplace": True}
+        seen["node"] = relu.name
+
+    seen = _sabotage(monkeypatch, "normalize", inplace)
+    with pytest.raises(VerificationError, match="inplace=True") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+    real_trace = pipeline.trace
+
+    def trace(*args):
+        gm = real_trace(*args)
+        del next(n for n in gm.graph.nodes if n.op == "placeholder").meta["tensor_meta"]
+        return gm
+
+    monkeypatch.setattr(pipeline, "trace", trace)
+    with pytest.raises(VerificationError, match="'trace'.*tensor_meta"):
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), verify=True)
+
+
+def test_regularize_rejects_a_missing_log_barrier(monkeypatch, small_net):
+    seen = _sabotage(monkeypatch, "regularize", lambda gm, seen: gm.regularizers.pop("log_barrier"))
+    with pytest.raises(VerificationError, match=r"regularizers\['log_barrier'\] is missing"):
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, log_barrier=True, verify=True)
+    assert seen == {}
+
+
+def test_verification_error_is_a_qcompile_error():
+    assert issubclass(VerificationError, QCompileError)
+
+
+def _record(monkeypatch):
+    calls = []
+    for name, check in list(pipeline.VERIFIERS.items()):
+        def recorder(gm, config, _name=name, _check=check):
+            calls.append(_name)
+            _check(gm, config)
+        monkeypatch.setitem(pipeline.VERIFIERS, name, recorder)
+    return calls
+
+
+def test_qconfig_verify_runs_every_verify_after_its_pass(monkeypatch, small_net):
+    monkeypatch.delenv("QCOMPILE_VERIFY", raising=False)
+    calls = _record(monkeypatch)
+    qcompile.compile(small_net, torch.randn(2, 3, 8, 8))
+    assert calls == []                              # off by default
+    qm = qcompile.compile(small_net, torch.randn(2, 3, 8, 8), QConfig(verify=True))
+    assert calls == ["trace"] + [name for name, _ in pipeline.PIPELINE]
+    assert [s.name for s in qm.pass_snapshots] == calls
+
+
+def test_environment_variable_turns_verification_on(monkeypatch, small_net):
+    monkeypatch.setenv("QCOMPILE_VERIFY", "1")
+    calls = _record(monkeypatch)
+    qcompile.compile(small_net, torch.randn(2, 3, 8, 8))
+    assert calls == ["trace"] + [name for name, _ in pipeline.PIPELINE]
+    monkeypatch.setenv("QCOMPILE_VERIFY", "0")
+    calls.clear()
+    qcompile.compile(small_net, torch.randn(2, 3, 8, 8))
+    assert calls == []
+
+
+def test_verify_field_is_validated():
+    with pytest.raises(ValueError, match="QConfig.verify"):
+        QConfig(verify="yes")
+    assert QConfig.from_dict({"verify": True}).verify is True
