@@ -13,6 +13,7 @@ import qcompile
 from qcompile.tools.analysis import accumulator_bounds
 from qcompile.errors import UnsupportedOpError
 from qcompile.core.accumulator import acc_range, min_acc_bits
+from integer_loops import loop_accumulate, loop_conv2d, loop_matmul
 from qcompile.train.tiled import (NarrowAccOp, tiled_conv2d, tiled_conv2d_input_grad,
                             tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
 
@@ -22,57 +23,7 @@ MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"),
 TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
 
 
-# ---- the plain integer loops the tiled ops must equal -------------------------------------------
-
-def loop_accumulate(products, bias, acc_bits, tile, overflow):
-    """(acc, events) of one output: the accumulator semantics written as a Python loop over ints."""
-    acc, events = int(bias), 0
-    step = max(1, len(products)) if tile is None else tile
-    for i in range(0, len(products), step):
-        v = acc + sum(products[i:i + step])
-        if acc_bits is None:
-            acc = v
-            continue
-        lo, hi = acc_range(acc_bits)
-        if overflow == "saturate":
-            acc = min(max(v, lo), hi)
-            events += acc != v
-        else:
-            acc = (v - lo) % 2 ** acc_bits + lo
-    if overflow == "wrap" and acc_bits is not None:
-        events = int(acc != int(bias) + sum(products))
-    return acc, events
-
-
-def loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow, per_output=False):
-    N, C, H, W = x.shape
-    O, cg, kh, kw = w.shape
-    og = O // groups
-    Ho, Wo = (H + 2 * pad - dil * (kh - 1) - 1) // stride + 1, (W + 2 * pad - dil * (kw - 1) - 1) // stride + 1
-    out, events = torch.zeros(N, O, Ho, Wo, dtype=torch.int64), 0
-    hit = torch.zeros(N, O, Ho, Wo, dtype=torch.bool)
-    for n, o, i, j in itertools.product(range(N), range(O), range(Ho), range(Wo)):
-        prods = []
-        for c, ky, kx in itertools.product(range(cg), range(kh), range(kw)):
-            y, xx = i * stride - pad + ky * dil, j * stride - pad + kx * dil
-            v = int(x[n, (o // og) * cg + c, y, xx]) if 0 <= y < H and 0 <= xx < W else 0
-            prods.append(v * int(w[o, c, ky, kx]))
-        out[n, o, i, j], e = loop_accumulate(prods, 0 if b is None else b[o], acc_bits, tile, overflow)
-        events += e
-        hit[n, o, i, j] = e > 0
-    return (out, events, hit) if per_output else (out, events)
-
-
-def loop_matmul(a, b, bias, acc_bits, tile, overflow):
-    """a (B, M, K) @ b (B, K, N), reduction over K in order."""
-    B, M, K = a.shape
-    out, events = torch.zeros(B, M, b.shape[-1], dtype=torch.int64), 0
-    for z, m, n in itertools.product(range(B), range(M), range(b.shape[-1])):
-        prods = [int(a[z, m, k]) * int(b[z, k, n]) for k in range(K)]
-        out[z, m, n], e = loop_accumulate(prods, 0 if bias is None else bias[n], acc_bits, tile, overflow)
-        events += e
-    return out, events
-
+# ---- the plain integer loops the tiled ops must equal (forward loops: tests/integer_loops.py) ------
 
 def loop_conv2d_input_grad(g, w, H, W, stride, pad, dil, groups, acc_bits, tile, overflow):
     """G_X[n, c, y, x]: reduction over (o in c's group, ky, kx of the flipped kernel), i.e. ky, kx descending,

@@ -1,20 +1,21 @@
 """The integer reference interpreter of the IR (`qcompile.ir`): the oracle every backend matches.
 
-Narrow accumulators (acc_bits set) run through `qcompile.train.tiled` on int64 tensors, the one
-implementation of the tile semantics.
+Independent of training: plain numpy int64 code sharing only `qcompile.core` arithmetic. Narrow
+accumulators (acc_bits set) cut the reduction into its tiles in IR order, compute each tile's exact
+partial sum with an int64 matmul over that slice of the reduction, and fold the tiles with
+`qcompile.core.accumulator.accumulate_tiles` (saturate after every tile, or wrap).
 
 Invariant: after the graph input is quantized (`quantize_input`), every value is an int64
 numpy array of codes and every op is integer arithmetic exactly as the IR docstring
-states; requantization is `runtime.integer_math.requantize` (round half to even). Arrays
+states; requantization is `qcompile.core.requant.requantize` (round half to even). Arrays
 carry the batch as axis 0; the IR's per-sample axes are shifted by one.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from qcompile import ir
-from qcompile.train.tiled import tiled_conv2d, tiled_linear, tiled_matmul
+from qcompile.core.accumulator import accumulate_tiles, check_mode, tile_plan
 from qcompile.core.requant import requantize
 
 
@@ -54,10 +55,17 @@ def _windows(x, kernel, stride, dilation=(1, 1)):
     return win
 
 
-def _narrow(op):
-    """The op's accumulator mode for qcompile.train.tiled (the one implementation of the tile semantics)."""
+def _tiled(op, lhs, rhs, start):
+    """The accumulator of lhs (..., M, K) @ rhs (..., K, N) + start in the op's accumulator mode: the
+    reduction over K, in index order, cut into tiles (one when acc_bits is None); each tile's sum is
+    an exact int64 matmul of the tile's slice of K; the tiles fold with `accumulate_tiles`."""
     a = op.attrs
-    return dict(acc_bits=a["acc_bits"], tile=a.get("tile"), overflow=a.get("overflow", "saturate"))
+    acc_bits, tile, overflow = a.get("acc_bits"), a.get("tile"), a.get("overflow", "saturate")
+    check_mode(acc_bits, tile, overflow)
+    K = lhs.shape[-1]
+    tl, T = tile_plan(K, None if acc_bits is None else tile)
+    partials = (np.matmul(lhs[..., t * tl:(t + 1) * tl], rhs[..., t * tl:(t + 1) * tl, :]) for t in range(T))
+    return accumulate_tiles(partials, start, acc_bits, overflow)
 
 
 def conv2d(graph, op, x):
@@ -66,11 +74,6 @@ def conv2d(graph, op, x):
     w = a["weight"].astype(np.int64)
     o, cg, kh, kw = w.shape
     g = a["groups"]
-    if a.get("acc_bits") is not None:
-        res = tiled_conv2d(torch.from_numpy(x - zx), torch.from_numpy(w), torch.from_numpy(a["bias"].astype(np.int64)),
-                           a["stride"], a["padding"], a["dilation"], g, **_narrow(op))
-        r = requantize(res.acc.numpy(), a["multiplier"].reshape(1, o, 1, 1), a["shift"].reshape(1, o, 1, 1))
-        return _clamp(graph, op, r)
     xs = _pair_pad(x - zx, a["padding"], 0)
     win = _windows(xs, (kh, kw), a["stride"], a["dilation"])         # (N, C, OH, OW, kh, kw)
     n, c, oh, ow = win.shape[:4]
@@ -78,7 +81,7 @@ def conv2d(graph, op, x):
     cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(0, 1, 3, 4, 2, 5, 6).reshape(n, g, oh * ow, cg * kh * kw)
     wg = w.reshape(g, o // g, cg * kh * kw)
     bias = a["bias"].astype(np.int64).reshape(g, o // g)
-    acc = np.matmul(cols, wg.transpose(0, 2, 1)) + bias[None, :, None, :]      # (N, G, P, O/G)
+    acc = _tiled(op, cols, wg.transpose(0, 2, 1), bias[None, :, None, :])      # (N, G, P, O/G)
     acc = acc.transpose(0, 1, 3, 2).reshape(n, o, oh, ow)
     r = requantize(acc, a["multiplier"].reshape(1, o, 1, 1), a["shift"].reshape(1, o, 1, 1))
     return _clamp(graph, op, r)
@@ -88,19 +91,13 @@ def linear(graph, op, x):
     a = op.attrs
     zx = graph.tensor(op.inputs[0]).zero_point
     w, bias = a["weight"].astype(np.int64), a["bias"].astype(np.int64)
-    if a.get("acc_bits") is None:
-        acc = np.matmul(x - zx, w.T) + bias
-    else:
-        acc = tiled_linear(torch.from_numpy(x - zx), torch.from_numpy(w), torch.from_numpy(bias), **_narrow(op)).acc.numpy()
+    acc = _tiled(op, x - zx, w.T, bias)
     return _clamp(graph, op, requantize(acc, a["multiplier"], a["shift"]))
 
 
 def matmul(graph, op, a, b):
     za, zb = (graph.tensor(i).zero_point for i in op.inputs)
-    if op.attrs.get("acc_bits") is None:
-        acc = np.matmul(a - za, b - zb)
-    else:
-        acc = tiled_matmul(torch.from_numpy(a - za), torch.from_numpy(b - zb), None, **_narrow(op)).acc.numpy()
+    acc = _tiled(op, a - za, b - zb, 0)
     return _clamp(graph, op, requantize(acc, op.attrs["multiplier"], op.attrs["shift"]))
 
 
@@ -193,12 +190,10 @@ KERNELS = {
 def run_codes(graph: ir.Graph, *codes: np.ndarray, keep: bool = False):
     """Run on input codes; returns the output codes (a list when the graph has several outputs),
     or, with keep=True, the dict of every tensor's codes."""
+    ir.verify(graph)
     env = {name: np.asarray(c, dtype=np.int64) for name, c in zip(graph.inputs, codes)}
     for op in graph.ops:
-        kernel = KERNELS.get(op.kind)
-        if kernel is None:
-            raise ValueError(f"op {op.name!r}: unknown IR op kind {op.kind!r}")
-        env[op.output] = kernel(graph, op, *(env[i] for i in op.inputs)).astype(np.int64)
+        env[op.output] = KERNELS[op.kind](graph, op, *(env[i] for i in op.inputs)).astype(np.int64)
     if keep:
         return env
     outs = [env[name] for name in graph.outputs]
