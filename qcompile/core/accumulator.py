@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +63,39 @@ def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile
     w_tiles = F.pad(w_abs, (0, T * tl - K)) if T * tl > K else w_abs
     per_tile = w_tiles.reshape(w_abs.shape[0], T, tl).sum(2).amax(1) * x_absmax
     return whole, per_tile
+
+
+def accumulate_tiles(partials, start, acc_bits: int | None, overflow: str) -> np.ndarray:
+    """The accumulator after the last tile, in numpy int64: acc = start, then for each tile's exact
+    partial sum p_t in order acc = overflow(acc + p_t) (the module docstring's semantics).
+    `partials` is an int64 array with the tile axis first, or any iterable of per-tile arrays;
+    `start` (e.g. the bias) broadcasts against one tile. Wrap is applied once at the end (modular:
+    also right when an int64 sum itself wrapped, since 2^acc_bits divides 2^64)."""
+    check_mode(acc_bits, None, overflow)
+    saturate = acc_bits is not None and overflow == "saturate"
+    lo, hi = acc_range(acc_bits) if acc_bits is not None else (None, None)
+    acc = np.asarray(start, dtype=np.int64)
+    for p in partials:
+        acc = acc + np.asarray(p, dtype=np.int64)
+        if saturate:
+            np.clip(acc, lo, hi, out=acc)
+    if acc_bits is not None and overflow == "wrap" and acc_bits < 64:
+        acc = (acc - lo) % (1 << acc_bits) + lo
+    return acc
+
+
+def max_l1_bounds(w_int, x_absmax: int, bias_int, tile: int | None) -> tuple[int, int]:
+    """`l1_bounds` of integer weights (O, K) in reduction order and integer bias (numpy, torch or
+    ints; the bias one value or O), maximised over the output channels, as exact Python ints:
+    (whole reduction incl. |bias|, largest single tile); (0, 0) without channels. For code
+    generators choosing accumulator lanes: summed in int64, OverflowError where a bound reaches
+    2^62 (checked first in float64)."""
+    w_abs = torch.as_tensor(np.abs(np.asarray(w_int, dtype=np.int64)))
+    b_abs = torch.as_tensor(np.abs(np.asarray(bias_int, dtype=np.int64))).expand(w_abs.shape[0])
+    if w_abs.shape[0] == 0:
+        return 0, 0
+    approx = max(float(b.max()) for b in l1_bounds(w_abs.double(), float(x_absmax), b_abs.double(), tile))
+    if approx >= 2.0 ** 62:
+        raise OverflowError(f"accumulator bound about {approx:.3g} reaches 2^62: past what int64 sums hold")
+    whole, per_tile = l1_bounds(w_abs, int(x_absmax), b_abs, tile)
+    return int(whole.max()), int(per_tile.max())
