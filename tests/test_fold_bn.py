@@ -10,8 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import qcompile
 from qcompile.core.batchnorm import tap_coverage
-from qcompile.train.bn_rectification import (BNRectificationLoss, add_bn_rectification, noise_amplification,
-                                             weight_gradient_error)
+from qcompile.train.bn_rectification import BNRectificationLoss, noise_amplification, weight_gradient_error
 from qcompile.train.fused_bn import BatchNormFold, bn_affine, fold_weight
 from qcompile.train.quantizers import Quantizer
 
@@ -73,8 +72,9 @@ def test_graph_quantizes_the_folded_weight_and_reads_the_output_after_the_correc
     assert [n.target for n in _bn_calls(qm)] == ["bn5"]             # standalone: stays a per-channel affine op
     assert _bn_calls(qm)[0].meta["qc_bn"] == "affine"
     for node in fused:
-        layer, x, weight, _ = node.args
+        layer, x, weight, _, eval_bias = node.args
         wq = layer.args[1]
+        assert qm.get_submodule(eval_bias.target).__class__.__name__ == "BiasQuant"   # the folded bias, rounded
         assert isinstance(qm.get_submodule(wq.target), Quantizer) and qm.get_submodule(wq.target).kind == "weight"
         assert wq.args[0].target is fold_weight and wq.args[0].args[0] is weight and weight.op == "get_attr"
         assert layer.args[2] is None                                 # the bias moved into the fold
@@ -211,7 +211,6 @@ def test_torchvision_conv_bn_relu_models_fold_and_train(name):
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     qm = qcompile.compile(model, x[:1], grad_bits=8, seed=0, bn_rectification=0.1)
     assert not _bn_calls(qm) and len(_fused_calls(qm)) == n_bn
-    add_bn_rectification(qm, qm.config)
     opt = torch.optim.SGD(qm.parameters(), lr=0.01)
     before = [p.detach().clone() for p in qm.parameters()]
     loss = F.cross_entropy(qm(x), y) + qm.regularization()
@@ -263,7 +262,6 @@ def test_gain_is_invariant_to_rescaling_w_and_matches_white_noise_amplification(
 def test_rectification_loss_penalizes_only_gain_above_one_and_lowers_it():
     x = torch.randn(32, 3, 6, 6)
     qm = qcompile.compile(_block(), x[:2], grad_bits=8, bn_rectification=0.5)
-    add_bn_rectification(qm, qm.config)
     assert isinstance(qm.regularizers["bn_rectification"], BNRectificationLoss)
     assert "bn_rectification" not in dict(qm.named_modules())["regularizers"].state_dict()
     with pytest.raises(RuntimeError, match="has not run yet"):
@@ -287,14 +285,13 @@ def test_rectification_loss_penalizes_only_gain_above_one_and_lowers_it():
         block.weight.fill_(0.05)
     qm(x)
     assert qm.regularization().item() == 0.0
-    add_bn_rectification(qm, qm.config.replace(bn_rectification=0.0))
-    assert "bn_rectification" not in qm.regularizers
+    off = qcompile.compile(_block(), x[:2], grad_bits=8)
+    assert "bn_rectification" not in off.regularizers and not off.get_submodule("3").rectification
 
 
 def test_input_layer_gets_no_rectification_term():
     qm = qcompile.compile(qcompile.models.get("models:lenet5_bn"), torch.randn(2, 1, 28, 28), grad_bits=8,
                           bn_rectification=0.1)
-    add_bn_rectification(qm, qm.config)
     assert [n for n, _ in qm.regularizers["bn_rectification"].blocks] == ["bn2", "bn3"]
 
 

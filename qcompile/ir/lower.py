@@ -442,10 +442,7 @@ class _Lowering:
             self.fail(node, "BatchNormFold must directly follow its conv/linear")
         if mod.training:
             self.fail(node, "is in training mode; call qm.eval() before lowering")
-        lb = node.args[3] if len(node.args) > 3 else node.kwargs.get("layer_bias")
-        layer_bias = self.val[lb].value if isinstance(lb, fx.Node) else lb
-        with torch.no_grad():
-            bias = mod.folded_bias(layer_bias).float()
+        bias = self.val[node.args[4]].value.float()     # the folded_bias node (its BiasQuant is transparent)
         total = bias if acc.bias is None else acc.bias + bias
         return Acc(acc.kind, acc.node, acc.inputs, acc.attrs, total, acc.out_channels)
 

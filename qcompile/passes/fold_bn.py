@@ -7,9 +7,14 @@ nodes, B called once, with running statistics and channels on dim 1):
     node the `quantize` pass puts the weight quantizer on, and L has no bias;
   - B's call is replaced by a call of a `BatchNormFold` module at B's path (B's own
     parameters and buffers, so `state_dict()` keys are unchanged) with arguments
-    (L, x, W, b): x is L's activation operand, W and b L's float weight and bias;
-  - L.meta["qc_output"] is that node: the layer's result is read after it, so `quantize`
-    puts L's output quantizer after the BatchNorm correction, not between L and it.
+    (L, x, W, b, e): x is L's activation operand, W and b L's float weight and bias, and
+    e = `folded_bias(γ, β, μ_r, σ_r², eps, b)` the bias of the eval form, a node of its own
+    (so `quantize` rounds it like any layer bias);
+  - that call is L's only user: the layer's result (`qcompile.passes.ops.layer_result`) is
+    read after it, so `quantize` puts L's output quantizer after the BatchNorm correction;
+  - the BatchNormFold module is complete when made: its λ (`bn_rectification`, 0 when L reads
+    the graph input) and whether its statistics come from a float conv (`acc_bits` set) are
+    read from the configs of B and L here; no later pass changes it.
 There is no call of a BatchNorm module where folding applied. Any other BatchNorm stays
 a BatchNorm call (a per-channel affine op in eval, `qcompile.train.fused_bn.bn_affine`), tagged
 meta["qc_bn"] = "affine" with the reason in meta["qc_bn_reason"].
@@ -25,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qcompile.config import QConfig
 from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS, verification_error
-from qcompile.train.fused_bn import BatchNormFold, fold_weight
+from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 
 # which BatchNorm follows which layer function with channels on dim 1
 _BN_FOR = {F.conv2d: nn.BatchNorm2d, F.conv1d: nn.BatchNorm1d, F.linear: nn.BatchNorm1d}
@@ -89,26 +94,31 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         layer_name = layer.meta.get("qc_layer", layer.name)
         layer_cfg = config.for_layer(layer_name, type(gm.get_submodule(layer_name)) if layer.meta.get("qc_layer") else None)
         fused = BatchNormFold(bn, layer_name, layer.target, layer.args[3:] if layer.target in CONV_FUNCTIONS else (),
-                              freeze_steps=cfg.bn_freeze_steps, float_statistics=layer_cfg.acc_bits is not None)
-        fused.propagates_gradient = not _reaches_input(x, gm)
+                              freeze_steps=cfg.bn_freeze_steps, float_statistics=layer_cfg.acc_bits is not None,
+                              rectification=config.for_layer(node.target, BatchNormFold).bn_rectification,
+                              propagates_gradient=not _reaches_input(x, gm))
         gm.add_submodule(node.target, fused)
         with graph.inserting_before(layer):
             gamma = graph.get_attr(f"{node.target}.weight") if bn.affine else None
+            beta = graph.get_attr(f"{node.target}.bias") if bn.affine else None
+            mean = graph.get_attr(f"{node.target}.running_mean")
             var = graph.get_attr(f"{node.target}.running_var")
             folded = graph.call_function(fold_weight, (weight, gamma, var, bn.eps))
+            eval_bias = graph.call_function(folded_bias, (gamma, beta, mean, var, bn.eps, bias))
         folded.meta["tensor_meta"] = weight.meta["tensor_meta"]
-        for n, t in ((gamma, bn.weight), (var, bn.running_var)):
+        eval_bias.meta["tensor_meta"] = var.meta["tensor_meta"] = mean.meta["tensor_meta"] = \
+            _extract_tensor_metadata(bn.running_var)
+        for n, t in ((gamma, bn.weight), (beta, bn.bias)):
             if n is not None:
                 n.meta["tensor_meta"] = _extract_tensor_metadata(t)
-        for n in (gamma, var, folded):
+        for n in (gamma, beta, mean, var, folded, eval_bias):
             if n is not None:
                 n.meta["qc_layer"] = layer_name
         layer.args = (x, folded, None, *layer.args[3:])
         with graph.inserting_after(layer):
-            out = graph.call_module(node.target, (layer, x, weight, bias))
+            out = graph.call_module(node.target, (layer, x, weight, bias, eval_bias))
         out.meta.update(node.meta)
         out.meta.update(qc_layer=layer_name, qc_bn=node.target, qc_module_type=type(fused).__name__)
-        layer.meta["qc_output"] = out
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.lint()
@@ -119,8 +129,8 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
 def verify(gm: fx.GraphModule, config: QConfig) -> None:
     """Raise VerificationError unless every BatchNorm still called is tagged meta["qc_bn"] ==
     "affine" with a reason, and every BatchNormFold call reads a layer L (conv/linear) whose weight
-    operand is fold_weight(...), which has no bias, whose meta["qc_output"] is that call and whose
-    only user it is, and whose activation operand is the call's second argument."""
+    operand is fold_weight(...), which has no bias and no user but that call, whose activation
+    operand is the call's second argument, and whose fifth argument is the folded_bias node."""
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -139,7 +149,11 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
                                          f"{node.target!r} folded into it), not {getattr(weight, 'name', weight)!r}")
             if (len(layer.args) > 2 and layer.args[2] is not None) or "bias" in layer.kwargs:
                 raise verification_error("fold_bn", layer, gm, f"no bias (BatchNorm {node.target!r} adds the folded bias)")
-            if layer.meta.get("qc_output") is not node or set(layer.users) != {node}:
-                raise verification_error("fold_bn", layer, gm, f'meta["qc_output"] = {node.name!r} and no user but it')
+            if set(layer.users) != {node}:
+                raise verification_error("fold_bn", layer, gm, f"no user but {node.name!r} (the layer's result is read "
+                                         "after the BatchNorm correction)")
+            if len(node.args) < 5 or not (isinstance(node.args[4], fx.Node) and node.args[4].target is folded_bias):
+                raise verification_error("fold_bn", node, gm, "fifth argument the folded_bias(γ, β, μ, σ², eps, b) node "
+                                         "(the bias of the eval form)")
             if len(node.args) < 2 or node.args[1] is not layer.args[0]:
                 raise verification_error("fold_bn", node, gm, f"second argument {layer.name}'s activation operand")

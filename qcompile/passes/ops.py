@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.errors import VerificationError
-from qcompile.train.fused_bn import BatchNormFold, fold_weight
+from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ FAMILIES = (
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
     _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid}),         # elementwise: a table
     _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
-    _family("batchnorm_fold", {fold_weight}, modules=(BatchNormFold,)),                  # folded: a bias in eval
+    _family("batchnorm_fold", {fold_weight, folded_bias}, modules=(BatchNormFold,)),     # folded: a bias in eval
     _family("add", {operator.add}),
     _family("mul", {operator.mul}),
     _family("cat", {torch.cat}),
@@ -112,6 +112,17 @@ def is_grid_preserving(node, gm) -> bool:
 
 def is_quantizable(node, gm) -> bool:
     return node.op in ("placeholder", "output", "get_attr") or family_of(node, gm) is not None
+
+
+def layer_result(node, gm):
+    """The node holding the result of conv/linear `node`: the BatchNormFold call folded into it
+    (its only user, reading it as first argument; see `passes/fold_bn`), else `node` itself."""
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and user.args and user.args[0] is node and \
+                isinstance(gm.get_submodule(user.target), BatchNormFold):
+            return user
+    return node
 
 
 def op_name(node, gm=None) -> str:

@@ -11,12 +11,13 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
   - the weight operand is `weight_quant(get_attr weight)` (symmetric; per output channel
     or per tensor), followed by a gradient Quantizer when quantize_weight_grad is set;
   - L's bias goes through a BiasQuant (`bias_quant`) that rounds it onto the int32 grid
-    S_x·S_w the integer layer adds it on (a folded BatchNorm rounds its folded bias the same
-    way, given the two scales as `input_scale`/`weight_scale` keyword arguments);
+    S_x·S_w the integer layer adds it on, the two scales given as get_attr nodes of the
+    operands' quantizers; a folded BatchNorm's eval bias (the BatchNormFold call's fifth
+    argument) goes through one the same way;
   - L's result goes through an activation Quantizer (`output_quant`) before any user; when
-    `fold_bn` fused a BatchNorm into L, "L's result" is the node L.meta["qc_output"] (the
-    BatchNorm correction), which also reads L's activation operand through L's gradient
-    Quantizer, so the whole gradient leaving the fused layer is quantized once.
+    `fold_bn` fused a BatchNorm into L, "L's result" is the BatchNormFold call reading L
+    (`qcompile.passes.ops.layer_result`), which also reads L's activation operand through L's
+    gradient Quantizer, so the whole gradient leaving the fused layer is quantized once.
 Quantizers are submodules at `<layer>.<role>` (`input_quant`, `weight_quant`,
 `output_quant`, `grad_quant`, `input1_quant`, ...). Ops with no quantized form are left in
 float and listed in one warning (an UnsupportedOpError when strict).
@@ -36,11 +37,11 @@ from qcompile.passes.ops import (
     is_grid_preserving,
     is_matmul,
     is_quantizable,
+    layer_result,
     op_name,
     verification_error,
 )
 from qcompile.train.estimators import make_estimator
-from qcompile.train.fused_bn import BatchNormFold
 from qcompile.train.quantizers import BiasQuant, Quantizer
 
 
@@ -129,27 +130,24 @@ def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str)
 
 
 def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
-    """Round L's bias (or, for a folded BatchNorm, its folded bias) onto the grid S_x·S_w."""
-    bias = node.args[2] if len(node.args) > 2 else None
-    fold = gm.get_submodule(result.target) if result is not node else None
-    if not isinstance(bias, fx.Node) and not isinstance(fold, BatchNormFold):
+    """Round L's bias and, for a folded BatchNorm, its eval bias onto the grid S_x·S_w."""
+    biases = [(node, 2)] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else []
+    if result is not node:
+        biases.append((result, 4))
+    if not biases:
         return
     with gm.graph.inserting_before(node):
         in_scale = gm.graph.get_attr(f"{grid_source(node.args[0], gm).target}.scale")
         w_scale = gm.graph.get_attr(f"{node.args[1].target}.scale")
     for scale in (in_scale, w_scale):
         scale.meta["qc_layer"] = layer
-    if isinstance(bias, fx.Node):
+    for user, index in biases:
         path = _free_path(gm, f"{layer}.bias_quant")
         gm.add_submodule(path, BiasQuant(layer))
         with gm.graph.inserting_before(node):
-            bq = gm.graph.call_module(path, (bias, in_scale, w_scale))
+            bq = gm.graph.call_module(path, (user.args[index], in_scale, w_scale))
         bq.meta.update(qc_quantizer="bias", qc_layer=layer, qc_module_type="BiasQuant")
-        node.update_arg(2, bq)
-    if isinstance(fold, BatchNormFold):
-        fold.bias_quant = BiasQuant(layer)
-        result.update_kwarg("input_scale", in_scale)
-        result.update_kwarg("weight_scale", w_scale)
+        user.update_arg(index, bq)
 
 
 def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
@@ -163,7 +161,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         layer = node.meta.get("qc_layer", node.name)
         cfg = config.for_layer(layer, _module_type(gm, layer))
         weighted = node.target in WEIGHTED_FUNCTIONS
-        result = node.meta.get("qc_output", node)
+        result = layer_result(node, gm)
         for idx in ([0] if weighted else [0, 1]):
             arg = node.args[idx]
             suffix = "" if idx == 0 else str(idx)
@@ -209,8 +207,8 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     is on a quantizer grid (`grid_source`), through L's gradient Quantizer when grad_bits is set
     and the operand does not come from a graph input; a weight operand is a weight Quantizer's
     output (possibly through its gradient Quantizer); a bias operand is a BiasQuant's output; and
-    L's result (L.meta["qc_output"] when a BatchNorm is folded into L) has one user, an activation
-    Quantizer."""
+    L's result (`layer_result`: the BatchNormFold call when a BatchNorm is folded into L) has one
+    user, an activation Quantizer, and a folded BatchNorm's eval bias is a BiasQuant's output."""
     for node in gm.graph.nodes:
         if not is_matmul(node):
             continue
@@ -236,7 +234,10 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if isinstance(bias, fx.Node) and not (bias.op == "call_module"
                                                   and isinstance(gm.get_submodule(bias.target), BiasQuant)):
                 raise verification_error("quantize", node, gm, f"bias operand a BiasQuant's output, not {bias.name!r}")
-        result = node.meta.get("qc_output", node)
+        result = layer_result(node, gm)
+        if result is not node and not (result.args[4].op == "call_module"
+                                       and isinstance(gm.get_submodule(result.args[4].target), BiasQuant)):
+            raise verification_error("quantize", result, gm, "eval bias (fifth argument) a BiasQuant's output")
         users = list(result.users)
         if len(users) != 1 or not _is_quantizer_node(users[0], gm, "activation"):
             names = ", ".join(u.name for u in users) or "none"

@@ -33,7 +33,7 @@ def regularize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     elif config.log_barrier:
         raise QCompileError("QConfig.log_barrier=True but no layer has a narrow accumulator: the barrier keeps "
                             "an acc_bits-bit accumulator from overflowing; set acc_bits (or disable log_barrier)")
-    add_bn_rectification(gm, config)
+    add_bn_rectification(gm)
     return gm
 
 

@@ -36,7 +36,8 @@ def fused_blocks(qm: nn.Module) -> list[tuple[str, BatchNormFold]]:
 class BNRectificationLoss(nn.Module):
     """mean over the blocks of λ_b·max(0, A_b² − 1), from the gains of the last forward pass.
 
-    The blocks are referenced, not owned (a plain list), so they are not registered twice."""
+    The blocks are referenced, not owned (a plain list), so they are not registered twice; λ_b is
+    each block's own `rectification` (set when `fold_bn` made it)."""
 
     def __init__(self, blocks: list[tuple[str, BatchNormFold]]):
         super().__init__()
@@ -57,18 +58,12 @@ class BNRectificationLoss(nn.Module):
         return torch.stack(terms).mean()
 
 
-def add_bn_rectification(qm: nn.Module, config) -> None:
-    """Register the BN-rectification loss in `qm.regularizers["bn_rectification"]` (idempotent).
-
-    λ of each fused block is `config.for_layer(<BN path>).bn_rectification`; blocks whose input is
-    a graph input (no gradient leaves them) and blocks with λ = 0 get no term. Nothing is registered
-    when no block has a term."""
-    terms = []
-    for name, block in fused_blocks(qm):
-        lam = config.for_layer(name, BatchNormFold).bn_rectification
-        block.rectification = float(lam) if block.propagates_gradient else 0.0
-        if block.rectification > 0:
-            terms.append((name, block))
+def add_bn_rectification(qm: nn.Module) -> None:
+    """Register the BN-rectification loss in `qm.regularizers["bn_rectification"]` over the fused blocks
+    with λ > 0 (`fold_bn` sets each block's λ from `bn_rectification` of its config, 0 for a block whose
+    input is a graph input: no gradient leaves it). Reads the blocks, changes none; nothing is
+    registered (and a stale term is removed) when no block has a term."""
+    terms = [(name, block) for name, block in fused_blocks(qm) if block.rectification > 0]
     if terms:
         qm.regularizers["bn_rectification"] = BNRectificationLoss(terms)
     elif "bn_rectification" in qm.regularizers:

@@ -41,14 +41,26 @@ from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
 
+def affine(gamma, beta, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of BatchNorm in eval mode from its tensors: BN(x) = x·scale + shift per channel."""
+    scale = bn_scale(gamma, running_var, eps)
+    shift = -running_mean * scale
+    return scale, shift if beta is None else shift + beta
+
+
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of a BatchNorm (or BatchNormFold) in eval mode: BN(x) = x·scale + shift per channel."""
     if getattr(bn, "running_var", None) is None:
         raise ValueError(f"{type(bn).__name__} has no running statistics (track_running_stats=False): "
                          "it normalizes with batch statistics even in eval mode and is not a per-channel affine op")
-    scale = bn_scale(bn.weight, bn.running_var, bn.eps)
-    shift = -bn.running_mean * scale
-    return scale, shift if bn.bias is None else shift + bn.bias
+    return affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def folded_bias(gamma, beta, running_mean, running_var, eps: float, layer_bias=None) -> torch.Tensor:
+    """β + γ·(b − μ_r)/σ_r: the bias of the folded layer in eval mode (a graph node of its own, so the
+    bias quantizer and lowering see it like any layer bias)."""
+    scale, shift = affine(gamma, beta, running_mean, running_var, eps)
+    return shift if layer_bias is None else shift + layer_bias * scale
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -79,7 +91,8 @@ class BatchNormFold(nn.Module):
     """
 
     def __init__(self, bn: _BatchNorm, layer: str, layer_fn, layer_args: tuple = (),
-                 freeze_steps: int | None = None, rectification: float = 0.0, float_statistics: bool = False):
+                 freeze_steps: int | None = None, rectification: float = 0.0, float_statistics: bool = False,
+                 propagates_gradient: bool = True):
         super().__init__()
         if not bn.track_running_stats:
             raise ValueError(f"BatchNorm after {layer!r} has track_running_stats=False: it cannot be folded")
@@ -91,11 +104,11 @@ class BatchNormFold(nn.Module):
         self.layer, self.layer_fn, self.layer_args = layer, layer_fn, tuple(layer_args)
         self.freeze_steps = freeze_steps
         self.float_statistics = float_statistics      # batch statistics from a float conv (narrow accumulators)
-        self.rectification = float(rectification)   # λ of this block (set by add_bn_rectification)
-        self.propagates_gradient = True              # False when the layer reads the graph input (set by fold_bn)
+        self.propagates_gradient = propagates_gradient   # False when the layer reads the graph input
+        # λ of this block's rectification term; > 0: the gain is computed differentiably in every training forward
+        self.rectification = float(rectification) if propagates_gradient else 0.0
         self._gain: torch.Tensor | None = None
         self._gain_inputs: tuple | None = None
-        self.bias_quant: nn.Module | None = None     # a BiasQuant, set by the quantize pass
         self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
         self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
 
@@ -114,13 +127,13 @@ class BatchNormFold(nn.Module):
         return self.momentum
 
     def folded_bias(self, layer_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """β + γ·(b − μ_r)/σ_r: the bias of the folded layer in eval mode (what lowering uses)."""
-        scale, shift = bn_affine(self)
-        return shift if layer_bias is None else shift + layer_bias * scale
+        """β + γ·(b − μ_r)/σ_r of this block's tensors (see `folded_bias`)."""
+        return folded_bias(self.weight, self.bias, self.running_mean, self.running_var, self.eps, layer_bias)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                layer_bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                layer_bias: torch.Tensor | None = None, eval_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`eval_bias`: the folded bias the eval / frozen form adds (the graph's `folded_bias` node, rounded
+        by the layer's bias quantizer); computed here from the block's tensors when not given."""
         if y.dim() < 2 or y.shape[1] != self.num_features:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected {self.num_features} channels on dim 1, "
                              f"got shape {tuple(y.shape)}")
@@ -129,9 +142,7 @@ class BatchNormFold(nn.Module):
             self.num_batches_tracked.add_(1)
         if not self.training or frozen:
             self._record_gain(x, weight, self.running_var, None)
-            bias = self.folded_bias(layer_bias)
-            if self.bias_quant is not None and input_scale is not None:
-                bias = self.bias_quant(bias, input_scale, weight_scale)   # the integer layer's int32 bias
+            bias = self.folded_bias(layer_bias) if eval_bias is None else eval_bias
             return y + _per_channel(bias, y.dim())
         count = y.numel() // y.shape[1]
         if count < 2:

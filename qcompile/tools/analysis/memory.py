@@ -12,7 +12,7 @@ count C·k²), |X| and |Y| the number of input and output elements of the layer 
 included; eq. 4's C_in·W·H and C_out·W·H when the stride is 1), and the widths come from
 the layer's own quantizers: b_w from its weight quantizer, b_in from the activation
 quantizer its input comes from, b_out from its output quantizer (after the layer's result
-node `meta["qc_output"]` when a pass such as fold_bn set one), b_acc from the layer's
+BatchNormFold call when a BatchNorm is folded into it, `qcompile.passes.ops.layer_result`), b_acc from the layer's
 accumulator width (`acc_bits` of a narrow-accumulator op, else the config's `acc_bits`,
 else 32). The paper prints the read-back term of eq. 5 with b_a; its Table 5 figures are
 reproduced only with b_acc (the accumulator values are read back at full width), which
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.passes.ops import is_matmul
+from qcompile.passes.ops import is_grid_preserving, is_matmul, layer_result
 
 KB = 1024  # the paper's KB (its Table 5 figures are bytes / 1024)
 DEFAULT_ACC_BITS = 32
@@ -154,7 +154,6 @@ def _through_gradient_quantizers(qm, node):
 def _source_quantizer(qm, node):
     """The weight/activation quantizer a tensor comes from (through gradient quantizers and
     single-input ops that keep it on its grid), or None when it is a float tensor."""
-    from qcompile.passes.ops import is_grid_preserving
     seen = 0
     while seen < 64:
         q = _quantizer(qm, node)
@@ -267,7 +266,7 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
         w_shape = shapes.get(weight_node.name) if weight_node is not None else None
         in_q = [_source_quantizer(qm, a) for a in activations]
         b_in = max((q.bits if q is not None else 32) for q in in_q)
-        result = node.meta.get("qc_output", node)  # e.g. the BatchNorm correction of a folded layer
+        result = layer_result(node, qm)  # e.g. the BatchNorm correction of a folded layer
         out_qs = [_quantizer(qm, u, "activation") for u in result.users]
         out_q = next((q for q in out_qs if q is not None), None)
         mod = _module(qm, node)
