@@ -1,6 +1,7 @@
 """Small models and a train-then-eval helper shared by the lowering and ONNX export tests."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompile
+from qcompile.models import get
 
 
 class OpZoo(nn.Module):
@@ -77,3 +79,18 @@ class Conv1dNet(nn.Module):
 
     def forward(self, x):
         return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).flatten(1))
+
+
+_TRAINED: dict = {}
+
+
+def trained_once(spec: str, shape, steps: int = 2, seed: int = 0, **config) -> nn.Module:
+    """`trained` of the model `spec` ("OpZoo", "Conv1dNet" or a qcompile.models name, 10 classes) on a
+    seeded random batch of `shape`, compiled and trained once per test session; every call returns
+    its own deep copy, so a test may change it freely."""
+    key = (spec, tuple(shape), steps, seed, tuple(sorted(config.items())))
+    if key not in _TRAINED:
+        torch.manual_seed(seed)
+        model = {"OpZoo": OpZoo, "Conv1dNet": Conv1dNet}[spec]() if ":" not in spec else get(spec, num_classes=10)
+        _TRAINED[key] = trained(model, torch.randn(*shape), steps, seed, **config)
+    return copy.deepcopy(_TRAINED[key])

@@ -3,8 +3,7 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-from lowering_models import OpZoo, trained
+from lowering_models import trained_once
 
 import qcompile
 from qcompile import ir
@@ -13,7 +12,7 @@ from qcompile.ir.verify import IRError
 
 @pytest.fixture(scope="module")
 def zoo_graph():
-    return qcompile.lower(trained(OpZoo(), torch.randn(8, 3, 16, 16)))
+    return qcompile.lower(trained_once("OpZoo", (8, 3, 16, 16)))
 
 
 def test_lowered_graph_meets_the_specification(zoo_graph):

@@ -14,7 +14,7 @@ from qcompile.ir.lower import LoweringError, lower
 from qcompile.backends import reference as ref
 from qcompile.core.requant import requantize
 
-from lowering_models import OpZoo, trained
+from lowering_models import trained, trained_once
 
 
 def steps_apart(graph, codes, y_torch):
@@ -25,8 +25,7 @@ def steps_apart(graph, codes, y_torch):
 
 @pytest.fixture(scope="module")
 def zoo():
-    torch.manual_seed(0)
-    return trained(OpZoo(), torch.randn(8, 3, 16, 16))
+    return trained_once("OpZoo", (8, 3, 16, 16))
 
 
 def test_lenet_reference_matches_eval_within_one_step(mnist):
@@ -68,7 +67,7 @@ def test_every_op_kind_lowered_and_matches_eval(zoo):
 
 def test_pow2_scales_give_power_of_two_grids_and_multipliers():
     torch.manual_seed(0)
-    qm = trained(OpZoo(), torch.randn(8, 3, 16, 16), pow2_scales=True)
+    qm = trained_once("OpZoo", (8, 3, 16, 16), pow2_scales=True)
     g = lower(qm)
     for t in g.tensors.values():
         assert math.log2(t.scale) == round(math.log2(t.scale)), t.name
@@ -144,9 +143,8 @@ def test_reference_equals_eval_exactly_with_pow2_scales(name):
     """With pow2 scales every requantization is exact and the trained graph rounds its biases (folded
     BatchNorm shifts included) onto the int32 grid S_x·S_w, as the integer graph does: the reference
     equals qm.eval() code for code."""
-    torch.manual_seed(0)
     shape = (8, 1, 28, 28) if name.endswith("lenet5") else (8, 3, 32, 32)
-    qm = trained(get(name, num_classes=10), torch.randn(*shape), steps=3, pow2_scales=True)
+    qm = trained_once(name, shape, steps=3, pow2_scales=True)
     assert any(float(m.running_mean.abs().max()) > 0 for m in qm.modules() if getattr(m, "running_mean", None) is not None) \
         or any(n.endswith("bias") and float(p.detach().abs().max()) > 0 for n, p in qm.named_parameters())
     g = lower(qm)

@@ -15,7 +15,7 @@ from qcompile.backends.parity import onnx_per_op as parity
 from qcompile.ir.lower import lower
 from qcompile.backends import reference as ref
 
-from lowering_models import OpZoo, trained
+from lowering_models import trained, trained_once
 
 TORCHVISION = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"]
 
@@ -35,7 +35,7 @@ def assert_within_one_lsb(graph, x):
 @pytest.fixture(scope="module")
 def zoo_pow2():
     torch.manual_seed(0)
-    return trained(OpZoo(), torch.randn(8, 3, 16, 16), pow2_scales=True)
+    return trained_once("OpZoo", (8, 3, 16, 16), pow2_scales=True)
 
 
 def test_export_writes_checked_model_with_metadata(zoo_pow2, tmp_path):
@@ -64,8 +64,8 @@ def test_every_op_kind_identical_with_pow2_scales(zoo_pow2):
 
 
 def test_every_op_kind_within_one_lsb_otherwise():
+    g = lower(trained_once("OpZoo", (8, 3, 16, 16)))
     torch.manual_seed(1)
-    g = lower(trained(OpZoo(), torch.randn(8, 3, 16, 16)))
     assert_within_one_lsb(g, torch.randn(8, 3, 16, 16))
 
 
@@ -79,9 +79,9 @@ def test_lenet_both_scale_modes():
 
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_models_identical_with_pow2_scales(name):
-    torch.manual_seed(0)
-    qm = trained(get(f"torchvision:{name}", num_classes=10), torch.randn(4, 3, 32, 32), pow2_scales=True)
+    qm = trained_once(f"torchvision:{name}", (8, 3, 32, 32), steps=3, pow2_scales=True)
     g = lower(qm)
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     for fmt in ("qdq", "qop"):
         r = parity(g, x, fmt, local=False)
