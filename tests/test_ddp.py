@@ -2,10 +2,13 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+pytestmark = pytest.mark.slow   # part of `make test`; `make test-fast` leaves it out
 
 
 def _free_port() -> int:

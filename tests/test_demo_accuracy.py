@@ -1,5 +1,9 @@
 """The paper's claim on the embedded default: W8A8G8 in-hindsight within 1 point of FP32."""
+import pytest
+
 from qcompile.tools.demo import train_pair
+
+pytestmark = pytest.mark.slow   # part of `make test`; `make test-fast` leaves it out
 
 
 def test_w8a8g8_hindsight_within_one_point_of_fp32():

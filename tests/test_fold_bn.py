@@ -203,6 +203,7 @@ def test_config_and_unfoldable_batchnorms_stay_batchnorm():
     assert [n.target for n in _bn_calls(partial)] == ["bn3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_conv_bn_relu_models_fold_and_train(name):
     torch.manual_seed(0)

@@ -138,6 +138,7 @@ def test_unsupported_op_names_the_node():
         lower(qm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["models:lenet5", "models:resnet20", "torchvision:resnet18"])
 def test_reference_equals_eval_exactly_with_pow2_scales(name):
     """With pow2 scales every requantization is exact and the trained graph rounds its biases (folded

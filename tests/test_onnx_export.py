@@ -77,6 +77,7 @@ def test_lenet_both_scale_modes():
         (assert_identical if pow2 else assert_within_one_lsb)(g, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_models_identical_with_pow2_scales(name):
     qm = trained_once(f"torchvision:{name}", (8, 3, 32, 32), steps=3, pow2_scales=True)
@@ -88,6 +89,7 @@ def test_torchvision_models_identical_with_pow2_scales(name):
         assert r["max_lsb"] == 0, (name, r)
 
 
+@pytest.mark.slow
 def test_resnet18_within_one_lsb_per_op_without_pow2():
     torch.manual_seed(0)
     g = lower(trained(get("torchvision:resnet18", num_classes=10), torch.randn(4, 3, 32, 32)))

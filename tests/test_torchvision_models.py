@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import qcompile
 
+pytestmark = pytest.mark.slow   # part of `make test`; `make test-fast` leaves it out
+
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "efficientnet_b0",
           "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "densenet121", "convnext_tiny"]
 
