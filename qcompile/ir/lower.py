@@ -41,6 +41,7 @@ from qcompile.core.grids import bias_codes, quantize_codes
 from qcompile.core.requant import quantize_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
+from qcompile.train.estimators import minmax
 from qcompile.train.quantizers import BiasQuant, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
@@ -346,7 +347,6 @@ class _Lowering:
                     raise CalibrationError(f"weight quantizer {node.target!r} has no range yet: train or calibrate")
                 lo, hi = q.estimator.lo, q.estimator.hi
             else:
-                from qcompile.train.estimators import minmax
                 lo, hi = minmax(w, q.axis)
             scale, zp = q.grid(lo, hi)
             if bool((zp != 0).any()):

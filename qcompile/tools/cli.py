@@ -4,19 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+import qcompile
+from qcompile.tools import demo
+from qcompile.tools.analysis import memory_traffic
+from qcompile.tools.deploy import emit_c
+from qcompile.tools.model_spec import add_config_arguments, config_from_args, load_model, parse_shape
+
 
 def _demo(args) -> int:
-    from qcompile.tools import demo
     demo.run(epochs=args.epochs, seed=args.seed)
     return 0
 
 
 def _compiled(args):
     """(compiled MODEL, input shape); None after printing the error when an argument is wrong."""
-    import torch
-
-    import qcompile
-    from qcompile.tools.model_spec import config_from_args, load_model, parse_shape
     try:
         shape = parse_shape(args.input_shape)
         model = load_model(args.model)
@@ -28,7 +31,6 @@ def _compiled(args):
 
 
 def _draw(args) -> int:
-    import qcompile
     qm, _ = _compiled(args)
     if qm is None:
         return 2
@@ -44,7 +46,6 @@ def _draw(args) -> int:
 
 
 def _report(args) -> int:
-    from qcompile.tools.analysis import memory_traffic
     qm, shape = _compiled(args)
     if qm is None:
         return 2
@@ -59,9 +60,6 @@ def _report(args) -> int:
 
 def _emit_c(args) -> int:
     """compile MODEL, load a trained state_dict (or calibrate on random inputs), emit C, optionally build."""
-    import torch
-
-    from qcompile.tools.deploy import emit_c
     qm, shape = _compiled(args)
     if qm is None:
         return 2
@@ -88,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
-    from qcompile.tools.model_spec import add_config_arguments
     model_help = "torchvision:NAME, models:NAME or path/to/file.py:factory"
     p = sub.add_parser("draw", help="compile MODEL and draw the graph after every pass (DOT, SVG, one HTML page)")
     p.add_argument("model", metavar="MODEL", help=model_help)

@@ -5,11 +5,14 @@ spec and what to change; `parse_shape("1,3,64,64")` returns a tuple of positive 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import tomllib
 from pathlib import Path
 
 from torch import nn
 
+from qcompile.config import QConfig
 from qcompile.models import get
 
 
@@ -60,9 +63,6 @@ _NOT_FLAGS = ("overrides",)
 def add_config_arguments(parser) -> None:
     """`--config file.toml` and one `--FIELD-NAME VALUE` flag per QConfig field (TOML syntax
     for the value: 4, 0.9, true, "running", [-1.0, 1.0]; bare words are strings; none = None)."""
-    import dataclasses
-
-    from qcompile.config import QConfig
     group = parser.add_argument_group("quantization config (flags override --config)")
     group.add_argument("--config", metavar="FILE.toml", help="QConfig fields, top level or under [qcompile]")
     for f in dataclasses.fields(QConfig):
@@ -74,7 +74,6 @@ def add_config_arguments(parser) -> None:
 
 
 def _flag_value(name: str, text: str):
-    import tomllib
     if name == "leaf_modules":
         return tuple(p for p in text.split(",") if p)
     if text.lower() in ("none", "null"):
@@ -87,7 +86,6 @@ def _flag_value(name: str, text: str):
 
 def config_from_args(args):
     """The QConfig of `--config` (or the defaults) with every given flag replacing its field."""
-    from qcompile.config import QConfig
     config = QConfig.from_toml(args.config) if getattr(args, "config", None) else QConfig()
     changes = {k[4:]: _flag_value(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     return config.replace(**changes) if changes else config
