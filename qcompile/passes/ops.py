@@ -19,6 +19,7 @@ from torch import nn
 
 from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
+from qcompile.train.quantizers import Quantizer
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,19 @@ def is_grid_preserving(node, gm) -> bool:
 
 def is_quantizable(node, gm) -> bool:
     return node.op in ("placeholder", "output", "get_attr") or family_of(node, gm) is not None
+
+
+def quantizer_of(node, gm, kind: str | None = None):
+    """The Quantizer module `node` calls (of `kind` — weight, activation, gradient — when given),
+    else None: the one test of "is this a quantizer" (a node of an older snapshot whose module a
+    later pass replaced calls none)."""
+    if node.op != "call_module":
+        return None
+    try:
+        mod = gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+    return mod if isinstance(mod, Quantizer) and kind in (None, mod.kind) else None
 
 
 def layer_result(node, gm):

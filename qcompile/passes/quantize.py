@@ -38,6 +38,7 @@ from qcompile.passes.ops import (
     is_matmul,
     is_quantizable,
     layer_result,
+    quantizer_of,
     op_name,
     verification_error,
 )
@@ -70,13 +71,6 @@ def _make(kind: str, cfg: QConfig, layer: str, shape=(), axis=None, generator=No
                      on_nonfinite=cfg.on_nonfinite, layer=layer, generator=generator)
 
 
-def _is_quantizer_node(node, gm, kind=None) -> bool:
-    if node.op != "call_module":
-        return False
-    mod = gm.get_submodule(node.target)
-    return isinstance(mod, Quantizer) and (kind is None or mod.kind == kind)
-
-
 def on_grid(node, gm) -> bool:
     """True when `node`'s value is a quantizer's output, possibly through grid-preserving ops."""
     return grid_source(node, gm) is not None
@@ -86,9 +80,9 @@ def grid_source(node, gm):
     """The activation or weight quantizer node whose grid `node`'s value is on (walking back through
     gradient quantizers and grid-preserving ops, as `on_grid` does), or None when it is on no grid."""
     while True:
-        if _is_quantizer_node(node, gm, "activation") or _is_quantizer_node(node, gm, "weight"):
+        if quantizer_of(node, gm, "activation") is not None or quantizer_of(node, gm, "weight") is not None:
             return node
-        if _is_quantizer_node(node, gm, "gradient") or is_grid_preserving(node, gm):
+        if quantizer_of(node, gm, "gradient") is not None or is_grid_preserving(node, gm):
             if not node.args or not isinstance(node.args[0], fx.Node):
                 return None
             node = node.args[0]
@@ -99,7 +93,7 @@ def grid_source(node, gm):
 def _from_input(node, gm) -> bool:
     """True when `node` is a graph input, possibly through quantizers and grid-preserving ops."""
     while node.op != "placeholder":
-        if not (_is_quantizer_node(node, gm) or is_grid_preserving(node, gm)) or not node.args:
+        if not (quantizer_of(node, gm) is not None or is_grid_preserving(node, gm)) or not node.args:
             return False
         node = node.args[0]
     return True
@@ -155,7 +149,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     fallbacks = []
     for node in list(gm.graph.nodes):
         if not is_matmul(node):
-            if not is_quantizable(node, gm) and not _is_quantizer_node(node, gm):
+            if not is_quantizable(node, gm) and quantizer_of(node, gm) is None:
                 fallbacks.append(node)
             continue
         layer = node.meta.get("qc_layer", node.name)
@@ -220,14 +214,14 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if not isinstance(arg, fx.Node) or grid_source(arg, gm) is None:
                 raise verification_error("quantize", node, gm, f"operand {idx} ({getattr(arg, 'name', arg)}) on an "
                                          "activation quantizer's grid, possibly through grid-preserving ops")
-            if cfg.grad_bits is not None and not _from_input(arg, gm) and not _is_quantizer_node(arg, gm, "gradient"):
+            if cfg.grad_bits is not None and not _from_input(arg, gm) and quantizer_of(arg, gm, "gradient") is None:
                 raise verification_error("quantize", node, gm, f"operand {idx} ({arg.name}) to be a gradient "
                                          "Quantizer's output (grad_bits is set)")
         if weighted:
             w = node.args[1]
-            if isinstance(w, fx.Node) and _is_quantizer_node(w, gm, "gradient"):
+            if isinstance(w, fx.Node) and quantizer_of(w, gm, "gradient") is not None:
                 w = w.args[0]
-            if not (isinstance(w, fx.Node) and _is_quantizer_node(w, gm, "weight")):
+            if not (isinstance(w, fx.Node) and quantizer_of(w, gm, "weight") is not None):
                 raise verification_error("quantize", node, gm, f"weight operand a weight Quantizer's output, not "
                                          f"{getattr(w, 'name', w)!r}")
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -239,7 +233,7 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
                                        and isinstance(gm.get_submodule(result.args[4].target), BiasQuant)):
             raise verification_error("quantize", result, gm, "eval bias (fifth argument) a BiasQuant's output")
         users = list(result.users)
-        if len(users) != 1 or not _is_quantizer_node(users[0], gm, "activation"):
+        if len(users) != 1 or quantizer_of(users[0], gm, "activation") is None:
             names = ", ".join(u.name for u in users) or "none"
             raise verification_error("quantize", result, gm, f"one user, the output activation Quantizer of layer "
                                      f"{layer!r}, not: {names}")

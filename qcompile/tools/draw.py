@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from qcompile.passes.ops import is_matmul, is_quantizable, op_name
+from qcompile.train.quantizers import Quantizer
 
 # category -> (fill colour, border colour, legend text)
 CATEGORIES = {
@@ -128,12 +129,8 @@ def _accumulator_attrs(mod: nn.Module) -> dict:
     return attrs
 
 
-def _is_quantizer(mod) -> bool:
-    return mod is not None and hasattr(mod, "estimator") and hasattr(mod, "kind") and hasattr(mod, "bits")
-
-
 def _has_quantized_parts(mod: nn.Module) -> bool:
-    return any(_is_quantizer(m) for m in mod.modules()) or hasattr(mod, "acc_bits")
+    return any(isinstance(m, Quantizer) for m in mod.modules()) or hasattr(mod, "acc_bits")
 
 
 def node_attributes(node: fx.Node, qm: nn.Module | None = None, quantized_graph: bool = False) -> dict:
@@ -154,11 +151,11 @@ def node_attributes(node: fx.Node, qm: nn.Module | None = None, quantized_graph:
         attrs["kind"] = type(mod).__name__ if mod is not None else (recorded or str(node.target))
         attrs["module_type"] = attrs["kind"]
     role = node.meta.get("qc_quantizer")
-    if _is_quantizer(mod):
+    if isinstance(mod, Quantizer):
         attrs.update(_quantizer_attrs(mod))
     elif role:
         attrs["role"] = role
-    if mod is not None and not _is_quantizer(mod):
+    if mod is not None and not isinstance(mod, Quantizer):
         attrs.update(_accumulator_attrs(mod))
         describe = getattr(mod, "describe", None)
         if callable(describe):

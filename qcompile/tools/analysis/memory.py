@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.passes.ops import is_grid_preserving, is_matmul, layer_result
+from qcompile.passes.ops import is_grid_preserving, is_matmul, layer_result, quantizer_of
 
 KB = 1024  # the paper's KB (its Table 5 figures are bytes / 1024)
 DEFAULT_ACC_BITS = 32
@@ -137,16 +137,8 @@ def _module(qm, node):
         return None
 
 
-def _quantizer(qm, node, role=None):
-    mod = _module(qm, node)
-    if mod is not None and hasattr(mod, "estimator") and hasattr(mod, "bits") and hasattr(mod, "kind"):
-        if role is None or mod.kind == role:
-            return mod
-    return None
-
-
 def _through_gradient_quantizers(qm, node):
-    while _quantizer(qm, node, "gradient") is not None and node.args and isinstance(node.args[0], fx.Node):
+    while quantizer_of(node, qm, "gradient") is not None and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -156,7 +148,7 @@ def _source_quantizer(qm, node):
     single-input ops that keep it on its grid), or None when it is a float tensor."""
     seen = 0
     while seen < 64:
-        q = _quantizer(qm, node)
+        q = quantizer_of(node, qm)
         if q is not None and q.kind != "gradient":
             return q
         if q is not None or is_grid_preserving(node, qm):
@@ -173,9 +165,9 @@ def _is_layer(qm, node) -> bool:
     if is_matmul(node):
         return True
     mod = _module(qm, node)
-    if mod is not None and _quantizer(qm, node) is None and getattr(mod, "acc_bits", "absent") != "absent":
+    if mod is not None and quantizer_of(node, qm) is None and getattr(mod, "acc_bits", "absent") != "absent":
         return True
-    return any(_quantizer(qm, _through_gradient_quantizers(qm, a), "weight") is not None
+    return any(quantizer_of(_through_gradient_quantizers(qm, a), qm, "weight") is not None
                for a in node.all_input_nodes)
 
 
@@ -245,14 +237,14 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
     default_acc = acc_bits or getattr(config, "acc_bits", None) or DEFAULT_ACC_BITS
     rows = []
     for node in qm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr") or _quantizer(qm, node) is not None:
+        if node.op in ("placeholder", "output", "get_attr") or quantizer_of(node, qm) is not None:
             continue
         if not _is_layer(qm, node):
             continue
         operands = [a for a in node.all_input_nodes if a.op != "get_attr" and a.meta.get("qc_quantizer") != "bias"]
         weight_node, weight_q = None, None
         for a in operands:
-            q = _quantizer(qm, _through_gradient_quantizers(qm, a), "weight")
+            q = quantizer_of(_through_gradient_quantizers(qm, a), qm, "weight")
             if q is not None:
                 weight_node, weight_q = _through_gradient_quantizers(qm, a), q
                 break
@@ -267,7 +259,7 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
         in_q = [_source_quantizer(qm, a) for a in activations]
         b_in = max((q.bits if q is not None else 32) for q in in_q)
         result = layer_result(node, qm)  # e.g. the BatchNorm correction of a folded layer
-        out_qs = [_quantizer(qm, u, "activation") for u in result.users]
+        out_qs = [quantizer_of(u, qm, "activation") for u in result.users]
         out_q = next((q for q in out_qs if q is not None), None)
         mod = _module(qm, node)
         b_acc = acc_bits or getattr(mod, "acc_bits", None) or default_acc
