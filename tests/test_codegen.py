@@ -33,6 +33,13 @@ def random_codes(t: ir.Tensor, n: int, rng) -> np.ndarray:
     return rng.integers(t.qmin, t.qmax + 1, (n, *t.shape))
 
 
+def exact_accumulators(graph: ir.Graph) -> ir.Graph:
+    """`graph` with every narrow accumulator made exact (acc_bits None)."""
+    return ir.Graph(graph.inputs, graph.outputs, graph.tensors,
+                    [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None} if "acc_bits" in o.attrs
+                           else o.attrs) for o in graph.ops])
+
+
 def check_bit_exact(graph: ir.Graph, out_dir, n: int = 3, seed: int = 0, opt: str = TEST_OPT, codes=None,
                     sanitize: bool = False):
     """Emit, build and run `graph` on n random input samples; assert every output byte equals the reference."""
@@ -265,8 +272,7 @@ def test_conv_accumulator_modes_bit_exact(tmp_path):
     graph = conv_zoo_graph()
     _, got = check_bit_exact(graph, tmp_path, n=4)
     # the narrow cases really overflow: an exact accumulator gives other codes
-    exact = ir.Graph(graph.inputs, graph.outputs, graph.tensors,
-                     [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None}) for o in graph.ops])
+    exact = exact_accumulators(graph)
     x = random_codes(graph.tensor("x"), 4, np.random.default_rng(0))
     free = reference.run_codes(exact, x)
     narrow = [i for i, (_, acc) in enumerate(CONV_CASES) if acc is not None]
@@ -290,8 +296,7 @@ def test_matmul_two_inputs_bit_exact(tmp_path):
     _, got = check_bit_exact(graph, tmp_path, codes=codes, sanitize=True)
     header = (tmp_path / "net.h").read_text()
     assert "int net_run(const uint8_t *input0, const int8_t *input1, const uint8_t *input2, int8_t *output0" in header
-    exact = ir.Graph(graph.inputs, graph.outputs, graph.tensors,
-                     [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None}) for o in graph.ops])
+    exact = exact_accumulators(graph)
     free = reference.run_codes(exact, *codes)
     assert not np.array_equal(got[1], free[1]) and not np.array_equal(got[2], free[2])   # they overflow
 

@@ -28,6 +28,8 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from qcompile import ir
+from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
+from qcompile.core.grids import code_range, max_code_magnitude
 from qcompile.errors import QCompileError, UnsupportedOpError
 
 from qcompile.backends.c import memory_plan
@@ -119,15 +121,19 @@ NUMPY_DTYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "ui
 
 def _int_type(lo: int, hi: int) -> str:
     for width in (8, 16, 32, 64):
-        if -(1 << (width - 1)) <= lo and hi < (1 << (width - 1)):
+        qmin, qmax = code_range(width, signed=True)
+        if qmin <= lo and hi <= qmax:
             return f"int{width}_t"
     raise QCompileError(f"integer values in [{lo}, {hi}] do not fit 64 bits")
+
+
+INT64_MIN = code_range(64, signed=True)[0]
 
 
 def _c_array(values: np.ndarray) -> str:
     """Comma-separated C literals, 24 per line (the most negative int64 spelled without overflow)."""
     flat = np.asarray(values).astype(np.int64).ravel().tolist()
-    text = [str(v) if v != -(1 << 63) else "(-9223372036854775807 - 1)" for v in flat]
+    text = [str(v) if v != INT64_MIN else "(-9223372036854775807 - 1)" for v in flat]
     return ",\n    ".join(", ".join(text[i:i + 24]) for i in range(0, len(text), 24))
 
 
@@ -183,71 +189,67 @@ class _Layer(dict):
     __getattr__ = dict.__getitem__
 
 
-def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[str, Any]:
-    """Lane and accumulator types for the reduction of `w` (O, K) against x − zx.
+def _fits(bound: int, bits: int) -> bool:
+    """Every integer of magnitude <= `bound` fits a signed `bits`-bit lane."""
+    return bound <= acc_range(bits)[1]
 
-    exact: lanes hold |bias| + Σ|w|·max|x − zx|; wrap: unsigned lanes of the accumulator
-    width (modular, tiles irrelevant); saturate: lanes hold one tile's Σ|w|·max|x − zx|.
+
+def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[str, Any]:
+    """Lane and accumulator types, and the tile plan, of the reduction of `w` (O, K) against x − zx
+    (the template macro `tile_loop` in common.c.j2 runs it). Static bounds from core:
+    `max_l1_bounds` (|bias| + Σ|w|·max|x − zx|, and one tile's Σ|w|·max|x − zx|).
+
+    exact: lanes hold the whole bound, one tile; wrap: one tile (modular), the exact sum in int32
+    lanes where the bound allows, else unsigned lanes of the accumulator width; saturate: tiles of
+    `tile`, lanes hold one tile's bound. A narrow accumulator whose whole bound fits its range
+    never overflows for any input: compiled as exact.
     """
     a = op.attrs
-    out_ch, K = w.shape
-    maxx = max(abs(x.qmin - x.zero_point), abs(x.qmax - x.zero_point))
-    wabs = np.abs(w.astype(np.int64))
+    K = w.shape[1]
+    maxx = max_code_magnitude((x.qmin, x.qmax), x.zero_point)
+    if not _fits(maxx, 32):
+        raise UnsupportedOpError(f"op {op.name!r}: input range too wide for the C backend")
     acc_bits = a.get("acc_bits")
     overflow = a.get("overflow", "saturate") or "saturate"
     tile = a.get("tile")
-    if acc_bits is None:
-        mode = "exact"
-        tile = K
-    elif overflow == "wrap":
-        mode = "wrap"
-    elif overflow == "saturate":
-        mode = "saturate"
-    else:
+    if acc_bits is not None and overflow not in OVERFLOW_MODES:
         raise UnsupportedOpError(f"op {op.name!r} ({op.kind}): overflow={overflow!r}; expected 'saturate' or 'wrap'")
     if acc_bits is not None and not 2 <= int(acc_bits) <= 64:
         raise QCompileError(f"op {op.name!r} ({op.kind}): acc_bits={acc_bits} outside 2..64")
-    tile = K if tile is None or int(tile) >= K else int(tile)
-    if tile < 1:
+    if tile is not None and int(tile) < 1:
         raise QCompileError(f"op {op.name!r} ({op.kind}): tile={tile} must be positive")
-    ntiles = -(-K // tile)
-    padded = np.zeros((out_ch, ntiles * tile), np.int64)
-    padded[:, :K] = wabs
-    tile_bound = int(padded.reshape(out_ch, ntiles, tile).sum(-1).max(initial=0)) * maxx
-    total_bound = int(wabs.sum(1).max(initial=0)) * maxx + int(np.abs(bias).max(initial=0))
-    if mode != "exact" and total_bound < 2 ** (int(acc_bits) - 1):
-        # no prefix sum of any input can leave the accumulator's range: it computes exactly
-        mode, tile = "exact", K
-    if mode == "wrap" and total_bound < 2 ** 31:
+    if K < 1:
+        raise QCompileError(f"op {op.name!r} ({op.kind}): empty reduction (K = {K})")
+    try:
+        total_bound, tile_bound = max_l1_bounds(w, maxx, bias, None if tile is None else int(tile))
+    except OverflowError as e:
+        raise UnsupportedOpError(f"op {op.name!r} ({op.kind}): {e}; the C backend sums in int64") from None
+    if acc_bits is None or _fits(total_bound, int(acc_bits)):
+        mode, bits = "exact", 64
+    else:
+        mode, bits = overflow, int(acc_bits)
+    tile, ntiles = tile_plan(K, int(tile) if mode == "saturate" and tile is not None else None)
+    dacc = "int32_t" if bits <= 32 else "int64_t"
+    if mode == "saturate":
+        lane = "int16_t" if _fits(tile_bound, 16) else ("int32_t" if _fits(tile_bound, 32) else "int64_t")
+        lane_op = lane
+        desc = f"{bits}-bit, saturating after each tile of {tile} products"
+    elif mode == "wrap" and _fits(total_bound, 32):
         # modular: the exact sum in int32 lanes (no lane can overflow), wrapped once at the end.
         # Measured faster than 16-bit lanes even for acc_bits <= 16 (pmaddwd / VNNI dot products
         # do 16 multiply-adds per instruction into int32; 16-bit lanes need a multiply and an add).
-        bits = int(acc_bits)
-        lane, lane_op, dacc = "int32_t", "int32_t", "int32_t" if bits <= 32 else "int64_t"
+        lane = lane_op = "int32_t"
         desc = f"{bits}-bit, wrap-around, as an exact int32 sum wrapped once (wrap is modular)"
     elif mode == "wrap":
-        bits = int(acc_bits)
         lane = "uint16_t" if bits <= 16 else ("uint32_t" if bits <= 32 else "uint64_t")
         lane_op = "unsigned int" if lane == "uint16_t" else lane
-        dacc = "int32_t" if bits <= 32 else "int64_t"
         desc = f"{bits}-bit, wrap-around in {lane} lanes (modular: tiles do not matter)"
-    elif mode == "saturate":
-        bits = int(acc_bits)
-        lane = "int16_t" if tile_bound < 2 ** 15 else ("int32_t" if tile_bound < 2 ** 31 else "int64_t")
-        lane_op = lane
-        dacc = "int32_t" if bits <= 32 else "int64_t"
-        desc = f"{bits}-bit, saturating after each tile of {tile} products"
     else:
-        bits = 64
-        lane = "int32_t" if total_bound < 2 ** 31 else "int64_t"
-        lane_op = lane
-        dacc = lane
+        lane = lane_op = dacc = "int32_t" if _fits(total_bound, 32) else "int64_t"
         desc = "exact" if acc_bits is None else (f"{acc_bits}-bit {overflow}, statically never overflows "
                                                  f"(|bias| + Σ|w|·max|x − zx| < 2^{int(acc_bits) - 1}): exact")
-    if maxx >= 2 ** 31:
-        raise UnsupportedOpError(f"op {op.name!r}: input range too wide for the C backend")
-    col_t = "int16_t" if maxx < 2 ** 15 else "int32_t"
-    return dict(mode=mode, acc_bits=bits, tile=tile, tiles=[(t, min(t + tile, K)) for t in range(0, K, tile)],
+    col_t = "int16_t" if _fits(maxx, 16) else "int32_t"
+    return dict(mode=mode, acc_bits=bits, tile=tile, tiles=[(t * tile, min((t + 1) * tile, K)) for t in range(ntiles)],
                 lane_t=lane, lane_op_t=lane_op, dacc_t=dacc, col_t=col_t, acc_desc=desc)
 
 
@@ -359,7 +361,7 @@ class _Emitter:
         if b_batch not in (1, batch) or tuple(y.shape) != tuple(a_t.shape[:-2]) + (M, N):
             raise UnsupportedOpError(f"op {op.name!r} (matmul): {a_t.shape} @ {b_t.shape} -> {y.shape}: only equal "
                                      f"leading dimensions (or a 2-D right operand) are supported")
-        maxb = max(abs(b_t.qmin - b_t.zero_point), abs(b_t.qmax - b_t.zero_point))
+        maxb = max_code_magnitude((b_t.qmin, b_t.qmax), b_t.zero_point)
         L = _Layer(kind="matmul", op_name=op.name, sym=sym, batch=batch, m_rows=M, co=N, cog=N, K=K,
                    b_stride=0 if b_batch == 1 else K * N, za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
                    a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y), w_base="bt", bias_expr="0",
@@ -367,7 +369,7 @@ class _Emitter:
         _check_shift(L["shift"], op)
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, np.full((1, K), maxb, np.int64), np.zeros(1, np.int64), a_t))
-        if maxb >= 2 ** 15:
+        if not _fits(maxb, 16):
             L["col_t"] = "int32_t"
         L["w_t"] = L["col_t"]
         self.macs += batch * M * N * K
@@ -524,6 +526,7 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
         raise UnsupportedOpError(
             f"the C backend does not support op kind {bad[0].kind!r} (op {bad[0].name!r}); supported kinds: "
             f"{', '.join(SUPPORTED)}")
+    ir.verify(graph)
     em = _Emitter(graph, name)
     em.taken.update({f"{name}_run", "input", "output", "arena"})
     inputs, outputs = list(graph.inputs), list(graph.outputs)
