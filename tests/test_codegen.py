@@ -429,6 +429,7 @@ def test_lenet_mnist_bit_exact(mnist, tmp_path):
     assert agree >= 0.97
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,acc", [
     ("resnet18", 32, {}), ("mobilenet_v2", 32, {}), ("shufflenet_v2_x0_5", 32, {}), ("efficientnet_b0", 32, {}),
     ("resnet18", 32, dict(acc_bits=16, tile=32, overflow="saturate")),
