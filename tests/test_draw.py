@@ -379,7 +379,12 @@ def test_narrow_acc_diagram_shows_accumulator_width_tile_and_overflow_counts(tmp
     accs = {n: a for n, a in g.nodes(data=True) if a["category"] == "narrow_acc"}
     before = drawing.graphs["quantize"]
     matmuls = {n for n, a in before.nodes(data=True) if a["category"] == "matmul"}
-    assert len(accs) == len(matmuls) == 5 and set(diff.added) == set(accs) and set(diff.removed) == matmuls
+    added_params = {n for n in diff.added if g.nodes[n]["category"] == "param"}
+    assert len(accs) == len(matmuls) == 5 and set(diff.added) - added_params == set(accs)
+    assert set(diff.removed) == matmuls
+    # each op reads its operands' scales and zero points as graph inputs: 4 get_attr reads per op
+    assert len(added_params) == 4 * len(accs) and all(g.nodes[n]["target"].endswith(("scale", "zero_point"))
+                                                      for n in added_params)
     for name, a in accs.items():
         mod = qm.get_submodule(name.replace("_accumulator", ".accumulator"))
         assert (a["acc_bits"], a["tile"], a["overflow"]) == (12, 16, "saturate")

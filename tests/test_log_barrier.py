@@ -1,6 +1,8 @@
 """The log-barrier loss: ψ_t's properties, its place in qm.regularization(), its schedule, and the
 property it exists for — driving overflow events down."""
+import copy
 import math
+import operator
 
 import pytest
 import torch
@@ -11,9 +13,10 @@ from torch import nn
 
 import qcompile
 from qcompile.errors import QCompileError
+from qcompile.passes.quantize import grid_source
 from qcompile.train.log_barrier import LogBarrier, psi
 from qcompile.core.accumulator import acc_range
-from qcompile.train.tiled import NarrowAccOp
+from qcompile.train.tiled import NarrowAccOp, grid_absmax
 
 torch.set_num_threads(1)
 T_VALUES = st.floats(0.5, 200.0)
@@ -94,40 +97,93 @@ def _compile(**cfg):
     return qcompile.compile(MLP(), (x[:2],), qcompile.QConfig(seed=0, **cfg))
 
 
+def _barrier_inputs(qm):
+    """Record what the barrier's graph node passes it: one (exact, b, bias, a_scale, a_zp, b_scale) per op."""
+    seen = {}
+    qm.regularizers["log_barrier"].register_forward_pre_hook(lambda m, args: seen.update(args=args))
+    return seen
+
+
 def test_barrier_is_registered_and_summed_by_regularization():
     qm = _compile(log_barrier=True, barrier_weight=0.5, barrier_bound_weight=0.25)
     barrier = qm.regularizers["log_barrier"]
-    assert isinstance(barrier, LogBarrier) and len(barrier.ops) == 2
+    assert isinstance(barrier, LogBarrier) and [s.layer for s in barrier.sites] == ["fc1", "fc2"]
     x, y = _data()
+    seen = _barrier_inputs(qm)
     qm.train()
-    qm(x[:32])
-    seen = {op: op._pending for op in barrier.ops}
     t = barrier.t
-    expected = sum(0.5 * barrier.tail_term(op, seen[op], t) + 0.25 * barrier.bound_term(op, seen[op], t)
-                   for op in barrier.ops)
+    qm(x[:32])
+    expected = sum(0.5 * barrier.tail_term(site, args[0], t) + 0.25 * barrier.bound_term(site, *args[1:], t)
+                   for site, args in zip(barrier.sites, seen["args"]))
     reg = qm.regularization()
     torch.testing.assert_close(reg, expected)
     reg.backward()
     assert qm.fc1.weight.grad is not None and qm.fc1.weight.grad.abs().sum() > 0
-    assert float(qm.regularization()) == 0.0          # consumed: one loss per training step
+    assert float(qm.regularization()) == 0.0          # taken: one term per training forward
     assert "log_barrier" not in _compile().regularizers
+
+
+def test_barrier_reads_the_ops_through_graph_edges():
+    """Passes talk only through the graph: the barrier node reads each op's exact accumulator
+    (getitem(op, 1)), its b and bias operands and the get_attr nodes of its grids; neither module
+    holds another module of the graph."""
+    qm = _compile(log_barrier=True)
+    call, = [n for n in qm.graph.nodes if n.op == "call_module" and n.target == "regularizers.log_barrier"]
+    ops = [n for n in qm.graph.nodes if n.op == "call_module" and isinstance(qm.get_submodule(n.target), NarrowAccOp)]
+    assert not call.users and len(call.args) == len(ops) == 2
+    for op, args in zip(ops, call.args):
+        exact, b, bias, a_scale, a_zp, b_scale = args
+        assert exact.target is operator.getitem and exact.args == (op, 1)
+        assert (b, bias) == (op.args[1], op.args[2])
+        assert (a_scale, a_zp, b_scale) == (op.kwargs["a_scale"], op.kwargs["a_zero_point"], op.kwargs["b_scale"])
+        assert a_scale.op == "get_attr" and a_scale.target == grid_source(op.args[0], qm).target + ".scale"
+        assert qm.get_submodule(op.target).keep_exact
+    for m in [qm.regularizers["log_barrier"]] + [qm.get_submodule(n.target) for n in ops]:
+        held = [v for k, v in vars(m).items() if k != "_modules" and isinstance(v, (nn.Module, tuple, list))]
+        assert not any(isinstance(v, nn.Module) or (isinstance(v, (tuple, list)) and
+                                                    any(isinstance(i, nn.Module) for i in v)) for v in held)
+
+
+def test_one_term_per_training_forward_and_none_in_eval():
+    qm = _compile(log_barrier=True)
+    barrier = qm.regularizers["log_barrier"]
+    x, _ = _data()
+    qm.train()
+    qm.calibrate([x[:32]])                   # quantization off, no gradients: no term, no step
+    assert int(barrier.step) == 0 and float(qm.regularization()) == 0.0
+    qm.eval()
+    qm(x[:8])
+    assert int(barrier.step) == 0 and float(qm.regularization()) == 0.0
+    qm.train()
+    with torch.no_grad():
+        qm(x[:8])
+    assert int(barrier.step) == 0 and float(qm.regularization()) == 0.0
+    qm(x[:8])
+    first = qm.regularization()
+    assert int(barrier.step) == 1 and float(first.detach()) > 0 and first.requires_grad
+    assert float(qm.regularization()) == 0.0 and int(barrier.step) == 1
+    with qm.quantization_disabled():         # the ops run the float op: no exact accumulator, no term
+        qm(x[:8])
+    assert float(qm.regularization()) == 0.0
+    clone = copy.deepcopy(qm)                # no pending autograd graph is copied; the copy still works
+    clone(x[:8])
+    assert float(clone.regularization().detach()) > 0 and int(clone.regularizers["log_barrier"].step) == int(barrier.step) + 1
 
 
 def test_bound_term_is_zero_side_exactly_when_no_input_can_overflow():
     """z_b <= 0 ⇔ Σ|w_int|·max|x_int| + |bias_int| <= A: then no input on the grid overflows."""
     qm = _compile(log_barrier=True, weight_bits=3, act_bits=3, tile=4)
     x, _ = _data()
+    seen = _barrier_inputs(qm)
     qm.train()
     qm(x)
-    for op in qm.regularizers["log_barrier"].ops:
-        seen = op.pop_pending()
-        w_int = torch.round(seen["b"].detach() / op.grids[1].scale.view(-1, 1))
-        whole = w_int.abs().sum(1) * op.input_absmax(0)
-        A = acc_range(op.acc_bits)[1]
+    for site, (exact, b, bias, a_scale, a_zp, b_scale) in zip(qm.regularizers["log_barrier"].sites, seen["args"]):
+        w_int = torch.round(b.detach() / b_scale.view(-1, 1))
+        whole = w_int.abs().sum(1) * grid_absmax(site.a_qrange, a_zp)
+        A = acc_range(site.acc_bits)[1]
         assert float(whole.max()) <= A                    # 3-bit operands into 14 bits: feasible
         # every input on the grid, including the adversarial one, stays in range
-        xq = op.grids[0]
-        extremes = torch.where(w_int >= 0, xq.qrange[1] - xq.zero_point, xq.qrange[0] - xq.zero_point)
+        extremes = torch.where(w_int >= 0, site.a_qrange[1] - a_zp, site.a_qrange[0] - a_zp)
         assert float((w_int * extremes).sum(1).abs().max()) <= A
 
 
@@ -164,7 +220,7 @@ def test_zero_saturated_stops_the_task_gradient_but_not_the_barrier():
         qm = _compile(acc_bits=6, acc_grad=acc_grad, log_barrier=True, barrier_bound_weight=0.0)
         qm.train()
         task = F.cross_entropy(qm(x[:32]), y[:32])
-        ops = qm.regularizers["log_barrier"].ops
+        ops = [m for m in qm.modules() if isinstance(m, NarrowAccOp)]
         assert all(op.overflowed_train == op.outputs_train for op in ops)   # every output saturated
         task_grad, = torch.autograd.grad(task, qm.fc2.weight, retain_graph=True)
         assert (task_grad.abs().sum() == 0) == (acc_grad == "zero_saturated")
@@ -176,3 +232,31 @@ def test_zero_saturated_stops_the_task_gradient_but_not_the_barrier():
 def test_barrier_without_accumulators_is_an_error():
     with pytest.raises(QCompileError, match="acc_bits"):
         qcompile.compile(MLP(), (torch.randn(2, 32),), log_barrier=True)
+
+
+def test_barrier_model_lowers_deploys_and_is_analysed(tmp_path):
+    """The (y, exact) outputs and the barrier node are training-only: lowering, the reference, the
+    memory-traffic analysis and the diagrams see the plain narrow-accumulator layers."""
+    from qcompile.backends import reference
+    from qcompile.tools.analysis import memory_traffic
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    qm = qcompile.compile(qcompile.models.get("models:lenet5"), x[:2], acc_bits=16, tile=64, log_barrier=True,
+                          acc_grad="zero_saturated", seed=0)
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = F.cross_entropy(qm(x), y) + qm.regularization()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qm.eval()
+    graph = qcompile.lower(qm)
+    assert sum(op.attrs.get("acc_bits") == 16 for op in graph.ops) == 5
+    with torch.no_grad():
+        out = qm(x)
+    steps = (reference.dequantize(graph, reference.run(graph, x)) - out.double().numpy()) / graph.tensor(graph.outputs[0]).scale
+    assert abs(steps).max() <= 1.0 + 1e-6
+    assert {r.b_acc for r in memory_traffic(qm, (2, 1, 28, 28)).layers} == {16}
+    drawing = qcompile.draw(qm, tmp_path, passes=["regularize"], format="dot")
+    assert [n for n, a in drawing.graphs["regularize"].nodes(data=True) if a["category"] == "regularizer"]

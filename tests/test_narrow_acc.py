@@ -255,6 +255,12 @@ class Net(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def _grid_quantizers(qm, path):
+    """The quantizers whose scale / zero-point buffers the accumulator op at `path` reads (its get_attr inputs)."""
+    node = next(n for n in qm.graph.nodes if n.op == "call_module" and n.target == path)
+    return tuple(qm.get_submodule(node.kwargs[f"{p}_scale"].target.rpartition(".")[0]) for p in "ab")
+
+
 def _compiled(**cfg):
     torch.manual_seed(0)
     x = torch.randn(8, 2, 8, 8)
@@ -283,7 +289,10 @@ def test_pass_rewrites_conv_depthwise_and_linear():
     assert set(ops) == {"conv.accumulator", "dw.accumulator", "fc.accumulator"}
     assert ops["dw.accumulator"].groups == 4 and ops["conv.accumulator"].kind == "conv2d"
     assert not any(n.op == "call_function" and n.target in (torch.conv2d, F.conv2d, F.linear) for n in qm.graph.nodes)
-    assert ops["conv.accumulator"].grids[0] is qm.get_submodule("conv.input_quant")
+    node = next(n for n in qm.graph.nodes if n.op == "call_module" and n.target == "conv.accumulator")
+    assert {k: v.target for k, v in node.kwargs.items()} == {      # the grids are graph inputs of the op
+        "a_scale": "conv.input_quant.scale", "a_zero_point": "conv.input_quant.zero_point",
+        "b_scale": "conv.weight_quant.scale", "b_zero_point": "conv.weight_quant.zero_point"}
 
 
 def test_wide_accumulator_reproduces_the_plain_quantized_op():
@@ -306,7 +315,7 @@ def test_forward_is_the_integer_op_rescaled():
     qm(x)
     handle.remove()
     a, w, bias = seen["args"]
-    sx, sw = op.grids[0].scale, op.grids[1].scale
+    sx, sw = (q.scale for q in _grid_quantizers(qm, "conv.accumulator"))
     x_int, w_int = torch.round(a / sx), torch.round(w / sw.view(-1, 1, 1, 1))
     b_int = torch.round(bias / (sx * sw))
     ref, _ = loop_conv2d(x_int.long()[:2], w_int.long(), b_int.long(), 1, 1, 1, 1, 10, 3, "saturate")
@@ -333,7 +342,7 @@ def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
     a_in["a"].register_hook(lambda g: a_grad.update(g=g))
     a_in["w"].register_hook(lambda g: a_grad.update(w=g))
     y.square().sum().backward()
-    su, sw, sx = saved["su"], op.grids[1].scale, op.grids[0].scale
+    su, (sx, sw) = saved["su"], (q.scale for q in _grid_quantizers(qm, "fc.accumulator"))
     u_int = saved["u_int"]
     w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1))
     ref = tiled_matmul(u_int.double(), w_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
@@ -443,8 +452,7 @@ def test_accumulator_bounds_p_min_is_sufficient_and_tight_enough():
     rows = {r["layer"]: r for r in accumulator_bounds(qm)}
     assert set(rows) == {"conv", "dw", "fc"}
     r = rows["fc"]
-    fc = qm.get_submodule("fc.accumulator")
-    wq, xq = fc.grids[1], fc.grids[0]
+    xq, wq = _grid_quantizers(qm, "fc.accumulator")
     w_int = torch.round(qm.fc.weight.detach() / wq.scale.view(-1, 1))
     b_int = torch.round(qm.fc.bias.detach() / (xq.scale * wq.scale))
     lo_x, hi_x = xq.qrange[0] - xq.zero_point, xq.qrange[1] - xq.zero_point
@@ -488,7 +496,7 @@ def test_conv1d_is_the_conv2d_semantics_on_one_row():
     op.register_forward_hook(lambda m, args, y: seen.update(args=args, y=y))
     qm(x).sum().backward()
     a, w, bias = seen["args"]
-    sx, sw = op.grids[0].scale, op.grids[1].scale
+    sx, sw = (q.scale for q in _grid_quantizers(qm, "conv.accumulator"))
     x_int, w_int = torch.round(a / sx).long(), torch.round(w.detach() / sw.view(-1, 1, 1)).long()
     b_int = torch.round(bias.detach() / (sx * sw)).long()
     res = tiled_conv2d(x_int.unsqueeze(2), w_int.unsqueeze(2), b_int, (1, 2), (0, 1), 1, 1,

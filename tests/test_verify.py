@@ -111,6 +111,33 @@ def test_narrow_acc_rejects_a_plain_conv_for_a_layer_with_acc_bits(monkeypatch, 
     assert repr(seen["node"]) in str(err.value) and "NarrowAccOp" in str(err.value)
 
 
+def test_narrow_acc_rejects_an_op_reading_the_scale_of_another_grid(monkeypatch, small_net):
+    def edit(gm, seen):
+        node = next(n for n in _module_nodes(gm, NarrowAccOp) if gm.get_submodule(n.target).layer == "conv2")
+        node.update_kwarg("a_scale", node.kwargs["b_scale"])     # the weight's scale for the input's
+        seen["node"] = node.name
+
+    seen = _sabotage(monkeypatch, "narrow_acc", edit)
+    with pytest.raises(VerificationError, match="'narrow_acc'.*a_scale") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, verify=True)
+    assert repr(seen["node"]) in str(err.value) and "conv2.weight_quant.scale" in str(err.value)
+
+
+def test_narrow_acc_rejects_a_user_of_the_result_tuple(monkeypatch, small_net):
+    """With log_barrier the op returns (y, exact): a user must read y through getitem(op, 0)."""
+    def edit(gm, seen):
+        node = next(n for n in _module_nodes(gm, NarrowAccOp) if gm.get_submodule(n.target).layer == "conv2")
+        y = next(u for u in node.users if u.args[1] == 0)
+        y.replace_all_uses_with(node)
+        gm.graph.erase_node(y)
+        seen["node"] = node.name
+
+    seen = _sabotage(monkeypatch, "narrow_acc", edit)
+    with pytest.raises(VerificationError, match="'narrow_acc'.*getitem") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, log_barrier=True, verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
 def test_fold_bn_rejects_a_batchnorm_call_where_folding_applied(monkeypatch):
     def edit(gm, seen):
         fold = _module_nodes(gm, BatchNormFold)[0]
@@ -167,6 +194,33 @@ def test_regularize_rejects_a_missing_log_barrier(monkeypatch, small_net):
     with pytest.raises(VerificationError, match=r"regularizers\['log_barrier'\] is missing"):
         qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, log_barrier=True, verify=True)
     assert seen == {}
+
+
+def test_regularize_rejects_a_barrier_reading_the_result_for_the_exact_accumulator(monkeypatch, small_net):
+    def edit(gm, seen):
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "regularizers.log_barrier")
+        first = call.args[0]
+        op = first[0].args[0]
+        y = next(u for u in op.users if u.args[1] == 0)
+        call.update_arg(0, (y, *first[1:]))
+        seen["node"] = call.name
+
+    seen = _sabotage(monkeypatch, "regularize", edit)
+    with pytest.raises(VerificationError, match="'regularize'.*exact accumulator") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, log_barrier=True, verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
+def test_regularize_rejects_a_second_barrier_node(monkeypatch, small_net):
+    def edit(gm, seen):
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "regularizers.log_barrier")
+        with gm.graph.inserting_after(call):
+            seen["node"] = gm.graph.call_module(call.target, call.args).name
+
+    seen = _sabotage(monkeypatch, "regularize", edit)
+    with pytest.raises(VerificationError, match="'regularize'.*no second node") as err:
+        qcompile.compile(small_net, torch.randn(2, 3, 8, 8), acc_bits=16, log_barrier=True, verify=True)
+    assert repr(seen["node"]) in str(err.value)
 
 
 def test_verification_error_is_a_qcompile_error():

@@ -42,6 +42,7 @@ from qcompile.core.requant import quantize_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
+from qcompile.train.log_barrier import LogBarrier
 from qcompile.train.quantizers import BiasQuant, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
@@ -281,6 +282,8 @@ class _Lowering:
             return Input(node)
         if isinstance(self.module(node), BiasQuant):    # lowering rounds the bias itself, on the eval grids
             return self.val[node.args[0]]
+        if isinstance(self.module(node), LogBarrier):   # a training-only loss term: no integer form
+            return None
         if self.is_const(node):
             return self.fold_const(node)
         mod = self.module(node)
@@ -546,6 +549,8 @@ class _Lowering:
         return Pieces(t.name, axis, bounds)
 
     def lower_getitem(self, node):
+        if isinstance(self.module(node.args[0]), NarrowAccOp):   # (y, exact): the exact sum only feeds the barrier
+            return self.val[node.args[0]] if node.args[1] == 0 else None
         src = self.val[node.args[0]]
         if isinstance(src, Pieces):
             start, stop = src.bounds[node.args[1]]

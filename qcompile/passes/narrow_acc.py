@@ -2,13 +2,23 @@
 
 Invariant after this pass: every conv1d / conv2d / linear / matmul / bmm node whose layer
 config has `acc_bits` or `grad_acc_bits` set is a call of the module `<layer>.accumulator`
-(a `qcompile.train.tiled.NarrowAccOp`) with the same operands (a, b, bias); its operands' grids
-are the quantizers the op reads its scales from (shown in its repr), and, when gradients
-are quantized (`grad_bits`), it owns `<layer>.accumulator.grad_output_quant`, the gradient
-quantizer of its backward matmuls. Layers with neither option are left exactly as
-`quantize` made them (the plain quantized op).
+(a `qcompile.train.tiled.NarrowAccOp`) with the same operands (a, b, bias) and the keyword
+inputs a_scale, a_zero_point, b_scale, b_zero_point: get_attr nodes of the `scale` and
+`zero_point` buffers of the quantizers whose grids the operands are on (`grid_source`), the
+only way the op learns its grids. The op is complete when made (no later pass changes it): its
+operands' code ranges are constructor arguments equal to those quantizers' `qrange`; it keeps its
+exact accumulator (`keep_exact`) exactly when the layer config sets `log_barrier` and
+`acc_bits`, and then returns (y, exact), read by getitem(op, 0) (every former user of the
+layer's result reads it) and getitem(op, 1) (for the log barrier, see `regularize`); when
+gradients are quantized (`grad_bits`), it owns `<layer>.accumulator.grad_output_quant`, the
+gradient quantizer of its backward matmuls. The op node's meta["qc_accumulator"] records the
+compile-time facts (kind, mode, keep_exact, and per operand its quantizer's path, qrange,
+symmetric, axis and estimator). Layers with neither option are left exactly as `quantize` made
+them (the plain quantized op).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +36,8 @@ from qcompile.passes.quantize import _free_path, _make, _module_type, grid_sourc
 from qcompile.train.tiled import NarrowAccOp
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
+GRID_PREFIXES = ("a", "b")           # the op's operands, in order
+GRID_BUFFERS = ("scale", "zero_point")  # what the op reads of each operand's quantizer, as keyword inputs
 
 
 def _conv_params(node):
@@ -69,13 +81,14 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         if cfg.acc_bits is None and cfg.grad_acc_bits is None:
             continue
         kind = _kind(node)
-        grids = []
+        sources = []
         for idx in (0, 1):
             src = grid_source(node.args[idx], gm)
             if src is None:
                 raise QCompileError(f"narrow_acc: operand {idx} of node {node.name!r} ({layer}) is on no "
                                     "quantizer grid; the pass runs after `quantize`")
-            grids.append(gm.get_submodule(src.target))
+            sources.append(src)
+        quantizers = [gm.get_submodule(src.target) for src in sources]
         conv = _conv_params(node) if kind.startswith("conv") else {}
         if kind == "matmul":
             _check_matmul_shapes(node)
@@ -84,19 +97,39 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         else:
             bias = conv.pop("bias")
+        keep_exact = bool(cfg.log_barrier) and cfg.acc_bits is not None
         grad_q = _make("gradient", cfg, layer, generator=generator) if cfg.grad_bits is not None else None
-        op = NarrowAccOp(kind, layer, grids, acc_bits=cfg.acc_bits, tile=cfg.tile, overflow=cfg.overflow,
+        op = NarrowAccOp(kind, layer, acc_bits=cfg.acc_bits, tile=cfg.tile, overflow=cfg.overflow,
                          grad_acc_bits=cfg.grad_acc_bits if cfg.grad_acc_bits is not None else cfg.acc_bits,
-                         acc_grad=cfg.acc_grad, grad_output_quant=grad_q, **conv)
+                         acc_grad=cfg.acc_grad, a_qrange=quantizers[0].qrange, b_qrange=quantizers[1].qrange,
+                         keep_exact=keep_exact, grad_output_quant=grad_q, **conv)
         path = _free_path(gm, f"{layer}.accumulator")
         gm.add_submodule(path, op)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (node.args[0], node.args[1], bias))
+            grid = {}
+            for prefix, src in zip(GRID_PREFIXES, sources):
+                for what in GRID_BUFFERS:
+                    grid[f"{prefix}_{what}"] = gm.graph.get_attr(f"{src.target}.{what}")
+                    grid[f"{prefix}_{what}"].meta["qc_layer"] = layer
+            new = gm.graph.call_module(path, (node.args[0], node.args[1], bias), grid)
         new.meta.update(node.meta)
         new.meta["qc_module_type"] = "NarrowAccOp"
-        new.meta["qc_accumulator"] = {"acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow,
-                                      "grad_acc_bits": op.grad_acc_bits, "acc_grad": cfg.acc_grad}
-        node.replace_all_uses_with(new)
+        new.meta["qc_accumulator"] = {
+            "kind": kind, "acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow,
+            "grad_acc_bits": op.grad_acc_bits, "acc_grad": cfg.acc_grad, "keep_exact": keep_exact,
+            "grids": tuple({"quantizer": src.target, "qrange": tuple(q.qrange), "symmetric": bool(q.symmetric),
+                            "axis": q.axis, "estimator": q.estimator.name} for src, q in zip(sources, quantizers)),
+        }
+        result = new
+        if keep_exact:
+            with gm.graph.inserting_after(new):
+                result = gm.graph.call_function(operator.getitem, (new, 0))
+            with gm.graph.inserting_after(result):
+                exact = gm.graph.call_function(operator.getitem, (new, 1))
+            result.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "qc_layer")})
+            exact.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "qc_layer")})
+            exact.meta["qc_exact_accumulator"] = path
+        node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
@@ -107,8 +140,11 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
 def verify(gm: fx.GraphModule, config: QConfig) -> None:
     """Raise VerificationError unless no conv/linear/matmul node remains for a layer whose config
     sets acc_bits or grad_acc_bits, and every NarrowAccOp call is such a layer's, with that
-    config's acc_bits, its operands on the grids of the quantizers it reads its scales from, and
-    a gradient quantizer of its own exactly when grad_bits is set."""
+    config's acc_bits; its keyword inputs {a,b}_{scale,zero_point} are get_attr nodes of the
+    buffers of the quantizers its operands are on, whose code ranges the op was given; it keeps its
+    exact accumulator exactly when the config sets log_barrier (and acc_bits), and is then read
+    only through getitem(op, 0) (at least once) and getitem(op, 1); and it has a gradient quantizer
+    of its own exactly when grad_bits is set."""
     for node in gm.graph.nodes:
         if is_matmul(node):
             layer = node.meta.get("qc_layer", node.name)
@@ -122,11 +158,31 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if (cfg.acc_bits is None and cfg.grad_acc_bits is None) or op.acc_bits != cfg.acc_bits:
                 raise verification_error("narrow_acc", node, gm, f"acc_bits={cfg.acc_bits} from layer "
                                          f"{op.layer!r}'s config, not {op.acc_bits}")
-            for idx, grid in enumerate(op.grids):
-                src = grid_source(node.args[idx], gm) if isinstance(node.args[idx], fx.Node) else None
-                if src is None or gm.get_submodule(src.target) is not grid:
-                    raise verification_error("narrow_acc", node, gm, f"operand {idx} on the grid of the quantizer "
-                                             f"it reads its scale from ({grid.layer!r} {grid.kind})")
+            for idx, prefix in enumerate(GRID_PREFIXES):
+                src = grid_source(node.args[idx], gm) if len(node.args) > idx and isinstance(node.args[idx], fx.Node) \
+                    else None
+                if src is None:
+                    raise verification_error("narrow_acc", node, gm, f"operand {idx} on a quantizer's grid")
+                for what in GRID_BUFFERS:
+                    arg = node.kwargs.get(f"{prefix}_{what}")
+                    if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == f"{src.target}.{what}"):
+                        raise verification_error("narrow_acc", node, gm, f"keyword input {prefix}_{what} = get_attr "
+                                                 f"'{src.target}.{what}' (the grid operand {idx} is on), not "
+                                                 f"{getattr(arg, 'target', arg)!r}")
+                qrange = tuple(getattr(op, f"{prefix}_qrange"))
+                if qrange != tuple(gm.get_submodule(src.target).qrange):
+                    raise verification_error("narrow_acc", node, gm, f"{prefix}_qrange = the qrange of {src.target!r} "
+                                             f"({tuple(gm.get_submodule(src.target).qrange)}), not {qrange}")
+            keep = bool(cfg.log_barrier) and cfg.acc_bits is not None
+            if op.keep_exact != keep:
+                raise verification_error("narrow_acc", node, gm, f"keep_exact={keep} (log_barrier={cfg.log_barrier}, "
+                                         f"acc_bits={cfg.acc_bits} in layer {op.layer!r}'s config)")
+            if keep:
+                index = [u.args[1] if u.op == "call_function" and u.target is operator.getitem and u.args[0] is node
+                         else None for u in node.users]
+                if None in index or set(index) - {0, 1} or 0 not in index:
+                    raise verification_error("narrow_acc", node, gm, "its (y, exact) read only through getitem(op, 0) "
+                                             "and getitem(op, 1), y at least once")
             if (op.grad_output_quant is None) != (cfg.grad_bits is None):
                 raise verification_error("narrow_acc", node, gm, "a grad_output_quant exactly when grad_bits is set "
                                          f"(grad_bits={cfg.grad_bits})")

@@ -129,8 +129,13 @@ def quantizer_of(node, gm, kind: str | None = None):
 
 
 def layer_result(node, gm):
-    """The node holding the result of conv/linear `node`: the BatchNormFold call folded into it
-    (its only user, reading it as first argument; see `passes/fold_bn`), else `node` itself."""
+    """The node holding the result of conv/linear/accumulator `node`: `getitem(node, 0)` when the node
+    returns (y, exact) (an accumulator keeping its exact sum, see `passes/narrow_acc`), then the
+    BatchNormFold call folded into it (its only user, reading it as first argument; see
+    `passes/fold_bn`), else the node itself."""
+    items = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.args[0] is node]
+    if items and len(items) == len(node.users):
+        node = next((u for u in items if u.args[1] == 0), node)
     if len(node.users) == 1:
         user = next(iter(node.users))
         if user.op == "call_module" and user.args and user.args[0] is node and \

@@ -40,6 +40,7 @@ CATEGORIES = {
     "gradient_quantizer": ("#e2c6ff", "#7b2cbf", "gradient quantizer Q_G (identity forward, quantizes backward)"),
     "bias_quantizer": ("#fff0db", "#c26a00", "bias rounded onto the int32 grid S_x·S_w"),
     "narrow_acc": ("#ffadad", "#b00020", "narrow-accumulator op (tiled, b-bit accumulator)"),
+    "regularizer": ("#e2f0cb", "#4f772d", "training loss term computed in the graph (log barrier)"),
     "matmul": ("#caffbf", "#2d6a4f", "conv / linear / matmul (exact accumulator)"),
     "float_fallback": ("#e9ecef", "#d00000", "float fallback (no quantized form)"),
     "io": ("#ffffff", "#212529", "graph input / output"),
@@ -170,6 +171,8 @@ def _category(node, mod, attrs, quantized_graph: bool) -> str:
         return f"{role}_quantizer"
     if "acc_bits" in attrs and attrs["acc_bits"] is not None:
         return "narrow_acc"
+    if node.meta.get("qc_regularizer"):
+        return "regularizer"
     if node.op in ("placeholder", "output"):
         return "io"
     if node.op == "get_attr":

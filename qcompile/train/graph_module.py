@@ -17,6 +17,7 @@ from torch import fx, nn
 from qcompile.config import QConfig
 from qcompile.errors import CheckpointError
 from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.train.tiled import NarrowAccOp
 
 
 @dataclass
@@ -56,11 +57,14 @@ class QuantizedGraphModule(fx.GraphModule):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Quantizer)]
 
     def switches(self) -> list[nn.Module]:
-        """Every module quantization can be turned off on: quantizers and bias roundings."""
-        return [m for m in self.modules() if isinstance(m, (Quantizer, BiasQuant))]
+        """Every module quantization can be turned off on: quantizers, bias roundings and accumulator
+        ops (each has its own `enabled`: an accumulator op off is the plain float op; it does not
+        look at its operands' quantizers)."""
+        return [m for m in self.modules() if isinstance(m, (Quantizer, BiasQuant, NarrowAccOp))]
 
     def set_quantization(self, enabled: bool) -> None:
-        """Turn every quantizer on or off (off: tensors pass through untouched)."""
+        """Turn every switch (`switches()`) on or off (off: tensors pass through untouched, accumulator
+        ops run the float op)."""
         for q in self.switches():
             q.enabled = enabled
 
@@ -118,8 +122,12 @@ class QuantizedGraphModule(fx.GraphModule):
         self.load_state_dict(state)
 
     def regularization(self) -> torch.Tensor:
-        """Sum of the loss terms the `regularize` pass registered (0 when there are none)."""
-        terms = [term() for term in self.regularizers.values()]
+        """Sum of the loss terms the `regularize` pass registered (0 when there are none).
+
+        A term that a node of the graph computes (the log barrier: it has `take()`) is the value
+        of the last training forward, handed over once (one term per training forward; 0 when it
+        was taken already); the others are computed here."""
+        terms = [term.take() if hasattr(term, "take") else term() for term in self.regularizers.values()]
         if not terms:
             p = next(self.parameters(), None)
             return torch.zeros((), device=p.device if p is not None else None)

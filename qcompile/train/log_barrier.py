@@ -17,14 +17,29 @@ Per accumulator op (see docs/narrow_accumulators.md for the derivation):
       <= 0 exactly when no input can overflow the channel. With a "current" symmetric weight
       grid, w_int = w·qmax/max|w| is taken with its scale, so the term is scale invariant and
       reshapes (sparsifies) a channel instead of shrinking it.
-t = barrier_t0 · barrier_growth^⌊step / barrier_interval⌋, step = training calls of the loss.
+t = barrier_t0 · barrier_growth^⌊step / barrier_interval⌋, step = training forwards of the graph so far.
+
+Wiring (the `regularize` pass; the barrier holds no reference to another module): one node of
+the graph, after every accumulator op, calls `regularizers.log_barrier` with one tuple per op
+that keeps its exact accumulator,
+    (exact, b, bias, a_scale, a_zero_point, b_scale)
+— exact = getitem(op, 1), the op's own b and bias operands and the get_attr nodes of its
+operands' scale / zero-point buffers (the same nodes the op reads). What is fixed at compile
+time (per op: layer, kind, acc_bits, tile, the input grid's code range, the weight grid's qmax,
+whether it is a "current" symmetric grid and per channel) is a `BarrierSite`, a constructor
+argument. In a training forward (training mode, gradients on) the node computes the loss term
+and counts a step; `take()` (what `qm.regularization()` calls) hands that term over once — one
+term per training forward, 0 when the last one has been taken or none ran.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qcompile.core.accumulator import acc_range
+from qcompile.train.tiled import grid_absmax, worst_case
 
 PEAK_FLOOR = 1e-8   # a channel whose weights all vanish has no integer grid to speak of
 
@@ -38,60 +53,88 @@ def psi(z: torch.Tensor, t) -> torch.Tensor:
     return torch.where(z <= -edge, inside, outside)
 
 
-class LogBarrier(nn.Module):
-    """The log-barrier loss over a set of NarrowAccOp modules (held by reference: they live in the
-    graph). forward() takes no argument and consumes what each op saw in its last training forward."""
+@dataclass(frozen=True)
+class BarrierSite:
+    """What the barrier knows of one accumulator op at compile time (`regularize` takes it from the
+    op node's meta["qc_accumulator"], which `narrow_acc` recorded)."""
+    layer: str
+    kind: str                          # conv1d / conv2d / linear / matmul (matmul: no bound term)
+    acc_bits: int
+    tile: int | None
+    a_qrange: tuple[int, int]          # code range of the input (a) grid
+    weight_qmax: int                   # largest code of the weight (b) grid
+    weight_current: bool               # the weight grid is a "current" symmetric one (scale from w itself)
+    weight_per_channel: bool           # ... with one scale per output channel
 
-    def __init__(self, ops, weight: float, bound_weight: float, t0: float, growth: float, interval: int):
+
+class LogBarrier(nn.Module):
+    """The log-barrier loss over the accumulator ops of `sites` (in the order of the node's arguments).
+
+    forward(*seen), one tuple (exact, b, bias, a_scale, a_zero_point, b_scale) per site, is called
+    by a node of the graph: in a training forward it computes the term, keeps it for `take()` and
+    counts a step (the schedule); otherwise it does nothing and returns None. An op that ran as the
+    float op (quantization off) passes exact=None and adds nothing."""
+
+    def __init__(self, sites, weight: float, bound_weight: float, t0: float, growth: float, interval: int):
         super().__init__()
-        self.ops = tuple(ops)
+        self.sites = tuple(sites)
         self.weight, self.bound_weight = float(weight), float(bound_weight)
         self.t0, self.growth, self.interval = float(t0), float(growth), int(interval)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.pending = None                # the term of the last training forward, until take()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["pending"] = None            # autograd graphs are not state
+        return state
 
     def extra_repr(self) -> str:
-        return (f"{len(self.ops)} ops, weight={self.weight}, bound_weight={self.bound_weight}, "
+        return (f"{len(self.sites)} ops, weight={self.weight}, bound_weight={self.bound_weight}, "
                 f"t={self.t:.4g} (t0={self.t0}, ×{self.growth} every {self.interval} steps)")
 
     @property
     def t(self) -> float:
         return self.t0 * self.growth ** (int(self.step) // self.interval)
 
-    def tail_term(self, op, seen, t) -> torch.Tensor:
-        A = acc_range(op.acc_bits)[1]
-        return psi(seen["exact"].abs() / A - 1.0, t).mean()
+    def tail_term(self, site: BarrierSite, exact, t) -> torch.Tensor:
+        A = acc_range(site.acc_bits)[1]
+        return psi(exact.abs() / A - 1.0, t).mean()
 
-    def bound_term(self, op, seen, t) -> torch.Tensor:
-        A = acc_range(op.acc_bits)[1]
-        w = seen["b"]
-        wq, xq = op.grids[1], op.grids[0]
-        if wq.estimator.name == "current" and wq.symmetric:
+    def bound_term(self, site: BarrierSite, b, bias, a_scale, a_zero_point, b_scale, t) -> torch.Tensor:
+        A = acc_range(site.acc_bits)[1]
+        w = b
+        if site.weight_current:
             absw = w.abs().reshape(w.shape[0], -1)
-            peak = absw.amax(1) if wq.axis is not None else absw.amax().expand(w.shape[0])
-            sw = torch.clamp(peak, min=PEAK_FLOOR) / wq.qrange[1]
+            peak = absw.amax(1) if site.weight_per_channel else absw.amax().expand(w.shape[0])
+            sw = torch.clamp(peak, min=PEAK_FLOOR) / site.weight_qmax
         else:
-            sw = wq.scale.detach().expand(w.shape[0]) if wq.scale.dim() == 0 else wq.scale.detach()
+            sw = b_scale.detach().expand(w.shape[0]) if b_scale.dim() == 0 else b_scale.detach()
         w_int = w.reshape(w.shape[0], -1) / sw.unsqueeze(1)
-        bias = seen["bias"]
         bias_int = None
         if bias is not None:  # int32, as the op stores it (a clamped bias passes no gradient)
-            bias_int = torch.clamp(bias / (xq.scale.detach() * sw), -2 ** 31, 2 ** 31 - 1)
-        whole, _ = op.worst_case(w_int, bias_int)
+            bias_int = torch.clamp(bias / (a_scale.detach() * sw), -2 ** 31, 2 ** 31 - 1)
+        whole, _ = worst_case(site.kind, w_int, bias_int, grid_absmax(site.a_qrange, a_zero_point), None, site.tile)
         return psi(whole / A - 1.0, t).mean()
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, *seen):
+        if len(seen) != len(self.sites):
+            raise ValueError(f"LogBarrier over {len(self.sites)} ops called with {len(seen)} argument tuples")
+        if not (self.training and torch.is_grad_enabled()):
+            return None
         t = self.t
         total = None
-        for op in self.ops:
-            seen = op.pop_pending()
-            if seen is None:
+        for site, (exact, b, bias, a_scale, a_zero_point, b_scale) in zip(self.sites, seen):
+            if exact is None:
                 continue
-            term = self.weight * self.tail_term(op, seen, t)
-            if op.kind != "matmul" and self.bound_weight:
-                term = term + self.bound_weight * self.bound_term(op, seen, t)
+            term = self.weight * self.tail_term(site, exact, t)
+            if site.kind != "matmul" and self.bound_weight:
+                term = term + self.bound_weight * self.bound_term(site, b, bias, a_scale, a_zero_point, b_scale, t)
             total = term if total is None else total + term
-        if self.training and torch.is_grad_enabled():
-            self.step += 1
-        if total is None:
-            return self.step.new_zeros((), dtype=torch.float32)
-        return total
+        self.step += 1
+        self.pending = total if total is not None else self.step.new_zeros((), dtype=torch.float32)
+        return self.pending
+
+    def take(self) -> torch.Tensor:
+        """The term the graph computed in the last training forward, once; then 0 until the next one."""
+        term, self.pending = self.pending, None
+        return term if term is not None else self.step.new_zeros((), dtype=torch.float32)

@@ -549,24 +549,44 @@ def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def grid_absmax(qrange: tuple[int, int], zero_point: torch.Tensor) -> float:
+    """max |code − z| over a grid with code range `qrange` and zero point(s) `zero_point` (the largest
+    over channels): the largest integer operand a matmul meets on that grid."""
+    return float(max_code_magnitude(qrange, zero_point.detach()).max())
+
+
+def worst_case(kind: str, b_int, bias_int, a_absmax: float, b_absmax: float | None, tile: int | None):
+    """(whole-reduction, largest-tile) worst-case |acc| per output channel of a `kind` op:
+    Σ|w_int|·max|x_int| + |bias_int| (matmul: K·max|a_int|·max|b_int|, one value), with
+    a_absmax = max|a_int|, b_absmax = max|b_int| (read for a matmul only). Differentiable in b_int
+    and bias_int."""
+    if kind == "matmul":
+        K = b_int.shape[-2]
+        w_abs = torch.full((1, K), b_absmax, dtype=torch.float64, device=b_int.device)
+        return l1_bounds(w_abs, a_absmax, None, tile)
+    w_abs = b_int.abs().reshape(b_int.shape[0], -1)
+    return l1_bounds(w_abs, a_absmax, None if bias_int is None else bias_int.abs(), tile)
+
+
 class _NarrowAccFunction(torch.autograd.Function):
     """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands a/s_a, b/s_b;
-    also returns the exact accumulator (integer units; a 0-d zero unless op.track_exact). Backward: see
-    NarrowAccOp."""
+    also returns the exact accumulator (integer units; a 0-d zero unless op.keep_exact).
+    `grid` = (s_a, s_b, (max|a_int|, max|b_int|)): the operands' grids as the op's graph inputs
+    gave them at this forward; the backward uses the same. Backward: see NarrowAccOp."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, op):
-        sa, sb = op.operand_scales()
+    def forward(ctx, a, b, bias, grid, op):
+        sa, sb, absmax = grid
         a_int = torch.div(a, sa).round_()
         b_int = torch.div(b, _channel_view(sb, b.dim(), 0) if op.kind != "matmul" else sb).round_()
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
-        res = op.forward_int(a_int, b_int, bias_int)
+        res = op.forward_int(a_int, b_int, bias_int, absmax)
         op.record("train" if op.training else "eval", res)
-        op.last_operands = (b_int, bias_int)
+        op.last_operands = (b_int, bias_int, absmax)
         y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_int, b_int, res.overflowed)
-        ctx.op, ctx.sa, ctx.sb, ctx.has_bias = op, sa, sb, bias is not None
+        ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
         acc = res.acc.clone() if res.acc is res.exact else res.acc          # scaled in place: a fresh tensor
         return acc.mul_(y_scale).to(a.dtype), exact
@@ -592,7 +612,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             u = g * op.out_view(sb, g.dim()) if fold else g
             u_int = gq.gradient_codes(u)
             su = gq.scale.clone()
-            ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b)
+            ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b, ctx.absmax)
             grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
             if need_b:
                 b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
@@ -603,27 +623,40 @@ class _NarrowAccFunction(torch.autograd.Function):
             a_hat = a_int * sa
             b_hat = b_int * (_channel_view(sb, b_int.dim(), 0) if op.kind != "matmul" else sb)
             grad_a, grad_b = op.backward_float(a_hat, b_hat, g, need_a, need_b)
-        return grad_a, grad_b, grad_bias, None
+        return grad_a, grad_b, grad_bias, None, None
 
 
 class NarrowAccOp(nn.Module):
     """A quantized conv2d / conv1d / linear / matmul computed with the tiled narrow accumulator.
 
-    Called as op(a, b, bias) with a, b on the grids of the quantizers `grids` (activation, and
-    weight or activation); computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded
-    into int32) and rescales. Backward, with a gradient quantizer: u = G_Y·s_w is quantized once
-    and G_X = s_u·(u_int ⊛ W_int), G_W = s_u·s_x/s_w·(X_int ⊛ u_int) run through the same tiled
-    accumulator with `grad_acc_bits`; without one, the backward matmuls are exact in float.
-    The accumulator is straight-through (acc_grad="ste") or passes no gradient to outputs that
-    overflowed ("zero_saturated"). With a grid's quantizer disabled it is the plain float op.
-    Overflow statistics are int64 buffers per phase (train, eval, grad); `reset_overflow_stats()`.
+    Called as op(a, b, bias, a_scale=, a_zero_point=, b_scale=, b_zero_point=): a and b on the
+    grids whose scales and zero points are the keyword inputs (in the graph, get_attr nodes of
+    the operands' quantizers' `scale` / `zero_point` buffers, wired by the `narrow_acc` pass; the
+    op holds no reference to another module). What is fixed at compile time is a constructor
+    argument: kind, geometry, accumulator mode, the operands' code ranges (`a_qrange`, `b_qrange`)
+    and whether the op keeps its exact accumulator (`keep_exact`, set by `narrow_acc` from the
+    layer's `log_barrier`).
+
+    Computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded into int32) and
+    rescales. Returns y, or (y, exact) when `keep_exact`: exact = bias_int + Σ products without
+    overflow (integer units, what the log barrier reads through the graph; the tail term's
+    gradient reaches a and b through the op's backward). Backward, with a gradient quantizer:
+    u = G_Y·s_w is quantized once and G_X = s_u·(u_int ⊛ W_int), G_W = s_u·s_x/s_w·(X_int ⊛ u_int)
+    run through the same tiled accumulator with `grad_acc_bits`; without one, the backward
+    matmuls are exact in float. The accumulator is straight-through (acc_grad="ste") or passes
+    no gradient to outputs that overflowed ("zero_saturated").
+
+    Quantization off: the op has its own switch, `enabled`, which QuantizedGraphModule's
+    switches (`set_quantization`, `quantization_disabled`, `calibrate`) set together with the
+    quantizers'; off, it is the plain float op (and `exact` is None). Overflow statistics are
+    int64 buffers per phase (train, eval, grad); `reset_overflow_stats()`.
     """
 
     PHASES = ("train", "eval", "grad")
 
-    def __init__(self, kind: str, layer: str, grids: tuple, *, acc_bits: int | None, tile: int | None,
-                 overflow: str, grad_acc_bits: int | None, acc_grad: str, grad_output_quant=None,
-                 stride=1, padding=0, dilation=1, groups: int = 1):
+    def __init__(self, kind: str, layer: str, *, acc_bits: int | None, tile: int | None, overflow: str,
+                 grad_acc_bits: int | None, acc_grad: str, a_qrange: tuple[int, int], b_qrange: tuple[int, int],
+                 keep_exact: bool = False, grad_output_quant=None, stride=1, padding=0, dilation=1, groups: int = 1):
         super().__init__()
         if kind not in ("conv1d", "conv2d", "linear", "matmul"):
             raise ValueError(f"NarrowAccOp kind {kind!r}: choose conv1d, conv2d, linear or matmul")
@@ -632,26 +665,22 @@ class NarrowAccOp(nn.Module):
         self.kind, self.layer = kind, layer
         self.acc_bits, self.tile, self.overflow = acc_bits, tile, overflow
         self.grad_acc_bits, self.acc_grad = grad_acc_bits, acc_grad
-        self.grids = tuple(grids)              # the operands' quantizers (registered elsewhere in the graph)
+        self.a_qrange, self.b_qrange = tuple(a_qrange), tuple(b_qrange)   # the operands' code ranges
+        self.keep_exact = bool(keep_exact)     # return (y, exact accumulator): the log barrier reads it
+        self.enabled = True                    # quantization switch (QuantizedGraphModule.switches)
         self.grad_output_quant = grad_output_quant
         if kind == "conv1d":
             stride, padding, dilation = (1, _pair1(stride)), (0, _pair1(padding)), (1, _pair1(dilation))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.track_exact = False               # set by the log barrier: keep the exact accumulator of the last step
-        self._pending = None
-        self.last_operands = None              # (b_int, bias_int) of the last forward, for the summary's margin
+        self.last_operands = None              # (b_int, bias_int, absmax) of the last forward, for the summary
         for phase in self.PHASES:
             for what in ("events", "overflowed", "outputs"):
                 self.register_buffer(f"{what}_{phase}", torch.zeros((), dtype=torch.int64))
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_pending"] = None               # autograd graphs are not state
-        return state
-
     def extra_repr(self) -> str:
         return (f"{self.kind}, acc_bits={self.acc_bits}, tile={self.tile}, overflow={self.overflow}, "
-                f"grad_acc_bits={self.grad_acc_bits}, acc_grad={self.acc_grad}")
+                f"grad_acc_bits={self.grad_acc_bits}, acc_grad={self.acc_grad}"
+                + (", keep_exact=True" if self.keep_exact else ""))
 
     # ---- geometry --------------------------------------------------------------------
     def channel_axis(self, ndim: int) -> int:
@@ -660,21 +689,14 @@ class NarrowAccOp(nn.Module):
     def out_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return _channel_view(t, ndim, self.channel_axis(ndim))
 
-    def operand_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.grids[0].scale.detach().clone(), self.grids[1].scale.detach().clone()
-
-    def input_absmax(self, index: int = 0) -> float:
-        """max |x − z| over the grid of operand `index` (the input range in integer units)."""
-        q = self.grids[index]
-        return float(max_code_magnitude(q.qrange, q.zero_point.detach()).max())
-
     # ---- integer forward / backward -------------------------------------------------
     def _conv_args(self):
         return self.stride, self.padding, self.dilation, self.groups
 
-    def forward_int(self, a, b, bias) -> AccResult:
+    def forward_int(self, a, b, bias, absmax) -> AccResult:
+        """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids."""
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
-                    absmax=(self.input_absmax(0), self.input_absmax(1)), exact=self.track_exact)
+                    absmax=tuple(absmax), exact=self.keep_exact)
         if self.kind == "conv2d":
             return tiled_conv2d(a, b, bias, *self._conv_args(), **mode)
         if self.kind == "conv1d":
@@ -683,12 +705,13 @@ class NarrowAccOp(nn.Module):
             return tiled_linear(a, b, bias, **mode)
         return tiled_matmul(a, b, None, **mode)
 
-    def backward_int(self, a, b, u, need_a: bool, need_b: bool):
-        """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits."""
+    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax):
+        """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits;
+        absmax = (max|a_int|, max|b_int|) as in the forward."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
         umax = float(max_code_magnitude(q.qrange, q.zero_point))
-        amax, bmax = self.input_absmax(0), self.input_absmax(1)
+        amax, bmax = absmax
         ga = gb = None
         if self.kind in ("conv2d", "conv1d"):
             sq = self.kind == "conv1d"
@@ -760,15 +783,10 @@ class NarrowAccOp(nn.Module):
             out[phase] = {"events": ev, "overflowed": ov, "outputs": n, "rate": ov / n if n else 0.0}
         return out
 
-    def worst_case(self, b_int, bias_int):
-        """(whole-reduction, largest-tile) worst-case |acc| per output channel: Σ|w_int|·max|x_int| + |bias_int|
-        (matmul: K·max|a_int|·max|b_int|, one value). Differentiable in b_int and bias_int."""
-        if self.kind == "matmul":
-            K = b_int.shape[-2]
-            w_abs = torch.full((1, K), self.input_absmax(1), dtype=torch.float64, device=b_int.device)
-            return l1_bounds(w_abs, self.input_absmax(0), None, self.tile)
-        w_abs = b_int.abs().reshape(b_int.shape[0], -1)
-        return l1_bounds(w_abs, self.input_absmax(0), None if bias_int is None else bias_int.abs(), self.tile)
+    def worst_case(self, b_int, bias_int, absmax):
+        """(whole-reduction, largest-tile) worst-case |acc| per output channel (module-level
+        `worst_case` with this op's kind and tile); absmax = (max|a_int|, max|b_int|)."""
+        return worst_case(self.kind, b_int, bias_int, absmax[0], absmax[1], self.tile)
 
     def describe(self) -> str:
         st = self.overflow_stats()
@@ -786,13 +804,15 @@ class NarrowAccOp(nn.Module):
         return " | ".join(parts)
 
     # ---- forward --------------------------------------------------------------------
-    def forward(self, a, b, bias=None):
-        if not all(q.enabled for q in self.grids):
-            return self.float_op(a, b, bias)
-        y, exact = _NarrowAccFunction.apply(a, b, bias, self)
-        if self.track_exact and self.training and torch.is_grad_enabled():
-            self._pending = {"exact": exact, "b": b, "bias": bias}
-        return y
+    def forward(self, a, b, bias=None, *, a_scale: torch.Tensor, a_zero_point: torch.Tensor,
+                b_scale: torch.Tensor, b_zero_point: torch.Tensor):
+        if not self.enabled:
+            y = self.float_op(a, b, bias)
+            return (y, None) if self.keep_exact else y
+        absmax = (grid_absmax(self.a_qrange, a_zero_point), grid_absmax(self.b_qrange, b_zero_point))
+        grid = (a_scale.detach().clone(), b_scale.detach().clone(), absmax)
+        y, exact = _NarrowAccFunction.apply(a, b, bias, grid, self)
+        return (y, exact) if self.keep_exact else y
 
     def float_op(self, a, b, bias=None):
         if self.kind == "conv2d":
@@ -802,11 +822,6 @@ class NarrowAccOp(nn.Module):
         if self.kind == "linear":
             return F.linear(a, b, bias)
         return torch.matmul(a, b)
-
-    def pop_pending(self):
-        """What the last training forward saw (exact accumulator, b operand, bias), with its graph; once."""
-        p, self._pending = self._pending, None
-        return p
 
 
 def _pair1(v) -> int:

@@ -188,8 +188,9 @@ def _propagate_shapes(qm, input_shapes: list[tuple[int, ...]]) -> dict[str, tupl
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                shapes[n.name] = tuple(out.shape)
+            first = out[0] if isinstance(out, tuple) and out else out    # (y, exact) of an accumulator op
+            if isinstance(first, torch.Tensor):
+                shapes[n.name] = tuple(first.shape)
             return out
 
     dtypes = [n.meta["tensor_meta"].dtype if hasattr(n.meta.get("tensor_meta"), "dtype") else torch.float32
