@@ -91,11 +91,11 @@ class Comparison:
 
 
 def compare(graph: ir.Graph, x, backends=BACKENDS, given: dict | None = None, workdir=None) -> Comparison:
-    """Run `graph` on `x` with each of `backends`; `given` adds outputs from elsewhere (name → float
-    values on the output grid, e.g. the trained graph's eval output, or codes already computed)."""
+    """Run `graph` on `x` with each of `backends` (the C runtime in `workdir`/c when given); `given`
+    adds outputs from elsewhere: name → float values on the output grid (the trained graph's eval output)."""
     codes = {name: float_to_codes(graph, y) for name, y in (given or {}).items()}
     for b in backends:
-        codes[b] = outputs(graph, x, b, None if workdir is None else Path(workdir) / b.replace(":", "-"))
+        codes[b] = outputs(graph, x, b, None if workdir is None or b != "c" else Path(workdir) / "c")
     return Comparison(codes)
 
 

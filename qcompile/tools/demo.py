@@ -8,6 +8,8 @@ import torch
 
 import qcompile
 from qcompile.backends import parity
+from qcompile.backends.c import codegen
+from qcompile.backends.c.build import manifest
 from qcompile.models import get
 from qcompile.tools.data import mnist_5k
 from qcompile.tools.experiments import narrow_acc_sweep
@@ -54,7 +56,8 @@ def report_deployment(qm, data, out_dir="build/demo-lenet5") -> dict:
     cmp = parity.compare(graph, x, given={"PyTorch": trained}, workdir=out_dir)
     accs = {name: cmp.accuracy(name, y) for name in cmp.codes}
     differ = {f"{a} vs {b}": cmp.differ(a, b) for a, b in cmp.pairs()}
-    print(f"deployed: {Path(out_dir).with_suffix('.onnx')} (QDQ), C runtime in {Path(out_dir) / 'c'}")
+    print(f"ONNX (QDQ) export: {Path(out_dir).with_suffix('.onnx')}")
+    print(f"C runtime ({Path(out_dir) / 'c' / 'model.c'}, {codegen.summary(manifest(Path(out_dir) / 'c'))})")
     print("held-out accuracy: " + " | ".join(f"{k} {v:.2f}%" for k, v in accs.items()) + f" ({len(y)} digits)")
     print("predictions that differ: " + ", ".join(f"{k}: {v}" for k, v in differ.items()))
     return {"accuracy": accs, "differ": differ}

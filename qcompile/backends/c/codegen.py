@@ -84,9 +84,14 @@ class CModule:
         return run(self.out_dir, *inputs, exe=exe)
 
     def summary(self) -> str:
-        return (f"{self.name}: arena {self.arena_bytes} B (naive sum of buffers {self.naive_bytes} B, "
-                f"activations alone {self.activation_bytes} B), weights {self.weight_bytes} B, "
-                f"{self.macs / 1e6:.2f} M MAC/sample")
+        return summary(vars(self))
+
+
+def summary(figures: dict) -> str:
+    """One line of a runtime's memory figures (a CModule's fields, or the <name>.json `emit` writes)."""
+    return (f"{figures['name']}: arena {figures['arena_bytes']} B (naive sum of buffers {figures['naive_bytes']} B, "
+            f"activations alone {figures['activation_bytes']} B), weights {figures['weight_bytes']} B, "
+            f"{figures['macs'] / 1e6:.2f} M MAC/sample")
 
 
 # ---- small helpers ------------------------------------------------------------------------
