@@ -62,7 +62,8 @@ def _keeps_exact(node: fx.Node) -> bool:
 
 def regularize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == BARRIER]:
+    stale = [n for n in graph.nodes if n.op == "call_module" and n.target == BARRIER]
+    for node in stale:
         graph.erase_node(node)                                   # run twice: one barrier node
     sites = [n for n in graph.nodes if _keeps_exact(n)]
     lost = [n.name for n in sites if _exact_output(n) is None]
@@ -81,8 +82,9 @@ def regularize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         raise QCompileError("QConfig.log_barrier=True but no layer has a narrow accumulator: the barrier keeps "
                             "an acc_bits-bit accumulator from overflowing; set acc_bits (or disable log_barrier)")
     add_bn_rectification(gm)
-    graph.lint()
-    gm.recompile()
+    if stale or sites:                                           # the graph changed
+        graph.lint()
+        gm.recompile()
     return gm
 
 
