@@ -42,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
 from qcompile.core.accumulator import acc_range
+from qcompile.core.grids import max_code_magnitude
 from qcompile.core.requant import is_power_of_two
 from qcompile.errors import QCompileError
 
@@ -436,7 +437,7 @@ class _Builder:
             return
         xi = self.to_i64(x.name)
         count = int(np.prod(x.shape[1:])) if a.get("global") else int(np.prod(a["kernel"]))
-        bound = count * max(x.qmax - x.zero_point, x.zero_point - x.qmin)
+        bound = count * max_code_magnitude((x.qmin, x.qmax), x.zero_point)
         if a.get("global") and bound < 2 ** 24:   # integer sums below 2^24 are exact in float32
             xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
             sf = self.node("ReduceSum", [xf, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sumf",

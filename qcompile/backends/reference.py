@@ -1,6 +1,7 @@
 """The integer reference interpreter of the IR (`qcompile.ir`): the oracle every backend matches.
 
-Independent of training: plain numpy int64 code sharing only `qcompile.core` arithmetic. Narrow
+Independent of training: plain numpy int64 code sharing only `qcompile.core` arithmetic (torch only
+runs core's float→code rounding of the graph input). Narrow
 accumulators (acc_bits set) cut the reduction into its tiles in IR order, compute each tile's exact
 partial sum with an int64 matmul over that slice of the reduction, and fold the tiles with
 `qcompile.core.accumulator.accumulate_tiles` (saturate after every tile, or wrap).
@@ -13,19 +14,22 @@ carry the batch as axis 0; the IR's per-sample axes are shifted by one.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from qcompile import ir
 from qcompile.core.accumulator import accumulate_tiles, check_mode, tile_plan
+from qcompile.core.grids import quantize_codes
 from qcompile.core.requant import requantize
 
 
 def quantize_input(graph: ir.Graph, x, name: str | None = None) -> np.ndarray:
-    """Codes of a float input, rounded exactly as the trained graph's quantizer (float32 x·(1/S), half to even)."""
+    """Codes of a float input, rounded by the grid's one rule (`qcompile.core.grids.quantize_codes`:
+    float32 x·(1/S), half to even, + z, clamp), as the trained graph's input quantizer rounds."""
     t = graph.tensor(name or graph.inputs[0])
-    x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
-    inv = np.float32(1.0) / np.float32(t.scale)
-    q = np.rint(x * inv).astype(np.int64) + t.zero_point
-    return np.clip(q, t.qmin, t.qmax)
+    x = torch.as_tensor(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32))
+    codes = quantize_codes(x, torch.tensor(t.scale, dtype=torch.float32), torch.tensor(float(t.zero_point)),
+                           (t.qmin, t.qmax))
+    return codes.numpy().astype(np.int64)
 
 
 def dequantize(graph: ir.Graph, codes: np.ndarray, name: str | None = None) -> np.ndarray:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompile import ir
-from qcompile.core.grids import bias_codes, quantize_codes
+from qcompile.core.grids import bias_codes, code_range, quantize_codes
 from qcompile.core.requant import quantize_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
@@ -126,7 +126,7 @@ def _of(t: ir.Tensor) -> Grid:
 def wide_grid(lo: float, hi: float, scale_hint: float, pow2: bool) -> Grid:
     """A 16-bit signed grid covering [min(lo, 0), max(hi, 0)], as fine as `scale_hint` when it fits."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    qmin, qmax = -(2 ** (WIDE_BITS - 1)), 2 ** (WIDE_BITS - 1) - 1
+    qmin, qmax = code_range(WIDE_BITS, True)
     scale = max(scale_hint, (hi - lo) / (qmax - qmin), 1e-12)
     if pow2:
         scale = 2.0 ** math.ceil(math.log2(scale))

@@ -1,6 +1,6 @@
 """`qcompile.compile`: the one call that runs the pass pipeline on a float model.
 
-The pipeline (ARCHITECTURE.md) runs in a fixed order; each pass is a function
+The pipeline (docs/architecture.md) runs in a fixed order; each pass is a function
 (GraphModule, QConfig) -> GraphModule that edits the module in place. After every pass
 the graph is snapshotted into `qm.pass_snapshots`, and nodes the pass created are tagged
 `meta["qc_pass"]` with its name.
