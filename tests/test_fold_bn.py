@@ -348,13 +348,14 @@ def test_narrow_accumulator_layers_take_batch_statistics_from_a_float_conv():
     with torch.no_grad():
         ref_model[1].weight.uniform_(0.5, 2.0)
         ref_model[1].bias.uniform_(-1, 1)
-    assert all(b.float_statistics for b in _folds(qcompile.compile(ref_model, x[:2], acc_bits=16)))
+    assert all(n.kwargs.get("float_statistics") for n in _fused_calls(qcompile.compile(ref_model, x[:2], acc_bits=16)))
     outs, grads = [], []
     for float_statistics in (False, True):
         qm = qcompile.compile(ref_model, x[:2])
         (fold,) = _folds(qm)
-        assert not fold.float_statistics
-        fold.float_statistics = float_statistics
+        (call,) = _fused_calls(qm)
+        assert "float_statistics" not in call.kwargs
+        _float_statistics(qm, float_statistics)
         qm.train()
         with qm.quantization_disabled():
             out = qm(x)
@@ -372,6 +373,13 @@ def _folds(qm):
     return [m for m in qm.modules() if isinstance(m, BatchNormFold)]
 
 
+def _float_statistics(qm, on: bool) -> None:
+    """Call every folded BatchNorm with float_statistics=`on` (what narrow_acc sets for narrow layers)."""
+    for call in _fused_calls(qm):
+        call.update_kwarg("float_statistics", on)
+    qm.recompile()
+
+
 def test_overflow_does_not_reach_the_batch_statistics_gradient():
     """With a wrapping narrow accumulator the folded output differs from the float statistics' conv; the
     gradient of γ (through μ_B, σ_B and the normalized values) is BatchNorm's on those statistics: the
@@ -383,7 +391,7 @@ def test_overflow_does_not_reach_the_batch_statistics_gradient():
     outs, grads = [], []
     for acc in (dict(acc_bits=9, tile=4, overflow="wrap"), dict()):
         qm = qcompile.compile(copy.deepcopy(model), x[:2], **acc)
-        _folds(qm)[0].float_statistics = True            # the same statistics (float weights) in both
+        _float_statistics(qm, True)                       # the same statistics (float weights) in both
         qm.train()
         out = qm(x)
         (out * g).sum().backward()

@@ -13,8 +13,8 @@ nodes, B called once, with running statistics and channels on dim 1):
   - that call is L's only user: the layer's result (`qcompile.passes.ops.layer_result`) is
     read after it, so `quantize` puts L's output quantizer after the BatchNorm correction;
   - the BatchNormFold module is complete when made: its λ (`bn_rectification`, 0 when L reads
-    the graph input) and whether its statistics come from a float conv (`acc_bits` set) are
-    read from the configs of B and L here; no later pass changes it.
+    the graph input) is read from B's config here; no later pass changes it (`narrow_acc` may
+    add the keyword `float_statistics=True` to the call, an edit of the graph).
 There is no call of a BatchNorm module where folding applied. Any other BatchNorm stays
 a BatchNorm call (a per-channel affine op in eval, `qcompile.train.fused_bn.bn_affine`), tagged
 meta["qc_bn"] = "affine" with the reason in meta["qc_bn_reason"].
@@ -92,9 +92,8 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         x, weight = layer.args[0], layer.args[1]
         bias = layer.args[2] if len(layer.args) > 2 else None
         layer_name = layer.meta.get("qc_layer", layer.name)
-        layer_cfg = config.for_layer(layer_name, type(gm.get_submodule(layer_name)) if layer.meta.get("qc_layer") else None)
         fused = BatchNormFold(bn, layer_name, layer.target, layer.args[3:] if layer.target in CONV_FUNCTIONS else (),
-                              freeze_steps=cfg.bn_freeze_steps, float_statistics=layer_cfg.acc_bits is not None,
+                              freeze_steps=cfg.bn_freeze_steps,
                               rectification=config.for_layer(node.target, BatchNormFold).bn_rectification,
                               propagates_gradient=not _reaches_input(x, gm))
         gm.add_submodule(node.target, fused)

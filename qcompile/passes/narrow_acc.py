@@ -13,8 +13,10 @@ layer's result reads it) and getitem(op, 1) (for the log barrier, see `regulariz
 gradients are quantized (`grad_bits`), it owns `<layer>.accumulator.grad_output_quant`, the
 gradient quantizer of its backward matmuls. The op node's meta["qc_accumulator"] records the
 compile-time facts (kind, mode, keep_exact, and per operand its quantizer's path, qrange,
-symmetric, axis and estimator). Layers with neither option are left exactly as `quantize` made
-them (the plain quantized op).
+symmetric, axis and estimator). When `acc_bits` is set and a BatchNorm is folded into the layer,
+the BatchNormFold call (`layer_result`) has the keyword `float_statistics=True`: its batch
+statistics come from a float conv, since the accumulator may overflow. Layers with neither
+option are left exactly as `quantize` made them (the plain quantized op).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from qcompile.passes.ops import (
     CONV_FUNCTIONS,
     LINEAR_FUNCTIONS,
     is_matmul,
+    layer_result,
     verification_error,
 )
 from qcompile.passes.quantize import _free_path, _make, _module_type, grid_source
@@ -131,6 +134,9 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             exact.meta["qc_exact_accumulator"] = path
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
+        fold = layer_result(new, gm)
+        if cfg.acc_bits is not None and fold is not result:       # a BatchNorm folded into the layer
+            fold.update_kwarg("float_statistics", True)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -144,7 +150,8 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     buffers of the quantizers its operands are on, whose code ranges the op was given; it keeps its
     exact accumulator exactly when the config sets log_barrier (and acc_bits), and is then read
     only through getitem(op, 0) (at least once) and getitem(op, 1); and it has a gradient quantizer
-    of its own exactly when grad_bits is set."""
+    of its own exactly when grad_bits is set; a BatchNorm folded into it is called with
+    float_statistics=True exactly when acc_bits is set."""
     for node in gm.graph.nodes:
         if is_matmul(node):
             layer = node.meta.get("qc_layer", node.name)
@@ -186,3 +193,8 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if (op.grad_output_quant is None) != (cfg.grad_bits is None):
                 raise verification_error("narrow_acc", node, gm, "a grad_output_quant exactly when grad_bits is set "
                                          f"(grad_bits={cfg.grad_bits})")
+            fold = layer_result(node, gm)
+            if fold is not node and fold.op == "call_module" and \
+                    fold.kwargs.get("float_statistics", False) != (cfg.acc_bits is not None):
+                raise verification_error("narrow_acc", fold, gm, f"float_statistics={cfg.acc_bits is not None}: batch "
+                                         "statistics from a float conv exactly when the layer's accumulator is narrow")

@@ -16,7 +16,8 @@ torch.ao's fused ConvBn) — differentiably, and returns
 
     out = y · σ_r/σ_B + (β − γ·μ_B/σ_B)
 
-When the layer has a narrow accumulator (`float_statistics`), y may have overflowed, so
+When the layer has a narrow accumulator (the call's `float_statistics=True`, set by the
+`narrow_acc` pass), y may have overflowed, so
 μ_B, σ_B come instead from a second, float conv of the same operands (Krishnamoorthi's
 figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. The gradient
 through μ_B, σ_B (and γ's) is then BatchNorm's on that conv, as if nothing overflowed (the
@@ -91,7 +92,7 @@ class BatchNormFold(nn.Module):
     """
 
     def __init__(self, bn: _BatchNorm, layer: str, layer_fn, layer_args: tuple = (),
-                 freeze_steps: int | None = None, rectification: float = 0.0, float_statistics: bool = False,
+                 freeze_steps: int | None = None, rectification: float = 0.0,
                  propagates_gradient: bool = True):
         super().__init__()
         if not bn.track_running_stats:
@@ -103,7 +104,6 @@ class BatchNormFold(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
         self.layer, self.layer_fn, self.layer_args = layer, layer_fn, tuple(layer_args)
         self.freeze_steps = freeze_steps
-        self.float_statistics = float_statistics      # batch statistics from a float conv (narrow accumulators)
         self.propagates_gradient = propagates_gradient   # False when the layer reads the graph input
         # λ of this block's rectification term; > 0: the gain is computed differentiably in every training forward
         self.rectification = float(rectification) if propagates_gradient else 0.0
@@ -131,9 +131,12 @@ class BatchNormFold(nn.Module):
         return folded_bias(self.weight, self.bias, self.running_mean, self.running_var, self.eps, layer_bias)
 
     def forward(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                layer_bias: torch.Tensor | None = None, eval_bias: torch.Tensor | None = None) -> torch.Tensor:
+                layer_bias: torch.Tensor | None = None, eval_bias: torch.Tensor | None = None,
+                float_statistics: bool = False) -> torch.Tensor:
         """`eval_bias`: the folded bias the eval / frozen form adds (the graph's `folded_bias` node, rounded
-        by the layer's bias quantizer); computed here from the block's tensors when not given."""
+        by the layer's bias quantizer); computed here from the block's tensors when not given.
+        `float_statistics`: take the batch statistics from a float conv (the layer's accumulator may
+        overflow; see the module docstring)."""
         if y.dim() < 2 or y.shape[1] != self.num_features:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected {self.num_features} channels on dim 1, "
                              f"got shape {tuple(y.shape)}")
@@ -154,7 +157,7 @@ class BatchNormFold(nn.Module):
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
         dims = [0] + list(range(2, z.dim()))
-        if self.float_statistics:
+        if float_statistics:
             # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
             # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
             # fold γ/σ_r grows and overflows more)
