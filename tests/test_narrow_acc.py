@@ -144,6 +144,10 @@ def test_tiled_matmul_and_linear_equal_integer_loop(B, M, K, N, tile, mode, with
     assert torch.equal(res.acc.to(torch.int64), ref) and int(res.events) == events
     lin = tiled_linear(a[0], b[0].t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow)
     assert torch.equal(lin.acc, ref[0])
+    # leading dimensions (a sequence of rows, as in a transformer's linear) against the same 2-d weight
+    rows = tiled_linear(a, b[0].t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow)
+    per_row = loop_matmul(a, b[0].expand(B, K, N), bias, acc_bits, tile, overflow)[0]
+    assert rows.acc.shape == (B, M, N) and torch.equal(rows.acc, per_row)
 
 
 def _scan_by_definition(ps, start, lo, hi):

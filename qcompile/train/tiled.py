@@ -304,8 +304,11 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                  acc_bits: int | None, tile: int | None, overflow: str = "saturate", absmax=None,
                  exact: bool = True) -> AccResult:
-    """x (..., in) · w (out, in)ᵀ + bias (out,), reduction over in_features in index order."""
-    return tiled_matmul(x, w.t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow, absmax=absmax, exact=exact)
+    """x (..., in) · w (out, in)ᵀ + bias (out,), reduction over in_features in index order (the leading
+    dimensions of x are flattened into rows: w has no batch dimensions to broadcast with them)."""
+    res = tiled_matmul(x.reshape(-1, x.shape[-1]), w.t(), bias, acc_bits=acc_bits, tile=tile, overflow=overflow,
+                       absmax=absmax, exact=exact)
+    return _apply(res, lambda t: t.reshape(*x.shape[:-1], t.shape[-1]))
 
 
 @torch.no_grad()
