@@ -7,6 +7,7 @@ narrow-accumulator models that overflow) cover what lowering really emits.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import warnings
@@ -36,8 +37,8 @@ def random_codes(t: ir.Tensor, n: int, rng) -> np.ndarray:
 def exact_accumulators(graph: ir.Graph) -> ir.Graph:
     """`graph` with every narrow accumulator made exact (acc_bits None)."""
     return ir.Graph(graph.inputs, graph.outputs, graph.tensors,
-                    [ir.Op(o.kind, o.name, o.inputs, o.output, {**o.attrs, "acc_bits": None} if "acc_bits" in o.attrs
-                           else o.attrs) for o in graph.ops])
+                    [ir.Op(o.kind, o.name, o.inputs, o.output, dataclasses.replace(o.attrs, acc_bits=None)
+                           if isinstance(o.attrs, ir.Accumulator) else o.attrs) for o in graph.ops])
 
 
 def check_bit_exact(graph: ir.Graph, out_dir, n: int = 3, seed: int = 0, opt: str = TEST_OPT, codes=None,
@@ -134,11 +135,11 @@ def conv_zoo_graph(seed: int = 0) -> ir.Graph:
         if cin != 6:
             src = f"s{i}"
             tensors[src] = _t(src, (cin, 9, 7), zp=17)
-            ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, dict(axis=0, start=0, stop=cin)))
+            ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, ir.Slice(axis=0, start=0, stop=cin)))
         y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
         m, s = _mults(rng, cout, 2e-4, 3e-3)
         a, t, o = acc or (None, None, "saturate")
-        ops.append(ir.Op("conv2d", f"layer{i}.conv", [src], y.name, dict(
+        ops.append(ir.Op("conv2d", f"layer{i}.conv", [src], y.name, ir.Conv2d(
             weight=rng.integers(0 if kw.get("positive") else -kw.get("wmax", 127), kw.get("wmax", 127) + 1,
                                 (cout, cin // g, k, k)).astype(np.int8),
             bias=rng.integers(-3000, 3000, cout).astype(np.int32), stride=(st, st), padding=(pad, pad),
@@ -159,7 +160,7 @@ def wide_graph(seed: int = 0) -> ir.Graph:
                                    (16, 9, "wrap"), (30, 9, "wrap")]):
         y = _t(f"y{i}", (8, 4, 4), signed=True)
         m, s = _mults(rng, 8, 1e-7, 1e-6)
-        ops.append(ir.Op("conv2d", f"wide{i}", ["x"], y.name, dict(
+        ops.append(ir.Op("conv2d", f"wide{i}", ["x"], y.name, ir.Conv2d(
             weight=rng.integers(0, 128, (8, 128, 3, 3)).astype(np.int8), bias=rng.integers(-3000, 3000, 8).astype(np.int32),
             stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, multiplier=m, shift=s, acc_bits=a, tile=t,
             overflow=o, act_min=y.qmin, act_max=y.qmax)))
@@ -173,13 +174,13 @@ def matmul_graph(seed: int = 0) -> ir.Graph:
     rng = np.random.default_rng(seed)
     tensors = {"a": _t("a", (4, 24), zp=7), "b": _t("b", (24, 5), signed=True), "c": _t("c", (2, 24, 5), zp=100),
                "a3": _t("a3", (2, 2, 24), zp=7)}
-    ops = [ir.Op("reshape", "view", ["a"], "a3", dict(shape=(2, 2, 24)))]
+    ops = [ir.Op("reshape", "view", ["a"], "a3", ir.Reshape(shape=(2, 2, 24)))]
     for i, (srcs, shape, acc) in enumerate([(["a3", "c"], (2, 2, 5), (None, None, "saturate")),
                                             (["a", "b"], (4, 5), (12, 5, "saturate")),
                                             (["a", "b"], (4, 5), (11, 8, "wrap"))]):
         y = _t(f"y{i}", shape, signed=True)
         m, s = quantize_multiplier(float(rng.uniform(1e-4, 1e-3)))
-        ops.append(ir.Op("matmul", f"bmm.{i}", srcs, y.name, dict(
+        ops.append(ir.Op("matmul", f"bmm.{i}", srcs, y.name, ir.Matmul(
             multiplier=m, shift=s, acc_bits=acc[0], tile=acc[1], overflow=acc[2], act_min=y.qmin, act_max=y.qmax)))
         tensors[y.name] = y
     return ir.Graph(["a", "b", "c"], ["y0", "y1", "y2"], tensors, ops)
@@ -199,10 +200,10 @@ def op_zoo_graph(seed: int = 0) -> ir.Graph:
 
     def op(kind, name, inputs, out, **attrs):
         y = ts[out]
-        if kind not in ("max_pool2d", "lut", "reshape", "transpose", "slice"):
+        if issubclass(ir.SPEC[kind], ir.Clamp):
             attrs.setdefault("act_min", y.qmin)
             attrs.setdefault("act_max", y.qmax)
-        ops.append(ir.Op(kind, name, inputs, out, attrs))
+        ops.append(ir.Op(kind, name, inputs, out, ir.SPEC[kind](**attrs)))
 
     def qm(r):
         return dict(zip(("multiplier", "shift"), quantize_multiplier(r)))
@@ -232,7 +233,7 @@ def op_zoo_graph(seed: int = 0) -> ir.Graph:
     op("add", "add", ["d1", "p1"], "a1", left_shift=20, multiplier_a=ma, shift_a=sa, multiplier_b=mb,
        shift_b=sb, **qm(0.9 / 2 ** 20))
     t("g", (8, 1, 1), zp=2)
-    op("avg_pool2d", "gap", ["a1"], "g", kernel=(6, 6), stride=(6, 6), padding=(0, 0), **{"global": True},
+    op("avg_pool2d", "gap", ["a1"], "g", kernel=(6, 6), stride=(6, 6), padding=(0, 0), global_pool=True,
        **qm(1 / 36))
     t("mu", (8, 6, 6), bits=16, signed=True)
     op("mul", "se.mul", ["a1", "g"], "mu", **qm(0.01))                                    # broadcast
@@ -253,7 +254,7 @@ def op_zoo_graph(seed: int = 0) -> ir.Graph:
     op("concat", "cat", ["s2", "s1", "a1"], "cat", axis=0, multipliers=[m for m, _ in pairs],
        shifts=[s for _, s in pairs])
     t("ap", (16, 3, 3), zp=12)
-    op("avg_pool2d", "avgpool", ["cat"], "ap", kernel=(3, 3), stride=(2, 2), padding=(1, 1), **{"global": False},
+    op("avg_pool2d", "avgpool", ["cat"], "ap", kernel=(3, 3), stride=(2, 2), padding=(1, 1), global_pool=False,
        **qm(1 / 9))
     t("fl", (144,), zp=12)
     op("reshape", "flatten", ["ap"], "fl", shape=(144,))
@@ -409,8 +410,8 @@ def test_lowered_op_zoo_bit_exact(zoo_models, mode, tmp_path):
     if mode != "exact":      # the narrow accumulator overflows on these inputs
         exact = qcompile.lower(models[mode])
         for op in exact.ops:
-            if "acc_bits" in op.attrs:
-                op.attrs["acc_bits"] = None
+            if isinstance(op.attrs, ir.Accumulator):
+                op.attrs.acc_bits = None
         assert not np.array_equal(reference.run_codes(graph, codes), reference.run_codes(exact, codes))
 
 
@@ -449,8 +450,8 @@ def test_torchvision_models_bit_exact(name, size, acc, tmp_path):
         env = reference.run_codes(graph, codes, keep=True)
         overflowed = 0
         for op in graph.ops:
-            if op.attrs.get("acc_bits") is not None:
-                exact = ir.Op(op.kind, op.name, op.inputs, op.output, {**op.attrs, "acc_bits": None})
+            if isinstance(op.attrs, ir.Accumulator) and op.attrs.acc_bits is not None:
+                exact = ir.Op(op.kind, op.name, op.inputs, op.output, dataclasses.replace(op.attrs, acc_bits=None))
                 one = ir.Graph(op.inputs, [op.output], graph.tensors, [exact])
                 overflowed += int((reference.run_codes(one, env[op.inputs[0]]) != env[op.output]).sum())
         assert overflowed > 0

@@ -252,7 +252,7 @@ def test_barrier_model_lowers_deploys_and_is_analysed(tmp_path):
         opt.step()
     qm.eval()
     graph = qcompile.lower(qm)
-    assert sum(op.attrs.get("acc_bits") == 16 for op in graph.ops) == 5
+    assert sum(isinstance(op.attrs, qcompile.ir.Accumulator) and op.attrs.acc_bits == 16 for op in graph.ops) == 5
     with torch.no_grad():
         out = qm(x)
     steps = (reference.dequantize(graph, reference.run(graph, x)) - out.double().numpy()) / graph.tensor(graph.outputs[0]).scale

@@ -54,10 +54,10 @@ def test_every_op_kind_lowered_and_matches_eval(zoo):
     kinds = {op.kind for op in g.ops}
     assert {"conv2d", "linear", "lut", "add", "mul", "concat", "slice", "transpose", "reshape", "avg_pool2d",
             "max_pool2d", "requantize"} <= kinds
-    assert any(op.attrs["table"].ndim == 2 for op in g.ops if op.kind == "lut")      # the standalone BatchNorm
+    assert any(op.attrs.table.ndim == 2 for op in g.ops if op.kind == "lut")      # the standalone BatchNorm
     assert any(t.bits == 16 for t in g.tensors.values())                              # SiLU / sigmoid before the mul
     for op in g.ops:   # integers only: every array attr is an integer array
-        for k, v in op.attrs.items():
+        for k, v in vars(op.attrs).items():
             if isinstance(v, np.ndarray):
                 assert np.issubdtype(v.dtype, np.integer), (op.name, k)
     x = torch.randn(16, 3, 16, 16)
@@ -73,8 +73,8 @@ def test_pow2_scales_give_power_of_two_grids_and_multipliers():
         assert math.log2(t.scale) == round(math.log2(t.scale)), t.name
     for op in g.ops:
         for key in ("multiplier", "multiplier_a", "multiplier_b", "multipliers"):
-            if key in op.attrs:
-                assert set(np.atleast_1d(op.attrs[key]).tolist()) <= {0, 1 << 30}, (op.name, key)
+            if hasattr(op.attrs, key):
+                assert set(np.atleast_1d(getattr(op.attrs, key)).tolist()) <= {0, 1 << 30}, (op.name, key)
     x = torch.randn(16, 3, 16, 16)
     assert steps_apart(g, ref.run(g, x), qm(x)).max() <= 1
 
@@ -86,11 +86,11 @@ def test_reference_conv_is_exact_integer_arithmetic(zoo):
     x = torch.randn(2, 3, 16, 16)
     env = ref.run(g, x, keep=True)
     xin = env[op.inputs[0]] - g.tensor(op.inputs[0]).zero_point
-    acc = F.conv2d(torch.from_numpy(xin).double(), torch.from_numpy(op.attrs["weight"].astype(np.float64)),
-                   torch.from_numpy(op.attrs["bias"].astype(np.float64)), padding=op.attrs["padding"])
+    acc = F.conv2d(torch.from_numpy(xin).double(), torch.from_numpy(op.attrs.weight.astype(np.float64)),
+                   torch.from_numpy(op.attrs.bias.astype(np.float64)), padding=op.attrs.padding)
     acc = acc.round().long().numpy()
-    r = requantize(acc, op.attrs["multiplier"].reshape(1, -1, 1, 1), op.attrs["shift"].reshape(1, -1, 1, 1))
-    y = np.clip(g.tensor(op.output).zero_point + r, op.attrs["act_min"], op.attrs["act_max"])
+    r = requantize(acc, op.attrs.multiplier.reshape(1, -1, 1, 1), op.attrs.shift.reshape(1, -1, 1, 1))
+    y = np.clip(g.tensor(op.output).zero_point + r, op.attrs.act_min, op.attrs.act_max)
     assert np.array_equal(env[op.output], y)
 
 

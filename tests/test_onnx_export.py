@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile import ir
 from qcompile.models import get
 from qcompile.backends.onnx import ExportError, onnxruntime_session, to_onnx
 from qcompile.backends.parity import onnx_per_op as parity
@@ -103,13 +104,13 @@ def test_narrow_accumulator_overflow_reproduced(overflow):
     torch.manual_seed(0)
     qm = trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), acc_bits=12, tile=16, overflow=overflow)
     g = lower(qm)
-    assert {op.attrs["acc_bits"] for op in g.ops if op.kind in ("conv2d", "linear")} == {12}
+    assert {op.attrs.acc_bits for op in g.ops if op.kind in ("conv2d", "linear")} == {12}
     x = torch.randn(8, 1, 28, 28)
     narrow = ref.run(g, x)
     exact = copy.deepcopy(g)
     for op in exact.ops:
-        if "acc_bits" in op.attrs:
-            op.attrs["acc_bits"] = None
+        if isinstance(op.attrs, ir.Accumulator):
+            op.attrs.acc_bits = None
     assert (ref.run(exact, x) != narrow).mean() > 0.1          # the accumulators really overflow
     assert_identical(g, x)
     assert sum(n.op_type == "ConvInteger" for n in to_onnx(g, "qop").graph.node) > 2

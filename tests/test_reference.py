@@ -54,7 +54,7 @@ def conv_graph(w, b, x_shape, zx, stride, pad, dil, groups, acc_bits, tile, over
     attrs = dict(weight=w.astype(np.int8), bias=b.astype(np.int32), stride=(stride, stride), padding=(pad, pad),
                  dilation=(dil, dil), groups=groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
                  **(requant or _requant_attrs(O)))
-    return ir.Graph(["x"], ["y"], tensors, [ir.Op("conv2d", "conv", ["x"], "y", attrs)])
+    return ir.Graph(["x"], ["y"], tensors, [ir.Op("conv2d", "conv", ["x"], "y", ir.Conv2d(**attrs))])
 
 
 def linear_graph(w, b, zx, acc_bits, tile, overflow):
@@ -62,13 +62,13 @@ def linear_graph(w, b, zx, acc_bits, tile, overflow):
     tensors = {"x": _tensor("x", (I,), zx), "y": _wide_out("y", (O,))}
     attrs = dict(weight=w.astype(np.int8), bias=b.astype(np.int32), acc_bits=acc_bits, tile=tile, overflow=overflow,
                  **_requant_attrs(O))
-    return ir.Graph(["x"], ["y"], tensors, [ir.Op("linear", "fc", ["x"], "y", attrs)])
+    return ir.Graph(["x"], ["y"], tensors, [ir.Op("linear", "fc", ["x"], "y", ir.Linear(**attrs))])
 
 
 def matmul_graph(M, K, N, za, zb, acc_bits, tile, overflow):
     tensors = {"a": _tensor("a", (M, K), za), "b": _tensor("b", (K, N), zb), "y": _wide_out("y", (M, N))}
     attrs = dict(acc_bits=acc_bits, tile=tile, overflow=overflow, **_requant_attrs())
-    return ir.Graph(["a", "b"], ["y"], tensors, [ir.Op("matmul", "bmm", ["a", "b"], "y", attrs)])
+    return ir.Graph(["a", "b"], ["y"], tensors, [ir.Op("matmul", "bmm", ["a", "b"], "y", ir.Matmul(**attrs))])
 
 
 @st.composite

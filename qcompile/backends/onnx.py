@@ -73,6 +73,13 @@ def _np_dtype(t: ir.Tensor):
     return np.int16 if t.signed else np.uint16
 
 
+def _act_range(op: ir.Op, t: ir.Tensor) -> tuple[int, int]:
+    """The clamp act_min..act_max of an op that has one (`ir.Clamp`), else the output's codes."""
+    if isinstance(op.attrs, ir.Clamp):
+        return op.attrs.act_min, op.attrs.act_max
+    return t.qmin, t.qmax
+
+
 def _onnx_dtype(t: ir.Tensor) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(_np_dtype(t)))
 
@@ -132,7 +139,7 @@ class _Builder:
         ReLU), so onnxruntime still fuses DQ→op→Q into its integer kernel: Max on 8-bit codes, else
         DQ→Relu/Clip→Q on the output grid (exact: grid values are exact in float32)."""
         t = self.t(op.output)
-        lo, hi = op.attrs.get("act_min", t.qmin), op.attrs.get("act_max", t.qmax)
+        lo, hi = _act_range(op, t)
         if lo <= t.qmin and hi >= t.qmax:
             return self.q(value, op.output)
         s, z = self.scalar_qparams(t)
@@ -150,8 +157,8 @@ class _Builder:
 
     def clamp_codes(self, codes: str, op: ir.Op) -> str:
         t = self.t(op.output)
-        return self.node("Clip", [codes, self.const("amin_q", np.array(op.attrs["act_min"], dtype=_np_dtype(t))),
-                                  self.const("amax_q", np.array(op.attrs["act_max"], dtype=_np_dtype(t)))],
+        return self.node("Clip", [codes, self.const("amin_q", np.array(op.attrs.act_min, dtype=_np_dtype(t))),
+                                  self.const("amax_q", np.array(op.attrs.act_max, dtype=_np_dtype(t)))],
                          op.output, out=op.output)
 
     # ---- integer arithmetic (int64) ------------------------------------------------------------
@@ -215,7 +222,7 @@ class _Builder:
         t = self.t(op.output)
         if t.zero_point:
             r = self.node("Add", [r, self.const("zp_i64", np.int64(t.zero_point))], op.output + "_z")
-        r = self.clamp64(r, op.attrs.get("act_min", t.qmin), op.attrs.get("act_max", t.qmax), op.output + "_clamp")
+        r = self.clamp64(r, *_act_range(op, t), op.output + "_clamp")
         return self.node("Cast", [r], op.output, out=op.output, to=_onnx_dtype(t))
 
     # ---- weights -------------------------------------------------------------------------
@@ -228,22 +235,22 @@ class _Builder:
 
     def weight_scales(self, op: ir.Op) -> np.ndarray:
         """Sw[o] recovered exactly as float32 from the IR's description of the layer."""
-        return np.asarray(op.attrs["weight_scale"], dtype=np.float32)
+        return np.asarray(op.attrs.weight_scale, dtype=np.float32)
 
     # ---- ops -------------------------------------------------------------------------------
     def emit(self, op: ir.Op) -> None:
         getattr(self, "op_" + op.kind)(op)
 
     def op_conv2d(self, op: ir.Op) -> None:
-        if op.attrs.get("acc_bits") is not None:
+        if op.attrs.acc_bits is not None:
             return self.narrow_weighted(op)
         a, x = op.attrs, self.t(op.inputs[0])
         y = self.t(op.output)
-        w, wzp = self.weight_codes(a["weight"], op.name + "_w")
+        w, wzp = self.weight_codes(a.weight, op.name + "_w")
         ws = self.weight_scales(op)
-        conv = dict(strides=list(a["stride"]), pads=[*a["padding"], *a["padding"]], dilations=list(a["dilation"]),
-                    group=int(a["groups"]), kernel_shape=list(a["weight"].shape[2:]))
-        bias = self.const(op.name + "_b", a["bias"].astype(np.int32))
+        conv = dict(strides=list(a.stride), pads=[*a.padding, *a.padding], dilations=list(a.dilation),
+                    group=int(a.groups), kernel_shape=list(a.weight.shape[2:]))
+        bias = self.const(op.name + "_b", a.bias.astype(np.int32))
         if self.fmt == "qdq":
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
@@ -256,7 +263,7 @@ class _Builder:
         self.check_qop_bits(op, x, y)
         xs, xz = self.scalar_qparams(x)
         ys, yz = self.scalar_qparams(y)
-        out = op.output if a["act_min"] <= y.qmin else op.name + "_unclamped"
+        out = op.output if a.act_min <= y.qmin else op.name + "_unclamped"
         self.node("QLinearConv", [x.name, xs, xz, w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp),
                                   ys, yz, bias], out, out=out, **conv)
         if out != op.output:
@@ -276,15 +283,15 @@ class _Builder:
                                   "or train with act_bits <= 8")
 
     def op_linear(self, op: ir.Op) -> None:
-        if op.attrs.get("acc_bits") is not None:
+        if op.attrs.acc_bits is not None:
             return self.narrow_weighted(op)
         a, x = op.attrs, self.t(op.inputs[0])
         ws = self.weight_scales(op)
         if self.fmt == "qdq":
-            w, wzp = self.weight_codes(a["weight"], op.name + "_w")
+            w, wzp = self.weight_codes(a.weight, op.name + "_w")
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
-            bf = self.node("DequantizeLinear", [self.const(op.name + "_b", a["bias"].astype(np.int32)),
+            bf = self.node("DequantizeLinear", [self.const(op.name + "_b", a.bias.astype(np.int32)),
                                                 self.const(op.name + "_bs", np.float32(x.scale) * ws),
                                                 self.const(op.name + "_bz", np.zeros(len(ws), np.int32))],
                            op.name + "_bdq", axis=0)
@@ -292,25 +299,25 @@ class _Builder:
             self.q_clamped(v, op)
             return
         self.check_qop_bits(op, x)
-        w, wzp = self.weight_codes(a["weight"].T.copy(), op.name + "_wT")
+        w, wzp = self.weight_codes(a.weight.T.copy(), op.name + "_wT")
         xz = self.const(x.name + "_zp", np.array(x.zero_point, dtype=_np_dtype(x)))
         acc = self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", wzp[:1].reshape(()))],
                         op.name + "_acc") if self.weight_dtype == "int8" else \
             self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", np.uint8(128))], op.name + "_acc")
         acc = self.node("Add", [self.node("Cast", [acc], op.name + "_acc64", to=TensorProto.INT64),
-                                self.const(op.name + "_b", a["bias"].astype(np.int64))], op.name + "_accb")
-        self.finish_int(self.requant(acc, a["multiplier"], a["shift"], op.name, (1, -1)), op)
+                                self.const(op.name + "_b", a.bias.astype(np.int64))], op.name + "_accb")
+        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, (1, -1)), op)
 
     def narrow_weighted(self, op: ir.Op) -> None:
         """Tiled narrow accumulator: one ConvInteger/MatMulInteger per tile, int64 saturate/wrap."""
         a, x = op.attrs, self.t(op.inputs[0])
         if x.bits > 8:
             raise ExportError(f"op {op.name!r}: a {x.bits}-bit input; ConvInteger/MatMulInteger take 8-bit inputs")
-        w = a["weight"].astype(np.int64)
+        w = a.weight.astype(np.int64)
         o = w.shape[0]
         k = int(np.prod(w.shape[1:]))
-        tile = a.get("tile") or k
-        bits, mode = int(a["acc_bits"]), a.get("overflow", "saturate")
+        tile = a.tile or k
+        bits, mode = int(a.acc_bits), a.overflow
         lo, hi = acc_range(bits)
         if x.signed:
             raise ExportError(f"op {op.name!r}: signed activations; onnxruntime's ConvInteger/MatMulInteger take "
@@ -318,15 +325,15 @@ class _Builder:
         xz = self.const(x.name + "_zp", np.array(x.zero_point, dtype=np.uint8))
         wz = self.const("w_zp128", np.uint8(128))
         chan_shape = (1, o, 1, 1) if op.kind == "conv2d" else (1, o)
-        acc = self.node("Cast", [self.const(op.name + "_b", a["bias"].astype(np.int64).reshape(chan_shape))],
+        acc = self.node("Cast", [self.const(op.name + "_b", a.bias.astype(np.int64).reshape(chan_shape))],
                         op.name + "_acc0", to=TensorProto.INT64)
         if op.kind == "conv2d":
             src = x.name
-            ph, pw = a["padding"]
+            ph, pw = a.padding
             if ph or pw:
                 src = self.node("Pad", [x.name, self.const("pads", np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64)), xz],
                                 op.name + "_pad", mode="constant")
-            g = int(a["groups"])
+            g = int(a.groups)
             cg, kk = w.shape[1], w.shape[2] * w.shape[3]
         for t, k0 in enumerate(range(0, k, tile)):
             k1 = min(k0 + tile, k)
@@ -339,8 +346,8 @@ class _Builder:
                 xt = src if len(chans) == g * cg else \
                     self.node("Gather", [src, self.const("chans", chans.astype(np.int64))], op.name + f"_x{t}", axis=1)
                 wt_u8 = self.const(op.name + f"_w{t}", (wt + 128).astype(np.uint8))
-                part = self.node("ConvInteger", [xt, wt_u8, xz, wz], op.name + f"_p{t}", strides=list(a["stride"]),
-                                 dilations=list(a["dilation"]), group=g, kernel_shape=list(w.shape[2:]))
+                part = self.node("ConvInteger", [xt, wt_u8, xz, wz], op.name + f"_p{t}", strides=list(a.stride),
+                                 dilations=list(a.dilation), group=g, kernel_shape=list(w.shape[2:]))
             else:
                 xt = self.node("Slice", [x.name, self.const("s0", np.array([k0], np.int64)),
                                          self.const("s1", np.array([k1], np.int64)), self.const("ax1", np.array([1], np.int64))],
@@ -356,11 +363,11 @@ class _Builder:
             acc = self.node("Add", [self.node("Mod", [shifted, self.const("acc_mod", np.int64(2 ** bits))],
                                               op.name + "_wrap1", fmod=0), self.const("acc_lo", np.int64(lo))],
                             op.name + "_wrapped")
-        self.finish_int(self.requant(acc, a["multiplier"], a["shift"], op.name, chan_shape), op)
+        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, chan_shape), op)
 
     def op_matmul(self, op: ir.Op) -> None:
         a, b = (self.t(i) for i in op.inputs)
-        if op.attrs.get("acc_bits") is not None:
+        if op.attrs.acc_bits is not None:
             raise ExportError(f"op {op.name!r}: a narrow-accumulator activation×activation matmul is not exported; "
                               "set acc_bits=None for matmul layers (QConfig overrides)")
         if self.fmt == "qdq":
@@ -368,7 +375,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         acc = self.node("MatMul", [self.to_i64(a.name), self.to_i64(b.name)], op.name + "_acc")
-        self.finish_int(self.requant(acc, op.attrs["multiplier"], op.attrs["shift"], op.name), op)
+        self.finish_int(self.requant(acc, op.attrs.multiplier, op.attrs.shift, op.name), op)
 
     def op_add(self, op: ir.Op) -> None:
         at = op.attrs
@@ -376,18 +383,18 @@ class _Builder:
         if self.float_form(op):
             # power-of-two scale ratios: Sum (kept in float, QuantizeLinear rounds half to even: exact);
             # otherwise Add, which onnxruntime fuses into QLinearAdd (ties rounded up: rare then)
-            pow2 = all(is_power_of_two(at[k]) for k in ("multiplier_a", "multiplier_b", "multiplier"))
+            pow2 = all(is_power_of_two(m) for m in (at.multiplier_a, at.multiplier_b, at.multiplier))
             kind = "Sum" if pow2 else "Add"
             v = self.node(kind, [self.dq(a), self.dq(b)], op.name + "_add")
             self.q_clamped(v, op)
             return
-        sh = self.const("lshift", np.int64(1 << at["left_shift"]))
-        ra = self.requant(self.node("Mul", [self.to_i64(a), sh], op.name + "_a"), at["multiplier_a"], at["shift_a"],
+        sh = self.const("lshift", np.int64(1 << at.left_shift))
+        ra = self.requant(self.node("Mul", [self.to_i64(a), sh], op.name + "_a"), at.multiplier_a, at.shift_a,
                           op.name + "_ra")
-        rb = self.requant(self.node("Mul", [self.to_i64(b), sh], op.name + "_b"), at["multiplier_b"], at["shift_b"],
+        rb = self.requant(self.node("Mul", [self.to_i64(b), sh], op.name + "_b"), at.multiplier_b, at.shift_b,
                           op.name + "_rb")
         s = self.node("Add", [ra, rb], op.name + "_sum")
-        self.finish_int(self.requant(s, at["multiplier"], at["shift"], op.name), op)
+        self.finish_int(self.requant(s, at.multiplier, at.shift, op.name), op)
 
     def op_mul(self, op: ir.Op) -> None:
         a, b = op.inputs
@@ -396,28 +403,28 @@ class _Builder:
             self.q_clamped(v, op)
             return
         p = self.node("Mul", [self.to_i64(a), self.to_i64(b)], op.name + "_prod")
-        self.finish_int(self.requant(p, op.attrs["multiplier"], op.attrs["shift"], op.name), op)
+        self.finish_int(self.requant(p, op.attrs.multiplier, op.attrs.shift, op.name), op)
 
     def op_concat(self, op: ir.Op) -> None:
-        axis = op.attrs["axis"] + 1
+        axis = op.attrs.axis + 1
         if self.float_form(op):
             v = self.node("Concat", [self.dq(i) for i in op.inputs], op.name + "_cat", axis=axis)
             self.q_clamped(v, op)
             return
         parts = [self.requant(self.to_i64(i), m, s, f"{op.name}_{k}")
-                 for k, (i, m, s) in enumerate(zip(op.inputs, op.attrs["multipliers"], op.attrs["shifts"]))]
+                 for k, (i, m, s) in enumerate(zip(op.inputs, op.attrs.multipliers, op.attrs.shifts))]
         self.finish_int(self.node("Concat", parts, op.name + "_cat", axis=axis), op)
 
     def op_requantize(self, op: ir.Op) -> None:
         if self.float_form(op):
             self.q_clamped(self.dq(op.inputs[0]), op)
             return
-        self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs["multiplier"], op.attrs["shift"], op.name), op)
+        self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs.multiplier, op.attrs.shift, op.name), op)
 
     def op_max_pool2d(self, op: ir.Op) -> None:
         a, x = op.attrs, self.t(op.inputs[0])
-        pool = dict(kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=[*a["padding"], *a["padding"]],
-                    ceil_mode=int(a.get("ceil_mode", False)))
+        pool = dict(kernel_shape=list(a.kernel), strides=list(a.stride), pads=[*a.padding, *a.padding],
+                    ceil_mode=int(a.ceil_mode))
         if x.bits <= 8:
             self.node("MaxPool", [x.name], op.output, out=op.output, **pool)
             return
@@ -428,22 +435,22 @@ class _Builder:
     def op_avg_pool2d(self, op: ir.Op) -> None:
         a, x = op.attrs, self.t(op.inputs[0])
         if self.float_form(op):
-            if a.get("global"):
+            if a.global_pool:
                 v = self.node("GlobalAveragePool", [self.dq(x.name)], op.name + "_gap")
             else:
-                v = self.node("AveragePool", [self.dq(x.name)], op.name + "_ap", kernel_shape=list(a["kernel"]),
-                              strides=list(a["stride"]), pads=[*a["padding"], *a["padding"]], count_include_pad=1)
+                v = self.node("AveragePool", [self.dq(x.name)], op.name + "_ap", kernel_shape=list(a.kernel),
+                              strides=list(a.stride), pads=[*a.padding, *a.padding], count_include_pad=1)
             self.q_clamped(v, op)
             return
         xi = self.to_i64(x.name)
-        count = int(np.prod(x.shape[1:])) if a.get("global") else int(np.prod(a["kernel"]))
+        count = int(np.prod(x.shape[1:])) if a.global_pool else int(np.prod(a.kernel))
         bound = count * max_code_magnitude((x.qmin, x.qmax), x.zero_point)
-        if a.get("global") and bound < 2 ** 24:   # integer sums below 2^24 are exact in float32
+        if a.global_pool and bound < 2 ** 24:   # integer sums below 2^24 are exact in float32
             xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
             sf = self.node("ReduceSum", [xf, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sumf",
                            keepdims=1)
             s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
-        elif a.get("global"):
+        elif a.global_pool:
             s = self.node("ReduceSum", [xi, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sum",
                           keepdims=1)
         else:   # window sums of integers below 2^24 are exact in float32
@@ -451,15 +458,15 @@ class _Builder:
                 raise ExportError(f"op {op.name!r}: average-pooling window sums reach {bound} >= 2^24")
             c = x.shape[0]
             xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
-            ones = self.const(op.name + "_ones", np.ones((c, 1, *a["kernel"]), np.float32))
-            sf = self.node("Conv", [xf, ones], op.name + "_sumf", group=c, kernel_shape=list(a["kernel"]),
-                           strides=list(a["stride"]), pads=[*a["padding"], *a["padding"]])
+            ones = self.const(op.name + "_ones", np.ones((c, 1, *a.kernel), np.float32))
+            sf = self.node("Conv", [xf, ones], op.name + "_sumf", group=c, kernel_shape=list(a.kernel),
+                           strides=list(a.stride), pads=[*a.padding, *a.padding])
             s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
-        self.finish_int(self.requant(s, a["multiplier"], a["shift"], op.name), op)
+        self.finish_int(self.requant(s, a.multiplier, a.shift, op.name), op)
 
     def op_lut(self, op: ir.Op) -> None:
         x, y = self.t(op.inputs[0]), self.t(op.output)
-        table = np.asarray(op.attrs["table"])
+        table = np.asarray(op.attrs.table)
         idx = self.node("Cast", [x.name], op.name + "_idx", to=TensorProto.INT64)
         if x.qmin:
             idx = self.node("Sub", [idx, self.const("lut_qmin", np.int64(x.qmin))], op.name + "_idx0")
@@ -470,17 +477,17 @@ class _Builder:
         self.node("Gather", [tab, idx], op.output, out=op.output, axis=0)
 
     def op_reshape(self, op: ir.Op) -> None:
-        self.node("Reshape", [op.inputs[0], self.const("shape", np.array([-1, *op.attrs["shape"]], np.int64))],
+        self.node("Reshape", [op.inputs[0], self.const("shape", np.array([-1, *op.attrs.shape], np.int64))],
                   op.output, out=op.output)
 
     def op_transpose(self, op: ir.Op) -> None:
-        self.node("Transpose", [op.inputs[0]], op.output, out=op.output, perm=[0] + [p + 1 for p in op.attrs["perm"]])
+        self.node("Transpose", [op.inputs[0]], op.output, out=op.output, perm=[0] + [p + 1 for p in op.attrs.perm])
 
     def op_slice(self, op: ir.Op) -> None:
         a = op.attrs
-        self.node("Slice", [op.inputs[0], self.const("st", np.array([a["start"]], np.int64)),
-                            self.const("sp", np.array([a["stop"]], np.int64)),
-                            self.const("ax", np.array([a["axis"] + 1], np.int64))], op.output, out=op.output)
+        self.node("Slice", [op.inputs[0], self.const("st", np.array([a.start], np.int64)),
+                            self.const("sp", np.array([a.stop], np.int64)),
+                            self.const("ax", np.array([a.axis + 1], np.int64))], op.output, out=op.output)
 
     # ---- the model ------------------------------------------------------------------------
     def build(self, opset: int, metadata: dict) -> onnx.ModelProto:
@@ -527,7 +534,7 @@ def to_onnx(graph: ir.Graph, format: str = "qdq", opset: int | None = None, weig
         raise ExportError(f"opset={opset}: tensors {wide[:3]} are 16-bit; 16-bit QuantizeLinear/DequantizeLinear "
                           "need opset >= 21")
     for op in graph.ops:
-        if op.kind in ("conv2d", "linear") and "weight_scale" not in op.attrs:
+        if op.kind in ("conv2d", "linear") and op.attrs.weight_scale is None:
             raise ExportError(f"op {op.name!r}: no weight_scale attr (lower the graph with qcompile.lower)")
     meta = dict(graph.meta)
     meta.setdefault("qcompile_version", "unknown")

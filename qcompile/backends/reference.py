@@ -40,7 +40,7 @@ def dequantize(graph: ir.Graph, codes: np.ndarray, name: str | None = None) -> n
 
 def _clamp(graph, op, r):
     t = graph.tensor(op.output)
-    return np.clip(t.zero_point + r, op.attrs["act_min"], op.attrs["act_max"])
+    return np.clip(t.zero_point + r, op.attrs.act_min, op.attrs.act_max)
 
 
 def _pair_pad(x, pad, value):
@@ -64,7 +64,7 @@ def _tiled(op, lhs, rhs, start):
     reduction over K, in index order, cut into tiles (one when acc_bits is None); each tile's sum is
     an exact int64 matmul of the tile's slice of K; the tiles fold with `accumulate_tiles`."""
     a = op.attrs
-    acc_bits, tile, overflow = a.get("acc_bits"), a.get("tile"), a.get("overflow", "saturate")
+    acc_bits, tile, overflow = a.acc_bits, a.tile, a.overflow
     check_mode(acc_bits, tile, overflow)
     K = lhs.shape[-1]
     tl, T = tile_plan(K, None if acc_bits is None else tile)
@@ -75,68 +75,68 @@ def _tiled(op, lhs, rhs, start):
 def conv2d(graph, op, x):
     a = op.attrs
     zx = graph.tensor(op.inputs[0]).zero_point
-    w = a["weight"].astype(np.int64)
+    w = a.weight.astype(np.int64)
     o, cg, kh, kw = w.shape
-    g = a["groups"]
-    xs = _pair_pad(x - zx, a["padding"], 0)
-    win = _windows(xs, (kh, kw), a["stride"], a["dilation"])         # (N, C, OH, OW, kh, kw)
+    g = a.groups
+    xs = _pair_pad(x - zx, a.padding, 0)
+    win = _windows(xs, (kh, kw), a.stride, a.dilation)         # (N, C, OH, OW, kh, kw)
     n, c, oh, ow = win.shape[:4]
     # columns ordered (c_in/groups, ky, kx) per group, as the IR's reduction order
     cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(0, 1, 3, 4, 2, 5, 6).reshape(n, g, oh * ow, cg * kh * kw)
     wg = w.reshape(g, o // g, cg * kh * kw)
-    bias = a["bias"].astype(np.int64).reshape(g, o // g)
+    bias = a.bias.astype(np.int64).reshape(g, o // g)
     acc = _tiled(op, cols, wg.transpose(0, 2, 1), bias[None, :, None, :])      # (N, G, P, O/G)
     acc = acc.transpose(0, 1, 3, 2).reshape(n, o, oh, ow)
-    r = requantize(acc, a["multiplier"].reshape(1, o, 1, 1), a["shift"].reshape(1, o, 1, 1))
+    r = requantize(acc, a.multiplier.reshape(1, o, 1, 1), a.shift.reshape(1, o, 1, 1))
     return _clamp(graph, op, r)
 
 
 def linear(graph, op, x):
     a = op.attrs
     zx = graph.tensor(op.inputs[0]).zero_point
-    w, bias = a["weight"].astype(np.int64), a["bias"].astype(np.int64)
+    w, bias = a.weight.astype(np.int64), a.bias.astype(np.int64)
     acc = _tiled(op, x - zx, w.T, bias)
-    return _clamp(graph, op, requantize(acc, a["multiplier"], a["shift"]))
+    return _clamp(graph, op, requantize(acc, a.multiplier, a.shift))
 
 
 def matmul(graph, op, a, b):
     za, zb = (graph.tensor(i).zero_point for i in op.inputs)
     acc = _tiled(op, a - za, b - zb, 0)
-    return _clamp(graph, op, requantize(acc, op.attrs["multiplier"], op.attrs["shift"]))
+    return _clamp(graph, op, requantize(acc, op.attrs.multiplier, op.attrs.shift))
 
 
 def add(graph, op, a, b):
     at = op.attrs
     za, zb = (graph.tensor(i).zero_point for i in op.inputs)
-    ls = at["left_shift"]
-    ra = requantize((a - za) << ls, at["multiplier_a"], at["shift_a"])
-    rb = requantize((b - zb) << ls, at["multiplier_b"], at["shift_b"])
-    return _clamp(graph, op, requantize(ra + rb, at["multiplier"], at["shift"]))
+    ls = at.left_shift
+    ra = requantize((a - za) << ls, at.multiplier_a, at.shift_a)
+    rb = requantize((b - zb) << ls, at.multiplier_b, at.shift_b)
+    return _clamp(graph, op, requantize(ra + rb, at.multiplier, at.shift))
 
 
 def mul(graph, op, a, b):
     za, zb = (graph.tensor(i).zero_point for i in op.inputs)
-    return _clamp(graph, op, requantize((a - za) * (b - zb), op.attrs["multiplier"], op.attrs["shift"]))
+    return _clamp(graph, op, requantize((a - za) * (b - zb), op.attrs.multiplier, op.attrs.shift))
 
 
 def concat(graph, op, *xs):
     parts = [requantize(x - graph.tensor(name).zero_point, m, s)
-             for x, name, m, s in zip(xs, op.inputs, op.attrs["multipliers"], op.attrs["shifts"])]
-    return _clamp(graph, op, np.concatenate(parts, axis=op.attrs["axis"] + 1))
+             for x, name, m, s in zip(xs, op.inputs, op.attrs.multipliers, op.attrs.shifts)]
+    return _clamp(graph, op, np.concatenate(parts, axis=op.attrs.axis + 1))
 
 
 def requantize_op(graph, op, x):
     zx = graph.tensor(op.inputs[0]).zero_point
-    return _clamp(graph, op, requantize(x - zx, op.attrs["multiplier"], op.attrs["shift"]))
+    return _clamp(graph, op, requantize(x - zx, op.attrs.multiplier, op.attrs.shift))
 
 
 def max_pool2d(graph, op, x):
     a = op.attrs
     low = np.iinfo(np.int64).min
-    xp = _pair_pad(x, a["padding"], low)
-    if a.get("ceil_mode"):
-        xp = _ceil_pad(xp, a["kernel"], a["stride"], low, a["padding"])
-    return _windows(xp, a["kernel"], a["stride"]).max(axis=(4, 5))
+    xp = _pair_pad(x, a.padding, low)
+    if a.ceil_mode:
+        xp = _ceil_pad(xp, a.kernel, a.stride, low, a.padding)
+    return _windows(xp, a.kernel, a.stride).max(axis=(4, 5))
 
 
 def _ceil_pad(x, kernel, stride, value, padding):
@@ -154,15 +154,15 @@ def _ceil_pad(x, kernel, stride, value, padding):
 def avg_pool2d(graph, op, x):
     a = op.attrs
     zx = graph.tensor(op.inputs[0]).zero_point
-    if a.get("global"):
+    if a.global_pool:
         s = (x - zx).sum(axis=(2, 3), keepdims=True)
     else:
-        s = _windows(_pair_pad(x - zx, a["padding"], 0), a["kernel"], a["stride"]).sum(axis=(4, 5))
-    return _clamp(graph, op, requantize(s, a["multiplier"], a["shift"]))
+        s = _windows(_pair_pad(x - zx, a.padding, 0), a.kernel, a.stride).sum(axis=(4, 5))
+    return _clamp(graph, op, requantize(s, a.multiplier, a.shift))
 
 
 def lut(graph, op, x):
-    table = op.attrs["table"]
+    table = op.attrs.table
     idx = x - graph.tensor(op.inputs[0]).qmin
     if table.ndim == 1:
         return table[idx]
@@ -171,16 +171,16 @@ def lut(graph, op, x):
 
 
 def reshape(graph, op, x):
-    return x.reshape((x.shape[0],) + tuple(op.attrs["shape"]))
+    return x.reshape((x.shape[0],) + tuple(op.attrs.shape))
 
 
 def transpose(graph, op, x):
-    return x.transpose((0,) + tuple(p + 1 for p in op.attrs["perm"]))
+    return x.transpose((0,) + tuple(p + 1 for p in op.attrs.perm))
 
 
 def slice_op(graph, op, x):
     idx = [slice(None)] * x.ndim
-    idx[op.attrs["axis"] + 1] = slice(op.attrs["start"], op.attrs["stop"])
+    idx[op.attrs.axis + 1] = slice(op.attrs.start, op.attrs.stop)
     return x[tuple(idx)]
 
 

@@ -3,8 +3,9 @@
 A `Graph` is a list of `Op`s in topological order over named `Tensor`s. Tensors hold
 integer codes; the real value of a code q is scale·(q − zero_point). Shapes are per
 sample (no batch dimension; images are (C, H, W)); backends run a batch as independent
-samples. Everything an op needs is in its `attrs` as Python ints or numpy integer arrays,
-so a backend never computes a float: scales are kept only for describing tensors and for
+samples. Everything an op needs is in its `attrs`, an instance of the op kind's dataclass
+(`qcompile.ir.ops`, `ir.SPEC[kind]`: `ir.Conv2d`, `ir.Add`, ...) holding Python ints or numpy
+integer arrays, so a backend never computes a float: scales are kept only for describing tensors and for
 quantizing the graph input / dequantizing the outputs at the boundary.
 
 Requantization (the only way a value changes grid) is fixed-point:
@@ -12,11 +13,11 @@ Requantization (the only way a value changes grid) is fixed-point:
 with m an int32 in [2^30, 2^31) (or 0) and s an int shift, computed from a real multiplier
 M = m · 2^(s − 31) by `qcompile.core.requant.quantize_multiplier`. 64-bit products.
 
-Op kinds and their attrs (x, y: input/output codes; zx, zy: zero points, read from the
-tensors; every op ends with y = clamp(zy + r, act_min, act_max) where r is what the op
-computes; `act_min`/`act_max` are attrs of every op that requantizes, equal to the output
-tensor's qmin/qmax unless a ReLU was fused, then act_min = zy):
-  conv2d   inputs [x]; weight (O, I/groups, kh, kw) int8, bias (O,) int32 at scale Sx·Sw[o],
+Op kinds, their attrs classes and fields (x, y: input/output codes; zx, zy: zero points, read
+from the tensors; every op ends with y = clamp(zy + r, act_min, act_max) where r is what the op
+computes; `act_min`/`act_max` are fields of every op that requantizes (the `ir.Clamp` group),
+equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = zy):
+  conv2d (Conv2d)  inputs [x]; weight (O, I/groups, kh, kw) int8, bias (O,) int32 at scale Sx·Sw[o],
            stride, padding, dilation (pairs), groups, multiplier/shift (O,) int arrays,
            acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap").
            acc starts at bias[o]; the reduction over (c_in/groups, ky, kx), in that order, is
@@ -25,31 +26,31 @@ tensor's qmin/qmax unless a ReLU was fused, then act_min = zy):
            x = zx (contribute 0). r = requantize(acc, multiplier[o], shift[o]).
            weight_scale: tuple of O floats, descriptive only (the real value of the weight codes,
            for exporters whose ops take float scales); integer backends ignore it.
-  linear   as conv2d with weight (O, I), reduction over I (x of per-sample shape (I,)).
-  matmul   inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s)
+  linear (Linear)  as conv2d with weight (O, I), reduction over I (x of per-sample shape (I,)).
+  matmul (Matmul)  inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s)
            with scalar multiplier/shift; acc_bits/tile/overflow as conv2d.
-  add      inputs [a, b]; attrs left_shift, multiplier_a/shift_a, multiplier_b/shift_b,
+  add (Add)  inputs [a, b]; fields left_shift, multiplier_a/shift_a, multiplier_b/shift_b,
            multiplier/shift (scalars);
            r = requantize(requantize((a−za)·2^left_shift, ma, sa) + requantize((b−zb)·2^left_shift, mb, sb), m, s)
            (left_shift = 20 for inputs of ≤ 8 bits, 12 for 16-bit inputs: products stay < 2^63)
-  mul      inputs [a, b]; r = requantize((a−za)·(b−zb), m, s)
+  mul (Mul)  inputs [a, b]; r = requantize((a−za)·(b−zb), m, s)
            add and mul broadcast a and b with numpy rules on the per-sample shapes.
-  concat   inputs [x0, x1, ...], axis (per-sample axis), multipliers/shifts (one per input);
+  concat (Concat)  inputs [x0, x1, ...], axis (per-sample axis), multipliers/shifts (one per input);
            each input's r_i = requantize(x_i − z_i, m_i, s_i)
-  requantize  inputs [x]; r = requantize(x − zx, m, s) (m = 2^30, s = 1 is the identity: a ReLU
+  requantize (Requantize)  inputs [x]; r = requantize(x − zx, m, s) (m = 2^30, s = 1 is the identity: a ReLU
            on the same grid is a requantize with act_min = zy)
-  max_pool2d  kernel, stride, padding (pairs), ceil_mode; padded taps never win;
+  max_pool2d (MaxPool2d)  kernel, stride, padding (pairs), ceil_mode; padded taps never win;
            y = max (same grid as x, no clamp)
-  avg_pool2d  kernel, stride, padding (pairs; count_include_pad=True: padding taps are x = zx),
-           or global=True (kernel = whole H×W); r = requantize(Σ (x − zx), m, s) with the
+  avg_pool2d (AvgPool2d)  kernel, stride, padding (pairs; count_include_pad=True: padding taps are x = zx),
+           or global_pool=True (kernel = whole H×W); r = requantize(Σ (x − zx), m, s) with the
            1/count folded into m
-  lut      table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
+  lut (Lut)  table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
            (relu6, hardswish, silu, sigmoid, hardsigmoid, a standalone BatchNorm, relu when
            the grid changes). A 2-D table (C, n) is per channel: channel c = per-sample axis 0
            uses table[c]. The table already holds clamped output codes (no act_min/act_max).
-  reshape  shape (per sample); data order unchanged
-  transpose  perm (per-sample axes)
-  slice    axis (per-sample axis), start, stop
+  reshape (Reshape)  shape (per sample); data order unchanged
+  transpose (Transpose)  perm (per-sample axes)
+  slice (Slice)  axis (per-sample axis), start, stop
 
 Tensors are at most 16 bits. 8-bit (or narrower) tensors are the quantizers' grids of the
 trained graph; 16-bit signed tensors are intermediate grids that lowering chooses where the
@@ -87,7 +88,7 @@ class Op:
     name: str                       # the fx node it came from (sanitize before using as an identifier)
     inputs: list[str]
     output: str
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: Any                      # an instance of ir.SPEC[kind] (`qcompile.ir.ops`)
 
 
 @dataclass

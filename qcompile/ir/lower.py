@@ -1,9 +1,10 @@
 """Pass `lower`: a trained QuantizedGraphModule (eval mode, calibrated) → the integer IR.
 
 Invariant of the result (`qcompile.ir.Graph`): every tensor is integer codes on a grid
-(scale, zero point); every op is one of the IR kinds with integer attrs only; the graph
-input is the codes of the first activation quantizer's grid; training-only nodes
-(gradient quantizers, estimators, regularizers, dropout) are gone.
+(scale, zero point); every op is one of the IR kinds, its attrs an instance of the kind's
+dataclass (`ir.SPEC`) holding integers only; the graph input is the codes of the first
+activation quantizer's grid; training-only nodes (gradient quantizers, estimators,
+regularizers, dropout) are gone.
 
 How each trained-graph node becomes integer ops:
   - activation Quantizer: its eval grid qparams(estimator lo, hi). Right after a conv /
@@ -76,7 +77,7 @@ class Acc:
     kind: str
     node: fx.Node
     inputs: list
-    attrs: dict
+    attrs: dict                  # keyword arguments of the IR attrs class, with weight (a Weight) and as_1d
     bias: np.ndarray | None      # float, added before requantization (layer bias + folded BN)
     out_channels: int
 
@@ -207,7 +208,7 @@ class _Lowering:
         return name
 
     def emit(self, kind: str, node: fx.Node, inputs: list[str], out: str, **attrs) -> str:
-        op = ir.Op(kind, node.name, list(inputs), out, attrs)
+        op = ir.Op(kind, node.name, list(inputs), out, ir.SPEC[kind](**attrs))
         self.ops.append(op)
         self.producer[out] = op
         return out
@@ -489,11 +490,11 @@ class _Lowering:
         grid = _of(t)
         op = self.producer.get(t.name)
         if op is not None and self.consumers(t.name) == {node}:
-            if op.kind == "lut":
-                op.attrs["table"] = np.maximum(op.attrs["table"], grid.zero_point)
+            if isinstance(op.attrs, ir.Lut):
+                op.attrs.table = np.maximum(op.attrs.table, grid.zero_point)
                 return t.name
-            if "act_min" in op.attrs:
-                op.attrs["act_min"] = max(op.attrs["act_min"], grid.zero_point)
+            if isinstance(op.attrs, ir.Clamp):
+                op.attrs.act_min = max(op.attrs.act_min, grid.zero_point)
                 return t.name
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("requantize", node, [t.name], out, multiplier=1 << 30, shift=1,
@@ -633,7 +634,7 @@ class _Lowering:
         name = node.name if reshape_after is None else node.name + "_pooled"
         out = self.add_tensor(name, pooled_shape, grid)
         self.emit("avg_pool2d", node, [t.name], out, kernel=kernel, stride=stride, padding=padding,
-                  **{"global": glob}, multiplier=m, shift=s, **self.clamp_attrs(grid))
+                  global_pool=glob, multiplier=m, shift=s, **self.clamp_attrs(grid))
         if reshape_after is None:
             return out
         self.add_tensor(node.name, reshape_after, grid)

@@ -1,8 +1,11 @@
 """`verify(graph)`: the integer IR checked against its specification (`SPEC`).
 
-SPEC states, per op kind, every attribute a backend may read, its type and whether it is
-required; the op semantics are in `qcompile.ir.graph`'s docstring. On top of the attribute
-types, verify checks what every backend relies on:
+`SPEC` (`qcompile.ir.ops`) maps each op kind to its attrs dataclass, whose fields state every
+attribute a backend may read, its type and whether it is required (no default); the op semantics
+are in `qcompile.ir.graph`'s docstring. verify checks that `op.attrs` is an instance of exactly
+`SPEC[op.kind]`, that no required field is missing and no attribute outside the fields was set,
+and each field's value against its type annotation. On top of the attribute types, verify checks
+what every backend relies on:
   - tensors: 2–16 bits, a zero point inside the code range, a positive scale;
   - order: every op input is a graph input or the output of an earlier op, every tensor is
     written once, every graph output is written;
@@ -17,13 +20,17 @@ An `IRError` names the op (name and kind), the attribute or tensor, and what was
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import types
+import typing
 
 import numpy as np
 
 from qcompile.core.accumulator import check_mode
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import Graph, Op
+from qcompile.ir.ops import SPEC, Accumulator, Clamp, Conv2d, Linear, Lut
 
 
 class IRError(QCompileError):
@@ -31,58 +38,55 @@ class IRError(QCompileError):
 
 
 def _int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
-def _pair(v) -> bool:
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_int(i) for i in v)
+def _bool(v) -> bool:
+    return isinstance(v, (bool, np.bool_))
 
 
-def _ints(v) -> bool:
-    return isinstance(v, (tuple, list)) and all(_int(i) for i in v)
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real)
 
 
-def _array(ndim):
-    ndims = (ndim,) if isinstance(ndim, int) else ndim
-    return lambda v: isinstance(v, np.ndarray) and v.ndim in ndims and np.issubdtype(v.dtype, np.integer)
+def _checker(tp):
+    """(check, description) for a field's type annotation (see `qcompile.ir.ops`)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is int:
+        return _int, "an integer"
+    if tp is bool:
+        return _bool, "a bool"
+    if tp is float:
+        return _real, "a real number"
+    if origin is typing.Annotated and args[0] is np.ndarray:
+        ndims = args[1:]
+        return (lambda v: isinstance(v, np.ndarray) and v.ndim in ndims and np.issubdtype(v.dtype, np.integer),
+                f"an integer numpy array of {' or '.join(map(str, ndims))} dimensions")
+    if origin is typing.Literal:
+        return (lambda v: isinstance(v, str) and v in args), f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        check, what = _checker(rest[0]) if len(rest) == 1 else (None, None)
+        if check is None:
+            raise TypeError(f"unsupported IR field type {tp!r}")
+        return (lambda v: v is None or check(v)), f"None or {what}"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            item, what = _checker(args[0])
+            return (lambda v: isinstance(v, (tuple, list)) and all(item(i) for i in v)), f"a sequence of {what}s"
+        items = [_checker(a)[0] for a in args]
+        return (lambda v: isinstance(v, (tuple, list)) and len(v) == len(items)
+                and all(c(i) for c, i in zip(items, v))), f"a sequence of {len(items)} values ({tp!r})"
+    raise TypeError(f"unsupported IR field type {tp!r}")
 
 
-def _floats(v) -> bool:
-    return isinstance(v, (tuple, list)) and all(isinstance(i, numbers.Real) for i in v)
-
-
-def _opt(check):
-    return lambda v: v is None or check(v)
-
-
-INT, PAIR, INTS, BOOL = _int, _pair, _ints, (lambda v: isinstance(v, (bool, np.bool_)))
-OVERFLOW = lambda v: v in ("saturate", "wrap")  # noqa: E731
-CLAMP = {"act_min": (INT, True), "act_max": (INT, True)}
-REQUANT = {"multiplier": (INT, True), "shift": (INT, True)}
-ACC = {"acc_bits": (_opt(INT), False), "tile": (_opt(INT), False), "overflow": (OVERFLOW, False)}
-PER_CHANNEL = {"weight": None, "bias": (_array(1), True), "multiplier": (_array(1), True),
-               "shift": (_array(1), True), "weight_scale": (_floats, False)}
-
-# kind → {attribute: (type check, required)}
-SPEC: dict[str, dict] = {
-    "conv2d": {**PER_CHANNEL, "weight": (_array(4), True), "stride": (PAIR, True), "padding": (PAIR, True),
-               "dilation": (PAIR, True), "groups": (INT, True), **ACC, **CLAMP},
-    "linear": {**PER_CHANNEL, "weight": (_array(2), True), **ACC, **CLAMP},
-    "matmul": {**REQUANT, **ACC, **CLAMP},
-    "add": {"left_shift": (INT, True), "multiplier_a": (INT, True), "shift_a": (INT, True),
-            "multiplier_b": (INT, True), "shift_b": (INT, True), **REQUANT, **CLAMP},
-    "mul": {**REQUANT, **CLAMP},
-    "concat": {"axis": (INT, True), "multipliers": (INTS, True), "shifts": (INTS, True), **CLAMP},
-    "requantize": {**REQUANT, **CLAMP},
-    "max_pool2d": {"kernel": (PAIR, True), "stride": (PAIR, True), "padding": (PAIR, True),
-                   "ceil_mode": (BOOL, True)},
-    "avg_pool2d": {"kernel": (PAIR, True), "stride": (PAIR, True), "padding": (PAIR, True),
-                   "global": (BOOL, True), **REQUANT, **CLAMP},
-    "lut": {"table": (_array((1, 2)), True)},
-    "reshape": {"shape": (INTS, True)},
-    "transpose": {"perm": (INTS, True)},
-    "slice": {"axis": (INT, True), "start": (INT, True), "stop": (INT, True)},
-}
+# attrs class → {field name: (check, description, required)}, derived once from the dataclass fields
+CHECKS: dict[type, dict[str, tuple]] = {}
+for _cls in SPEC.values():
+    _hints = typing.get_type_hints(_cls, include_extras=True)
+    CHECKS[_cls] = {f.name: (*_checker(_hints[f.name]),
+                             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                    for f in dataclasses.fields(_cls)}
 MULTIPLIER_SHIFT = (("multiplier", "shift"), ("multiplier_a", "shift_a"), ("multiplier_b", "shift_b"),
                     ("multipliers", "shifts"))
 
@@ -100,46 +104,49 @@ def _check_requant(op: Op, m, s) -> None:
 
 
 def _check_op(graph: Graph, op: Op) -> None:
-    spec = SPEC.get(op.kind)
-    if spec is None:
+    cls = SPEC.get(op.kind)
+    if cls is None:
         _fail(op, f"unknown kind; the IR has {sorted(SPEC)}")
-    unknown = sorted(set(op.attrs) - set(spec))
-    if unknown:
-        _fail(op, f"attributes {unknown} are not in the specification of {op.kind} ({sorted(spec)})")
-    for name, (check, required) in spec.items():
-        if name not in op.attrs:
-            if required:
-                _fail(op, f"missing attribute {name!r}")
-            continue
-        if not check(op.attrs[name]):
-            _fail(op, f"attribute {name!r} = {op.attrs[name]!r:.80} has the wrong type or shape")
     a = op.attrs
+    if type(a) is not cls:
+        _fail(op, f"attrs is a {type(a).__name__}, expected ir.{cls.__name__} (the attributes of {op.kind})")
+    checks = CHECKS[cls]
+    present = vars(a)
+    unknown = sorted(set(present) - set(checks))
+    if unknown:
+        _fail(op, f"attributes {unknown} are not in the specification of {op.kind} ({sorted(checks)})")
+    for name, (check, what, required) in checks.items():
+        if name not in present and required:
+            _fail(op, f"missing attribute {name!r}")
+        value = getattr(a, name)
+        if not check(value):
+            _fail(op, f"attribute {name!r} = {value!r:.80} has the wrong type or shape: expected {what}")
     for m, s in MULTIPLIER_SHIFT:
-        if m in a:
-            _check_requant(op, a[m], a[s])
+        if m in checks:
+            _check_requant(op, getattr(a, m), getattr(a, s))
     out = graph.tensors[op.output]
-    if "act_min" in a and not out.qmin <= a["act_min"] <= a["act_max"] <= out.qmax:
-        _fail(op, f"act_min..act_max = {a['act_min']}..{a['act_max']} is not inside the output's codes "
+    if isinstance(a, Clamp) and not out.qmin <= a.act_min <= a.act_max <= out.qmax:
+        _fail(op, f"act_min..act_max = {a.act_min}..{a.act_max} is not inside the output's codes "
                   f"{out.qmin}..{out.qmax}")
-    if "overflow" in a or "acc_bits" in a or "tile" in a:
+    if isinstance(a, Accumulator):
         try:
-            check_mode(a.get("acc_bits"), a.get("tile"), a.get("overflow", "saturate"))
+            check_mode(a.acc_bits, a.tile, a.overflow)
         except ValueError as exc:
             _fail(op, str(exc))
-    if op.kind in ("conv2d", "linear"):
-        outputs = a["weight"].shape[0]
+    if isinstance(a, (Conv2d, Linear)):
+        outputs = a.weight.shape[0]
         for name in ("bias", "multiplier", "shift"):
-            if a[name].shape != (outputs,):
-                _fail(op, f"{name} has shape {a[name].shape}, expected ({outputs},): one per output channel")
+            if getattr(a, name).shape != (outputs,):
+                _fail(op, f"{name} has shape {getattr(a, name).shape}, expected ({outputs},): one per output channel")
         x = graph.tensors[op.inputs[0]]
-        groups = a.get("groups", 1)
-        if x.shape and a["weight"].shape[1] * groups != x.shape[0 if op.kind == "conv2d" else -1]:
-            _fail(op, f"weight {a['weight'].shape} × groups {groups} does not match input {op.inputs[0]!r} of "
+        groups = a.groups if isinstance(a, Conv2d) else 1
+        if x.shape and a.weight.shape[1] * groups != x.shape[0 if op.kind == "conv2d" else -1]:
+            _fail(op, f"weight {a.weight.shape} × groups {groups} does not match input {op.inputs[0]!r} of "
                       f"shape {x.shape}")
-    if op.kind == "lut":
+    if isinstance(a, Lut):
         x = graph.tensors[op.inputs[0]]
-        if a["table"].shape[-1] != x.qmax - x.qmin + 1:
-            _fail(op, f"table has {a['table'].shape[-1]} entries per row for {x.qmax - x.qmin + 1} input codes")
+        if a.table.shape[-1] != x.qmax - x.qmin + 1:
+            _fail(op, f"table has {a.table.shape[-1]} entries per row for {x.qmax - x.qmin + 1} input codes")
 
 
 def verify(graph: Graph) -> Graph:

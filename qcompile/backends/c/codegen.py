@@ -185,7 +185,9 @@ def _broadcast_strides(in_shape, out_shape) -> list[int]:
 
 
 def _act_range(op: ir.Op, y: ir.Tensor) -> tuple[int, int]:
-    return int(op.attrs.get("act_min", y.qmin)), int(op.attrs.get("act_max", y.qmax))
+    if isinstance(op.attrs, ir.Clamp):
+        return int(op.attrs.act_min), int(op.attrs.act_max)
+    return y.qmin, y.qmax
 
 
 # ---- per-op layer descriptions ------------------------------------------------------------
@@ -214,9 +216,9 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
     maxx = max_code_magnitude((x.qmin, x.qmax), x.zero_point)
     if not _fits(maxx, 32):
         raise UnsupportedOpError(f"op {op.name!r}: input range too wide for the C backend")
-    acc_bits = a.get("acc_bits")
-    overflow = a.get("overflow", "saturate") or "saturate"
-    tile = a.get("tile")
+    acc_bits = a.acc_bits
+    overflow = a.overflow
+    tile = a.tile
     if acc_bits is not None and overflow not in OVERFLOW_MODES:
         raise UnsupportedOpError(f"op {op.name!r} ({op.kind}): overflow={overflow!r}; expected 'saturate' or 'wrap'")
     if acc_bits is not None and not 2 <= int(acc_bits) <= 64:
@@ -259,8 +261,8 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
 
 
 def _requant_params(op: ir.Op, n: int) -> tuple[np.ndarray, np.ndarray]:
-    m = _per_channel(op.attrs["multiplier"], n, "multiplier", op)
-    s = _per_channel(op.attrs["shift"], n, "shift", op)
+    m = _per_channel(op.attrs.multiplier, n, "multiplier", op)
+    s = _per_channel(op.attrs.shift, n, "shift", op)
     _check_shift(s, op)
     return m, s
 
@@ -307,20 +309,20 @@ class _Emitter:
     def op_conv2d(self, op, sym):
         a = op.attrs
         x, y = self.t(op.inputs[0]), self.t(op.output)
-        w = np.asarray(a["weight"], dtype=np.int64)
+        w = np.asarray(a.weight, dtype=np.int64)
         if w.ndim != 4 or len(x.shape) != 3 or len(y.shape) != 3:
             raise QCompileError(f"op {op.name!r} (conv2d): expected (O, I/g, kh, kw) weights and (C, H, W) tensors, "
                                 f"got weight {w.shape}, input {x.shape}, output {y.shape}")
         O, cig, kh, kw = w.shape
-        groups = int(a.get("groups", 1))
-        (sh, sw), (ph, pw), (dh, dw) = _pair(a.get("stride", 1)), _pair(a.get("padding", 0)), _pair(a.get("dilation", 1))
+        groups = int(a.groups)
+        (sh, sw), (ph, pw), (dh, dw) = _pair(a.stride), _pair(a.padding), _pair(a.dilation)
         C, H, W = x.shape
         _, OH, OW = y.shape
         if C != cig * groups or O % groups or y.shape[0] != O:
             raise QCompileError(f"op {op.name!r} (conv2d): channels do not match: input {C}, weight {w.shape}, "
                                 f"groups {groups}, output {y.shape[0]}")
         K = cig * kh * kw
-        bias = _per_channel(a.get("bias", 0) if a.get("bias") is not None else 0, O, "bias", op)
+        bias = _per_channel(a.bias, O, "bias", op)
         m, s = _requant_params(op, O)
         w2 = w.reshape(O, K)
         L = _Layer(kind="conv2d", op_name=op.name, sym=sym, ci=C, h=H, w=W, co=O, oh=OH, ow=OW, kh=kh, kw=kw,
@@ -340,12 +342,12 @@ class _Emitter:
     def op_linear(self, op, sym):
         a = op.attrs
         x, y = self.t(op.inputs[0]), self.t(op.output)
-        w = np.asarray(a["weight"], dtype=np.int64)
+        w = np.asarray(a.weight, dtype=np.int64)
         O, K = w.shape
         if x.shape[-1] != K or y.shape[-1] != O:
             raise QCompileError(f"op {op.name!r} (linear): weight {w.shape} does not match input {x.shape} / output {y.shape}")
         rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-        bias = _per_channel(a.get("bias") if a.get("bias") is not None else 0, O, "bias", op)
+        bias = _per_channel(a.bias, O, "bias", op)
         m, s = _requant_params(op, O)
         L = _Layer(kind="linear", op_name=op.name, sym=sym, co=O, cog=O, K=K, P=rows, pb=PIXEL_BLOCK,
                    zx=x.zero_point, zy=y.zero_point, x_t=ctype(x), y_t=ctype(y))
@@ -370,7 +372,7 @@ class _Emitter:
         L = _Layer(kind="matmul", op_name=op.name, sym=sym, batch=batch, m_rows=M, co=N, cog=N, K=K,
                    b_stride=0 if b_batch == 1 else K * N, za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
                    a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y), w_base="bt", bias_expr="0",
-                   mult=_scalar(op.attrs["multiplier"], "multiplier", op), shift=_scalar(op.attrs["shift"], "shift", op))
+                   mult=_scalar(op.attrs.multiplier, "multiplier", op), shift=_scalar(op.attrs.shift, "shift", op))
         _check_shift(L["shift"], op)
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, np.full((1, K), maxb, np.int64), np.zeros(1, np.int64), a_t))
@@ -393,17 +395,17 @@ class _Emitter:
                    sb=_broadcast_strides(b_t.shape, dims), za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
                    a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y))
         L["lo"], L["hi"] = _act_range(op, y)
-        L["m"], L["s"] = _scalar(op.attrs["multiplier"], "multiplier", op), _scalar(op.attrs["shift"], "shift", op)
+        L["m"], L["s"] = _scalar(op.attrs.multiplier, "multiplier", op), _scalar(op.attrs.shift, "shift", op)
         _check_shift(L["s"], op)
         return L
 
     def op_add(self, op, sym):
         L = self._binary(op, sym)
         at = op.attrs
-        L["ma"], L["ssa"] = _scalar(at["multiplier_a"], "multiplier_a", op), _scalar(at["shift_a"], "shift_a", op)
-        L["mb"], L["ssb"] = _scalar(at["multiplier_b"], "multiplier_b", op), _scalar(at["shift_b"], "shift_b", op)
+        L["ma"], L["ssa"] = _scalar(at.multiplier_a, "multiplier_a", op), _scalar(at.shift_a, "shift_a", op)
+        L["mb"], L["ssb"] = _scalar(at.multiplier_b, "multiplier_b", op), _scalar(at.shift_b, "shift_b", op)
         _check_shift([L["ssa"], L["ssb"]], op)
-        left = int(at.get("left_shift", 20))
+        left = int(at.left_shift)
         if not 0 <= left <= 30:
             raise QCompileError(f"op {op.name!r} (add): left_shift={left} outside 0..30")
         L["scale_up"] = 1 << left
@@ -416,17 +418,17 @@ class _Emitter:
         x, y = self.t(op.inputs[0]), self.t(op.output)
         L = _Layer(op_name=op.name, sym=sym, n=int(np.prod(y.shape, dtype=np.int64)), zx=x.zero_point,
                    zy=y.zero_point, x_t=ctype(x), y_t=ctype(y),
-                   m=_scalar(op.attrs["multiplier"], "multiplier", op), s=_scalar(op.attrs["shift"], "shift", op))
+                   m=_scalar(op.attrs.multiplier, "multiplier", op), s=_scalar(op.attrs.shift, "shift", op))
         _check_shift(L["s"], op)
         L["lo"], L["hi"] = _act_range(op, y)
         return "requantize.c.j2", L, []
 
     def op_concat(self, op, sym):
         y = self.t(op.output)
-        axis = int(op.attrs.get("axis", 0))
+        axis = int(op.attrs.axis)
         axis = axis + len(y.shape) if axis < 0 else axis
-        ms = _per_channel(op.attrs["multipliers"], len(op.inputs), "multipliers", op)
-        ss = _per_channel(op.attrs["shifts"], len(op.inputs), "shifts", op)
+        ms = _per_channel(op.attrs.multipliers, len(op.inputs), "multipliers", op)
+        ss = _per_channel(op.attrs.shifts, len(op.inputs), "shifts", op)
         _check_shift(ss, op)
         outer = int(np.prod(y.shape[:axis], dtype=np.int64))
         parts, offset = [], 0
@@ -447,13 +449,11 @@ class _Emitter:
         a = op.attrs
         C, H, W = x.shape
         _, OH, OW = y.shape
-        if a.get("global"):
+        if isinstance(a, ir.AvgPool2d) and a.global_pool:
             k, st, pad = (H, W), (1, 1), (0, 0)
         else:
-            k = _pair(a["kernel"])
-            st = _pair(a.get("stride") or a["kernel"])
-            pad = _pair(a.get("padding", 0))
-        d = _pair(a.get("dilation", 1))
+            k, st, pad = _pair(a.kernel), _pair(a.stride), _pair(a.padding)
+        d = (1, 1)   # the IR's pools have no dilation
         L = _Layer(op_name=op.name, sym=sym, c=C, h=H, w=W, oh=OH, ow=OW, kh=k[0], kw=k[1], sh=st[0], sw=st[1],
                    ph=pad[0], pw=pad[1], dh=d[0], dw=d[1], zx=x.zero_point, zy=y.zero_point, x_t=ctype(x),
                    y_t=ctype(y))
@@ -465,15 +465,13 @@ class _Emitter:
 
     def op_avg_pool2d(self, op, sym):
         L = self._pool(op, sym)
-        if (L.dh, L.dw) != (1, 1):
-            raise UnsupportedOpError(f"op {op.name!r} (avg_pool2d): dilation is not supported")
-        L["m"], L["s"] = _scalar(op.attrs["multiplier"], "multiplier", op), _scalar(op.attrs["shift"], "shift", op)
+        L["m"], L["s"] = _scalar(op.attrs.multiplier, "multiplier", op), _scalar(op.attrs.shift, "shift", op)
         _check_shift(L["s"], op)
         return "avg_pool2d.c.j2", L, []
 
     def op_lut(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
-        table = np.asarray(op.attrs["table"], dtype=np.int64)
+        table = np.asarray(op.attrs.table, dtype=np.int64)
         codes = x.qmax - x.qmin + 1
         channels = 1 if table.ndim == 1 else table.shape[0]
         if table.ndim not in (1, 2) or table.shape[-1] != codes or (table.ndim == 2 and x.shape[0] != channels):
@@ -490,7 +488,7 @@ class _Emitter:
 
     def op_transpose(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
-        perm = [int(p) for p in op.attrs["perm"]]
+        perm = [int(p) for p in op.attrs.perm]
         in_strides = _broadcast_strides(x.shape, x.shape)
         L = _Layer(op_name=op.name, sym=sym, perm=perm, dims=list(y.shape) or [1],
                    sx=[in_strides[p] for p in perm] or [0], x_t=ctype(x), y_t=ctype(y))
@@ -499,11 +497,9 @@ class _Emitter:
     def op_slice(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
         a = op.attrs
-        if int(a.get("step", 1) or 1) != 1:
-            raise UnsupportedOpError(f"op {op.name!r} (slice): step {a['step']} is not supported")
-        axis = int(a["axis"])
+        axis = int(a.axis)
         axis = axis + len(x.shape) if axis < 0 else axis
-        start, stop = slice(a.get("start"), a.get("stop")).indices(x.shape[axis])[:2]
+        start, stop = slice(a.start, a.stop).indices(x.shape[axis])[:2]
         rest = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
         L = _Layer(op_name=op.name, sym=sym, axis=axis, start=start, stop=stop,
                    outer=int(np.prod(x.shape[:axis], dtype=np.int64)), in_inner=x.shape[axis] * rest,

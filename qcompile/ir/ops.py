@@ -1,0 +1,156 @@
+"""The attributes of each IR op kind: one dataclass per kind, whose fields are the specification.
+
+`op.attrs` is an instance of `SPEC[op.kind]`. A field without a default is required; a field
+with a default is optional (`acc_bits=None` is an exact accumulator, `overflow="saturate"`,
+`weight_scale=None`, ...). The type annotation of each field is what `qcompile.ir.verify` checks:
+  int, bool                       a Python / numpy integer (not a bool), a bool
+  Pair, tuple[int, ...]           a tuple or list of two / any number of integers
+  tuple[float, ...]               a tuple or list of reals
+  Array[n] (Annotated ndarray)    a numpy integer array of n dimensions (one of several for `Table`)
+  Literal[...]                    one of the listed values
+  X | None                        None or an X
+The semantics of every kind are in `qcompile.ir.graph`'s docstring. Shared groups of fields are
+base classes (`Clamp`, `Requant`, `Accumulator`, `PerChannel`): a backend may test
+`isinstance(op.attrs, ir.Clamp)` to learn that an op clamps to act_min..act_max. All fields are
+keyword-only: `ir.Conv2d(weight=..., bias=..., ...)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+
+Pair = tuple[int, int]
+Ints = tuple[int, ...]
+Floats = tuple[float, ...]
+Overflow = Literal["saturate", "wrap"]
+# integer numpy arrays; the Annotated metadata is the allowed number of dimensions
+Vector = Annotated[np.ndarray, 1]
+Matrix = Annotated[np.ndarray, 2]
+Kernel = Annotated[np.ndarray, 4]
+Table = Annotated[np.ndarray, 1, 2]
+
+
+# ---- shared groups ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Clamp:
+    """y = clamp(zy + r, act_min, act_max): the output tensor's qmin/qmax unless a ReLU was fused."""
+    act_min: int
+    act_max: int
+
+
+@dataclass(kw_only=True)
+class Requant:
+    """One fixed-point requantization r = requantize(v, multiplier, shift)."""
+    multiplier: int
+    shift: int
+
+
+@dataclass(kw_only=True)
+class Accumulator:
+    """The accumulator mode: acc_bits None = exact; else tiles of `tile` products folded by `overflow`."""
+    acc_bits: int | None = None
+    tile: int | None = None
+    overflow: Overflow = "saturate"
+
+
+@dataclass(kw_only=True)
+class PerChannel:
+    """Per-output-channel bias and requantization of conv2d / linear (each of shape (O,))."""
+    bias: Vector
+    multiplier: Vector
+    shift: Vector
+    weight_scale: Floats | None = None      # descriptive only: the real value of the weight codes
+
+
+# ---- op kinds -----------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Conv2d(PerChannel, Accumulator, Clamp):
+    weight: Kernel                          # (O, I/groups, kh, kw) int8
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+
+
+@dataclass(kw_only=True)
+class Linear(PerChannel, Accumulator, Clamp):
+    weight: Matrix                          # (O, I) int8
+
+
+@dataclass(kw_only=True)
+class Matmul(Requant, Accumulator, Clamp):
+    pass
+
+
+@dataclass(kw_only=True)
+class Add(Requant, Clamp):
+    left_shift: int
+    multiplier_a: int
+    shift_a: int
+    multiplier_b: int
+    shift_b: int
+
+
+@dataclass(kw_only=True)
+class Mul(Requant, Clamp):
+    pass
+
+
+@dataclass(kw_only=True)
+class Concat(Clamp):
+    axis: int
+    multipliers: Ints                       # one per input
+    shifts: Ints
+
+
+@dataclass(kw_only=True)
+class Requantize(Requant, Clamp):
+    pass
+
+
+@dataclass(kw_only=True)
+class MaxPool2d:
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    ceil_mode: bool
+
+
+@dataclass(kw_only=True)
+class AvgPool2d(Requant, Clamp):
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    global_pool: bool                       # kernel = the whole H×W
+
+
+@dataclass(kw_only=True)
+class Lut:
+    table: Table                            # (n,) or per channel (C, n): already clamped output codes
+
+
+@dataclass(kw_only=True)
+class Reshape:
+    shape: Ints
+
+
+@dataclass(kw_only=True)
+class Transpose:
+    perm: Ints
+
+
+@dataclass(kw_only=True)
+class Slice:
+    axis: int
+    start: int
+    stop: int
+
+
+# kind → attrs class
+SPEC: dict[str, type] = {
+    "conv2d": Conv2d, "linear": Linear, "matmul": Matmul, "add": Add, "mul": Mul, "concat": Concat,
+    "requantize": Requantize, "max_pool2d": MaxPool2d, "avg_pool2d": AvgPool2d, "lut": Lut,
+    "reshape": Reshape, "transpose": Transpose, "slice": Slice,
+}
