@@ -14,15 +14,11 @@ import torch
 from torch import fx
 
 from qcompile.core.accumulator import acc_range, l1_bounds, min_acc_bits
-from qcompile.core.grids import bias_codes, max_code_magnitude, quantize_codes
+from qcompile.core.grids import bias_codes, quantize_codes
 from qcompile.passes.ops import is_matmul
 from qcompile.passes.quantize import grid_source
 from qcompile.train.quantizers import Quantizer
-from qcompile.train.tiled import NarrowAccOp
-
-
-def _absmax_int(q: Quantizer) -> float:
-    return float(max_code_magnitude(q.qrange, q.zero_point.detach()).max())
+from qcompile.train.tiled import NarrowAccOp, grid_absmax
 
 
 @torch.no_grad()
@@ -85,12 +81,12 @@ def accumulator_bounds(qm) -> list[dict]:
                 b = _constant(bias_node, qm)
                 bias_abs = bias_codes(b, qa.scale, sw)[0].abs() if isinstance(b, torch.Tensor) else None
             w_abs = w_int.abs().reshape(w_int.shape[0], -1).to(torch.float64)
-            whole, per_tile = l1_bounds(w_abs, _absmax_int(qa), bias_abs, tile)
+            whole, per_tile = l1_bounds(w_abs, grid_absmax(qa.qrange, qa.zero_point), bias_abs, tile)
             K, kind = w_abs.shape[1], ("conv" if w.dim() > 2 else "linear")
         else:
             K = node.args[0].meta["tensor_meta"].shape[-1]
-            w_abs = torch.full((1, K), _absmax_int(qb), dtype=torch.float64)
-            whole, per_tile = l1_bounds(w_abs, _absmax_int(qa), None, tile)
+            w_abs = torch.full((1, K), grid_absmax(qb.qrange, qb.zero_point), dtype=torch.float64)
+            whole, per_tile = l1_bounds(w_abs, grid_absmax(qa.qrange, qa.zero_point), None, tile)
             kind = "matmul"
         bound, tbound = float(whole.max()), float(per_tile.max())
         row = {"layer": layer, "kind": kind, "K": int(K), "tile": tile, "acc_bits": acc_bits,
