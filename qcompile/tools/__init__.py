@@ -1,1 +1,1 @@
-
+"""User-facing commands and studies: CLI, demo, deploy, diagrams, analyses, experiments, training loop, data."""
