@@ -138,6 +138,21 @@ def test_narrow_acc_rejects_a_user_of_the_result_tuple(monkeypatch, small_net):
     assert repr(seen["node"]) in str(err.value)
 
 
+def test_narrow_acc_rejects_a_folded_batchnorm_without_float_statistics(monkeypatch):
+    """A BatchNorm folded into a layer with a narrow accumulator must take its batch statistics from a
+    float conv (the call's keyword float_statistics=True, set by narrow_acc)."""
+    def edit(gm, seen):
+        node = next(iter(_module_nodes(gm, BatchNormFold)))
+        node.update_kwarg("float_statistics", False)
+        seen["node"] = node.name
+
+    seen = _sabotage(monkeypatch, "narrow_acc", edit)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(VerificationError, match="'narrow_acc'.*float_statistics=True") as err:
+        qcompile.compile(model, torch.randn(2, 3, 8, 8), acc_bits=16, verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
 def test_fold_bn_rejects_a_batchnorm_call_where_folding_applied(monkeypatch):
     def edit(gm, seen):
         fold = _module_nodes(gm, BatchNormFold)[0]

@@ -17,6 +17,7 @@ from torch import fx, nn
 from qcompile.config import QConfig
 from qcompile.errors import CheckpointError
 from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.train.log_barrier import LogBarrier
 from qcompile.train.tiled import NarrowAccOp
 
 
@@ -124,10 +125,10 @@ class QuantizedGraphModule(fx.GraphModule):
     def regularization(self) -> torch.Tensor:
         """Sum of the loss terms the `regularize` pass registered (0 when there are none).
 
-        A term that a node of the graph computes (the log barrier: it has `take()`) is the value
+        A term that a node of the graph computes (the log barrier, `LogBarrier.take()`) is the value
         of the last training forward, handed over once (one term per training forward; 0 when it
         was taken already); the others are computed here."""
-        terms = [term.take() if hasattr(term, "take") else term() for term in self.regularizers.values()]
+        terms = [term.take() if isinstance(term, LogBarrier) else term() for term in self.regularizers.values()]
         if not terms:
             p = next(self.parameters(), None)
             return torch.zeros((), device=p.device if p is not None else None)

@@ -1,4 +1,5 @@
-"""Tiled narrow-accumulator matmuls: the one implementation of the accumulator semantics.
+"""Tiled narrow-accumulator matmuls: the training implementation of the accumulator semantics
+(the reference interpreter has its own, in numpy; tests check both against plain integer loops).
 
 Semantics: `qcompile.core.accumulator` (tiles of `tile` products, each exact; after each
 tile the accumulator saturates or wraps into acc_bits; wrap is modular, so it is applied once).
