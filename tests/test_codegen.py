@@ -8,6 +8,7 @@ narrow-accumulator models that overflow) cover what lowering really emits.
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 import re
 import subprocess
 import warnings
@@ -23,7 +24,7 @@ from qcompile.backends import reference
 from qcompile.backends.c import memory_plan
 from qcompile.backends.c.build import build, run
 from qcompile.backends.c.codegen import TEMPLATES, c_identifier, emit, generate
-from qcompile.core.requant import quantize_multiplier, requantize
+from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, quantize_multiplier, requantize
 
 from lowering_models import OpZoo, trained
 
@@ -60,20 +61,21 @@ def check_bit_exact(graph: ir.Graph, out_dir, n: int = 3, seed: int = 0, opt: st
 
 
 # ---- the requantization helper, alone ---------------------------------------------------------
-def test_c_requantize_helper_matches_python(tmp_path):
-    """qc_requantize in C == integer_math.requantize on random values, exact ties and every shift."""
+def test_c_requantize_helpers_match_python(tmp_path):
+    """qc_requantize (64-bit, where fits_int64) and qc_requantize_wide (128-bit, every int64 v) in C ==
+    core.requant.requantize on random values, exact ties and every right shift 0..94; both are
+    checked against exact rational rounding (half to even) as well."""
     rng = np.random.default_rng(0)
-    ms = [quantize_multiplier(float(r)) for r in np.exp(rng.uniform(np.log(1e-9), np.log(3e3), 300))]
-    ms += [(1 << 30, 1), (1 << 30, -20), (0, 0), ((1 << 31) - 1, 31 + 20)]
+    ms = [quantize_multiplier(float(r)) for r in np.exp(rng.uniform(np.log(1e-27), np.log(3e3), 300))]
+    ms += [(1 << 30, 1), (0, 0), ((1 << 31) - 1, 31 - MAX_RIGHT_SHIFT), (1 << 30, 31)]
     rows = []
     for m, s in ms:
         n = 31 - s
-        vs = list(rng.integers(-(1 << 24), 1 << 24, 6))
+        vs = [int(v) >> int(k) for v, k in zip(rng.integers(-(1 << 62), 1 << 62, 8), rng.integers(0, 62, 8))]
         if n > 1 and m % 2 == 1:                     # exact ties v·m = (2k+1)·2^(n-1) need m odd
             k = (1 << (n - 1)) * pow(m, -1, 1 << n) % (1 << n)
-            vs += [k, k - (1 << n), -k]              # v·m ≡ 2^(n-1) (mod 2^n): a tie, odd or even quotient
-        rows += [(int(v), m, s) for v in vs if abs(int(v) * m) < 2 ** 62]
-    data = np.array(rows, dtype=np.int64)
+            vs += [v for v in (k, k - (1 << n), -k) if abs(v) < 2 ** 63]   # v·m ≡ 2^(n-1) (mod 2^n): a tie
+        rows += [(int(v), m, s) for v in vs]
     (tmp_path / "in.txt").write_text("\n".join(f"{v} {m} {s}" for v, m, s in rows) + "\n")
     common = (TEMPLATES / "common.c.j2").read_text()
     common = common[:common.index("{#")]            # the C part, before the reduction macro
@@ -81,17 +83,23 @@ def test_c_requantize_helper_matches_python(tmp_path):
         "#include <stdint.h>\n#include <stdio.h>\n" + common +
         "int main(void)\n{\n    long long v, m, s;\n"
         "    while (scanf(\"%lld %lld %lld\", &v, &m, &s) == 3)\n"
-        "        printf(\"%lld\\n\", (long long)qc_requantize((int64_t)v, (int32_t)m, (int32_t)s));\n"
+        "        printf(\"%lld %lld\\n\", (long long)qc_requantize_wide((int64_t)v, (int32_t)m, (int32_t)s),\n"
+        "               (31 - s <= 62 && (v < 0 ? -v : v) < (1LL << 62) / (m ? m : 1))\n"
+        "               ? (long long)qc_requantize((int64_t)v, (int32_t)m, (int32_t)s) : 0);\n"
         "    return 0;\n}\n")
     subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fsanitize=undefined",
                     "-fno-sanitize-recover=all", "-o", str(tmp_path / "t"), str(tmp_path / "t.c")], check=True)
     out = subprocess.run([str(tmp_path / "t")], stdin=open(tmp_path / "in.txt"), capture_output=True, text=True,
                          check=True).stdout.split()
-    got = np.array([int(v) for v in out], dtype=np.int64)
-    want = np.array([int(requantize(v, m, s)) for v, m, s in data])
+    got = np.array([int(v) for v in out], dtype=np.int64).reshape(-1, 2)
+    want = np.array([int(requantize(v, m, s)) for v, m, s in rows])
+    exact = [min(max(round(Fraction(v * m, 1 << (31 - s))), -2 ** 63), 2 ** 63 - 1) for v, m, s in rows]
+    narrow = np.array([fits_int64(abs(v), m, s) for v, m, s in rows])
     ties = sum(1 for v, m, s in rows if 31 - s > 0 and (v * m) % (1 << (31 - s)) == 1 << (30 - s))
-    assert ties > 100 and len(got) == len(rows)
-    np.testing.assert_array_equal(got, want)
+    assert ties > 100 and len(got) == len(rows) and narrow.sum() > 300 and (~narrow).sum() > 300
+    np.testing.assert_array_equal(want, np.array(exact, dtype=np.int64))
+    np.testing.assert_array_equal(got[:, 0], want)
+    np.testing.assert_array_equal(got[narrow, 1], want[narrow])
 
 
 # ---- hand-built graphs -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ whose int16 pair sums saturate for large weights (onnxruntime #16105), so "auto"
 from __future__ import annotations
 
 import json
+import math
 import platform
 
 import numpy as np
@@ -41,9 +42,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
-from qcompile.core.accumulator import acc_range
+from qcompile.core.accumulator import acc_range, max_l1_bounds
 from qcompile.core.grids import max_code_magnitude
-from qcompile.core.requant import is_power_of_two
+from qcompile.core.requant import fits_int64, is_power_of_two, requantized_bound
 from qcompile.errors import QCompileError
 
 FORMATS = ("qdq", "qop")
@@ -71,6 +72,11 @@ def _np_dtype(t: ir.Tensor):
     if t.bits <= 8:
         return np.int8 if t.signed else np.uint8
     return np.int16 if t.signed else np.uint16
+
+
+def _magnitude(t: ir.Tensor) -> int:
+    """max |code − zero point| of a tensor."""
+    return int(max_code_magnitude((t.qmin, t.qmax), t.zero_point))
 
 
 def _act_range(op: ir.Op, t: ir.Tensor) -> tuple[int, int]:
@@ -177,8 +183,14 @@ class _Builder:
             v = self.node("Sub", [v, self.const("zp_i64", np.int64(z))], name + "_c")
         return v
 
-    def requant(self, v: str, m, s, hint: str, channel_shape=None) -> str:
-        """round_half_to_even(v·m / 2^(31−s)) in int64 ONNX ops (m, s scalars or per-channel arrays)."""
+    def requant(self, v: str, m, s, hint: str, bound: int, op: ir.Op, channel_shape=None) -> str:
+        """round_half_to_even(v·m / 2^(31−s)) in int64 ONNX ops (m, s scalars or per-channel arrays) for
+        |v| <= bound; an ExportError where int64 cannot hold it exactly (`core.requant.fits_int64`)."""
+        if not fits_int64(bound, m, s):
+            raise ExportError(f"op {op.name!r} ({op.kind}): requantizing values up to {bound} (about 2^"
+                              f"{math.log2(max(bound, 1)):.0f}) by multiplier {np.max(m)}·2^({np.min(s)}−31) needs "
+                              "128-bit products (wide accumulators: weights/activations wider than 8 bits); ONNX has "
+                              "int64 only. Use the C backend (qcompile.emit_c) or the reference, or narrower grids")
         m = np.asarray(m, dtype=np.int64)
         s = np.asarray(s, dtype=np.int64)
         if m.ndim == 0 and int(m) == 1 << 30 and int(s) == 1:
@@ -227,7 +239,10 @@ class _Builder:
 
     # ---- weights -------------------------------------------------------------------------
     def weight_codes(self, w: np.ndarray, hint: str) -> tuple[str, np.ndarray]:
-        """(initializer, per-channel zero points) of int8 weight codes in the chosen storage."""
+        """(initializer, per-channel zero points) of weight codes in the chosen storage; int16 codes
+        (9–16-bit weight grids) stay int16."""
+        if w.dtype == np.int16:
+            return self.const(hint, w), np.zeros(w.shape[0], dtype=np.int16)
         if self.weight_dtype == "uint8":
             return (self.const(hint, (w.astype(np.int16) + 128).astype(np.uint8)),
                     np.full(w.shape[0], 128, dtype=np.uint8))
@@ -250,7 +265,7 @@ class _Builder:
         ws = self.weight_scales(op)
         conv = dict(strides=list(a.stride), pads=[*a.padding, *a.padding], dilations=list(a.dilation),
                     group=int(a.groups), kernel_shape=list(a.weight.shape[2:]))
-        bias = self.const(op.name + "_b", a.bias.astype(np.int32))
+        bias = self.const(op.name + "_b", self.int32_bias(op))
         if self.fmt == "qdq":
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
@@ -261,6 +276,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         self.check_qop_bits(op, x, y)
+        self.acc_bound(op, x, int32=True)
         xs, xz = self.scalar_qparams(x)
         ys, yz = self.scalar_qparams(y)
         out = op.output if a.act_min <= y.qmin else op.name + "_unclamped"
@@ -281,6 +297,31 @@ class _Builder:
                 raise ExportError(f"op {op.name!r} ({op.kind}): tensor {t.name!r} has {t.bits} bits; QOperator "
                                   "QLinearConv carries 8-bit tensors only. Export with format='qdq' (opset >= 21) "
                                   "or train with act_bits <= 8")
+        if op.kind in ("conv2d", "linear") and op.attrs.weight.dtype != np.int8:
+            raise ExportError(f"op {op.name!r} ({op.kind}): {op.attrs.weight.dtype} weight codes (weight_bits > 8); "
+                              "QLinearConv/ConvInteger/MatMulInteger take 8-bit weights. Export with format='qdq' "
+                              "(opset >= 21), use the C backend, or train with weight_bits <= 8")
+
+    def int32_bias(self, op: ir.Op) -> np.ndarray:
+        """The bias as int32, as DequantizeLinear and QLinearConv take it; an ExportError naming the layer
+        when a code does not fit (wide grids: weights and activations of 12–16 bits)."""
+        b = op.attrs.bias
+        lo, hi = acc_range(32)
+        if b.size and (int(b.min()) < lo or int(b.max()) > hi):
+            raise ExportError(f"op {op.name!r} ({op.kind}): bias codes up to {int(np.abs(b).max())} need int64 "
+                              "(the grid Sx·Sw is that fine); ONNX's DequantizeLinear and QLinearConv take an int32 "
+                              "bias. Use the C backend (qcompile.emit_c) or the reference, or narrower grids")
+        return b.astype(np.int32)
+
+    def acc_bound(self, op: ir.Op, x: ir.Tensor, int32: bool) -> int:
+        """|bias| + Σ|w|·max|x − zx| of a conv2d/linear; with `int32`, an ExportError where it reaches 2^31
+        (onnxruntime's integer kernels accumulate in int32)."""
+        w = op.attrs.weight
+        bound = max_l1_bounds(w.reshape(w.shape[0], -1), _magnitude(x), op.attrs.bias, None)[0]
+        if int32 and bound > acc_range(32)[1]:
+            raise ExportError(f"op {op.name!r} ({op.kind}): the accumulator can reach {bound} >= 2^31; onnxruntime's "
+                              "QLinearConv/MatMulInteger accumulate in int32. Use the C backend or narrower grids")
+        return bound
 
     def op_linear(self, op: ir.Op) -> None:
         if op.attrs.acc_bits is not None:
@@ -291,7 +332,7 @@ class _Builder:
             w, wzp = self.weight_codes(a.weight, op.name + "_w")
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
-            bf = self.node("DequantizeLinear", [self.const(op.name + "_b", a.bias.astype(np.int32)),
+            bf = self.node("DequantizeLinear", [self.const(op.name + "_b", self.int32_bias(op)),
                                                 self.const(op.name + "_bs", np.float32(x.scale) * ws),
                                                 self.const(op.name + "_bz", np.zeros(len(ws), np.int32))],
                            op.name + "_bdq", axis=0)
@@ -299,6 +340,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         self.check_qop_bits(op, x)
+        bound = self.acc_bound(op, x, int32=True)
         w, wzp = self.weight_codes(a.weight.T.copy(), op.name + "_wT")
         xz = self.const(x.name + "_zp", np.array(x.zero_point, dtype=_np_dtype(x)))
         acc = self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", wzp[:1].reshape(()))],
@@ -306,13 +348,14 @@ class _Builder:
             self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", np.uint8(128))], op.name + "_acc")
         acc = self.node("Add", [self.node("Cast", [acc], op.name + "_acc64", to=TensorProto.INT64),
                                 self.const(op.name + "_b", a.bias.astype(np.int64))], op.name + "_accb")
-        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, (1, -1)), op)
+        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op, (1, -1)), op)
 
     def narrow_weighted(self, op: ir.Op) -> None:
         """Tiled narrow accumulator: one ConvInteger/MatMulInteger per tile, int64 saturate/wrap."""
         a, x = op.attrs, self.t(op.inputs[0])
         if x.bits > 8:
             raise ExportError(f"op {op.name!r}: a {x.bits}-bit input; ConvInteger/MatMulInteger take 8-bit inputs")
+        self.check_qop_bits(op, x)
         w = a.weight.astype(np.int64)
         o = w.shape[0]
         k = int(np.prod(w.shape[1:]))
@@ -363,7 +406,8 @@ class _Builder:
             acc = self.node("Add", [self.node("Mod", [shifted, self.const("acc_mod", np.int64(2 ** bits))],
                                               op.name + "_wrap1", fmod=0), self.const("acc_lo", np.int64(lo))],
                             op.name + "_wrapped")
-        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, chan_shape), op)
+        bound = min(self.acc_bound(op, x, int32=False), hi + 1)
+        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op, chan_shape), op)
 
     def op_matmul(self, op: ir.Op) -> None:
         a, b = (self.t(i) for i in op.inputs)
@@ -375,7 +419,8 @@ class _Builder:
             self.q_clamped(v, op)
             return
         acc = self.node("MatMul", [self.to_i64(a.name), self.to_i64(b.name)], op.name + "_acc")
-        self.finish_int(self.requant(acc, op.attrs.multiplier, op.attrs.shift, op.name), op)
+        bound = a.shape[-1] * _magnitude(a) * _magnitude(b)
+        self.finish_int(self.requant(acc, op.attrs.multiplier, op.attrs.shift, op.name, bound, op), op)
 
     def op_add(self, op: ir.Op) -> None:
         at = op.attrs
@@ -389,12 +434,15 @@ class _Builder:
             self.q_clamped(v, op)
             return
         sh = self.const("lshift", np.int64(1 << at.left_shift))
+        bound_a, bound_b = (_magnitude(self.t(i)) << at.left_shift for i in (a, b))
         ra = self.requant(self.node("Mul", [self.to_i64(a), sh], op.name + "_a"), at.multiplier_a, at.shift_a,
-                          op.name + "_ra")
+                          op.name + "_ra", bound_a, op)
         rb = self.requant(self.node("Mul", [self.to_i64(b), sh], op.name + "_b"), at.multiplier_b, at.shift_b,
-                          op.name + "_rb")
+                          op.name + "_rb", bound_b, op)
         s = self.node("Add", [ra, rb], op.name + "_sum")
-        self.finish_int(self.requant(s, at.multiplier, at.shift, op.name), op)
+        bound = requantized_bound(bound_a, at.multiplier_a, at.shift_a) + \
+            requantized_bound(bound_b, at.multiplier_b, at.shift_b)
+        self.finish_int(self.requant(s, at.multiplier, at.shift, op.name, bound, op), op)
 
     def op_mul(self, op: ir.Op) -> None:
         a, b = op.inputs
@@ -403,7 +451,8 @@ class _Builder:
             self.q_clamped(v, op)
             return
         p = self.node("Mul", [self.to_i64(a), self.to_i64(b)], op.name + "_prod")
-        self.finish_int(self.requant(p, op.attrs.multiplier, op.attrs.shift, op.name), op)
+        bound = _magnitude(self.t(a)) * _magnitude(self.t(b))
+        self.finish_int(self.requant(p, op.attrs.multiplier, op.attrs.shift, op.name, bound, op), op)
 
     def op_concat(self, op: ir.Op) -> None:
         axis = op.attrs.axis + 1
@@ -411,7 +460,7 @@ class _Builder:
             v = self.node("Concat", [self.dq(i) for i in op.inputs], op.name + "_cat", axis=axis)
             self.q_clamped(v, op)
             return
-        parts = [self.requant(self.to_i64(i), m, s, f"{op.name}_{k}")
+        parts = [self.requant(self.to_i64(i), m, s, f"{op.name}_{k}", _magnitude(self.t(i)), op)
                  for k, (i, m, s) in enumerate(zip(op.inputs, op.attrs.multipliers, op.attrs.shifts))]
         self.finish_int(self.node("Concat", parts, op.name + "_cat", axis=axis), op)
 
@@ -419,7 +468,8 @@ class _Builder:
         if self.float_form(op):
             self.q_clamped(self.dq(op.inputs[0]), op)
             return
-        self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs.multiplier, op.attrs.shift, op.name), op)
+        self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs.multiplier, op.attrs.shift, op.name,
+                                     _magnitude(self.t(op.inputs[0])), op), op)
 
     def op_max_pool2d(self, op: ir.Op) -> None:
         a, x = op.attrs, self.t(op.inputs[0])
@@ -462,7 +512,7 @@ class _Builder:
             sf = self.node("Conv", [xf, ones], op.name + "_sumf", group=c, kernel_shape=list(a.kernel),
                            strides=list(a.stride), pads=[*a.padding, *a.padding])
             s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
-        self.finish_int(self.requant(s, a.multiplier, a.shift, op.name), op)
+        self.finish_int(self.requant(s, a.multiplier, a.shift, op.name, bound, op), op)
 
     def op_lut(self, op: ir.Op) -> None:
         x, y = self.t(op.inputs[0]), self.t(op.output)
@@ -529,7 +579,8 @@ def to_onnx(graph: ir.Graph, format: str = "qdq", opset: int | None = None, weig
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ExportError(f"opset={opset}: per-channel QuantizeLinear/DequantizeLinear need opset >= {MIN_OPSET}")
-    wide = [t.name for t in graph.tensors.values() if t.bits > 8]
+    wide = [t.name for t in graph.tensors.values() if t.bits > 8] + \
+        [op.name for op in graph.ops if isinstance(op.attrs, ir.PerChannel) and op.attrs.weight.dtype != np.int8]
     if wide and opset < 21:
         raise ExportError(f"opset={opset}: tensors {wide[:3]} are 16-bit; 16-bit QuantizeLinear/DequantizeLinear "
                           "need opset >= 21")

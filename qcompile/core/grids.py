@@ -8,7 +8,7 @@
   code(x) = clamp(round_half_even(x * (1/scale)) + z, qmin, qmax); x̂ = (code - z)·scale.
 With `pow2`, the scale is rounded up to the next power of two (the range still fits).
 Gradients round stochastically: floor(g/scale + u), u uniform on 2^16 levels (unbiased to
-within 2^-17 of a step). Biases: round(b / (S_x·S_w)) on the int32 grid of the accumulator.
+within 2^-17 of a step). Biases: round(b / (S_x·S_w)) on the accumulator's grid, never saturated (int32 or int64 in the IR).
 Invariant: every other layer rounds floats to codes through these functions only.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ import math
 import torch
 
 SCALE_EPS = 1e-12
-BIAS_CODE_LIMIT = 2 ** 22
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -88,14 +87,14 @@ def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr:
 
 
 def bias_codes(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor):
-    """(codes, scale): the integer bias a layer adds to its accumulator, at scale S_x·S_w
-    (a float32 product, per output channel), rounded half to even and saturated to
-    ±BIAS_CODE_LIMIT. The one rule for training (BiasQuant), lowering and the accumulator ops.
-    The limit 2^22 keeps codes·scale a float32 value that rounds back to the same code, so the
-    trained graph and the integer graph add the same bias; only degenerate (collapsed)
-    ranges reach it."""
+    """(codes, scale): the integer bias a layer adds to its accumulator, at scale S_x·S_w (a
+    float32 product, per output channel), round_half_even(b / scale) computed in float64 and
+    returned as float64 (every integer below 2^53 exact). Never saturated: wide grids (W16A16,
+    16x8) need 10^7–10^10 codes for an ordinary bias; the IR stores them in int32 where they fit,
+    else int64, and lowering rejects a layer whose codes reach 2^53 (a collapsed range). The one
+    rule for training (BiasQuant), lowering and the accumulator ops."""
     scale = input_scale.float() * weight_scale.float()
-    return torch.round(bias.float() / scale).clamp_(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT), scale
+    return torch.round(bias.double() / scale.double()), scale
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:

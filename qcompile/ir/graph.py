@@ -11,13 +11,17 @@ quantizing the graph input / dequantizing the outputs at the boundary.
 Requantization (the only way a value changes grid) is fixed-point:
     requantize(v, m, s) = round_half_to_even(v · m / 2^(31 − s))
 with m an int32 in [2^30, 2^31) (or 0) and s an int shift, computed from a real multiplier
-M = m · 2^(s − 31) by `qcompile.core.requant.quantize_multiplier`. 64-bit products.
+M = m · 2^(s − 31) by `qcompile.core.requant.quantize_multiplier`, 0 <= 31 − s <= 94. Exact for
+every int64 v: 64-bit products where |v|·m < 2^62 and 31 − s <= 62 (`core.requant.fits_int64` on
+the static bound of v), 128-bit ones otherwise. Accumulators are exact in int64 (lowering
+and the backends reject a bound at or past 2^62).
 
 Op kinds, their attrs classes and fields (x, y: input/output codes; zx, zy: zero points, read
 from the tensors; every op ends with y = clamp(zy + r, act_min, act_max) where r is what the op
 computes; `act_min`/`act_max` are fields of every op that requantizes (the `ir.Clamp` group),
 equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = zy):
-  conv2d (Conv2d)  inputs [x]; weight (O, I/groups, kh, kw) int8, bias (O,) int32 at scale Sx·Sw[o],
+  conv2d (Conv2d)  inputs [x]; weight (O, I/groups, kh, kw) int8 (int16 for 9–16-bit weight grids),
+           bias (O,) int32 (int64 where int32 cannot hold it; never saturated) at scale Sx·Sw[o],
            stride, padding, dilation (pairs), groups, multiplier/shift (O,) int arrays,
            acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap").
            acc starts at bias[o]; the reduction over (c_in/groups, ky, kx), in that order, is

@@ -10,8 +10,9 @@ How each trained-graph node becomes integer ops:
   - activation Quantizer: its eval grid qparams(estimator lo, hi). Right after a conv /
     linear / matmul it is that op's output grid (requantization inside the op); after
     anything else it is a `requantize` op (or nothing, when the grid is already the same).
-  - conv / linear / matmul: int8 weight codes of `weight_quant`'s grid, int32 bias
-    round(b / (Sx·Sw[o])), multiplier Sx·Sw[o]/Sy. A folded BatchNorm (BatchNormFold in
+  - conv / linear / matmul: weight codes of `weight_quant`'s grid (int8, int16 above 8 bits),
+    bias round(b / (Sx·Sw[o])) never saturated (int32 where it fits, else int64; a code past
+    2^53 is an error naming the layer), multiplier Sx·Sw[o]/Sy. A folded BatchNorm (BatchNormFold in
     eval) adds its per-channel shift to that bias.
   - relu, max-pool, reshapes, transpose, chunk/split, cat: stay on a grid (relu clamps at
     the zero point).
@@ -48,6 +49,7 @@ from qcompile.train.quantizers import BiasQuant, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
 WIDE_BITS = 16
+BIAS_CODE_EXACT = 2 ** 53         # float64 rounds b / (Sx·Sw) exactly below this
 # families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
 EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
 SINK_FAMILIES = {"relu", "max_pool", "reshape", "identity", "dropout", "cat"}
@@ -136,6 +138,17 @@ def wide_grid(lo: float, hi: float, scale_hint: float, pow2: bool) -> Grid:
         scale *= 2.0 if pow2 else 1.0 + 1e-6
         zp = int(min(max(round(qmin - lo / scale), qmin), qmax))
     return Grid(float(scale), zp, WIDE_BITS, True)
+
+
+def _storage(codes: np.ndarray, narrowest: int, widest: int) -> np.ndarray:
+    """Integer codes in the narrowest of int8/int16/int32/int64 (from `narrowest` to `widest` bits)
+    that holds them."""
+    lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
+    for bits in (8, 16, 32, 64):
+        qmin, qmax = code_range(bits, True)
+        if narrowest <= bits <= widest and qmin <= lo and hi <= qmax:
+            return codes.astype(f"int{bits}")
+    raise ValueError(f"codes in [{lo}, {hi}] do not fit {widest} bits")
 
 
 def _multiplier(real: float, where: str) -> tuple[int, int]:
@@ -357,8 +370,6 @@ class _Lowering:
                 self.fail(node, "weight grid is not symmetric (zero point ≠ 0)")
             codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
             scale = np.broadcast_to(scale.double().numpy(), (w.shape[0],)).copy()
-            if q.bits > 8:
-                self.fail(node, f"weights of {q.bits} bits: the integer IR stores weights in int8; use weight_bits <= 8")
             return Weight(codes.to(torch.int64).numpy(), scale)
         grid = _quantizer_grid(q, node.target)
         shape = self.shape(node)
@@ -476,10 +487,17 @@ class _Lowering:
         ms = [_multiplier(float(r), node.name) for r in in_scale / grid.scale]
         bias = np.zeros(acc.out_channels, dtype=np.int64)
         if acc.bias is not None:
-            codes, _ = bias_codes(acc.bias, torch.tensor(x.scale), torch.from_numpy(w.scale))
-            bias = codes.double().numpy().astype(np.int64)
+            codes, scale = bias_codes(acc.bias, torch.tensor(x.scale), torch.from_numpy(w.scale))
+            if not bool((codes.abs() < BIAS_CODE_EXACT).all()):
+                worst = int(codes.abs().argmax()) if codes.dim() else 0
+                self.fail(node, f"bias {float(acc.bias.reshape(-1)[worst]):.4g} of output channel {worst} needs "
+                          f"{float(codes.abs().max()):.3g} codes at scale Sx·Sw = {float(scale.reshape(-1)[worst]):.3g}"
+                          " (>= 2^53, past what float64 rounds exactly): the input or weight range collapsed; "
+                          "check the ranges of its quantizers")
+            bias = codes.numpy().astype(np.int64)
         attrs = {k: v for k, v in acc.attrs.items() if k != "weight"}
-        return self.emit(acc.kind, acc.node, acc.inputs, out, weight=w.codes.astype(np.int8), bias=bias.astype(np.int32),
+        return self.emit(acc.kind, acc.node, acc.inputs, out, weight=_storage(w.codes, 8, 16),
+                         bias=_storage(bias, 32, 64),
                          weight_scale=tuple(float(v) for v in w.scale),
                          multiplier=np.array([m for m, _ in ms], dtype=np.int64),
                          shift=np.array([s for _, s in ms], dtype=np.int64), **attrs, **self.clamp_attrs(grid))

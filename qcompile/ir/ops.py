@@ -58,7 +58,7 @@ class Accumulator:
 @dataclass(kw_only=True)
 class PerChannel:
     """Per-output-channel bias and requantization of conv2d / linear (each of shape (O,))."""
-    bias: Vector
+    bias: Vector                            # int32, or int64 where int32 cannot hold it
     multiplier: Vector
     shift: Vector
     weight_scale: Floats | None = None      # descriptive only: the real value of the weight codes
@@ -67,7 +67,7 @@ class PerChannel:
 # ---- op kinds -----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class Conv2d(PerChannel, Accumulator, Clamp):
-    weight: Kernel                          # (O, I/groups, kh, kw) int8
+    weight: Kernel                          # (O, I/groups, kh, kw) int8 or int16
     stride: Pair
     padding: Pair
     dilation: Pair
@@ -76,7 +76,7 @@ class Conv2d(PerChannel, Accumulator, Clamp):
 
 @dataclass(kw_only=True)
 class Linear(PerChannel, Accumulator, Clamp):
-    weight: Matrix                          # (O, I) int8
+    weight: Matrix                          # (O, I) int8 or int16
 
 
 @dataclass(kw_only=True)

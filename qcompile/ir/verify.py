@@ -10,10 +10,11 @@ what every backend relies on:
   - order: every op input is a graph input or the output of an earlier op, every tensor is
     written once, every graph output is written;
   - requantization: each multiplier m is 0 or in [2^30, 2^31) and each shift keeps the
-    right shift 31 − s within 0..62 (`qcompile.core.requant`); act_min ≤ act_max inside the
+    right shift 31 − s within 0..94 (`qcompile.core.requant`); act_min ≤ act_max inside the
     output tensor's code range;
   - accumulators: acc_bits / tile / overflow valid (`qcompile.core.accumulator.check_mode`);
-    conv2d/linear weights, bias and per-channel multipliers agree in the number of outputs,
+    conv2d/linear weights are int8/int16 and biases int32/int64; weights, bias and per-channel
+    multipliers agree in the number of outputs,
     and the weights' input channels × groups match the input tensor;
   - lookup tables: one entry per input code (per channel for a 2-D table).
 An `IRError` names the op (name and kind), the attribute or tensor, and what was expected.
@@ -28,6 +29,7 @@ import typing
 import numpy as np
 
 from qcompile.core.accumulator import check_mode
+from qcompile.core.requant import MAX_RIGHT_SHIFT
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import Graph, Op
 from qcompile.ir.ops import SPEC, Accumulator, Clamp, Conv2d, Linear, Lut
@@ -99,8 +101,8 @@ def _check_requant(op: Op, m, s) -> None:
     for mi, si in zip(np.ravel(m), np.ravel(s)):
         if not (int(mi) == 0 or (1 << 30) <= int(mi) < (1 << 31)):
             _fail(op, f"requantization multiplier {int(mi)} is neither 0 nor in [2^30, 2^31)")
-        if not 0 <= 31 - int(si) <= 62 and int(mi) != 0:
-            _fail(op, f"shift {int(si)}: the right shift 31 − s must lie in 0..62")
+        if not 0 <= 31 - int(si) <= MAX_RIGHT_SHIFT and int(mi) != 0:
+            _fail(op, f"shift {int(si)}: the right shift 31 − s must lie in 0..{MAX_RIGHT_SHIFT}")
 
 
 def _check_op(graph: Graph, op: Op) -> None:
@@ -138,6 +140,10 @@ def _check_op(graph: Graph, op: Op) -> None:
         for name in ("bias", "multiplier", "shift"):
             if getattr(a, name).shape != (outputs,):
                 _fail(op, f"{name} has shape {getattr(a, name).shape}, expected ({outputs},): one per output channel")
+        if a.weight.dtype not in (np.int8, np.int16):
+            _fail(op, f"weight dtype {a.weight.dtype}: weights are int8 or int16 codes")
+        if a.bias.dtype not in (np.int32, np.int64):
+            _fail(op, f"bias dtype {a.bias.dtype}: the bias is int32, or int64 where int32 cannot hold it")
         x = graph.tensors[op.inputs[0]]
         groups = a.groups if isinstance(a, Conv2d) else 1
         if x.shape and a.weight.shape[1] * groups != x.shape[0 if op.kind == "conv2d" else -1]:

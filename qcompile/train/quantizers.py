@@ -79,9 +79,10 @@ class _Replace(torch.autograd.Function):
 
 
 class BiasQuant(nn.Module):
-    """Rounds a layer's bias onto the int32 grid S_x·S_w its integer form adds it on
-    (straight-through gradient), so the trained graph in eval mode adds exactly the bias the
-    integer runtimes add. Off (`enabled=False`) it passes the bias through."""
+    """Rounds a layer's bias onto the grid S_x·S_w its integer form adds it on (straight-through
+    gradient), so the trained graph in eval mode adds the bias the integer runtimes add: exactly
+    (codes·scale formed in float64, then cast to the bias dtype: exact in a float64 graph, and in
+    float32 while |codes| < 2^24). Off (`enabled=False`) it passes the bias through."""
 
     def __init__(self, layer: str = ""):
         super().__init__()
@@ -92,7 +93,7 @@ class BiasQuant(nn.Module):
         if not self.enabled:
             return bias
         codes, scale = bias_codes(bias.detach(), input_scale, weight_scale)
-        return _Replace.apply(bias, (codes * scale).to(bias.dtype))
+        return _Replace.apply(bias, (codes * scale.double()).to(bias.dtype))
 
 
 class _QuantizeGradient(torch.autograd.Function):

@@ -30,6 +30,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from qcompile import ir
 from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
 from qcompile.core.grids import code_range, max_code_magnitude
+from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, requantized_bound
 from qcompile.errors import QCompileError, UnsupportedOpError
 
 from qcompile.backends.c import memory_plan
@@ -96,7 +97,8 @@ def summary(figures: dict) -> str:
 
 # ---- small helpers ------------------------------------------------------------------------
 ARRAY_SUFFIXES = ("", "_w", "_wq", "_b", "_m", "_s", "_table")   # names derived from an op's identifier
-HELPERS = {"qc_floor_shift", "qc_from_u64", "qc_requantize", "qc_clamp", "qc_saturate", "qc_wrap"}
+HELPERS = {"qc_floor_shift", "qc_from_u64", "qc_requantize", "qc_requantize_wide", "qc_i128", "qc_u128", "qc_clamp",
+           "qc_saturate", "qc_wrap"}
 
 
 def c_identifier(text: str, taken: set[str], prefix: str) -> str:
@@ -168,9 +170,15 @@ def _scalar(v, what: str, op: ir.Op) -> int:
 
 def _check_shift(s: np.ndarray | int, op: ir.Op) -> None:
     s = np.asarray(s)
-    if s.size and (s.min() < -31 or s.max() > 62):
-        raise QCompileError(f"op {op.name!r} ({op.kind}): requantization shift outside [-31, 62]: "
-                            f"{int(s.min())}..{int(s.max())}")
+    if s.size and (31 - s.max() < 0 or 31 - s.min() > MAX_RIGHT_SHIFT):
+        raise QCompileError(f"op {op.name!r} ({op.kind}): requantization right shift 31 − s outside "
+                            f"0..{MAX_RIGHT_SHIFT}: shifts {int(s.min())}..{int(s.max())}")
+
+
+def _rq(bound: int, m, s) -> str:
+    """The C requantization helper for values |v| <= bound: 64-bit products where they are exact
+    (`core.requant.fits_int64`), else the 128-bit qc_requantize_wide."""
+    return "qc_requantize" if fits_int64(bound, m, s) else "qc_requantize_wide"
 
 
 def _broadcast_strides(in_shape, out_shape) -> list[int]:
@@ -182,6 +190,11 @@ def _broadcast_strides(in_shape, out_shape) -> list[int]:
         acc *= d
     strides = strides[::-1]
     return [0 if d == 1 and o != 1 else s for d, o, s in zip(in_shape, out_shape, strides)]
+
+
+def _magnitude(t: ir.Tensor) -> int:
+    """max |code − zero point| of a tensor: the bound of the value an op requantizes from it."""
+    return int(max_code_magnitude((t.qmin, t.qmax), t.zero_point))
 
 
 def _act_range(op: ir.Op, y: ir.Tensor) -> tuple[int, int]:
@@ -256,7 +269,8 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
         desc = "exact" if acc_bits is None else (f"{acc_bits}-bit {overflow}, statically never overflows "
                                                  f"(|bias| + Σ|w|·max|x − zx| < 2^{int(acc_bits) - 1}): exact")
     col_t = "int16_t" if _fits(maxx, 16) else "int32_t"
-    return dict(mode=mode, acc_bits=bits, tile=tile, tiles=[(t * tile, min((t + 1) * tile, K)) for t in range(ntiles)],
+    acc_bound = total_bound if mode == "exact" else acc_range(bits)[1] + 1
+    return dict(acc_bound=acc_bound, mode=mode, acc_bits=bits, tile=tile, tiles=[(t * tile, min((t + 1) * tile, K)) for t in range(ntiles)],
                 lane_t=lane, lane_op_t=lane_op, dacc_t=dacc, col_t=col_t, acc_desc=desc)
 
 
@@ -331,6 +345,7 @@ class _Emitter:
                    x_t=ctype(x), y_t=ctype(y))
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, w2, bias, x))
+        L["rq"] = _rq(L["acc_bound"], m, s)
         self.weight_bytes += _weight_arrays(op, L, w2, bias, m, s)
         self.macs += O * K * OH * OW
         col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
@@ -353,6 +368,7 @@ class _Emitter:
                    zx=x.zero_point, zy=y.zero_point, x_t=ctype(x), y_t=ctype(y))
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, w, bias, x))
+        L["rq"] = _rq(L["acc_bound"], m, s)
         self.weight_bytes += _weight_arrays(op, L, w, bias, m, s)
         self.macs += O * K * rows
         L["blocks"] = _blocks(rows)
@@ -376,6 +392,7 @@ class _Emitter:
         _check_shift(L["shift"], op)
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, np.full((1, K), maxb, np.int64), np.zeros(1, np.int64), a_t))
+        L["rq"] = _rq(L["acc_bound"], L["mult"], L["shift"])
         if not _fits(maxb, 16):
             L["col_t"] = "int32_t"
         L["w_t"] = L["col_t"]
@@ -409,10 +426,19 @@ class _Emitter:
         if not 0 <= left <= 30:
             raise QCompileError(f"op {op.name!r} (add): left_shift={left} outside 0..30")
         L["scale_up"] = 1 << left
+        a_t, b_t = self.t(op.inputs[0]), self.t(op.inputs[1])
+        bound_a = _magnitude(a_t) << left
+        bound_b = _magnitude(b_t) << left
+        sum_bound = requantized_bound(bound_a, L["ma"], L["ssa"]) + requantized_bound(bound_b, L["mb"], L["ssb"])
+        wide = not (fits_int64(bound_a, L["ma"], L["ssa"]) and fits_int64(bound_b, L["mb"], L["ssb"])
+                    and fits_int64(sum_bound, L["m"], L["s"]))
+        L["rq"] = "qc_requantize_wide" if wide else "qc_requantize"
         return "add.c.j2", L, []
 
     def op_mul(self, op, sym):
-        return "mul.c.j2", self._binary(op, sym), []
+        L = self._binary(op, sym)
+        L["rq"] = _rq(_magnitude(self.t(op.inputs[0])) * _magnitude(self.t(op.inputs[1])), L["m"], L["s"])
+        return "mul.c.j2", L, []
 
     def op_requantize(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
@@ -421,6 +447,7 @@ class _Emitter:
                    m=_scalar(op.attrs.multiplier, "multiplier", op), s=_scalar(op.attrs.shift, "shift", op))
         _check_shift(L["s"], op)
         L["lo"], L["hi"] = _act_range(op, y)
+        L["rq"] = _rq(_magnitude(x), L["m"], L["s"])
         return "requantize.c.j2", L, []
 
     def op_concat(self, op, sym):
@@ -435,7 +462,8 @@ class _Emitter:
         for name, m, s in zip(op.inputs, ms, ss):
             x = self.t(name)
             inner = int(np.prod(x.shape[axis:], dtype=np.int64))
-            parts.append(dict(t=ctype(x), inner=inner, offset=offset, z=x.zero_point, m=int(m), s=int(s)))
+            parts.append(dict(t=ctype(x), inner=inner, offset=offset, z=x.zero_point, m=int(m), s=int(s),
+                              rq=_rq(_magnitude(x), m, s)))
             offset += inner
         L = _Layer(op_name=op.name, sym=sym, axis=axis, outer=outer, inner=offset, parts=parts, zy=y.zero_point,
                    y_t=ctype(y))
@@ -467,6 +495,8 @@ class _Emitter:
         L = self._pool(op, sym)
         L["m"], L["s"] = _scalar(op.attrs.multiplier, "multiplier", op), _scalar(op.attrs.shift, "shift", op)
         _check_shift(L["s"], op)
+        x = self.t(op.inputs[0])
+        L["rq"] = _rq(_magnitude(x) * L["kh"] * L["kw"], L["m"], L["s"])
         return "avg_pool2d.c.j2", L, []
 
     def op_lut(self, op, sym):
