@@ -142,7 +142,7 @@ def test_unsupported_op_names_the_node():
 @pytest.mark.parametrize("name", ["models:lenet5", "models:resnet20", "torchvision:resnet18"])
 def test_reference_equals_eval_exactly_with_pow2_scales(name):
     """With pow2 scales every requantization is exact and the trained graph rounds its biases (folded
-    BatchNorm shifts included) onto the int32 grid S_x·S_w, as the integer graph does: the reference
+    BatchNorm shifts included) onto the grid S_x·S_w, as the integer graph does: the reference
     equals qm.eval() code for code."""
     shape = (8, 1, 28, 28) if name.endswith("lenet5") else (8, 3, 32, 32)
     qm = trained_once(name, shape, steps=3, pow2_scales=True)

@@ -10,7 +10,7 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
     straight from a graph input (no gradient flows there);
   - the weight operand is `weight_quant(get_attr weight)` (symmetric; per output channel
     or per tensor), followed by a gradient Quantizer when quantize_weight_grad is set;
-  - L's bias goes through a BiasQuant (`bias_quant`) that rounds it onto the int32 grid
+  - L's bias goes through a BiasQuant (`bias_quant`) that rounds it onto the grid
     S_x·S_w the integer layer adds it on, the two scales given as get_attr nodes of the
     operands' quantizers; a folded BatchNorm's eval bias (the BatchNormFold call's fifth
     argument) goes through one the same way;

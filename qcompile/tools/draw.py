@@ -38,7 +38,7 @@ CATEGORIES = {
     "weight_quantizer": ("#ffd6a5", "#c26a00", "weight quantizer Q_W"),
     "activation_quantizer": ("#bde0fe", "#1d6fb8", "activation quantizer Q_Y"),
     "gradient_quantizer": ("#e2c6ff", "#7b2cbf", "gradient quantizer Q_G (identity forward, quantizes backward)"),
-    "bias_quantizer": ("#fff0db", "#c26a00", "bias rounded onto the int32 grid S_x·S_w"),
+    "bias_quantizer": ("#fff0db", "#c26a00", "bias rounded onto the accumulator grid S_x·S_w"),
     "narrow_acc": ("#ffadad", "#b00020", "narrow-accumulator op (tiled, b-bit accumulator)"),
     "regularizer": ("#e2f0cb", "#4f772d", "training loss term computed in the graph (log barrier)"),
     "matmul": ("#caffbf", "#2d6a4f", "conv / linear / matmul (exact accumulator)"),

@@ -641,7 +641,7 @@ class NarrowAccOp(nn.Module):
     and whether the op keeps its exact accumulator (`keep_exact`, set by `narrow_acc` from the
     layer's `log_barrier`).
 
-    Computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded into int32) and
+    Computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded, never saturated) and
     rescales. Returns y, or (y, exact) when `keep_exact`: exact = bias_int + Σ products without
     overflow (integer units, what the log barrier reads through the graph; the tail term's
     gradient reaches a and b through the op's backward). Backward, with a gradient quantizer:
