@@ -7,6 +7,7 @@ patterns win: type matches first, then globs in insertion order).
 from __future__ import annotations
 
 import dataclasses
+import math
 import fnmatch
 import tomllib
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class QConfig:
                 if len(v) != 2 or not float(v[0]) < float(v[1]):
                     raise ValueError(f"QConfig.{name}={v!r}: must be (lo, hi) with lo < hi")
                 object.__setattr__(self, name, (float(v[0]), float(v[1])))
+        if self.pow2_scales:
+            for kind, symmetric in (("weight", True), ("act", self.act_symmetric), ("grad", False)):
+                _check_pow2_fixed_range(self, kind, symmetric)
         if self.weight_granularity not in GRANULARITIES:
             raise ValueError(f"QConfig.weight_granularity={self.weight_granularity!r}: choose one of {GRANULARITIES}")
         if not isinstance(self.momentum, (int, float)) or not 0.0 <= self.momentum < 1.0:
@@ -174,3 +178,31 @@ class QConfig:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(QConfig)}
+
+
+def _check_pow2_fixed_range(cfg: QConfig, kind: str, symmetric: bool) -> None:
+    """With pow2_scales a fixed range must have a power-of-two grid step, or the rounded-up step would
+    silently widen it: ValueError naming the field, the widened range and one that works."""
+    rng = getattr(cfg, f"{kind}_fixed_range")
+    bits = getattr(cfg, f"{kind}_bits")
+    estimator = getattr(cfg, {"weight": "weight_range", "act": "act_range", "grad": "grad_range"}[kind])
+    if rng is None or bits is None or estimator != "fixed":
+        return
+    lo, hi = min(rng[0], 0.0), max(rng[1], 0.0)
+    levels = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+    step = max(abs(lo), abs(hi)) / levels if symmetric else (hi - lo) / levels
+    exponent = math.log2(step)
+    if exponent == math.floor(exponent):
+        return
+    up, down = 2.0 ** math.ceil(exponent), 2.0 ** math.floor(exponent)
+    if symmetric:
+        widened, fits = (-up * levels, up * levels), (-down * levels, down * levels)
+    else:
+        zp_up, zp_down = round(-lo / up), round(-lo / down)
+        widened = (0.0 - up * zp_up, up * (levels - zp_up))
+        fits = (0.0 - down * zp_down, down * (levels - zp_down))
+    raise ValueError(f"QConfig.{kind}_fixed_range={rng!r} with pow2_scales=True: the {bits}-bit "
+                     f"{'symmetric' if symmetric else 'asymmetric'} grid step {step:.6g} is not a power of two, so "
+                     f"the step would round up to {up:g} and the range silently widen to "
+                     f"({widened[0]:g}, {widened[1]:g}); give a range with a power-of-two step, e.g. "
+                     f"({fits[0]:g}, {fits[1]:g}) (step {down:g}), or set pow2_scales=False")

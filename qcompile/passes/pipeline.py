@@ -14,10 +14,12 @@ The test suite runs with QCOMPILE_VERIFY=1 (tests/conftest.py).
 """
 from __future__ import annotations
 
+import fnmatch
+
 import os
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from qcompile.config import QConfig
 from qcompile.passes import fold_bn as _fold_bn
@@ -67,6 +69,21 @@ def _tag(qm: QuantizedGraphModule, pass_name: str, existing: set) -> None:
             node.meta["qc_module_type"] = type(qm.get_submodule(node.target)).__name__
 
 
+def check_overrides(config: QConfig, model: nn.Module, gm: fx.GraphModule) -> None:
+    """ValueError naming every QConfig.overrides key that selects nothing: a glob matching no module
+    path of `model` and no layer name of the traced graph, or a module type with no instance."""
+    names = {n for n, _ in model.named_modules() if n} | \
+        {n.meta.get("qc_layer", n.name) for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+    types = {type(m) for m in model.modules()}
+    for key in config.overrides:
+        if isinstance(key, str) and not any(fnmatch.fnmatchcase(n, key) for n in names):
+            raise ValueError(f"QConfig.overrides[{key!r}] matches no layer of {type(model).__name__}; layer names "
+                             f"look like {sorted(names)[:8]}")
+        if isinstance(key, type) and not any(issubclass(t, key) for t in types):
+            raise ValueError(f"QConfig.overrides[{key.__name__}] matches no module of {type(model).__name__} "
+                             f"(module types: {sorted(t.__name__ for t in types)[:8]})")
+
+
 def compile(model: nn.Module, example_inputs, config: QConfig | dict | None = None, *,
             leaf_modules=None, concrete_args: dict | None = None, **overrides) -> QuantizedGraphModule:
     """Trace `model` (not mutated) and return its trainable fully quantized graph.
@@ -88,6 +105,7 @@ def compile(model: nn.Module, example_inputs, config: QConfig | dict | None = No
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     gm = trace(model, tuple(example_inputs), config.leaf_modules, concrete_args)
+    check_overrides(config, model, gm)
     qm = QuantizedGraphModule(gm, gm.graph, class_name=f"Quantized{type(model).__name__}")
     qm.config = config
     qm.train(model.training)
