@@ -362,6 +362,10 @@ class _Builder:
         tile = a.tile or k
         bits, mode = int(a.acc_bits), a.overflow
         lo, hi = acc_range(bits)
+        per_tile = max_l1_bounds(w.reshape(w.shape[0], -1), _magnitude(x), 0, tile)[1]
+        if per_tile > acc_range(32)[1]:
+            raise ExportError(f"op {op.name!r} ({op.kind}): one tile of {tile} products can reach {per_tile} >= 2^31; "
+                              "ConvInteger/MatMulInteger sum a tile in int32. Use the C backend or shorter tiles")
         if x.signed:
             raise ExportError(f"op {op.name!r}: signed activations; onnxruntime's ConvInteger/MatMulInteger take "
                               "uint8 inputs (train with act_symmetric=False)")

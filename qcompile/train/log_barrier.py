@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from qcompile.core.accumulator import acc_range
-from qcompile.core.grids import code_range
 from qcompile.train.tiled import grid_absmax, worst_case
 
 PEAK_FLOOR = 1e-8   # a channel whose weights all vanish has no integer grid to speak of
@@ -112,8 +111,8 @@ class LogBarrier(nn.Module):
             sw = b_scale.detach().expand(w.shape[0]) if b_scale.dim() == 0 else b_scale.detach()
         w_int = w.reshape(w.shape[0], -1) / sw.unsqueeze(1)
         bias_int = None
-        if bias is not None:  # int32, as the op stores it (a clamped bias passes no gradient)
-            bias_int = torch.clamp(bias / (a_scale.detach() * sw), *code_range(32, True))
+        if bias is not None:  # in accumulator units, unsaturated, as the op adds it
+            bias_int = bias / (a_scale.detach() * sw)
         whole, _ = worst_case(site.kind, w_int, bias_int, grid_absmax(site.a_qrange, a_zero_point), None, site.tile)
         return psi(whole / A - 1.0, t).mean()
 
