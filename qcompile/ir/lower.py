@@ -151,11 +151,18 @@ def _storage(codes: np.ndarray, narrowest: int, widest: int) -> np.ndarray:
     raise ValueError(f"codes in [{lo}, {hi}] do not fit {widest} bits")
 
 
+SATURATING_MULTIPLIER = 2.0 ** 16
+
+
 def _multiplier(real: float, where: str) -> tuple[int, int]:
-    if not real < 2.0 ** 16:
-        raise LoweringError(f"node {where!r}: requantization multiplier {real:g} is too large for 64-bit fixed "
-                            "point (an output grid far finer than its input's); check the ranges of its quantizers")
-    return quantize_multiplier(real)
+    """(m, s) of a requantization multiplier whose result is clamped next to a code range of at most
+    16 bits (every op's r, the add's final one included). A multiplier M >= 2^16 (an output grid
+    collapsed to its SCALE_EPS floor, e.g. a layer whose outputs are all 0) becomes 2^16, which is
+    exact: for an integer v != 0, |v|·M >= 2^16 > qmax − qmin with either multiplier, so
+    clamp(z + round(v·M)) is qmin or qmax by the sign of v alone, and v = 0 gives z for both."""
+    if not math.isfinite(real):
+        raise LoweringError(f"node {where!r}: requantization multiplier {real} is not finite")
+    return quantize_multiplier(min(real, SATURATING_MULTIPLIER))
 
 
 def _quantizer_grid(q: Quantizer, path: str) -> Grid:
