@@ -43,7 +43,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
 from qcompile.core.accumulator import acc_range, max_l1_bounds
-from qcompile.core.grids import max_code_magnitude
 from qcompile.core.requant import fits_int64, is_power_of_two, requantized_bound
 from qcompile.errors import QCompileError
 
@@ -73,10 +72,6 @@ def _np_dtype(t: ir.Tensor):
         return np.int8 if t.signed else np.uint8
     return np.int16 if t.signed else np.uint16
 
-
-def _magnitude(t: ir.Tensor) -> int:
-    """max |code − zero point| of a tensor."""
-    return int(max_code_magnitude((t.qmin, t.qmax), t.zero_point))
 
 
 def _act_range(op: ir.Op, t: ir.Tensor) -> tuple[int, int]:
@@ -317,7 +312,7 @@ class _Builder:
         """|bias| + Σ|w|·max|x − zx| of a conv2d/linear; with `int32`, an ExportError where it reaches 2^31
         (onnxruntime's integer kernels accumulate in int32)."""
         w = op.attrs.weight
-        bound = max_l1_bounds(w.reshape(w.shape[0], -1), _magnitude(x), op.attrs.bias, None)[0]
+        bound = max_l1_bounds(w.reshape(w.shape[0], -1), x.magnitude, op.attrs.bias, None)[0]
         if int32 and bound > acc_range(32)[1]:
             raise ExportError(f"op {op.name!r} ({op.kind}): the accumulator can reach {bound} >= 2^31; onnxruntime's "
                               "QLinearConv/MatMulInteger accumulate in int32. Use the C backend or narrower grids")
@@ -362,7 +357,7 @@ class _Builder:
         tile = a.tile or k
         bits, mode = int(a.acc_bits), a.overflow
         lo, hi = acc_range(bits)
-        per_tile = max_l1_bounds(w.reshape(w.shape[0], -1), _magnitude(x), 0, tile)[1]
+        per_tile = max_l1_bounds(w.reshape(w.shape[0], -1), x.magnitude, 0, tile)[1]
         if per_tile > acc_range(32)[1]:
             raise ExportError(f"op {op.name!r} ({op.kind}): one tile of {tile} products can reach {per_tile} >= 2^31; "
                               "ConvInteger/MatMulInteger sum a tile in int32. Use the C backend or shorter tiles")
@@ -423,7 +418,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         acc = self.node("MatMul", [self.to_i64(a.name), self.to_i64(b.name)], op.name + "_acc")
-        bound = a.shape[-1] * _magnitude(a) * _magnitude(b)
+        bound = a.shape[-1] * a.magnitude * b.magnitude
         self.finish_int(self.requant(acc, op.attrs.multiplier, op.attrs.shift, op.name, bound, op), op)
 
     def op_add(self, op: ir.Op) -> None:
@@ -438,7 +433,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         sh = self.const("lshift", np.int64(1 << at.left_shift))
-        bound_a, bound_b = (_magnitude(self.t(i)) << at.left_shift for i in (a, b))
+        bound_a, bound_b = (self.t(i).magnitude << at.left_shift for i in (a, b))
         ra = self.requant(self.node("Mul", [self.to_i64(a), sh], op.name + "_a"), at.multiplier_a, at.shift_a,
                           op.name + "_ra", bound_a, op)
         rb = self.requant(self.node("Mul", [self.to_i64(b), sh], op.name + "_b"), at.multiplier_b, at.shift_b,
@@ -455,7 +450,7 @@ class _Builder:
             self.q_clamped(v, op)
             return
         p = self.node("Mul", [self.to_i64(a), self.to_i64(b)], op.name + "_prod")
-        bound = _magnitude(self.t(a)) * _magnitude(self.t(b))
+        bound = self.t(a).magnitude * self.t(b).magnitude
         self.finish_int(self.requant(p, op.attrs.multiplier, op.attrs.shift, op.name, bound, op), op)
 
     def op_concat(self, op: ir.Op) -> None:
@@ -464,7 +459,7 @@ class _Builder:
             v = self.node("Concat", [self.dq(i) for i in op.inputs], op.name + "_cat", axis=axis)
             self.q_clamped(v, op)
             return
-        parts = [self.requant(self.to_i64(i), m, s, f"{op.name}_{k}", _magnitude(self.t(i)), op)
+        parts = [self.requant(self.to_i64(i), m, s, f"{op.name}_{k}", self.t(i).magnitude, op)
                  for k, (i, m, s) in enumerate(zip(op.inputs, op.attrs.multipliers, op.attrs.shifts))]
         self.finish_int(self.node("Concat", parts, op.name + "_cat", axis=axis), op)
 
@@ -473,7 +468,7 @@ class _Builder:
             self.q_clamped(self.dq(op.inputs[0]), op)
             return
         self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs.multiplier, op.attrs.shift, op.name,
-                                     _magnitude(self.t(op.inputs[0])), op), op)
+                                     self.t(op.inputs[0]).magnitude, op), op)
 
     def op_max_pool2d(self, op: ir.Op) -> None:
         a, x = op.attrs, self.t(op.inputs[0])
@@ -498,7 +493,7 @@ class _Builder:
             return
         xi = self.to_i64(x.name)
         count = int(np.prod(x.shape[1:])) if a.global_pool else int(np.prod(a.kernel))
-        bound = count * max_code_magnitude((x.qmin, x.qmax), x.zero_point)
+        bound = count * x.magnitude
         if a.global_pool and bound < 2 ** 24:   # integer sums below 2^24 are exact in float32
             xf = self.node("Cast", [xi], op.name + "_xf", to=TensorProto.FLOAT)
             sf = self.node("ReduceSum", [xf, self.const("axes23", np.array([2, 3], np.int64))], op.name + "_sumf",

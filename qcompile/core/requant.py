@@ -38,21 +38,21 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return int(m), int(exp)
 
 
-def product_bound(bound: int, m, s) -> int:
-    """max |v · m| over |v| <= bound (m, s scalars or arrays; exact Python int)."""
+def product_bound(bound: int, m) -> int:
+    """max |v · m| over |v| <= bound (m a scalar or an array; exact Python int)."""
     return int(bound) * int(np.max(np.abs(np.asarray(m, dtype=np.int64)), initial=0))
 
 
 def requantized_bound(bound: int, m, s) -> int:
     """A bound on |requantize(v, m, s)| over |v| <= bound: floor(bound · m / 2^(31 − s)) + 1."""
-    return (product_bound(bound, m, s) >> int(np.min(31 - np.asarray(s, dtype=np.int64), initial=94))) + 1
+    return (product_bound(bound, m) >> int(np.min(31 - np.asarray(s, dtype=np.int64), initial=94))) + 1
 
 
 def fits_int64(bound: int, m, s) -> bool:
     """True when requantize(v, m, s) for every |v| <= bound is exact in 64-bit arithmetic: the
     product v · m below 2^62 (room for the rounding offset) and the right shift 31 − s <= 62;
     else it needs the 128-bit form."""
-    return product_bound(bound, m, s) < 2 ** 62 and int(np.max(31 - np.asarray(s, dtype=np.int64), initial=0)) <= 62
+    return product_bound(bound, m) < 2 ** 62 and int(np.max(31 - np.asarray(s, dtype=np.int64), initial=0)) <= 62
 
 
 def requantize(v: np.ndarray, m, s) -> np.ndarray:

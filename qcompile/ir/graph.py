@@ -65,7 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcompile.core.grids import code_range
+from qcompile.core.grids import code_range, max_code_magnitude
 
 
 @dataclass
@@ -84,6 +84,11 @@ class Tensor:
     @property
     def qmax(self) -> int:
         return code_range(self.bits, self.signed)[1]
+
+    @property
+    def magnitude(self) -> int:
+        """max |code − zero_point|: the largest value an op reads from this tensor once centred."""
+        return int(max_code_magnitude((self.qmin, self.qmax), self.zero_point))
 
 
 @dataclass

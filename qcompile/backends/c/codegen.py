@@ -29,7 +29,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from qcompile import ir
 from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
-from qcompile.core.grids import code_range, max_code_magnitude
+from qcompile.core.grids import code_range
 from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, requantized_bound
 from qcompile.errors import QCompileError, UnsupportedOpError
 
@@ -192,10 +192,6 @@ def _broadcast_strides(in_shape, out_shape) -> list[int]:
     return [0 if d == 1 and o != 1 else s for d, o, s in zip(in_shape, out_shape, strides)]
 
 
-def _magnitude(t: ir.Tensor) -> int:
-    """max |code − zero point| of a tensor: the bound of the value an op requantizes from it."""
-    return int(max_code_magnitude((t.qmin, t.qmax), t.zero_point))
-
 
 def _act_range(op: ir.Op, y: ir.Tensor) -> tuple[int, int]:
     if isinstance(op.attrs, ir.Clamp):
@@ -226,7 +222,7 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
     """
     a = op.attrs
     K = w.shape[1]
-    maxx = max_code_magnitude((x.qmin, x.qmax), x.zero_point)
+    maxx = x.magnitude
     if not _fits(maxx, 32):
         raise UnsupportedOpError(f"op {op.name!r}: input range too wide for the C backend")
     acc_bits = a.acc_bits
@@ -384,7 +380,7 @@ class _Emitter:
         if b_batch not in (1, batch) or tuple(y.shape) != tuple(a_t.shape[:-2]) + (M, N):
             raise UnsupportedOpError(f"op {op.name!r} (matmul): {a_t.shape} @ {b_t.shape} -> {y.shape}: only equal "
                                      f"leading dimensions (or a 2-D right operand) are supported")
-        maxb = max_code_magnitude((b_t.qmin, b_t.qmax), b_t.zero_point)
+        maxb = b_t.magnitude
         L = _Layer(kind="matmul", op_name=op.name, sym=sym, batch=batch, m_rows=M, co=N, cog=N, K=K,
                    b_stride=0 if b_batch == 1 else K * N, za=a_t.zero_point, zb=b_t.zero_point, zy=y.zero_point,
                    a_t=ctype(a_t), b_t=ctype(b_t), y_t=ctype(y), w_base="bt", bias_expr="0",
@@ -427,8 +423,8 @@ class _Emitter:
             raise QCompileError(f"op {op.name!r} (add): left_shift={left} outside 0..30")
         L["scale_up"] = 1 << left
         a_t, b_t = self.t(op.inputs[0]), self.t(op.inputs[1])
-        bound_a = _magnitude(a_t) << left
-        bound_b = _magnitude(b_t) << left
+        bound_a = a_t.magnitude << left
+        bound_b = b_t.magnitude << left
         sum_bound = requantized_bound(bound_a, L["ma"], L["ssa"]) + requantized_bound(bound_b, L["mb"], L["ssb"])
         wide = not (fits_int64(bound_a, L["ma"], L["ssa"]) and fits_int64(bound_b, L["mb"], L["ssb"])
                     and fits_int64(sum_bound, L["m"], L["s"]))
@@ -437,7 +433,7 @@ class _Emitter:
 
     def op_mul(self, op, sym):
         L = self._binary(op, sym)
-        L["rq"] = _rq(_magnitude(self.t(op.inputs[0])) * _magnitude(self.t(op.inputs[1])), L["m"], L["s"])
+        L["rq"] = _rq(self.t(op.inputs[0]).magnitude * self.t(op.inputs[1]).magnitude, L["m"], L["s"])
         return "mul.c.j2", L, []
 
     def op_requantize(self, op, sym):
@@ -447,7 +443,7 @@ class _Emitter:
                    m=_scalar(op.attrs.multiplier, "multiplier", op), s=_scalar(op.attrs.shift, "shift", op))
         _check_shift(L["s"], op)
         L["lo"], L["hi"] = _act_range(op, y)
-        L["rq"] = _rq(_magnitude(x), L["m"], L["s"])
+        L["rq"] = _rq(x.magnitude, L["m"], L["s"])
         return "requantize.c.j2", L, []
 
     def op_concat(self, op, sym):
@@ -463,7 +459,7 @@ class _Emitter:
             x = self.t(name)
             inner = int(np.prod(x.shape[axis:], dtype=np.int64))
             parts.append(dict(t=ctype(x), inner=inner, offset=offset, z=x.zero_point, m=int(m), s=int(s),
-                              rq=_rq(_magnitude(x), m, s)))
+                              rq=_rq(x.magnitude, m, s)))
             offset += inner
         L = _Layer(op_name=op.name, sym=sym, axis=axis, outer=outer, inner=offset, parts=parts, zy=y.zero_point,
                    y_t=ctype(y))
@@ -496,7 +492,7 @@ class _Emitter:
         L["m"], L["s"] = _scalar(op.attrs.multiplier, "multiplier", op), _scalar(op.attrs.shift, "shift", op)
         _check_shift(L["s"], op)
         x = self.t(op.inputs[0])
-        L["rq"] = _rq(_magnitude(x) * L["kh"] * L["kw"], L["m"], L["s"])
+        L["rq"] = _rq(x.magnitude * L["kh"] * L["kw"], L["m"], L["s"])
         return "avg_pool2d.c.j2", L, []
 
     def op_lut(self, op, sym):

@@ -21,11 +21,9 @@ are the tensor's own min-max, so nothing clips):
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
