@@ -1,5 +1,5 @@
 """Every valid config gives the right numbers: a sweep over weight × activation × gradient widths,
-granularity, symmetry, pow2 and bias, on conv / depthwise / linear / act×act matmul / residual add.
+granularity, symmetry, pow2, bias and per-layer overrides, on conv / depthwise / linear / act×act matmul / residual add.
 
 Per config (one train forward + backward on x, then eval on the same x):
   - train- and eval-mode outputs within the derived elementwise bound of
@@ -52,6 +52,9 @@ class Residual(nn.Module):
         return torch.relu(self.conv(x)) + x
 
 
+LAST_LAYER = {"conv": "2", "depthwise": "2", "linear": "2", "matmul": "matmul", "residual": "conv"}
+
+
 def make(kind: str, bias: bool, seed: int):
     torch.manual_seed(seed)
     if kind == "conv":
@@ -96,6 +99,9 @@ def sample_configs(n: int, seed: int) -> list[dict]:
                         weight_granularity=str(rng.choice(["per_channel", "per_tensor"])),
                         act_symmetric=bool(rng.integers(2)), pow2_scales=bool(rng.integers(2)),
                         bias=bool(rng.integers(2)), seed=i))
+        if i % 4 == 1:     # a per-layer override: the last layer at other widths (mixed widths in one graph)
+            out[-1]["overrides"] = {LAST_LAYER[out[-1]["kind"]]: {"weight_bits": int(rng.choice(WIDTHS)),
+                                                                  "act_bits": int(rng.choice(WIDTHS))}}
     return out
 
 
@@ -124,7 +130,6 @@ def check_config(c: dict, backends: tuple[str, ...] = ()) -> None:
                                      f"{int((err > bound).sum())} outputs"
     graph = qcompile.lower(qm)
     codes = reference.run(graph, x)
-    out = graph.tensor(graph.outputs[0])
     if c["pow2_scales"]:       # exact arithmetic in the trained graph: float64 holds every accumulator here
         qm64 = copy.deepcopy(qm).double()
         with torch.no_grad():
@@ -132,8 +137,8 @@ def check_config(c: dict, backends: tuple[str, ...] = ()) -> None:
         graph64 = qcompile.lower(qm64)
         np.testing.assert_array_equal(reference.run(graph64, x.double()), parity.float_to_codes(graph64, y64),
                                       err_msg=f"{c}: reference vs the float64 trained graph")
-    steps = np.abs(reference.dequantize(graph, codes) - y_eval.double().numpy()) / out.scale
-    assert steps.max() <= 1.0 + 1e-6, f"{c}: reference {steps.max():.3f} output steps from qm.eval()"
+    steps = int(np.abs(codes - parity.float_to_codes(graph, y_eval)).max())
+    assert steps <= 1, f"{c}: reference {steps} output steps from qm.eval()"
     for b in backends:
         try:
             got = parity.outputs(graph, x, b)
@@ -165,6 +170,7 @@ def test_sweep_covers_every_width_and_option():
                         ("pow2_scales", (False, True)), ("act_symmetric", (False, True)), ("bias", (False, True)),
                         ("weight_granularity", ("per_channel", "per_tensor"))):
         assert {c[key] for c in configs} == set(values), key
+    assert sum("overrides" in c for c in configs) >= 40
     pairs = {(c["weight_bits"], c["act_bits"]) for c in configs}
     assert len(pairs) >= 30
 
