@@ -84,8 +84,8 @@ def error_bound(kind: str, net, qm, x) -> torch.Tensor:
         return err + half_step(qm.get_submodule("matmul.output_quant"))
     y, err = weighted_bound(net.conv, "conv", qm, v, torch.zeros_like(v), None)   # residual: relu(conv) + x
     err = err + half_step(qm.get_submodule("conv.output_quant"))
-    total = y.clamp_min(0) + v
-    return err + half_step(qm.get_submodule("conv.input_quant")) + UNIT_ROUNDOFF * (total.abs() + err) * 2
+    total = y.clamp_min(0) + v              # the float32 add rounds once in each model: u·|sum| twice
+    return err + half_step(qm.get_submodule("conv.input_quant")) + 2 * UNIT_ROUNDOFF * (total.abs() + err)
 
 
 def sample_configs(n: int, seed: int) -> list[dict]:

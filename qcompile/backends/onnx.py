@@ -190,10 +190,8 @@ class _Builder:
         s = np.asarray(s, dtype=np.int64)
         if m.ndim == 0 and int(m) == 1 << 30 and int(s) == 1:
             return v
-        n = 31 - s
-        left = np.where(n < 0, -n, 0)
-        n = np.where(n < 0, 0, n)
-        mult = m << left
+        n = 31 - s                                   # 0..62 (ir.verify, fits_int64)
+        mult = m
         div = np.left_shift(np.int64(1), n)
         half = np.where(n > 0, div // 2, div)        # rem == div never happens: no rounding when n == 0
         shape = channel_shape if channel_shape is not None and m.ndim else ()

@@ -102,6 +102,16 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
+def storage_bits(lo: int, hi: int, narrowest: int = 8) -> int:
+    """The narrowest signed width of 8, 16, 32, 64 (at least `narrowest`) holding every integer in
+    [lo, hi]; ValueError past 64 bits."""
+    for bits in (8, 16, 32, 64):
+        qmin, qmax = code_range(bits, True)
+        if bits >= narrowest and qmin <= lo and hi <= qmax:
+            return bits
+    raise ValueError(f"integer values in [{lo}, {hi}] do not fit 64 bits")
+
+
 def max_code_magnitude(qr: tuple[int, int], zero_point):
     """max |code − z| over a grid's codes [qmin, qmax] (elementwise in z, a number or a tensor): the
     largest integer operand a matmul meets on that grid."""

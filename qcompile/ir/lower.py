@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompile import ir
-from qcompile.core.grids import bias_codes, code_range, quantize_codes
+from qcompile.core.grids import bias_codes, code_range, quantize_codes, storage_bits
 from qcompile.core.requant import quantize_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
@@ -140,15 +140,9 @@ def wide_grid(lo: float, hi: float, scale_hint: float, pow2: bool) -> Grid:
     return Grid(float(scale), zp, WIDE_BITS, True)
 
 
-def _storage(codes: np.ndarray, narrowest: int, widest: int) -> np.ndarray:
-    """Integer codes in the narrowest of int8/int16/int32/int64 (from `narrowest` to `widest` bits)
-    that holds them."""
-    lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
-    for bits in (8, 16, 32, 64):
-        qmin, qmax = code_range(bits, True)
-        if narrowest <= bits <= widest and qmin <= lo and hi <= qmax:
-            return codes.astype(f"int{bits}")
-    raise ValueError(f"codes in [{lo}, {hi}] do not fit {widest} bits")
+def _storage(codes: np.ndarray, narrowest: int) -> np.ndarray:
+    """Integer codes in the narrowest of int8/int16/int32/int64, at least `narrowest` bits wide."""
+    return codes.astype(f"int{storage_bits(int(codes.min(initial=0)), int(codes.max(initial=0)), narrowest)}")
 
 
 SATURATING_MULTIPLIER = 2.0 ** 16
@@ -503,8 +497,8 @@ class _Lowering:
                           "check the ranges of its quantizers")
             bias = codes.numpy().astype(np.int64)
         attrs = {k: v for k, v in acc.attrs.items() if k != "weight"}
-        return self.emit(acc.kind, acc.node, acc.inputs, out, weight=_storage(w.codes, 8, 16),
-                         bias=_storage(bias, 32, 64),
+        return self.emit(acc.kind, acc.node, acc.inputs, out, weight=_storage(w.codes, 8),
+                         bias=_storage(bias, 32),
                          weight_scale=tuple(float(v) for v in w.scale),
                          multiplier=np.array([m for m, _ in ms], dtype=np.int64),
                          shift=np.array([s for _, s in ms], dtype=np.int64), **attrs, **self.clamp_attrs(grid))

@@ -29,7 +29,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from qcompile import ir
 from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
-from qcompile.core.grids import code_range
+from qcompile.core.grids import code_range, storage_bits
 from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, requantized_bound
 from qcompile.errors import QCompileError, UnsupportedOpError
 
@@ -127,11 +127,7 @@ NUMPY_DTYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "ui
 
 
 def _int_type(lo: int, hi: int) -> str:
-    for width in (8, 16, 32, 64):
-        qmin, qmax = code_range(width, signed=True)
-        if qmin <= lo and hi <= qmax:
-            return f"int{width}_t"
-    raise QCompileError(f"integer values in [{lo}, {hi}] do not fit 64 bits")
+    return f"int{storage_bits(lo, hi)}_t"
 
 
 INT64_MIN = code_range(64, signed=True)[0]
