@@ -56,6 +56,7 @@ class QConfig:
     fold_bn: bool = True
     bn_freeze_steps: int | None = None
     bn_rectification: float = 0.0
+    bn_sync: bool = True                # under torch.distributed: folded BN's batch statistics over every rank
     on_nonfinite: str = "raise"
     strict: bool = False
     verify: bool = False                # check each pass's invariant after it runs (also QCOMPILE_VERIFY=1)
@@ -121,6 +122,8 @@ class QConfig:
             raise ValueError(f"QConfig.bn_rectification={self.bn_rectification!r}: the loss weight λ must be >= 0")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"QConfig.on_nonfinite={self.on_nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        if not isinstance(self.bn_sync, bool):
+            raise ValueError(f"QConfig.bn_sync={self.bn_sync!r}: must be True or False")
         if not isinstance(self.verify, bool):
             raise ValueError(f"QConfig.verify={self.verify!r}: must be True or False")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))

@@ -95,7 +95,7 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         fused = BatchNormFold(bn, layer_name, layer.target, layer.args[3:] if layer.target in CONV_FUNCTIONS else (),
                               freeze_steps=cfg.bn_freeze_steps,
                               rectification=config.for_layer(node.target, BatchNormFold).bn_rectification,
-                              propagates_gradient=not _reaches_input(x, gm))
+                              propagates_gradient=not _reaches_input(x, gm), sync=cfg.bn_sync)
         gm.add_submodule(node.target, fused)
         with graph.inserting_before(layer):
             gamma = graph.get_attr(f"{node.target}.weight") if bn.affine else None

@@ -26,14 +26,21 @@ updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
 
+Under torch.distributed (initialized, world size > 1) with `sync=True`, μ_B and σ_B are the
+statistics of every rank's batch together, as `nn.SyncBatchNorm` computes them (per-channel
+sums all-reduced, the backward all-reduced too), so every rank updates the same running
+statistics and its weight quantizer sees the same W·γ/σ_r.
+
 Invariant: with every quantizer off, out equals BatchNorm(L(x, W) + b) in value and in its
-gradients with respect to x, W, b, γ and β, in train and eval mode. The per-channel
+gradients with respect to x, W, b, γ and β, in train and eval mode (with `sync` under
+torch.distributed: SyncBatchNorm's). The per-channel
 arithmetic γ/σ is `qcompile.core.batchnorm.bn_scale` and β − μ·γ/σ is written once here (`bn_affine`) and reused by
 the rectification loss and by lowering.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -78,6 +85,38 @@ def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: t
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its adjoint as backward (the sum over ranks of the incoming gradients)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def synced_moments(t: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, biased variance, count) per channel of `t` over `dims` and over every rank's `t`:
+    two all-reduces (the sum, then the squared deviations from the global mean), differentiable
+    (their backward all-reduces the gradient, so DDP's averaged gradient is SyncBatchNorm's)."""
+    count = torch.tensor(float(t.numel() // t.shape[1]), dtype=t.dtype, device=t.device)
+    sums = _SumOverRanks.apply(torch.cat([t.sum(dims), count.reshape(1)]))
+    n = sums[-1]
+    mean = sums[:-1] / n
+    var = _SumOverRanks.apply((t - _per_channel(mean, t.dim())).square().sum(dims)) / n
+    return mean, var, int(n.detach())
+
+
 class BatchNormFold(nn.Module):
     """The BatchNorm half of a fused layer (see the module docstring for the arithmetic).
 
@@ -93,7 +132,7 @@ class BatchNormFold(nn.Module):
 
     def __init__(self, bn: _BatchNorm, layer: str, layer_fn, layer_args: tuple = (),
                  freeze_steps: int | None = None, rectification: float = 0.0,
-                 propagates_gradient: bool = True):
+                 propagates_gradient: bool = True, sync: bool = True):
         super().__init__()
         if not bn.track_running_stats:
             raise ValueError(f"BatchNorm after {layer!r} has track_running_stats=False: it cannot be folded")
@@ -105,6 +144,7 @@ class BatchNormFold(nn.Module):
         self.layer, self.layer_fn, self.layer_args = layer, layer_fn, tuple(layer_args)
         self.freeze_steps = freeze_steps
         self.propagates_gradient = propagates_gradient   # False when the layer reads the graph input
+        self.sync = sync   # batch statistics over every rank under torch.distributed
         # λ of this block's rectification term; > 0: the gain is computed differentiably in every training forward
         self.rectification = float(rectification) if propagates_gradient else 0.0
         self._gain: torch.Tensor | None = None
@@ -125,6 +165,13 @@ class BatchNormFold(nn.Module):
         if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """nn.BatchNorm's running-statistics update from batch statistics (biased `var` over `count`)."""
+        m = self._momentum()
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(var * (count / (count - 1)), alpha=m)
 
     def folded_bias(self, layer_bias: torch.Tensor | None = None) -> torch.Tensor:
         """β + γ·(b − μ_r)/σ_r of this block's tensors (see `folded_bias`)."""
@@ -157,12 +204,16 @@ class BatchNormFold(nn.Module):
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
         dims = [0] + list(range(2, z.dim()))
+        sync = self.sync and _distributed()
         if float_statistics:
             # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
             # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
             # fold γ/σ_r grows and overflows more)
             stats = self.layer_fn(x, weight, layer_bias, *self.layer_args)
-            var_b, mean_b = torch.var_mean(stats, dim=dims, unbiased=False)
+            if sync:
+                mean_b, var_b, count = synced_moments(stats, dims)
+            else:
+                var_b, mean_b = torch.var_mean(stats, dim=dims, unbiased=False)
             gamma = torch.ones_like(var_b) if self.weight is None else self.weight
             k = _per_channel(gamma * torch.rsqrt(var_b + self.eps), z.dim())
             # value (z − μ_B)·k; gradient: z straight through k, and μ_B, k (so γ, x, W through them) as
@@ -172,10 +223,14 @@ class BatchNormFold(nn.Module):
             out = z * k.detach() + (s - _per_channel(mean_b, z.dim())) * k - s * k.detach()
             if self.bias is not None:
                 out = out + _per_channel(self.bias, z.dim())
-            with torch.no_grad():
-                m = self._momentum()
-                self.running_mean.mul_(1 - m).add_(mean_b, alpha=m)
-                self.running_var.mul_(1 - m).add_(var_b * (count / (count - 1)), alpha=m)
+            self._update_running(mean_b, var_b, count)
+        elif sync:
+            # as below, with every rank's batch: SyncBatchNorm's statistics and running-statistics update
+            mean_b, var_b, count = synced_moments(z, dims)
+            out = (z - _per_channel(mean_b, z.dim())) * _per_channel(torch.rsqrt(var_b + self.eps), z.dim())
+            if self.weight is not None:
+                out = out * _per_channel(self.weight, z.dim()) + _per_channel(self.bias, z.dim())
+            self._update_running(mean_b, var_b, count)
         else:
             # BatchNorm with batch statistics on z: γ(z − μ_B)/σ_B + β = y·σ_r/σ_B + β − γμ_B/σ_B, with
             # running statistics updated as nn.BatchNorm does (one fused kernel, forward and backward)

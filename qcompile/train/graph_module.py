@@ -36,6 +36,18 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
+def check_state_dict(own: dict, state, where: str) -> None:
+    """CheckpointError unless `state` is a dict with exactly `own`'s keys and shapes (nothing is copied)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} holds a {type(state).__name__}, not a state_dict")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{where} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape "
+            f"{wrong[:5]} (compile the same model with the same config)")
+
+
 class QuantizedGraphModule(fx.GraphModule):
     def __init__(self, root, graph, class_name: str = "QuantizedGraphModule"):
         super().__init__(root, graph, class_name)
@@ -79,6 +91,19 @@ class QuantizedGraphModule(fx.GraphModule):
             for q, state in states:
                 q.enabled = state
 
+    def seed_rounding(self, seed: int, device=None) -> None:
+        """Make every stochastic-rounding quantizer draw from one generator on `device` (default CPU)
+        seeded with `seed`: from here on the dither depends on `seed` and the draws since, nothing
+        else (reseeding before every step makes it a function of what the seed is derived from)."""
+        device = torch.device(device or "cpu")
+        gen = getattr(self, "_rounding_generator", None)
+        if gen is None or gen.device != device:
+            gen = self._rounding_generator = torch.Generator(device)
+        gen.manual_seed(seed)
+        for _, q in self.quantizers():
+            if q.stochastic:
+                q.generator = gen
+
     @torch.no_grad()
     def calibrate(self, batches) -> int:
         """Run `batches` (tensors or tuples of tensors) with estimators updating and quantization
@@ -111,15 +136,7 @@ class QuantizedGraphModule(fx.GraphModule):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict")
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [k for k in own if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} does not match this graph: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, wrong shape {wrong[:5]} (compile the same model with the same config)")
+        check_state_dict(self.state_dict(), state, f"checkpoint {str(path)!r}")
         self.load_state_dict(state)
 
     def regularization(self) -> torch.Tensor:
