@@ -18,6 +18,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import fnmatch
@@ -44,7 +45,7 @@ from qcompile.tools import checkpoint
 from qcompile.tools.data import Datasets, EpochSampler, SeededItems, derived_seed, load_datasets
 from qcompile.tools.model_spec import load_model
 from qcompile.tools.run_config import TrainConfig
-from qcompile.train.graph_module import QuantizedGraphModule, check_state_dict
+from qcompile.train.graph_module import check_state_dict
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "steps_per_s",
@@ -147,6 +148,16 @@ def _model(spec: str, classes) -> nn.Module:
     return load_model(spec, **kwargs)
 
 
+def norm_and_depthwise(model: nn.Module) -> tuple[set, set]:
+    """(names of norm-layer parameters, names of depthwise conv weights) of a float model; compilation
+    keeps parameter names, so they name the compiled model's parameters too."""
+    norm = {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, NORM_TYPES)
+            for p, _ in mod.named_parameters(recurse=False)}
+    depthwise = {f"{m}.weight" for m, mod in model.named_modules()
+                 if isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels}
+    return norm, depthwise
+
+
 def prepare(train: TrainConfig, qconfig: QConfig | None, procs: Processes, float_model: nn.Module | None = None) -> Setup:
     """Data, model (seeded with `train.seed`, or a copy of `float_model`), compiled when `qconfig` is
     given, on the device; ValueError / QCompileError naming what is wrong."""
@@ -159,10 +170,7 @@ def prepare(train: TrainConfig, qconfig: QConfig | None, procs: Processes, float
     if channels != 3 and train.data != "mnist5k" and Path(train.data).is_dir():
         data = load_datasets(train.data, channels=channels, image_size=train.image_size, augment=train.augment)
     x = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
-    no_decay = {f"{m}.{p}" if m else p for m, mod in float_model.named_modules() if isinstance(mod, NORM_TYPES)
-                for p, _ in mod.named_parameters(recurse=False)}
-    depthwise = {f"{m}.weight" for m, mod in float_model.named_modules()
-                 if isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels}
+    no_decay, depthwise = norm_and_depthwise(float_model)
     model = float_model if qconfig is None else qcompile.compile(float_model, (x,), qconfig)
     return Setup(train, qconfig, model.to(procs.device), data, tuple(x.shape[1:]), procs, no_decay, depthwise)
 
@@ -378,9 +386,7 @@ class Trainer:
         loss_sum, correct, seen, bad = _sum_over_ranks(
             [float(loss.detach()) * len(y), correct, float(len(y)), float(not torch.isfinite(total.detach()))], self.procs)
         if bad:
-            raise NonFiniteError(f"{self.out}: epoch {p.epoch + 1}, step {p.step + 1}: the training loss is not finite "
-                                 f"(lr {t.lr * factor:g}); the run stopped, {self.out / 'last.pt'} holds the last "
-                                 "checkpoint (lower --lr or set --clip-grad-norm, then --resume)")
+            raise NonFiniteError(f"the training loss is not finite (lr {t.lr * factor:g})")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if t.clip_grad_norm is not None:
@@ -388,8 +394,7 @@ class Trainer:
             if not torch.isfinite(norm):
                 bad_name = next(n for n, q in self.model.named_parameters()
                                 if q.grad is not None and not torch.isfinite(q.grad).all())
-                raise NonFiniteError(f"{self.out}: epoch {p.epoch + 1}, step {p.step + 1}: the gradient of "
-                                     f"{bad_name!r} is not finite; {self.out / 'last.pt'} holds the last checkpoint")
+                raise NonFiniteError(f"the gradient of {bad_name!r} is not finite")
         self.optimizer.step()
         p.loss_sum, p.correct, p.seen = p.loss_sum + loss_sum, p.correct + correct, p.seen + seen
         p.step += 1
@@ -413,6 +418,15 @@ class Trainer:
         loss, correct = _sum_over_ranks([loss, correct], self.procs)
         return loss / len(val), 100.0 * correct / len(val)
 
+    @contextlib.contextmanager
+    def _stopping_at(self, where: str):
+        """A NonFiniteError inside says where the run stopped and what holds its last checkpoint."""
+        try:
+            yield
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{self.out}: {where}: {exc}; the run stopped and {self.out / 'last.pt'} holds its "
+                                 "last checkpoint (lower --lr or set --clip-grad-norm, then --resume)") from None
+
     def fit(self, log=print) -> RunResult:
         t, p = self.setup.train, self.progress
         steps = self.sampler.steps_per_epoch
@@ -427,7 +441,8 @@ class Trainer:
             t0 = time.perf_counter() - p.seconds
             steps_before = p.step_in_epoch
             for x, y in self.loader:
-                self._step(x.to(self.procs.device, non_blocking=True), y.to(self.procs.device, non_blocking=True))
+                with self._stopping_at(f"epoch {p.epoch + 1}, step {p.step + 1}"):
+                    self._step(x.to(self.procs.device, non_blocking=True), y.to(self.procs.device, non_blocking=True))
                 p.seconds = time.perf_counter() - t0
                 if bar is not None:
                     bar.update(1)
@@ -437,7 +452,8 @@ class Trainer:
                     self.save()
             if bar is not None:
                 bar.close()
-            self._end_epoch(log)
+            with self._stopping_at(f"epoch {p.epoch + 1}, held-out evaluation"):
+                self._end_epoch(log)
         return RunResult(self.out, self.metrics, p.best_acc, p.best_epoch, self.model)
 
     def _end_epoch(self, log) -> None:
@@ -494,6 +510,12 @@ def _fresh(setup: Setup, out: Path, log, progress_bar: bool) -> RunResult:
 def _continue(setup: Setup, out: Path, log, progress_bar: bool) -> RunResult:
     path = out / "last.pt"
     ckpt = checkpoint.read(path)
+    stored = json.loads(setup.run_json())
+    changed = sorted(f"{table}.{k}" for table in ("train", "qcompile") for k in set(stored[table] or {}) |
+                     set(ckpt["run"].get(table) or {}) if (stored[table] or {}).get(k) != (ckpt["run"].get(table) or {}).get(k))
+    if changed:
+        raise CheckpointError(f"checkpoint {str(path)!r} belongs to another run: {changed[:5]} differ from "
+                              f"{out / 'run.json'}; nothing was loaded")
     trainer = Trainer(setup, out, progress_bar)
     trainer.load(ckpt, f"checkpoint {str(path)!r}")
     p = trainer.progress

@@ -95,8 +95,8 @@ def sweep(epochs: int = 5, bits: int = 8, seed: int = 0, barrier: dict | None = 
 
 
 def format_header() -> str:
-    return (f"| acc_bits | tile | barrier | held-out acc (%) | overflow events | overflowed outputs (%) | "
-            f"train s |\n|---:|---:|:---:|---:|---:|---:|---:|")
+    return ("| acc_bits | tile | barrier | held-out acc (%) | overflow events | overflowed outputs (%) | "
+            "train s |\n|---:|---:|:---:|---:|---:|---:|---:|")
 
 
 def format_row(r: dict) -> str:
