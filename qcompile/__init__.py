@@ -33,6 +33,7 @@ _LAZY = {
     "experiments": ("qcompile.tools.experiments", None),
     "bn_rectification": ("qcompile.train.bn_rectification", None),
     "data": ("qcompile.tools.data", None),
+    "trainer": ("qcompile.tools.trainer", None),
     "models": ("qcompile.models", None),
     "ir": ("qcompile.ir", None),
 }

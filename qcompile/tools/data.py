@@ -49,6 +49,21 @@ def mnist_5k(seed: int = 0) -> Split:
     return Split(xt[train_idx], yt[train_idx], xt[test_idx], yt[test_idx])
 
 
+def write_mnist_5k_folder(root: str | Path) -> Path:
+    """MNIST-5k as an image folder on disk: `root/train/DIGIT/NNNN.png` (the 4,000 training digits) and
+    `root/val/DIGIT/NNNN.png` (the 1,000 held-out ones), 8-bit grayscale, NNNN the index in `mnist_5k()`.
+    Read back with `load_datasets(root, channels=1)` it gives `mnist_5k()`'s tensors (to float32 rounding)."""
+    from PIL import Image
+    root, split = Path(root), mnist_5k()
+    for name, xs, ys in (("train", split.x_train, split.y_train), ("val", split.x_test, split.y_test)):
+        pixels = np.rint((xs.numpy()[:, 0] * MNIST_STD + MNIST_MEAN) * 255).astype(np.uint8)
+        for i, (img, label) in enumerate(zip(pixels, ys.tolist())):
+            folder = root / name / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+    return root
+
+
 def image_transform(image_size: int, channels: int = 3, augment: bool = False):
     """The transform of an image-folder sample: RandomResizedCrop + horizontal flip when `augment`
     (training), else Resize + CenterCrop; `channels` 1 (grayscale, MNIST's mean/std) or 3 (RGB,

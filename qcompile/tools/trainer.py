@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,8 @@ class Setup:
 
     def run_json(self) -> str:
         return json.dumps({"train": self.train.to_dict(), "qcompile": None if self.qconfig is None
-                           else self.qconfig.to_dict(), "world": self.procs.world, "input_shape": list(self.input_shape),
+                           else self.qconfig.to_dict(), "world": self.procs.world, "threads": torch.get_num_threads(),
+                           "input_shape": list(self.input_shape),
                            "classes": self.data.classes}, indent=2)
 
 
@@ -257,12 +259,14 @@ def _write_curves(out: Path, rows: list[dict], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "top-1 accuracy (%)")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train (quantized forward, train mode)")
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="training batches (train mode)")
         ax.plot(epochs, [r[f"val_{key}"] for r in rows], "s-", label="held-out (eval mode)")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
@@ -295,9 +299,12 @@ class Trainer:
         if self.procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             # buffers stay per rank: the model all-reduces its statistics itself, and ranks_agree checks
-            self.net = DistributedDataParallel(self.model, broadcast_buffers=False,
-                                               device_ids=[torch.device(self.procs.device).index]
-                                               if self.procs.device.startswith("cuda") else None)
+            # (torch >= 2.10 deprecates broadcast_buffers, but says to keep it for rank-local buffers)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.net = DistributedDataParallel(self.model, broadcast_buffers=False,
+                                                   device_ids=[torch.device(self.procs.device).index]
+                                                   if self.procs.device.startswith("cuda") else None)
         self.optimizer = make_optimizer(setup)
         t = setup.train
         self.sampler = EpochSampler(len(setup.data.train), t.batch_size, t.seed, self.procs.rank, self.procs.world)
@@ -521,6 +528,10 @@ def _continue(setup: Setup, out: Path, log, progress_bar: bool) -> RunResult:
     p = trainer.progress
     if setup.procs.main:
         log(f"resuming {out}: epoch {p.epoch + 1}, step {p.step} ({p.step_in_epoch} into the epoch)")
+        if ckpt["run"].get("threads") != torch.get_num_threads():
+            log(f"note: the run used {ckpt['run'].get('threads')} thread(s) per process, this process has "
+                f"{torch.get_num_threads()}: float sums change order, so the result will not be bit-identical to an "
+                f"uninterrupted run (set OMP_NUM_THREADS={ckpt['run'].get('threads')} for that)")
     return trainer.fit(log)
 
 

@@ -35,9 +35,12 @@ def minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _all_reduce_minmax(lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """lo ← min over ranks, hi ← max over ranks, in place, as one all-reduce (max(hi) = −min(−hi), exact)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        both = torch.cat([lo.reshape(-1), hi.reshape(-1).neg()])
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)
+        lo.copy_(both[:lo.numel()].view_as(lo))
+        hi.copy_(both[lo.numel():].neg().view_as(hi))
 
 
 class RangeEstimator(nn.Module):
