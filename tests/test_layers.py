@@ -115,6 +115,8 @@ def test_import_qcompile_loads_no_backend_and_readme_names_resolve():
         "    assert callable(getattr(qcompile, name)), name\n"
         "assert callable(qcompile.bn_rectification.noise_amplification)\n"
         "assert callable(qcompile.data.mnist_5k) and callable(qcompile.models.get)\n"
+        "assert callable(qcompile.data.write_mnist_5k_folder) and callable(qcompile.data.load_datasets)\n"
+        "assert callable(qcompile.trainer.run) and callable(qcompile.trainer.resume)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
