@@ -97,9 +97,12 @@ def test_folded_batchnorm_under_ddp_is_batchnorm_of_the_global_batch(tmp_path, n
     x, w = torch.randn(8, 3, 8, 8, generator=g) * 2 + 1, torch.randn(8, 4, 4, 4, generator=g)
     out, grads, stats = _bn_net_outputs(qm, x, w)
     torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out, rtol=1e-5, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in grads.values())
     for r in ranks:
         assert r["stats"].keys() == stats.keys() and len(stats) == 4
         for k in stats:
             torch.testing.assert_close(r["stats"][k], stats[k], rtol=1e-5, atol=1e-6)
         for k in grads:
-            torch.testing.assert_close(r["grads"][k], grads[k], rtol=1e-4, atol=1e-5)
+            # float32 sums in another order: within 1e-5 of the largest gradient (a conv bias before a
+            # BatchNorm has gradient 0 in exact arithmetic, float noise here)
+            torch.testing.assert_close(r["grads"][k], grads[k], rtol=1e-4, atol=1e-5 * scale)

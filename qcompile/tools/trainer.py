@@ -308,27 +308,32 @@ class Trainer:
         self.optimizer = make_optimizer(setup)
         t = setup.train
         self.sampler = EpochSampler(len(setup.data.train), t.batch_size, t.seed, self.procs.rank, self.procs.world)
-        self.loader = DataLoader(SeededItems(setup.data.train, t.seed, t.augment), t.batch_size // self.procs.world,
+        self.loader = DataLoader(SeededItems(setup.data.train, t.seed, setup.data.random_transforms), t.batch_size // self.procs.world,
                                  sampler=self.sampler, num_workers=t.workers, persistent_workers=t.workers > 0,
                                  pin_memory=self.procs.device.startswith("cuda"))
         self.progress = Progress()
         self.metrics: list[dict] = []
 
     # -- state ---------------------------------------------------------------------------------------
-    def _rng_states(self) -> list[torch.Tensor]:
-        state = torch.get_rng_state()
+    def _gathered(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `state` (a byte tensor of one size on every rank), on the CPU. Collective."""
         if self.procs.world == 1:
             return [state]
-        device = self.procs.device
-        gathered = [torch.empty_like(state, device=device) for _ in range(self.procs.world)]
-        dist.all_gather(gathered, state.to(device))
+        gathered = [torch.empty_like(state, device=self.procs.device) for _ in range(self.procs.world)]
+        dist.all_gather(gathered, state.to(self.procs.device))
         return [g.cpu() for g in gathered]
+
+    def _rng_states(self) -> dict:
+        """torch's CPU generator of every rank, and its CUDA generator (dropout on the GPU) with --device cuda."""
+        cuda = self.procs.device.startswith("cuda")
+        return {"torch": self._gathered(torch.get_rng_state()),
+                "cuda": self._gathered(torch.cuda.get_rng_state(self.procs.device)) if cuda else []}
 
     def state(self) -> dict:
         """This run as a checkpoint (collective: gathers every rank's RNG state)."""
         return {"format": checkpoint.FORMAT, "run": self.setup.run_json(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "progress": vars(self.progress).copy(),
-                "rng": {"torch": self._rng_states()}, "metrics": [dict(r) for r in self.metrics]}
+                "rng": self._rng_states(), "metrics": [dict(r) for r in self.metrics]}
 
     def save(self, best: bool = False) -> None:
         """Write last.pt (and best.pt); the first save creates the run directory and its run.json, so a
@@ -352,9 +357,12 @@ class Trainer:
         progress = ckpt["progress"]
         if set(progress) != set(vars(Progress())):
             raise CheckpointError(f"{where}: progress fields {sorted(progress)} are not {sorted(vars(Progress()))}")
-        rngs = ckpt["rng"].get("torch")
-        if not isinstance(rngs, list) or len(rngs) != self.procs.world:
-            raise CheckpointError(f"{where}: expected {self.procs.world} torch RNG state(s)")
+        rngs, cuda = ckpt["rng"].get("torch"), ckpt["rng"].get("cuda")
+        expect_cuda = self.procs.world if self.procs.device.startswith("cuda") else 0
+        if not isinstance(rngs, list) or len(rngs) != self.procs.world or not isinstance(cuda, list) \
+                or len(cuda) != expect_cuda:
+            raise CheckpointError(f"{where}: expected {self.procs.world} torch RNG state(s) and {expect_cuda} CUDA "
+                                  "one(s) (resume on the device the run used)")
         trial = copy.deepcopy(self.optimizer)
         try:
             trial.load_state_dict(ckpt["optimizer"])
@@ -365,6 +373,8 @@ class Trainer:
         self.progress = Progress(**progress)
         self.metrics = [dict(r) for r in ckpt["metrics"]]
         torch.set_rng_state(rngs[self.procs.rank])
+        if cuda:
+            torch.cuda.set_rng_state(cuda[self.procs.rank], self.procs.device)
 
     # -- steps ---------------------------------------------------------------------------------------
     def calibrate(self) -> int:
@@ -374,7 +384,7 @@ class Trainer:
             return 0
         sampler = EpochSampler(len(self.setup.data.train), t.batch_size, t.seed, self.procs.rank, self.procs.world)
         sampler.start(-1)
-        loader = DataLoader(SeededItems(self.setup.data.train, t.seed, t.augment), t.batch_size // self.procs.world,
+        loader = DataLoader(SeededItems(self.setup.data.train, t.seed, self.setup.data.random_transforms), t.batch_size // self.procs.world,
                             sampler=sampler, num_workers=t.workers)
         self.model.train()
         return self.model.calibrate(x.to(self.procs.device) for x, _ in itertools.islice(loader, t.calibration_batches))
