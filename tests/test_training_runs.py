@@ -325,7 +325,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     resumed = trainer.resume(killed, log=log.append, progress_bar=False)
     assert any(f"({at['step_in_epoch']} into the epoch)" in s for s in log)
     assert not any("not be bit-identical" in s for s in log)
-    train, qconfig, _ = trainer.configs_of(killed)
+    train, qconfig = trainer.configs_of(killed)
     whole = trainer.run(train, qconfig, tmp_path / "whole", log=lambda s: None, progress_bar=False)
     a, b = checkpoint.read(killed / "last.pt"), checkpoint.read(tmp_path / "whole" / "last.pt")
     assert a["model"].keys() == b["model"].keys()

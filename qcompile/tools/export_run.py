@@ -16,9 +16,7 @@ from qcompile.backends import parity
 from qcompile.errors import CheckpointError
 from qcompile.tools import checkpoint
 from qcompile.tools.deploy import emit_c, export_onnx
-from qcompile.tools.run_config import TrainConfig
-from qcompile.tools.trainer import Processes, prepare
-from qcompile.config import QConfig
+from qcompile.tools.trainer import Processes, prepare, stored_configs
 from qcompile.train.graph_module import check_state_dict
 
 
@@ -36,13 +34,9 @@ def export_checkpoint(path, onnx_path=None, format: str = "qdq", c_dir=None, bui
     on the first `limit` held-out samples (all by default)."""
     ckpt = checkpoint.read(path)
     where = f"checkpoint {str(path)!r}"
-    stored = ckpt["run"]
-    if stored.get("qcompile") is None:
+    train, qconfig = stored_configs(ckpt["run"], where)
+    if qconfig is None:
         raise CheckpointError(f"{where} is a float baseline's (RUN_DIR/fp32); export the quantized run's checkpoint")
-    try:
-        train, qconfig = TrainConfig.from_dict(stored["train"]), QConfig.from_dict(stored["qcompile"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: its run configuration is not valid ({exc})") from None
     setup = prepare(train.replace(device="cpu", augment=False), qconfig, Processes())
     qm = setup.model
     check_state_dict(qm.state_dict(), ckpt["model"], where)

@@ -11,7 +11,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qcompile.config import QConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -115,8 +114,3 @@ def load_run_file(path: str | Path) -> tuple[dict, dict]:
         raise ValueError(f"config {str(path)!r}: unknown top-level keys {sorted(extra)}; a run file holds a "
                          "[train] table (TrainConfig) and a [qcompile] table (QConfig)")
     return dict(data.get("train", {})), dict(data.get("qcompile", {}))
-
-
-def run_configs(train: dict, qcompile: dict) -> tuple[TrainConfig, QConfig]:
-    """Both configs from their field dicts (ValueError naming a bad field)."""
-    return TrainConfig.from_dict(train), QConfig.from_dict(qcompile)

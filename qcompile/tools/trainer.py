@@ -578,25 +578,34 @@ def run(train: TrainConfig, qconfig: QConfig | None, out, *, log=None, progress_
     return result
 
 
-def configs_of(run_dir: Path) -> tuple[TrainConfig, QConfig | None, dict]:
+def stored_configs(stored: dict, where: str) -> tuple[TrainConfig, QConfig | None]:
+    """The (TrainConfig, QConfig or None for a float baseline) of a run's stored JSON (run.json, or a
+    checkpoint's "run"); CheckpointError naming `where` when they are not valid."""
+    try:
+        train = TrainConfig.from_dict(stored["train"])
+        qconfig = None if stored["qcompile"] is None else QConfig.from_dict(stored["qcompile"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: not a valid run configuration ({exc})") from None
+    return train, qconfig
+
+
+def configs_of(run_dir: Path) -> tuple[TrainConfig, QConfig | None]:
     """The configs `run.json` of a run directory holds."""
     path = run_dir / "run.json"
     if not path.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a run directory: {path} does not exist")
     try:
         stored = json.loads(path.read_text())
-        train = TrainConfig.from_dict(stored["train"])
-        qconfig = None if stored["qcompile"] is None else QConfig.from_dict(stored["qcompile"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a valid run configuration ({exc})") from None
-    return train, qconfig, stored
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return stored_configs(stored, str(path))
 
 
 def resume(out, *, log=None, progress_bar: bool = True) -> RunResult:
     """Continue the run in `out` from its last checkpoint (its configs from `out/run.json`), then its
     baseline when it has one; a finished run is evaluated and reported, not retrained."""
     out, log = Path(out), log or _print
-    train, qconfig, _ = configs_of(out)
+    train, qconfig = configs_of(out)
     procs = start_processes(train.device)
     if not (out / "last.pt").is_file():
         raise CheckpointError(f"{str(out)!r} has no last.pt yet (the run stopped before its first checkpoint); "
