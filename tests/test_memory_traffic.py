@@ -145,9 +145,13 @@ def test_cli_report_with_config_file_and_flags(tmp_path, capsys):
     assert cli.main(["report", "models:lenet5", "--input-shape", "1,1,28,28", "--config", str(cfg),
                      "--weight-bits", "4"]) == 0
     out = capsys.readouterr().out
-    body = [ln for ln in out.splitlines() if ln.startswith(("conv", "fc", "features", "classifier"))]
+    forward, backward = out.split("backward memory traffic")
+    body = [ln for ln in forward.splitlines() if ln.startswith(("conv", "fc", "features", "classifier"))]
     assert body and all("4/8/8/32" in ln and "current (dynamic)" in ln for ln in body)
-    assert "total: static" in out
+    rows = [ln for ln in backward.splitlines() if ln.startswith(("conv", "fc"))]
+    assert len(rows) == len(body) and all("none (float gradients)" in ln for ln in rows)   # no grad_bits
+    for name in ("forward", "backward", "training step"):
+        assert f"total {name}: static" in out
 
 
 def test_cli_names_a_wrong_argument(capsys):
@@ -155,3 +159,57 @@ def test_cli_names_a_wrong_argument(capsys):
     assert "unknown torchvision classification model 'no_such_net'" in capsys.readouterr().err
     assert cli.main(["report", "models:lenet5", "--input-shape", "1,1,28,28", "--act-range", "sideways"]) == 2
     assert "QConfig.act_range='sideways'" in capsys.readouterr().err
+
+
+def _lenet_traffic(**config):
+    qm = qcompile.compile(get("models:lenet5"), torch.randn(2, 1, 28, 28), **config)
+    return {r.layer: r for r in memory_traffic(qm, (1, 1, 28, 28)).layers}
+
+
+def test_backward_traffic_of_one_layer_by_hand():
+    rows = _lenet_traffic(grad_bits=8)
+    conv2 = rows["conv2"]
+    x, w, y = 6 * 14 * 14, 16 * 6 * 5 * 5, 16 * 10 * 10
+    g_x = y * 8 + w * 8 + x * 8          # reads G̃_Y and W̃, writes G̃_X at Q_G's 8 bits
+    g_w = y * 8 + x * 8 + w * 32         # reads G̃_Y and X̃, writes the FP32 weight gradient
+    assert conv2.backward_static_bits == g_x + g_w
+    assert conv2.backward_dynamic_bits - conv2.backward_static_bits == 2 * x * 32   # only G_X is quantized
+    assert conv2.backward_configured_bits == conv2.backward_static_bits              # hindsight: static
+    assert rows["conv1"].gradient_ops == 1          # the model's input needs no gradient: G_W only
+    assert rows["conv1"].backward_dynamic_bits == rows["conv1"].backward_static_bits
+    assert rows["fc3"].b_gy == 32 and rows["fc2"].b_gy == 8     # the loss gradient is float
+
+
+def test_backward_traffic_follows_the_gradient_quantizers():
+    dynamic = _lenet_traffic(grad_bits=6, grad_range="current", quantize_weight_grad=True)
+    for r in dynamic.values():
+        assert r.backward_configured_bits == r.backward_dynamic_bits
+        weight = r.operands[-1]
+        assert (weight.grad_bits, weight.grad_quantized) == (6, True)
+        quantized = [o for o in r.operands if o.needs_grad and o.grad_quantized]
+        assert r.backward_dynamic_bits - r.backward_static_bits == sum(2 * o.elems * 32 for o in quantized)
+    assert dynamic["conv2"].b_gy == 6 and dynamic["conv2"].operands[0].grad_bits == 6
+    narrow = _lenet_traffic(grad_bits=8, acc_bits=16, grad_acc_bits=12, tile=16)
+    assert all(r.b_acc_backward == 12 and r.b_acc == 16 for r in narrow.values())
+    assert narrow["conv2"].backward_dynamic_bits - narrow["conv2"].backward_static_bits == 2 * 6 * 14 * 14 * 12
+    none = _lenet_traffic()
+    assert all(o.grad_bits == 32 for r in none.values() for o in r.operands)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.matmul(self.q(x), self.k(x).transpose(1, 2))
+
+
+def test_act_by_act_matmul_backward_reads_the_other_operand():
+    qm = qcompile.compile(_Attention(), torch.randn(2, 5, 8), grad_bits=8)
+    rows = {r.kind: r for r in memory_traffic(qm, (1, 5, 8)).layers}
+    mm = rows["matmul"]
+    a, b = mm.operands
+    assert (a.elems, b.elems, mm.output_elems, mm.gradient_ops) == (40, 40, 25, 2)
+    assert (a.grad_bits, b.grad_bits, mm.b_gy) == (8, 8, 32)      # the output's gradient is the float loss's
+    assert mm.backward_static_bits == 2 * (25 * 32 + 40 * 8 + 40 * 8)   # G_A reads B̃, G_B reads Ã

@@ -178,8 +178,13 @@ def _report(args) -> int:
     print(f"{args.model}, input {tuple(shape)}: forward memory traffic per layer, static (eq. 4) vs dynamic "
           "quantization (section 3.2)")
     print(traffic.table(markdown=args.markdown))
-    print(f"total: static {traffic.static_bytes / 1024:.1f} KB, dynamic {traffic.dynamic_bytes / 1024:.1f} KB "
-          f"(+{100 * traffic.delta:.0f}%), as configured {traffic.configured_bytes / 1024:.1f} KB")
+    print()
+    print("backward memory traffic per layer: G_X and G_W matmuls, static vs dynamic gradient quantization")
+    print(traffic.backward_table(markdown=args.markdown))
+    print()
+    for name, (static, dynamic, configured) in traffic.totals().items():
+        print(f"total {name}: static {static / 1024:.1f} KB, dynamic {dynamic / 1024:.1f} KB "
+              f"(+{100 * (dynamic / static - 1):.0f}%), as configured {configured / 1024:.1f} KB")
     return 0
 
 

@@ -22,6 +22,28 @@ Each layer is then charged as configured: the static cost when its output quanti
 estimator is static (in-hindsight, DSGC, fixed), the dynamic cost otherwise (current,
 running min-max). Invariant: dynamic − static = 2·|Y|·b_acc ≥ 0 for every layer, and the
 totals are the sums of the rows.
+
+The backward pass (figure 1 of the paper, "follows analogously") runs one matmul per operand
+O of the layer that needs a gradient: G_O = ∂(G̃_Y, the other operands). Each reads G̃_Y and
+every other operand, and writes G_O:
+
+  static  (backward): Σ_O [ |Y|·b_gy + Σ_{O' ≠ O} |O'|·b_O' + |O|·b_gO ]
+  dynamic (backward): static + Σ_{O with a quantized gradient} 2·|O|·b_acc'
+
+- b_gy is the width of the gradient quantizer Q_G that wrote G̃_Y: the one on the edge into
+  the next layer, reached through the ops between, which are taken as fused (ReLU masks,
+  pooling, reshapes, residual adds, folded BatchNorm). It is 32 where G_Y is float (the loss
+  gradient of the last layer, or a consumer without Q_G).
+- b_gO is the width of the operand's own Q_G (an activation's G_X, quantized before it is
+  propagated) or 32 for a float gradient. The weight gradient is written in FP32 as in the
+  paper, or at its Q_G's width with `quantize_weight_grad`.
+- The model's input needs no gradient: the first layer has no G_X matmul.
+- b_acc' is the backward accumulator width: `grad_acc_bits` of the layer's accumulator op,
+  else the forward b_acc.
+
+A quantized G_O is charged the dynamic cost when its Q_G's estimator is dynamic. A float one
+has none: it is written once. Invariant: backward dynamic − static = 2·Σ|O|·b_acc' over the
+quantized gradients.
 """
 from __future__ import annotations
 
@@ -34,6 +56,19 @@ from qcompile.passes.ops import is_grid_preserving, is_matmul, layer_result, qua
 
 KB = 1024  # the paper's KB (its Table 5 figures are bytes / 1024)
 DEFAULT_ACC_BITS = 32
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One operand of a layer as its backward pass sees it: size and width read, and the gradient the
+    backward writes for it (width, whether a quantizer with a static estimator produces it)."""
+    elems: int
+    bits: int
+    grad_bits: int            # 32: a float gradient
+    grad_quantized: bool
+    grad_static: bool
+    needs_grad: bool          # False for the model's input
+    grad_estimator: str
 
 
 @dataclass(frozen=True)
@@ -55,6 +90,9 @@ class LayerTraffic:
     b_acc: int
     estimator: str
     static: bool
+    operands: tuple[Operand, ...] = ()
+    b_gy: int = 32
+    b_acc_backward: int = 32
 
     @property
     def static_bits(self) -> int:
@@ -82,6 +120,35 @@ class LayerTraffic:
         """(dynamic − static) / static: the paper's 'Delta' column."""
         return self.dynamic_bits / self.static_bits - 1
 
+    # ---- backward pass -----------------------------------------------------------------------
+    @property
+    def gradient_ops(self) -> int:
+        return sum(o.needs_grad for o in self.operands)
+
+    @property
+    def backward_static_bits(self) -> int:
+        reads = sum(o.elems * o.bits for o in self.operands)
+        return sum(self.output_elems * self.b_gy + reads - o.elems * o.bits + o.elems * o.grad_bits
+                   for o in self.operands if o.needs_grad)
+
+    def _backward_overhead(self, only_dynamic: bool) -> int:
+        return sum(2 * o.elems * self.b_acc_backward for o in self.operands
+                   if o.needs_grad and o.grad_quantized and not (only_dynamic and o.grad_static))
+
+    @property
+    def backward_dynamic_bits(self) -> int:
+        return self.backward_static_bits + self._backward_overhead(only_dynamic=False)
+
+    @property
+    def backward_configured_bits(self) -> int:
+        """The cost under each gradient quantizer's own estimator."""
+        return self.backward_static_bits + self._backward_overhead(only_dynamic=True)
+
+    @property
+    def grad_estimator(self) -> str:
+        names = sorted({o.grad_estimator for o in self.operands if o.needs_grad and o.grad_quantized})
+        return "/".join(names) or "none (float gradients)"
+
 
 @dataclass
 class MemoryTraffic:
@@ -105,6 +172,42 @@ class MemoryTraffic:
     def delta(self) -> float:
         return self.dynamic_bytes / self.static_bytes - 1 if self.layers else 0.0
 
+    @property
+    def backward_static_bytes(self) -> float:
+        return sum(r.backward_static_bits for r in self.layers) / 8
+
+    @property
+    def backward_dynamic_bytes(self) -> float:
+        return sum(r.backward_dynamic_bits for r in self.layers) / 8
+
+    @property
+    def backward_configured_bytes(self) -> float:
+        return sum(r.backward_configured_bits for r in self.layers) / 8
+
+    def totals(self) -> dict[str, tuple[float, float, float]]:
+        """{"forward" | "backward" | "training step": (static, dynamic, as configured) bytes}."""
+        fwd = (self.static_bytes, self.dynamic_bytes, self.configured_bytes)
+        bwd = (self.backward_static_bytes, self.backward_dynamic_bytes, self.backward_configured_bytes)
+        return {"forward": fwd, "backward": bwd, "training step": tuple(a + b for a, b in zip(fwd, bwd))}
+
+    def backward_table(self, markdown: bool = True) -> str:
+        """Every layer's backward matmuls (G_X and G_W, or both operands of an act×act matmul), then the
+        totals; KB of 1024 bytes."""
+        head = ["layer", "gradient matmuls", "b_gy", "operand b / b_g", "static KB", "dynamic KB", "delta",
+                "gradient estimator", "as configured KB"]
+        rows = []
+        for r in self.layers:
+            d = r.backward_dynamic_bits / r.backward_static_bits - 1
+            widths = ", ".join(f"{o.bits}/{o.grad_bits if o.needs_grad else '-'}" for o in r.operands)
+            rows.append([r.layer, str(r.gradient_ops), str(r.b_gy), widths, f"{r.backward_static_bits / 8 / KB:.1f}",
+                         f"{r.backward_dynamic_bits / 8 / KB:.1f}", f"+{100 * d:.0f}%", r.grad_estimator,
+                         f"{r.backward_configured_bits / 8 / KB:.1f}"])
+        d = self.backward_dynamic_bytes / self.backward_static_bytes - 1
+        rows.append([f"**total ({len(self.layers)} layers)**", "", "", "", f"{self.backward_static_bytes / KB:.1f}",
+                     f"{self.backward_dynamic_bytes / KB:.1f}", f"+{100 * d:.0f}%", "",
+                     f"{self.backward_configured_bytes / KB:.1f}"])
+        return _format(head, rows, markdown)
+
     def table(self, markdown: bool = True) -> str:
         """Every layer, then the totals; sizes in KB (1024 bytes) as in the paper's Table 5."""
         head = ["layer", "kind", "C_in", "C_out", "in H×W", "out H×W", "b_w/b_in/b_out/b_acc",
@@ -118,13 +221,17 @@ class MemoryTraffic:
         rows.append([f"**total ({len(self.layers)} layers)**", "", "", "", "", "", "",
                      f"{self.static_bytes / KB:.1f}", f"{self.dynamic_bytes / KB:.1f}", f"+{100 * self.delta:.0f}%",
                      "", f"{self.configured_bytes / KB:.1f}"])
-        if markdown:
-            lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-            return "\n".join(lines)
-        widths = [max(len(h), *(len(row[i].strip("*")) for row in rows)) for i, h in enumerate(head)]
-        fmt = lambda row: "  ".join(c.strip("*").ljust(w) for c, w in zip(row, widths)).rstrip()
-        return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths))] + [fmt(row) for row in rows])
+        return _format(head, rows, markdown)
+
+
+def _format(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i].strip("*")) for row in rows)) for i, h in enumerate(head)]
+    fmt = lambda row: "  ".join(c.strip("*").ljust(w) for c, w in zip(row, widths)).rstrip()
+    return "\n".join([fmt(head), "-" * (sum(widths) + 2 * len(widths))] + [fmt(row) for row in rows])
 
 
 # ---- reading the graph ----------------------------------------------------------------------
@@ -225,15 +332,16 @@ def _kind(weight_shape, c_in: int) -> str:
 
 
 def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffic:
-    """Forward memory traffic of every conv / linear / matmul layer of `qm` for an input of
-    `input_shape` (a tuple, or a list of tuples for several inputs), static vs dynamic
-    quantization, with each layer charged as its output estimator decides. `acc_bits`
-    overrides every layer's accumulator width."""
+    """Memory traffic of every conv / linear / matmul layer of `qm` for an input of `input_shape` (a
+    tuple, or a list of tuples for several inputs), static vs dynamic quantization: forward (each
+    layer charged as its output estimator decides) and backward (as its gradient quantizers'
+    estimators decide). `acc_bits` overrides every layer's accumulator width, forward and backward."""
     shapes_in = [tuple(int(s) for s in input_shape)] if input_shape and isinstance(input_shape[0], int) \
         else [tuple(int(s) for s in shp) for shp in input_shape]
     if acc_bits is not None and (not isinstance(acc_bits, int) or acc_bits < 1):
         raise ValueError(f"memory_traffic: acc_bits={acc_bits!r} must be a positive integer")
     shapes = _propagate_shapes(qm, shapes_in)
+    trainable = {name for name, p in qm.named_parameters() if p.requires_grad}
     config = getattr(qm, "config", None)
     default_acc = acc_bits or getattr(config, "acc_bits", None) or DEFAULT_ACC_BITS
     rows = []
@@ -242,14 +350,14 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
             continue
         if not _is_layer(qm, node):
             continue
-        operands = [a for a in node.all_input_nodes if a.op != "get_attr" and a.meta.get("qc_quantizer") != "bias"]
         weight_node, weight_q = None, None
-        for a in operands:
+        for a in operands_nodes(node):
             q = quantizer_of(_through_gradient_quantizers(qm, a), qm, "weight")
             if q is not None:
                 weight_node, weight_q = _through_gradient_quantizers(qm, a), q
                 break
-        activations = [a for a in operands if a is not weight_node and _through_gradient_quantizers(qm, a) is not weight_node]
+        activations = [a for a in operands_nodes(node)
+                       if a is not weight_node and _through_gradient_quantizers(qm, a) is not weight_node]
         if not activations or node.name not in shapes:
             continue
         x = activations[0]
@@ -265,6 +373,13 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
         mod = _module(qm, node)
         b_acc = acc_bits or getattr(mod, "acc_bits", None) or default_acc
         layer = node.meta.get("qc_layer") or (str(node.target) if node.op == "call_module" else node.name)
+        operands = [_operand(qm, a, _numel(shapes[a.name]), q.bits if q is not None else 32, _needs_grad(a, trainable))
+                    for a, q in zip(activations, in_q)]
+        if weight_node is not None:
+            operands.append(_operand(qm, next(a for a in operands_nodes(node) if _through_gradient_quantizers(qm, a)
+                                              is weight_node), _numel(w_shape), weight_q.bits, True, weight=True))
+        inner = getattr(mod, "grad_output_quant", None)      # an accumulator op re-quantizes G_Y itself
+        b_gy = inner.bits if inner is not None else _incoming_gradient_bits(qm, layer_result(node, qm))
         rows.append(LayerTraffic(
             layer=layer, node=node.name, kind=_kind(w_shape, x_shape[1] if len(x_shape) > 1 else 1),
             c_in=x_shape[1] if len(x_shape) > 1 else x_shape[-1],
@@ -276,11 +391,61 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
             b_out=out_q.bits if out_q is not None else 32, b_acc=int(b_acc),
             estimator=out_q.estimator.name if out_q is not None else "none (float output)",
             static=bool(out_q.estimator.static) if out_q is not None else True,
+            operands=tuple(operands), b_gy=b_gy,
+            b_acc_backward=int(acc_bits or getattr(mod, "grad_acc_bits", None) or b_acc),
         ))
     if not rows:
         raise ValueError("memory_traffic: no quantized conv / linear / matmul layer in the graph; "
                          "pass the module qcompile.compile returned")
     return MemoryTraffic(shapes_in[0] if len(shapes_in) == 1 else tuple(shapes_in), rows)
+
+
+def operands_nodes(node) -> list:
+    """The tensor operands of a layer node: its inputs but constants and the rounded bias."""
+    return [a for a in node.all_input_nodes if a.op != "get_attr" and a.meta.get("qc_quantizer") != "bias"]
+
+
+def _operand(qm, node, elems: int, bits: int, needs_grad: bool, weight: bool = False) -> Operand:
+    """An operand read at `bits`; its gradient is quantized by the gradient quantizer `node` calls, if any
+    (an activation's Q_G, or a weight's with quantize_weight_grad), else float (FP32)."""
+    gq = quantizer_of(node, qm, "gradient")
+    if gq is None:
+        return Operand(elems, bits, 32, False, True, needs_grad, "float" if not weight else "FP32 weight gradient")
+    return Operand(elems, bits, gq.bits, True, bool(gq.estimator.static), needs_grad, gq.estimator.name)
+
+
+def _needs_grad(node, trainable: set) -> bool:
+    """Whether a tensor depends on a trainable parameter (the model's input alone does not)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and str(n.target) in trainable:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _incoming_gradient_bits(qm, node) -> int:
+    """Width of the gradient G̃_Y arriving at `node` in the backward pass: the widest gradient quantizer
+    reached through `node`'s users (the ops between are taken as fused), 32 where a path reaches the
+    graph output or a layer without one (a float gradient)."""
+    widths, stack, seen = [], list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        q = quantizer_of(u, qm, "gradient")
+        if q is not None:
+            widths.append(q.bits)
+        elif u.op == "output" or (quantizer_of(u, qm) is None and _is_layer(qm, u)):
+            widths.append(32)
+        else:
+            stack.extend(u.users)
+    return max(widths, default=32)
 
 
 def _numel(shape) -> int:
