@@ -26,6 +26,8 @@ class QConfig:
     weight_bits: int = 8
     act_bits: int = 8
     grad_bits: int | None = None
+    quantize_weights: bool = True       # false: weights stay float (the paper's Tables 1-2)
+    quantize_activations: bool = True   # false: activations stay float (Table 1: only gradients quantized)
     weight_granularity: str = "per_channel"
     act_symmetric: bool = False
     weight_range: str = "current"
@@ -122,6 +124,12 @@ class QConfig:
             raise ValueError(f"QConfig.bn_rectification={self.bn_rectification!r}: the loss weight λ must be >= 0")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"QConfig.on_nonfinite={self.on_nonfinite!r}: choose one of {NONFINITE_POLICIES}")
+        for name in ("quantize_weights", "quantize_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QConfig.{name}={getattr(self, name)!r}: must be True or False")
+            if not getattr(self, name) and self.acc_bits is not None:
+                raise ValueError(f"QConfig.{name}=False with acc_bits={self.acc_bits}: a narrow accumulator sums "
+                                 "integer codes, so weights and activations must be quantized")
         if not isinstance(self.bn_sync, bool):
             raise ValueError(f"QConfig.bn_sync={self.bn_sync!r}: must be True or False")
         if not isinstance(self.verify, bool):

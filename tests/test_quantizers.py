@@ -57,3 +57,34 @@ def test_gradient_codes_are_the_quantized_gradient_over_its_scale(stochastic):
         z = float(a.zero_point)
         assert torch.equal(codes, codes.round()) and codes.min() >= -z and codes.max() <= 255 - z
         assert len(codes.unique()) > 100
+
+
+def test_quantize_weights_and_activations_false_keep_the_forward_float():
+    """The paper's Table 1 setting (only gradients quantized) and Table 2's (weights float): the quantizers
+    are placed but stay off whatever switches are flipped; lowering refuses such a graph by name."""
+    import copy
+
+    import qcompile
+    from qcompile.errors import QCompileError
+    torch.manual_seed(0)
+    model = qcompile.models.get("models:lenet5")
+    x = torch.randn(16, 1, 28, 28)
+    grads_only = qcompile.compile(copy.deepcopy(model), x[:2], grad_bits=4, quantize_weights=False,
+                                  quantize_activations=False)
+    grads_only.set_quantization(True)
+    xf, xq = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = model(xf), grads_only(xq)
+    assert torch.equal(out, ref)                                   # the forward is the float model's
+    weights = torch.randn_like(ref)
+    (ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    assert not torch.allclose(xq.grad, xf.grad, atol=1e-6)         # 4-bit gradients do change the backward
+    kinds = {q.kind for _, q in grads_only.quantizers() if not q.float_by_config}
+    assert kinds == {"gradient"} and all(not q.enabled for _, q in grads_only.quantizers() if q.float_by_config)
+    with pytest.raises(QCompileError, match="float by config"):
+        qcompile.lower(grads_only.eval())
+    acts_only = qcompile.compile(copy.deepcopy(model), x[:2], quantize_weights=False)
+    assert {q.kind for _, q in acts_only.quantizers() if not q.float_by_config} == {"activation"}
+    assert not torch.equal(acts_only(x), model(x))                 # activations are quantized
+    with pytest.raises(ValueError, match="quantize_weights=False with acc_bits"):
+        qcompile.QConfig(quantize_weights=False, acc_bits=16)

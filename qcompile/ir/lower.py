@@ -733,6 +733,11 @@ def check_ready(qm: fx.GraphModule) -> None:
     """Raise a clear error unless `qm` is in eval mode with every activation grid fixed."""
     if not hasattr(qm, "config"):
         raise LoweringError("lower() takes the QuantizedGraphModule returned by qcompile.compile")
+    floats = [n for n, m in qm.named_modules() if getattr(m, "float_by_config", False) and isinstance(m, Quantizer)]
+    if floats:
+        raise LoweringError(f"quantizer {floats[0]!r} (and {len(floats) - 1} more) is float by config "
+                            "(quantize_weights / quantize_activations = False): such a graph has no integer form; "
+                            "compile with both True to deploy")
     training = [n for n, m in qm.named_modules() if m.training]
     if training:
         raise LoweringError(f"the graph is in training mode (e.g. module {training[0] or '<root>'!r}); call qm.eval() "

@@ -1,6 +1,6 @@
 """Reference models of the papers' experiments, and a lookup for torchvision models.
 
-`get("models:lenet5")`, `get("models:resnet20", num_classes=10)`,
+`get("models:lenet5")`, `get("models:resnet20", num_classes=10)` (`resnet20_mnist`: one input channel),
 `get("models:resnet18_tiny")` (the 64×64 Tiny-ImageNet ResNet-18: 3×3 stride-1 stem, no
 max-pool) and `get("torchvision:NAME", **kwargs)` for any torchvision classification
 model (random weights: nothing is downloaded).
@@ -25,6 +25,7 @@ REGISTRY = {
     "lenet5": LeNet5,
     "lenet5_bn": lambda **kw: LeNet5(batch_norm=True, **kw),
     "resnet20": ResNet20,
+    "resnet20_mnist": lambda **kw: ResNet20(in_channels=1, **kw),
     "resnet18_tiny": resnet18_tiny,
 }
 

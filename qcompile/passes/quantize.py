@@ -5,6 +5,9 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
   - every activation operand of L is the output of an activation Quantizer, possibly through
     grid-preserving ops (relu, max-pool, reshapes) — the model input included; a tensor is
     quantized once, right after it is produced, and every user sees the quantized tensor;
+  - quantizers of a kind the config keeps float (`quantize_weights`, `quantize_activations`
+    false) are placed all the same, with `float_by_config` set (off, and not a switch), and so
+    are the bias roundings of such a layer: the graph has one shape, whatever is quantized;
   - with grad_bits set, a gradient Quantizer sits between that operand and L (identity
     forward, Q_G on the activation gradient leaving L backward), unless the operand comes
     straight from a graph input (no gradient flows there);
@@ -68,7 +71,9 @@ def _make(kind: str, cfg: QConfig, layer: str, shape=(), axis=None, generator=No
                          sync=kind != "weight")
     return Quantizer(kind, bits, symmetric, est, axis=axis, pow2=cfg.pow2_scales,
                      stochastic=kind == "gradient" and cfg.stochastic_rounding,
-                     on_nonfinite=cfg.on_nonfinite, layer=layer, generator=generator)
+                     on_nonfinite=cfg.on_nonfinite, layer=layer, generator=generator,
+                     float_by_config=(kind == "weight" and not cfg.quantize_weights)
+                     or (kind == "activation" and not cfg.quantize_activations))
 
 
 def on_grid(node, gm) -> bool:
@@ -123,8 +128,9 @@ def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str)
     return q
 
 
-def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
-    """Round L's bias and, for a folded BatchNorm, its eval bias onto the grid S_x·S_w."""
+def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str, float_by_config: bool) -> None:
+    """Round L's bias and, for a folded BatchNorm, its eval bias onto the grid S_x·S_w (not when the
+    config keeps the layer's weights or activations float: `float_by_config`)."""
     biases = [(node, 2)] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else []
     if result is not node:
         biases.append((result, 4))
@@ -137,7 +143,7 @@ def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str) -> None:
         scale.meta["qc_layer"] = layer
     for user, index in biases:
         path = _free_path(gm, f"{layer}.bias_quant")
-        gm.add_submodule(path, BiasQuant(layer))
+        gm.add_submodule(path, BiasQuant(layer, float_by_config))
         with gm.graph.inserting_before(node):
             bq = gm.graph.call_module(path, (user.args[index], in_scale, w_scale))
         bq.meta.update(qc_quantizer="bias", qc_layer=layer, qc_module_type="BiasQuant")
@@ -181,7 +187,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                 wg = _insert_after(gm, wq, f"{layer}.weight_grad_quant",
                                    _make("gradient", cfg, layer, generator=generator), "gradient", layer)
                 node.update_arg(1, wg)
-            _quantize_bias(gm, node, result, layer)
+            _quantize_bias(gm, node, result, layer, not (cfg.quantize_weights and cfg.quantize_activations))
         out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
         result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
     if fallbacks:

@@ -72,8 +72,9 @@ class QuantizedGraphModule(fx.GraphModule):
     def switches(self) -> list[nn.Module]:
         """Every module quantization can be turned off on: quantizers, bias roundings and accumulator
         ops (each has its own `enabled`: an accumulator op off is the plain float op; it does not
-        look at its operands' quantizers)."""
-        return [m for m in self.modules() if isinstance(m, (Quantizer, BiasQuant, NarrowAccOp))]
+        look at its operands' quantizers). Quantizers the config keeps float (`float_by_config`) are not switches."""
+        return [m for m in self.modules() if isinstance(m, (Quantizer, BiasQuant, NarrowAccOp))
+                and not getattr(m, "float_by_config", False)]
 
     def set_quantization(self, enabled: bool) -> None:
         """Turn every switch (`switches()`) on or off (off: tensors pass through untouched, accumulator
@@ -158,7 +159,7 @@ class QuantizedGraphModule(fx.GraphModule):
             init = bool(est.initialized)
             rows.append({
                 "quantizer": name, "layer": q.layer, "kind": q.kind, "bits": q.bits,
-                "estimator": est.name, "static": est.static,
+                "estimator": est.name, "static": est.static, "float": q.float_by_config,
                 "lo": float(est.lo.min()) if init else None, "hi": float(est.hi.max()) if init else None,
                 "nonfinite": int(est.nonfinite),
             })
@@ -171,6 +172,8 @@ class QuantizedGraphModule(fx.GraphModule):
         lines = [header, "-" * len(header)]
         for r in self.summary_rows():
             rng = f"[{r['lo']:.4g}, {r['hi']:.4g}]" if r["lo"] is not None else "(not yet seen)"
+            if r["float"]:
+                rng = "float (by config)"
             if r["nonfinite"]:
                 rng += f" nonfinite={r['nonfinite']}"
             lines.append(f"{r['quantizer']:<44} {r['kind']:<10} {r['bits']:>4} {r['estimator']:<9} "

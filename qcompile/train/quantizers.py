@@ -82,12 +82,14 @@ class BiasQuant(nn.Module):
     """Rounds a layer's bias onto the grid S_x·S_w its integer form adds it on (straight-through
     gradient), so the trained graph in eval mode adds the bias the integer runtimes add: exactly
     (codes·scale formed in float64, then cast to the bias dtype: exact in a float64 graph, and in
-    float32 while |codes| < 2^24). Off (`enabled=False`) it passes the bias through."""
+    float32 while |codes| < 2^24). Off (`enabled=False`) it passes the bias through; `float_by_config`
+    (the layer's weights or input stay float): always off, not a switch."""
 
-    def __init__(self, layer: str = ""):
+    def __init__(self, layer: str = "", float_by_config: bool = False):
         super().__init__()
         self.layer = layer
-        self.enabled = True
+        self.float_by_config = float_by_config
+        self.enabled = not float_by_config
 
     def forward(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -114,12 +116,15 @@ class Quantizer(nn.Module):
 
     `scale` and `zero_point` buffers hold the grid of the last tensor quantized (what an
     export of a static quantizer uses). `enabled=False` turns quantization off; with
-    `observing=True` as well, the estimator still updates (calibration).
+    `observing=True` as well, the estimator still updates (calibration). `float_by_config=True`
+    (QConfig `quantize_weights` / `quantize_activations` false): the tensor stays float; the
+    quantizer is off and is not one of the model's switches, so nothing turns it on.
     """
 
     def __init__(self, kind: str, bits: int, symmetric: bool, estimator: RangeEstimator,
                  axis: int | None = None, pow2: bool = False, stochastic: bool = False,
-                 on_nonfinite: str = "raise", layer: str = "", generator: torch.Generator | None = None):
+                 on_nonfinite: str = "raise", layer: str = "", generator: torch.Generator | None = None,
+                 float_by_config: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"Quantizer kind {kind!r}: choose one of {KINDS}")
@@ -129,7 +134,8 @@ class Quantizer(nn.Module):
         self.layer = layer
         self.generator = generator
         self.estimator = estimator
-        self.enabled = True
+        self.float_by_config = float_by_config
+        self.enabled = not float_by_config
         self.observing = False
         shape = tuple(estimator.lo.shape)
         self.register_buffer("scale", torch.ones(shape))

@@ -366,18 +366,18 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
         input_elems = sum(_numel(shapes[a.name]) for a in activations if a.name in shapes)
         w_shape = shapes.get(weight_node.name) if weight_node is not None else None
         in_q = [_source_quantizer(qm, a) for a in activations]
-        b_in = max((q.bits if q is not None else 32) for q in in_q)
+        b_in = max(_width(q) for q in in_q)
         result = layer_result(node, qm)  # e.g. the BatchNorm correction of a folded layer
         out_qs = [quantizer_of(u, qm, "activation") for u in result.users]
         out_q = next((q for q in out_qs if q is not None), None)
         mod = _module(qm, node)
         b_acc = acc_bits or getattr(mod, "acc_bits", None) or default_acc
         layer = node.meta.get("qc_layer") or (str(node.target) if node.op == "call_module" else node.name)
-        operands = [_operand(qm, a, _numel(shapes[a.name]), q.bits if q is not None else 32, _needs_grad(a, trainable))
+        operands = [_operand(qm, a, _numel(shapes[a.name]), _width(q), _needs_grad(a, trainable))
                     for a, q in zip(activations, in_q)]
         if weight_node is not None:
             operands.append(_operand(qm, next(a for a in operands_nodes(node) if _through_gradient_quantizers(qm, a)
-                                              is weight_node), _numel(w_shape), weight_q.bits, True, weight=True))
+                                              is weight_node), _numel(w_shape), _width(weight_q), True, weight=True))
         inner = getattr(mod, "grad_output_quant", None)      # an accumulator op re-quantizes G_Y itself
         b_gy = inner.bits if inner is not None else _incoming_gradient_bits(qm, layer_result(node, qm))
         rows.append(LayerTraffic(
@@ -387,10 +387,10 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
             in_hw=tuple(x_shape[2:]), out_hw=tuple(y_shape[2:]),
             weight_elems=_numel(w_shape) if w_shape is not None else 0,
             input_elems=input_elems, output_elems=_numel(y_shape),
-            b_w=weight_q.bits if weight_q is not None else 0, b_in=b_in,
-            b_out=out_q.bits if out_q is not None else 32, b_acc=int(b_acc),
-            estimator=out_q.estimator.name if out_q is not None else "none (float output)",
-            static=bool(out_q.estimator.static) if out_q is not None else True,
+            b_w=_width(weight_q) if weight_q is not None else 0, b_in=b_in,
+            b_out=_width(out_q), b_acc=int(b_acc),
+            estimator="none (float output)" if _width(out_q) == 32 else out_q.estimator.name,
+            static=True if _width(out_q) == 32 else bool(out_q.estimator.static),
             operands=tuple(operands), b_gy=b_gy,
             b_acc_backward=int(acc_bits or getattr(mod, "grad_acc_bits", None) or b_acc),
         ))
@@ -398,6 +398,12 @@ def memory_traffic(qm, input_shape, acc_bits: int | None = None) -> MemoryTraffi
         raise ValueError("memory_traffic: no quantized conv / linear / matmul layer in the graph; "
                          "pass the module qcompile.compile returned")
     return MemoryTraffic(shapes_in[0] if len(shapes_in) == 1 else tuple(shapes_in), rows)
+
+
+def _width(q) -> int:
+    """Bits a tensor is stored with: its quantizer's, or 32 when it is float (no quantizer, or one the
+    config keeps float)."""
+    return 32 if q is None or q.float_by_config else q.bits
 
 
 def operands_nodes(node) -> list:
