@@ -55,7 +55,9 @@ def test_report_prints_mean_std_and_the_papers_rows():
     text = re_exp.report(results, ["1"], ["lenet5"])
     row = next(ln for ln in text.splitlines() if ln.startswith("| In-hindsight"))
     assert "59.46 ± 0.71" in row and "97.00 ± 1.41 (n=2)" in row and "0.100" in row and "30.0" in row
-    assert "| Current min-max | no | 59.14 ± 0.23 | — |" in text                 # not run: a dash
+    assert "| Current min-max | no | 59.14 ± 0.23 | — | — | — |" in text       # not run: dashes
+    timing = {"fp32": 5.0, **{f"1-{e}": 6.0 for e in re_exp.ESTIMATORS}}
+    assert "| DSGC | 6.0 (1.20×) |" in re_exp.timing_table(timing, ["1"])
 
 
 def _fake_folder(root: Path, train: int = 80, val: int = 9) -> Path:
