@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tables", default="1,2,3,1-g4,3-g4")
     parser.add_argument("--models", default="lenet5,resnet20")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", default="lenet5=4,resnet20=2", help="MODEL=EPOCHS,...")
+    parser.add_argument("--epochs", default="lenet5=4,resnet20=1", help="MODEL=EPOCHS,...")
     parser.add_argument("--out", default="build/range_estimators", help="run directories and results.json")
     parser.add_argument("--doc", default="docs/range_estimators", help="writes DOC_tables.md and DOC.png")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and figure from results.json")
