@@ -353,6 +353,8 @@ def test_model_specs(tmp_path):
                  "\ndef not_a_model():\n    return 3\n")
     model = load_model(f"{f}:build")
     assert isinstance(model, nn.Sequential) and model[0].out_features == 4
+    assert load_model(f"{f}:build", if_accepted={"width": 6, "num_classes": 3})[0].out_features == 6  # only what it takes
+    assert load_model("models:lenet5", if_accepted={"num_classes": 3}).fc3.out_features == 3
     assert type(load_model("models:lenet5")).__name__ == "LeNet5"
     with pytest.raises(ValueError, match="has no callable 'missing'"):
         load_model(f"{f}:missing")

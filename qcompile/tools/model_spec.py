@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import tomllib
 from pathlib import Path
 
@@ -39,17 +40,21 @@ def import_factory(spec: str, what: str = "model"):
     return factory
 
 
-def load_model(spec: str, **kwargs) -> nn.Module:
-    """The model a spec names; a file spec calls `factory(**kwargs)` from that Python file."""
+def load_model(spec: str, if_accepted: dict | None = None, **kwargs) -> nn.Module:
+    """The model a spec names; a file spec calls `factory(**kwargs)` from that Python file. `if_accepted`:
+    further keyword arguments, passed only where the factory takes them (every `models:` / `torchvision:`
+    model takes `num_classes`)."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise ValueError(f"model {spec!r}: use 'torchvision:NAME', 'models:NAME' or 'path/to/file.py:factory'")
     if source in ("torchvision", "models"):
-        return get(spec, **kwargs)
+        return get(spec, **(if_accepted or {}), **kwargs)
     if Path(source).suffix != ".py":
         raise ValueError(f"model {spec!r}: {source!r} is neither 'torchvision', 'models' nor a .py file")
     factory = import_factory(spec, "model")
-    model = factory(**kwargs)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    model = factory(**{k: v for k, v in (if_accepted or {}).items() if takes_any or k in params}, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

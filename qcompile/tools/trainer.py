@@ -22,7 +22,6 @@ import contextlib
 import copy
 import csv
 import fnmatch
-import inspect
 import io
 import itertools
 import json
@@ -138,16 +137,8 @@ def _first_conv_channels(model: nn.Module) -> int:
 
 
 def _model(spec: str, classes) -> nn.Module:
-    kwargs = {}
-    if classes is not None:
-        if spec.startswith(("models:", "torchvision:")):
-            kwargs["num_classes"] = len(classes)
-        else:
-            from qcompile.tools.model_spec import import_factory
-            params = inspect.signature(import_factory(spec, "model")).parameters
-            if "num_classes" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
-                kwargs["num_classes"] = len(classes)
-    return load_model(spec, **kwargs)
+    """The model of `spec`, with num_classes set to the data's class count where its factory takes it."""
+    return load_model(spec, if_accepted=None if classes is None else {"num_classes": len(classes)})
 
 
 def norm_and_depthwise(model: nn.Module) -> tuple[set, set]:
