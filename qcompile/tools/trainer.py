@@ -174,14 +174,17 @@ def parameter_groups(setup: Setup) -> list[dict]:
     `no_decay_norm`; ValueError for an entry that selects nothing."""
     train = setup.train
     names = dict(setup.model.named_parameters())
+
+    def selects(key: str, name: str) -> bool:
+        return name in setup.depthwise if key == "depthwise" else fnmatch.fnmatchcase(name, key)
+
     for key in train.lr_groups:
-        if not any(n in setup.depthwise if key == "depthwise" else fnmatch.fnmatchcase(n, key) for n in names):
+        if not any(selects(key, n) for n in names):
             raise ValueError(f"lr_groups {key!r} selects no parameter of {train.model} (names look like "
                              f"{list(names)[:3]}; 'depthwise' selects depthwise conv weights)")
     groups: dict[tuple, list] = {}
     for name, p in names.items():
-        lr = next((v for k, v in train.lr_groups.items()
-                   if (name in setup.depthwise if k == "depthwise" else fnmatch.fnmatchcase(name, k))), train.lr)
+        lr = next((v for k, v in train.lr_groups.items() if selects(k, name)), train.lr)
         decay = 0.0 if train.no_decay_norm and name in setup.no_decay else train.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
