@@ -123,6 +123,24 @@ def test_barrier_is_registered_and_summed_by_regularization():
     assert "log_barrier" not in _compile().regularizers
 
 
+def test_barrier_weights_per_layer_through_overrides():
+    qm = _compile(log_barrier=True, barrier_weight=0.5, barrier_bound_weight=0.25,
+                  overrides={"fc1": {"barrier_weight": 0.1, "barrier_bound_weight": 2.0}})
+    barrier = qm.regularizers["log_barrier"]
+    assert [(s.layer, s.weight, s.bound_weight) for s in barrier.sites] == [("fc1", 0.1, 2.0), ("fc2", 0.5, 0.25)]
+    x, _ = _data()
+    seen = _barrier_inputs(qm)
+    qm.train()
+    t = barrier.t
+    qm(x[:32])
+    (a1, a2) = seen["args"]
+    s1, s2 = barrier.sites
+    expected = (0.1 * barrier.tail_term(s1, a1[0], t) + 2.0 * barrier.bound_term(s1, *a1[1:], t)
+                + 0.5 * barrier.tail_term(s2, a2[0], t) + 0.25 * barrier.bound_term(s2, *a2[1:], t))
+    torch.testing.assert_close(qm.regularization(), expected)
+    assert "weight=0.1, bound_weight=2" in repr(barrier) and "weight=0.5, bound_weight=0.25" in repr(barrier)
+
+
 def test_barrier_reads_the_ops_through_graph_edges():
     """Passes talk only through the graph: the barrier node reads each op's exact accumulator
     (getitem(op, 1)), its b and bias operands and the get_attr nodes of its grids; neither module

@@ -47,13 +47,16 @@ def barrier_arguments(node: fx.Node) -> tuple:
             node.kwargs["b_scale"])
 
 
-def _site(node: fx.Node) -> BarrierSite:
+def _site(node: fx.Node, gm: fx.GraphModule, config: QConfig) -> BarrierSite:
     acc = node.meta["qc_accumulator"]
     a, w = acc["grids"]
-    return BarrierSite(layer=node.meta.get("qc_layer", node.name), kind=acc["kind"], acc_bits=acc["acc_bits"],
+    layer = node.meta.get("qc_layer", node.name)
+    cfg = config.for_layer(layer, _module_type(gm, layer))
+    return BarrierSite(layer=layer, kind=acc["kind"], acc_bits=acc["acc_bits"],
                        tile=acc["tile"], a_qrange=tuple(a["qrange"]), weight_qmax=w["qrange"][1],
                        weight_current=w["estimator"] == "current" and w["symmetric"],
-                       weight_per_channel=w["axis"] is not None)
+                       weight_per_channel=w["axis"] is not None,
+                       weight=float(cfg.barrier_weight), bound_weight=float(cfg.barrier_bound_weight))
 
 
 def _keeps_exact(node: fx.Node) -> bool:
@@ -71,8 +74,7 @@ def regularize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         raise QCompileError(f"regularize: accumulator op node(s) {lost} keep their exact accumulator but nothing reads "
                             "it as getitem(op, 1); the graph was edited after `narrow_acc`")
     if sites:
-        gm.regularizers["log_barrier"] = LogBarrier([_site(n) for n in sites], config.barrier_weight,
-                                                    config.barrier_bound_weight, config.barrier_t0,
+        gm.regularizers["log_barrier"] = LogBarrier([_site(n, gm, config) for n in sites], config.barrier_t0,
                                                     config.barrier_growth, config.barrier_interval)
         output = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(output):

@@ -8,7 +8,8 @@ barrier, so a violated constraint gives a bounded, constant pull and never an in
 it approaches the hard constraint. Constraints are normalized, z = |value|/A − 1 with
 A = 2^(b−1) − 1 the accumulator's largest value, so z ∈ [−1, ∞) and ψ_t(z) >= 0 = ψ_t(−1).
 
-Per accumulator op (see docs/narrow_accumulators.md for the derivation):
+Per accumulator op (see docs/narrow_accumulators.md for the derivation), with the weights of the
+op's own layer (`QConfig.overrides` can set them per layer):
   (a) tail term, weight `barrier_weight`: the mean of ψ_t(|S|/A − 1) over the exact accumulators
       S = bias_int + Σ w_int·x_int of the last training batch (the realized values whose tail
       overflows); its gradient reaches the weights and, through the activations, earlier layers;
@@ -65,6 +66,8 @@ class BarrierSite:
     weight_qmax: int                   # largest code of the weight (b) grid
     weight_current: bool               # the weight grid is a "current" symmetric one (scale from w itself)
     weight_per_channel: bool           # ... with one scale per output channel
+    weight: float                      # λ of this op's tail term (the layer's `barrier_weight`)
+    bound_weight: float                # λ of this op's bound term (the layer's `barrier_bound_weight`)
 
 
 class LogBarrier(nn.Module):
@@ -75,10 +78,9 @@ class LogBarrier(nn.Module):
     counts a step (the schedule); otherwise it does nothing and returns None. An op that ran as the
     float op (quantization off) passes exact=None and adds nothing."""
 
-    def __init__(self, sites, weight: float, bound_weight: float, t0: float, growth: float, interval: int):
+    def __init__(self, sites, t0: float, growth: float, interval: int):
         super().__init__()
         self.sites = tuple(sites)
-        self.weight, self.bound_weight = float(weight), float(bound_weight)
         self.t0, self.growth, self.interval = float(t0), float(growth), int(interval)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.pending = None                # the term of the last training forward, until take()
@@ -89,8 +91,9 @@ class LogBarrier(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return (f"{len(self.sites)} ops, weight={self.weight}, bound_weight={self.bound_weight}, "
-                f"t={self.t:.4g} (t0={self.t0}, ×{self.growth} every {self.interval} steps)")
+        weights = sorted({(s.weight, s.bound_weight) for s in self.sites})
+        shown = ", ".join(f"weight={w:g}, bound_weight={b:g}" for w, b in weights)
+        return f"{len(self.sites)} ops, {shown}, t={self.t:.4g} (t0={self.t0}, ×{self.growth} every {self.interval} steps)"
 
     @property
     def t(self) -> float:
@@ -126,9 +129,9 @@ class LogBarrier(nn.Module):
         for site, (exact, b, bias, a_scale, a_zero_point, b_scale) in zip(self.sites, seen):
             if exact is None:
                 continue
-            term = self.weight * self.tail_term(site, exact, t)
-            if site.kind != "matmul" and self.bound_weight:
-                term = term + self.bound_weight * self.bound_term(site, b, bias, a_scale, a_zero_point, b_scale, t)
+            term = site.weight * self.tail_term(site, exact, t)
+            if site.kind != "matmul" and site.bound_weight:
+                term = term + site.bound_weight * self.bound_term(site, b, bias, a_scale, a_zero_point, b_scale, t)
             total = term if total is None else total + term
         self.step += 1
         self.pending = total if total is not None else self.step.new_zeros((), dtype=torch.float32)
