@@ -34,9 +34,14 @@ def minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tenso
     return lo.float(), hi.float()
 
 
+def distributed() -> bool:
+    """True under torch.distributed with more than one rank: statistics are then reduced over ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce_minmax(lo: torch.Tensor, hi: torch.Tensor) -> None:
     """lo ← min over ranks, hi ← max over ranks, in place, as one all-reduce (max(hi) = −min(−hi), exact)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         both = torch.cat([lo.reshape(-1), hi.reshape(-1).neg()])
         dist.all_reduce(both, op=dist.ReduceOp.MIN)
         lo.copy_(both[:lo.numel()].view_as(lo))

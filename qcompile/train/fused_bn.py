@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
+from qcompile.train.estimators import distributed
 
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
@@ -83,10 +84,6 @@ def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: t
     paths through it cancel exactly and γ's gradient is BatchNorm's own."""
     scale = bn_scale(None if gamma is None else gamma.detach(), running_var, eps)
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -204,7 +201,7 @@ class BatchNormFold(nn.Module):
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
         dims = [0] + list(range(2, z.dim()))
-        sync = self.sync and _distributed()
+        sync = self.sync and distributed()
         if float_statistics:
             # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
             # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
