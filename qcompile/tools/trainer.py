@@ -65,19 +65,28 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes(device: str) -> Processes:
-    """Join the process group torchrun describes (WORLD_SIZE > 1: gloo on CPU, NCCL on CUDA)."""
+@contextlib.contextmanager
+def processes(device: str):
+    """This process's place in the run: joins the process group torchrun describes (WORLD_SIZE > 1: gloo
+    on CPU, NCCL on CUDA) and leaves it on exit when it joined it here, so that no communication thread
+    outlives the run (one left running aborts the interpreter at exit)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda': torch sees no CUDA GPU on this machine (use --device cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Processes(0, 1, "cuda" if device == "cuda" else "cpu")
+        yield Processes(0, 1, "cuda" if device == "cuda" else "cpu")
+        return
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if device == "cuda" else "cpu")
+    try:
+        yield Processes(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if device == "cuda" else "cpu")
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _sum_over_ranks(values: list[float], procs: Processes) -> list[float]:
@@ -555,7 +564,11 @@ def run(train: TrainConfig, qconfig: QConfig | None, out, *, log=None, progress_
     new directory `out`; with `train.baseline` also the float model (same initial weights) in out/fp32."""
     out, log = Path(out), log or _print
     _check_out(out)
-    procs = start_processes(train.device)
+    with processes(train.device) as procs:
+        return _run(train, qconfig, out, procs, log, progress_bar)
+
+
+def _run(train: TrainConfig, qconfig: QConfig | None, out: Path, procs: Processes, log, progress_bar: bool):
     setup = prepare(train, qconfig, procs)
     baseline_setup = None
     if train.baseline and qconfig is not None:
@@ -600,10 +613,14 @@ def resume(out, *, log=None, progress_bar: bool = True) -> RunResult:
     baseline when it has one; a finished run is evaluated and reported, not retrained."""
     out, log = Path(out), log or _print
     train, qconfig = configs_of(out)
-    procs = start_processes(train.device)
     if not (out / "last.pt").is_file():
         raise CheckpointError(f"{str(out)!r} has no last.pt yet (the run stopped before its first checkpoint); "
                               "start it again")
+    with processes(train.device) as procs:
+        return _resume(train, qconfig, out, procs, log, progress_bar)
+
+
+def _resume(train: TrainConfig, qconfig: QConfig | None, out: Path, procs: Processes, log, progress_bar: bool):
     setup = prepare(train, qconfig, procs)
     result = _continue(setup, out, log, progress_bar)
     if train.baseline and qconfig is not None:
