@@ -49,6 +49,7 @@ class QConfig:
     grad_acc_bits: int | None = None
     acc_grad: str = "ste"
     log_barrier: bool = False
+    overflow_free_weights: bool = False  # weight scale raised per channel until no input can overflow (A2Q)
     barrier_weight: float = 0.05        # λ of the realized-accumulator (tail) term
     barrier_bound_weight: float = 1e-2  # λ of the worst-case bound term
     barrier_t0: float = 5.0             # log-barrier temperature at step 0
@@ -130,6 +131,11 @@ class QConfig:
             if not getattr(self, name) and self.acc_bits is not None:
                 raise ValueError(f"QConfig.{name}=False with acc_bits={self.acc_bits}: a narrow accumulator sums "
                                  "integer codes, so weights and activations must be quantized")
+        if not isinstance(self.overflow_free_weights, bool):
+            raise ValueError(f"QConfig.overflow_free_weights={self.overflow_free_weights!r}: must be True or False")
+        if self.overflow_free_weights and self.acc_bits is None:
+            raise ValueError("QConfig.overflow_free_weights=True needs acc_bits: it bounds the weights for a narrow "
+                             "accumulator (set acc_bits, or leave overflow_free_weights=False)")
         if not isinstance(self.bn_sync, bool):
             raise ValueError(f"QConfig.bn_sync={self.bn_sync!r}: must be True or False")
         if not isinstance(self.verify, bool):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qcompile.core.grids import bias_codes, quantize_codes
+
 OVERFLOW_MODES = ("saturate", "wrap")
 
 
@@ -99,3 +101,53 @@ def max_l1_bounds(w_int, x_absmax: int, bias_int, tile: int | None) -> tuple[int
         raise OverflowError(f"accumulator bound about {approx:.3g} reaches 2^62: past what int64 sums hold")
     whole, per_tile = l1_bounds(w_abs, int(x_absmax), b_abs, tile)
     return int(whole.max()), int(per_tile.max())
+
+
+def overflow_free_scale(w: torch.Tensor, scale: torch.Tensor, qr: tuple[int, int], bias: torch.Tensor | None,
+                        input_scale: torch.Tensor, input_absmax, acc_bits: int, pow2: bool = False) -> torch.Tensor:
+    """The smallest symmetric weight scale, at or above `scale` (per output channel, axis 0 of `w`,
+    or one 0-d scale for all), at which no input on a grid with max|x_int| <= `input_absmax` can
+    overflow an `acc_bits` accumulator: per channel o, Σ_k |code(w_ok)|·X + |bias code_o| <= A =
+    2^(b−1) − 1, with code() the grid's rounding (`quantize_codes`) and the bias coded as the layer
+    adds it (`bias_codes` at input_scale·scale). This is A2Q's ℓ1 constraint with the bias in the
+    accumulator; it holds for every tile and both overflow modes, since no partial sum exceeds it.
+    The left side does not grow with the scale (|round(v)| is monotone in |v|), so the scale is found
+    by doubling from the continuous bound (Σ|w|·X + |b|/s_x)/A until the constraint holds, then
+    bisecting down to `scale` over float32 values (pow2: the smallest power of two, by doubling).
+    Returns float32 of `scale`'s shape."""
+    A = acc_range(acc_bits)[1]
+    X = float(input_absmax)
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    zero = torch.zeros(w2.shape[0], device=w2.device)
+    per_tensor = scale.dim() == 0
+
+    def holds(s):
+        total = quantize_codes(w2, s, zero, qr, axis=0).abs().sum(1).double() * X
+        if bias is not None:
+            total = total + bias_codes(bias.detach(), input_scale, s)[0].abs()
+        ok = total <= A
+        return ok.all().expand_as(ok) if per_tensor else ok
+
+    def one(s):            # a per-tensor scale is the same for every channel
+        return s.max().expand_as(s).clone() if per_tensor else s
+
+    lo = one(scale.detach().float().expand(w2.shape[0]).clone())
+    bias_part = 0.0 if bias is None else bias.detach().double().abs() / input_scale.double()
+    hi = one(torch.maximum(lo, ((w2.abs().sum(1).double() * X + bias_part) / A).float()))
+    if pow2:
+        lo = hi = torch.exp2(torch.ceil(torch.log2(lo)))
+    hi = torch.where(holds(lo), lo, hi)
+    for _ in range(256):
+        ok = holds(hi)
+        if bool(ok.all()):
+            break
+        hi = torch.where(ok, hi, hi * 2)
+    else:
+        raise ArithmeticError(f"overflow_free_scale: no weight scale holds for acc_bits={acc_bits}, max|x_int|={X:g}")
+    while not pow2:
+        mid = ((lo.double() + hi.double()) / 2).float()
+        if bool(((mid <= lo) | (mid >= hi)).all()):
+            break
+        ok = holds(mid)
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    return hi if not per_tensor else hi[0]

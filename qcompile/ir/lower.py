@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompile import ir
-from qcompile.core.grids import bias_codes, code_range, quantize_codes, storage_bits
+from qcompile.core.accumulator import overflow_free_scale
+from qcompile.core.grids import bias_codes, code_range, max_code_magnitude, quantize_codes, storage_bits
 from qcompile.core.requant import quantize_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
 from qcompile.train.log_barrier import LogBarrier
-from qcompile.train.quantizers import BiasQuant, Quantizer
+from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
 WIDE_BITS = 16
@@ -367,6 +368,8 @@ class _Lowering:
             else:
                 lo, hi = minmax(w, q.axis)
             scale, zp = q.grid(lo, hi)
+            if isinstance(q, OverflowFreeWeights):
+                scale = self.overflow_free(node, q, w, scale)
             if bool((zp != 0).any()):
                 self.fail(node, "weight grid is not symmetric (zero point ≠ 0)")
             codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
@@ -387,6 +390,15 @@ class _Lowering:
                 return src
             return self.requantize(node, t, grid, shape)
         self.fail(node, f"quantizes a {type(src).__name__}, not a tensor")
+
+    def overflow_free(self, node, q: OverflowFreeWeights, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The scale of an overflow-free weight grid for the eval grid of the layer's input, the quantizer
+        whose buffers the node reads (what the weight quantizer computes in an eval forward)."""
+        path = node.args[1].target.rpartition(".")[0]
+        grid = _quantizer_grid(self.qm.get_submodule(path), path)
+        bias = None if node.args[3] is None else self.val[node.args[3]].value
+        return overflow_free_scale(w, scale, q.qrange, bias, torch.tensor(grid.scale),
+                                   max_code_magnitude(q.input_qrange, grid.zero_point), q.acc_bits, q.pow2)
 
     def requantize(self, node, t: ir.Tensor, grid: Grid, shape, name=None) -> str:
         m, s = _multiplier(t.scale / grid.scale, node.name)

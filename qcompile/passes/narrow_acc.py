@@ -36,6 +36,7 @@ from qcompile.passes.ops import (
     verification_error,
 )
 from qcompile.passes.quantize import _free_path, _make, _module_type, grid_source
+from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights
 from qcompile.train.tiled import NarrowAccOp
 
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
@@ -74,6 +75,48 @@ def _check_matmul_shapes(node) -> None:
                                  "no 1-d operands); set acc_bits=None for this layer in QConfig.overrides")
 
 
+def _make_overflow_free(gm, node, layer: str, cfg: QConfig, sources, quantizers, bias) -> OverflowFreeWeights:
+    """Make layer `layer`'s weight quantizer an OverflowFreeWeights (same grid options and estimator),
+    called as weight_quant(w, a_scale, a_zero_point, float bias) and moved (with its gradient
+    quantizer) right after the later of the input's quantizer and the weight, so it reads the input
+    grid of the same forward and runs before anything reads its scale."""
+    wq, old = sources[1], quantizers[1]
+    if old.kind != "weight":
+        raise UnsupportedOpError(f"narrow_acc: layer {layer!r} ({node.name}) multiplies two activations; "
+                                 "overflow_free_weights bounds a weight's ℓ1 norm (set it for weighted layers only)")
+    if layer_result(node, gm) is not node:
+        raise UnsupportedOpError(f"narrow_acc: layer {layer!r} has a folded BatchNorm; overflow_free_weights bounds "
+                                 "the layer's own weight and bias (set it False for this layer)")
+    raw_bias = None
+    if bias is not None:
+        if not (bias.op == "call_module" and isinstance(gm.get_submodule(bias.target), BiasQuant)):
+            raise QCompileError(f"narrow_acc: the bias of layer {layer!r} is not a BiasQuant's output")
+        raw_bias = bias.args[0]
+    new = OverflowFreeWeights(old.bits, old.symmetric, old.estimator, axis=old.axis, pow2=old.pow2,
+                              on_nonfinite=old.on_nonfinite, layer=old.layer, acc_bits=cfg.acc_bits,
+                              input_qrange=quantizers[0].qrange)
+    parent, _, name = wq.target.rpartition(".")
+    setattr(gm.get_submodule(parent), name, new)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    anchor = max(sources[0], wq.args[0], key=order.__getitem__)
+    followers = [u for u in wq.users if u.op == "call_module" and u.meta.get("qc_quantizer") == "gradient"]
+    if order[wq] < order[anchor]:
+        anchor.append(wq)
+        for g in reversed(followers):
+            wq.append(g)
+    if isinstance(raw_bias, fx.Node) and order[raw_bias] > order[anchor]:
+        if raw_bias.op != "get_attr":
+            raise QCompileError(f"narrow_acc: the bias of layer {layer!r} is computed after its input's quantizer; "
+                                "overflow_free_weights reads a bias parameter")
+        wq.prepend(raw_bias)
+    with gm.graph.inserting_before(wq):
+        grid = [gm.graph.get_attr(f"{sources[0].target}.{what}") for what in GRID_BUFFERS]
+    for g in grid:
+        g.meta["qc_layer"] = layer
+    wq.args = (wq.args[0], *grid, raw_bias)
+    return new
+
+
 def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     generator = torch.Generator().manual_seed(config.seed + 1) if config.seed is not None else None
     for node in list(gm.graph.nodes):
@@ -100,6 +143,8 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         else:
             bias = conv.pop("bias")
+        if cfg.overflow_free_weights:
+            quantizers[1] = _make_overflow_free(gm, node, layer, cfg, sources, quantizers, bias)
         keep_exact = bool(cfg.log_barrier) and cfg.acc_bits is not None
         grad_q = _make("gradient", cfg, layer, generator=generator) if cfg.grad_bits is not None else None
         op = NarrowAccOp(kind, layer, acc_bits=cfg.acc_bits, tile=cfg.tile, overflow=cfg.overflow,
@@ -121,7 +166,8 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             "kind": kind, "acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow,
             "grad_acc_bits": op.grad_acc_bits, "acc_grad": cfg.acc_grad, "keep_exact": keep_exact,
             "grids": tuple({"quantizer": src.target, "qrange": tuple(q.qrange), "symmetric": bool(q.symmetric),
-                            "axis": q.axis, "estimator": q.estimator.name} for src, q in zip(sources, quantizers)),
+                            "axis": q.axis, "estimator": q.estimator.name,
+                            "overflow_free": isinstance(q, OverflowFreeWeights)} for src, q in zip(sources, quantizers)),
         }
         result = new
         if keep_exact:
@@ -151,7 +197,10 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     exact accumulator exactly when the config sets log_barrier (and acc_bits), and is then read
     only through getitem(op, 0) (at least once) and getitem(op, 1); and it has a gradient quantizer
     of its own exactly when grad_bits is set; a BatchNorm folded into it is called with
-    float_statistics=True exactly when acc_bits is set."""
+    float_statistics=True exactly when acc_bits is set; its weight quantizer is an OverflowFreeWeights
+    exactly when the config sets overflow_free_weights, and then reads get_attr nodes of the scale and
+    zero point of operand 0's quantizer, after that quantizer in the graph."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if is_matmul(node):
             layer = node.meta.get("qc_layer", node.name)
@@ -180,6 +229,7 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
                 if qrange != tuple(gm.get_submodule(src.target).qrange):
                     raise verification_error("narrow_acc", node, gm, f"{prefix}_qrange = the qrange of {src.target!r} "
                                              f"({tuple(gm.get_submodule(src.target).qrange)}), not {qrange}")
+            _verify_weight_grid(node, gm, cfg, order)
             keep = bool(cfg.log_barrier) and cfg.acc_bits is not None
             if op.keep_exact != keep:
                 raise verification_error("narrow_acc", node, gm, f"keep_exact={keep} (log_barrier={cfg.log_barrier}, "
@@ -198,3 +248,19 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
                     fold.kwargs.get("float_statistics", False) != (cfg.acc_bits is not None):
                 raise verification_error("narrow_acc", fold, gm, f"float_statistics={cfg.acc_bits is not None}: batch "
                                          "statistics from a float conv exactly when the layer's accumulator is narrow")
+
+
+def _verify_weight_grid(node, gm, cfg: QConfig, order: dict) -> None:
+    """The overflow-free part of `verify` for accumulator op node `node`."""
+    wq = grid_source(node.args[1], gm)
+    free = isinstance(gm.get_submodule(wq.target), OverflowFreeWeights)
+    if free != bool(cfg.overflow_free_weights):
+        raise verification_error("narrow_acc", node, gm, f"an OverflowFreeWeights weight quantizer exactly when "
+                                 f"overflow_free_weights is set ({cfg.overflow_free_weights})")
+    if not free:
+        return
+    src = grid_source(node.args[0], gm)
+    reads = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in wq.args[1:3]]
+    if reads != [f"{src.target}.{what}" for what in GRID_BUFFERS] or order[wq] < order[src]:
+        raise verification_error("narrow_acc", wq, gm, f"called after {src.target!r} with get_attr nodes of its "
+                                 f"scale and zero_point, not {reads}")

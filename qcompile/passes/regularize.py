@@ -54,7 +54,7 @@ def _site(node: fx.Node, gm: fx.GraphModule, config: QConfig) -> BarrierSite:
     cfg = config.for_layer(layer, _module_type(gm, layer))
     return BarrierSite(layer=layer, kind=acc["kind"], acc_bits=acc["acc_bits"],
                        tile=acc["tile"], a_qrange=tuple(a["qrange"]), weight_qmax=w["qrange"][1],
-                       weight_current=w["estimator"] == "current" and w["symmetric"],
+                       weight_current=w["estimator"] == "current" and w["symmetric"] and not w["overflow_free"],
                        weight_per_channel=w["axis"] is not None,
                        weight=float(cfg.barrier_weight), bound_weight=float(cfg.barrier_bound_weight))
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import (
     bias_codes,
     broadcast_along,
+    max_code_magnitude,
     qparams,
     qrange,
     stochastic_codes,
@@ -155,7 +157,12 @@ class Quantizer(nn.Module):
                 f"{self.kind} quantizer of layer {self.layer!r}: NaN or Inf in the {where}; "
                 "the range state was left untouched (set on_nonfinite='skip' to pass such tensors through)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_grid(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *context):
+        """(scale, zero_point) a forward tensor `x` with range [lo, hi] is quantized on: `grid(lo, hi)`."""
+        return self.grid(lo, hi)
+
+    def forward(self, x: torch.Tensor, *context) -> torch.Tensor:
+        """Q(x); `context` (the graph's further inputs of this node) goes to `forward_grid`."""
         if self.kind == "gradient":
             if self.enabled and self.training and torch.is_grad_enabled() and x.requires_grad:
                 return _QuantizeGradient.apply(x, self)
@@ -168,7 +175,7 @@ class Quantizer(nn.Module):
         if not finite:
             self._nonfinite("forward tensor")
             return x
-        scale, zp = self.grid(lo, hi)
+        scale, zp = self.forward_grid(x, lo, hi, *context)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         return fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
@@ -200,3 +207,30 @@ class Quantizer(nn.Module):
         if self.stochastic:
             return stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)
         return torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)
+
+
+class OverflowFreeWeights(Quantizer):
+    """The weight quantizer of a layer with `overflow_free_weights` (A2Q's constraint): the grid of
+    `Quantizer`, its scale raised per output channel (`overflow_free_scale`) until no input on the
+    layer's input grid can overflow its `acc_bits` accumulator, the bias included. The graph calls it
+    as weight_quant(w, a_scale, a_zero_point, bias) after the input's quantizer has run, the last
+    three read from that quantizer's buffers and the layer's float bias (or None): the guarantee is
+    for the grid the layer's input is on in this very forward."""
+
+    def __init__(self, *args, acc_bits: int, input_qrange: tuple[int, int], **kw):
+        super().__init__("weight", *args, **kw)
+        self.acc_bits = acc_bits
+        self.input_qrange = tuple(input_qrange)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, overflow-free for a {self.acc_bits}-bit accumulator"
+
+    def forward_grid(self, w, lo, hi, a_scale=None, a_zero_point=None, bias=None):
+        if a_scale is None or a_zero_point is None:
+            raise TypeError(f"weight quantizer of layer {self.layer!r} is overflow-free: call it as "
+                            "weight_quant(w, a_scale, a_zero_point, bias)")
+        scale, zp = self.grid(lo, hi)
+        scale = overflow_free_scale(w, scale, self.qrange, bias, a_scale,
+                                    max_code_magnitude(self.input_qrange, a_zero_point.detach()).max(),
+                                    self.acc_bits, self.pow2)
+        return scale, zp

@@ -44,10 +44,11 @@ def _constant(node, gm):
 
 
 @torch.no_grad()
-def _weight_codes(w: torch.Tensor, q: Quantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer weights, scale) of the current parameter on the grid its quantizer would use now."""
+def _weight_codes(w: torch.Tensor, q: Quantizer, context=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer weights, scale) of the current parameter on the grid its quantizer would use now
+    (`context`: the quantizer node's further inputs, e.g. an overflow-free grid's input grid and bias)."""
     lo, hi, _ = q.estimator(w, update=False, who=q.layer)
-    scale, zp = q.grid(lo, hi)
+    scale, zp = q.forward_grid(w, lo, hi, *context)
     zp_b = zp.reshape(-1, *[1] * (w.dim() - 1)) if q.axis is not None and zp.dim() else zp
     return quantize_codes(w, scale, zp, q.qrange, q.axis) - zp_b, scale
 
@@ -74,7 +75,8 @@ def accumulator_bounds(qm) -> list[dict]:
             if not isinstance(w, torch.Tensor):
                 raise ValueError(f"accumulator_bounds: the weight of layer {layer!r} (node {node.name}) is not "
                                  "computed from parameters alone")
-            w_int, sw = _weight_codes(w, qb)
+            context = tuple(_constant(a, qm) if isinstance(a, fx.Node) else a for a in b_src.args[1:])
+            w_int, sw = _weight_codes(w, qb, context)
             bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias_abs = None
             if bias_node is not None:

@@ -10,6 +10,10 @@ barrier acts on.
     OMP_NUM_THREADS=1 python -m qcompile.tools.experiments.narrow_acc_sweep [--epochs 5] [--bits 8] [--seed 0]
         [--model lenet5|resnet20] [--barrier-weight λa] [--bound-weight λb] [--t0 t0]
         [--acc-grad ste|zero_saturated]
+
+With --overflow-free: the overflow-free table instead (tile 64, seeds 0..--seeds−1, 16/14/12 bits):
+the barrier alone, conv1's weights overflow-free (`overflow_free_weights`) + the barrier, every
+layer's + the barrier, each against the same seed's exact-accumulator run.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ ACC_BITS, TILES = (12, 14, 16), (16, 64)
 # and no task-loss gradient through saturated outputs, so only the barrier acts on them
 W8A8_BARRIER = {"barrier_weight": 0.005, "barrier_bound_weight": 3e-4, "barrier_t0": 50.0,
                 "acc_grad": "zero_saturated"}
+BARRIERS = {8: W8A8_BARRIER, 6: {}}     # the barrier of each width's sweep (W6A6: the QConfig defaults)
+OVERFLOW_FREE = {"barrier only": None, "conv1 overflow-free": "conv1", "all overflow-free": "*"}
+GOAL_RATE, GOAL_GAP = 0.001, 1.0        # at most 0.1 % of outputs overflowed, within 1 point of exact
 
 
 def overflow_on(qm, x) -> dict:
@@ -94,6 +101,46 @@ def sweep(epochs: int = 5, bits: int = 8, seed: int = 0, barrier: dict | None = 
     return rows
 
 
+def overflow_free_table(bits: int = 8, seeds: int = 5, epochs: int = 5, acc_bits=ACC_BITS[::-1]) -> list[dict]:
+    """One row per (acc_bits, variant of OVERFLOW_FREE) at tile 64, over `seeds` seeds: each run's accuracy,
+    its gap to the same seed's exact-accumulator run and its overflowed-output rate; printed as it goes."""
+    barrier = BARRIERS[bits]
+    exact = {}
+    for seed in range(seeds):
+        exact[seed] = train_run(mnist_5k(seed), initial_state("lenet5", seed), run_config(bits, seed, barrier),
+                                epochs, seed)[1]
+    print(f"exact accumulator: {', '.join(f'{a:.2f}' for a in exact.values())}", flush=True)
+    print(format_overflow_free_header())
+    rows = []
+    for acc in acc_bits:
+        for variant, layers in OVERFLOW_FREE.items():
+            runs = []
+            for seed in range(seeds):
+                cfg = run_config(bits, seed, barrier, acc_bits=acc, tile=64, log_barrier=True,
+                                 overrides={layers: {"overflow_free_weights": True}} if layers else {})
+                _, a, ovf, _ = train_run(mnist_5k(seed), initial_state("lenet5", seed), cfg, epochs, seed)
+                runs.append({"seed": seed, "accuracy": a, "gap": a - exact[seed], "rate": ovf["rate"]})
+            rows.append({"bits": bits, "acc_bits": acc, "variant": variant, "runs": runs})
+            print(format_overflow_free_row(rows[-1]), flush=True)
+    return rows
+
+
+def format_overflow_free_header() -> str:
+    return ("| W/A | acc_bits | weights | held-out acc (%), mean ± std | gap to exact, worst seed | "
+            "overflowed outputs (%), worst seed | every seed ≤ 0.1 % and within 1 point |\n"
+            "|---|---:|---|---:|---:|---:|:---:|")
+
+
+def format_overflow_free_row(r: dict) -> str:
+    acc = torch.tensor([run["accuracy"] for run in r["runs"]])
+    gap = min(run["gap"] for run in r["runs"])
+    rate = max(run["rate"] for run in r["runs"])
+    ok = all(run["rate"] <= GOAL_RATE and run["gap"] >= -GOAL_GAP for run in r["runs"])
+    spread = float(acc.std()) if len(acc) > 1 else 0.0
+    return (f"| W{r['bits']}A{r['bits']} | {r['acc_bits']} | {r['variant']} | {float(acc.mean()):.2f} ± {spread:.2f} | "
+            f"{gap:+.2f} | {100 * rate:.3f} | {'yes' if ok else 'no'} |")
+
+
 def format_header() -> str:
     return ("| acc_bits | tile | barrier | held-out acc (%) | overflow events | overflowed outputs (%) | "
             "train s |\n|---:|---:|:---:|---:|---:|---:|---:|")
@@ -130,7 +177,15 @@ def main(argv=None) -> None:
     ap.add_argument("--bound-weight", type=float, default=None, help="QConfig.barrier_bound_weight")
     ap.add_argument("--t0", type=float, default=None, help="QConfig.barrier_t0")
     ap.add_argument("--acc-grad", default=None, choices=ACC_GRAD_MODES, help="QConfig.acc_grad (every run)")
+    ap.add_argument("--overflow-free", action="store_true", help="the overflow-free table (LeNet-5, tile 64)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the overflow-free table")
     args = ap.parse_args(argv)
+    if args.overflow_free:
+        torch.set_num_threads(1)
+        print(f"lenet5 on MNIST-5k, W{args.bits}A{args.bits}G8, {args.epochs} epochs, tile 64, seeds 0..{args.seeds - 1}, "
+              f"barrier {BARRIERS[args.bits] or 'QConfig defaults'}; overflow on the 1,000 held-out digits")
+        overflow_free_table(args.bits, args.seeds, args.epochs)
+        return
     barrier = {k: v for k, v in (("barrier_weight", args.barrier_weight), ("barrier_bound_weight", args.bound_weight),
                                  ("barrier_t0", args.t0), ("acc_grad", args.acc_grad)) if v is not None}
     torch.set_num_threads(1)
