@@ -511,6 +511,28 @@ class _Builder:
             s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
         self.finish_int(self.requant(s, a.multiplier, a.shift, op.name, bound, op), op)
 
+    def op_adaptive_avg_pool2d(self, op: ir.Op) -> None:
+        """Window sums as one float32 MatMul of the centred codes with the 0/1 window matrix (exact below
+        2^24), then the per-position requantization in integers: the same codes in both formats."""
+        a, x, y = op.attrs, self.t(op.inputs[0]), self.t(op.output)
+        (C, H, W), (_, OH, OW) = x.shape, y.shape
+        bound = max((he - hs) * (we - ws) for hs, he in zip(a.h_start, a.h_end)
+                    for ws, we in zip(a.w_start, a.w_end)) * x.magnitude
+        if bound >= 2 ** 24:
+            raise ExportError(f"op {op.name!r}: adaptive-pooling window sums reach {bound} >= 2^24")
+        rows = np.zeros((H, OH), np.float32)
+        cols = np.zeros((W, OW), np.float32)
+        for i, (hs, he) in enumerate(zip(a.h_start, a.h_end)):
+            rows[hs:he, i] = 1
+        for j, (ws, we) in enumerate(zip(a.w_start, a.w_end)):
+            cols[ws:we, j] = 1
+        xf = self.node("Cast", [self.to_i64(x.name)], op.name + "_xf", to=TensorProto.FLOAT)
+        flat = self.node("Reshape", [xf, self.const("shape", np.array([-1, C, H * W], np.int64))], op.name + "_flat")
+        sf = self.node("MatMul", [flat, self.const(op.name + "_windows", np.kron(rows, cols))], op.name + "_sumf")
+        sf = self.node("Reshape", [sf, self.const("shape", np.array([-1, C, OH, OW], np.int64))], op.name + "_sum4")
+        s = self.node("Cast", [sf], op.name + "_sum", to=TensorProto.INT64)
+        self.finish_int(self.requant(s, a.multiplier, a.shift, op.name, bound, op, channel_shape=(OH, OW)), op)
+
     def op_lut(self, op: ir.Op) -> None:
         x, y = self.t(op.inputs[0]), self.t(op.output)
         table = np.asarray(op.attrs.table)

@@ -161,6 +161,15 @@ def avg_pool2d(graph, op, x):
     return _clamp(graph, op, requantize(s, a.multiplier, a.shift))
 
 
+def adaptive_avg_pool2d(graph, op, x):
+    a = op.attrs
+    xc = x.astype(np.int64) - graph.tensor(op.inputs[0]).zero_point
+    s = np.stack([np.stack([xc[:, :, hs:he, ws:we].sum(axis=(2, 3)) for ws, we in zip(a.w_start, a.w_end)], -1)
+                  for hs, he in zip(a.h_start, a.h_end)], -2)
+    shape = (len(a.h_start), len(a.w_start))
+    return _clamp(graph, op, requantize(s, a.multiplier.reshape(shape), a.shift.reshape(shape)))
+
+
 def lut(graph, op, x):
     table = op.attrs.table
     idx = x - graph.tensor(op.inputs[0]).qmin
@@ -186,7 +195,8 @@ def slice_op(graph, op, x):
 
 KERNELS = {
     "conv2d": conv2d, "linear": linear, "matmul": matmul, "add": add, "mul": mul, "concat": concat,
-    "requantize": requantize_op, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d, "lut": lut,
+    "requantize": requantize_op, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
+    "adaptive_avg_pool2d": adaptive_avg_pool2d, "lut": lut,
     "reshape": reshape, "transpose": transpose, "slice": slice_op,
 }
 

@@ -5,6 +5,7 @@ from qcompile.ir.graph import Graph, Op, Tensor, code_range
 from qcompile.ir.ops import (
     SPEC,
     Accumulator,
+    AdaptiveAvgPool2d,
     Add,
     AvgPool2d,
     Clamp,
@@ -27,6 +28,7 @@ from qcompile.ir.verify import IRError, verify
 __all__ = [
     "SPEC",
     "Accumulator",
+    "AdaptiveAvgPool2d",
     "Add",
     "AvgPool2d",
     "Clamp",

@@ -48,6 +48,10 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
   avg_pool2d (AvgPool2d)  kernel, stride, padding (pairs; count_include_pad=True: padding taps are x = zx),
            or global_pool=True (kernel = whole H×W); r = requantize(Σ (x − zx), m, s) with the
            1/count folded into m
+  adaptive_avg_pool2d (AdaptiveAvgPool2d)  h_start/h_end (OH each), w_start/w_end (OW each): output
+           (i, j) averages the window rows h_start[i]..h_end[i]−1 × columns w_start[j]..w_end[j]−1
+           (PyTorch's adaptive windows: uneven, overlapping, or one input repeated when upsampling);
+           r = requantize(Σ (x − zx), multiplier[i·OW + j], shift[i·OW + j]), 1/count folded in
   lut (Lut)  table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
            (relu6, hardswish, silu, sigmoid, hardsigmoid, a standalone BatchNorm, relu when
            the grid changes). A 2-D table (C, n) is per channel: channel c = per-sample axis 0

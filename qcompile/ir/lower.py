@@ -56,6 +56,11 @@ EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
 SINK_FAMILIES = {"relu", "max_pool", "reshape", "identity", "dropout", "cat"}
 
 
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling windows along one axis: output i reads [⌊i·size/out⌋, ⌈(i+1)·size/out⌉)."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
 class LoweringError(QCompileError):
     """The trained graph cannot be lowered as it is (mode, calibration, an op, a shape)."""
 
@@ -644,6 +649,8 @@ class _Lowering:
             if out_shape != (in_shape[0], 1, 1):
                 reshape_after = out_shape
         elif isinstance(mod, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d:
+            if any(i % o for i, o in zip(in_shape[1:], out_shape[1:])):
+                return self.lower_adaptive_avgpool(node, t, out_shape)
             k = self.adaptive_kernel(node, in_shape[1:], out_shape[1:])
             glob = tuple(out_shape[1:]) == (1, 1)
             kernel, stride, padding = k, k, (0, 0)
@@ -670,6 +677,20 @@ class _Lowering:
             return out
         self.add_tensor(node.name, reshape_after, grid)
         return self.emit("reshape", node, [out], node.name, shape=tuple(reshape_after))
+
+    def lower_adaptive_avgpool(self, node, t: ir.Tensor, out_shape):
+        """Adaptive average pooling whose windows are uneven, overlapping or repeated (an output
+        larger than its input): PyTorch's windows, one requantization per output position."""
+        rows, cols = (adaptive_windows(i, o) for i, o in zip(t.shape[1:], out_shape[1:]))
+        grid = self.sink_grid(node) or _of(t)
+        ms = [_multiplier(t.scale / ((he - hs) * (we - ws) * grid.scale), node.name)
+              for hs, he in rows for ws, we in cols]
+        out = self.add_tensor(node.name, out_shape, grid)
+        return self.emit("adaptive_avg_pool2d", node, [t.name], out,
+                         h_start=tuple(r[0] for r in rows), h_end=tuple(r[1] for r in rows),
+                         w_start=tuple(c[0] for c in cols), w_end=tuple(c[1] for c in cols),
+                         multiplier=np.array([m for m, _ in ms], np.int64), shift=np.array([s for _, s in ms], np.int64),
+                         **self.clamp_attrs(grid))
 
     # ---- lookup tables ----------------------------------------------------------------------
     def lower_lut(self, node, fn, per_channel=False):

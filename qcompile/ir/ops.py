@@ -127,6 +127,19 @@ class AvgPool2d(Requant, Clamp):
 
 
 @dataclass(kw_only=True)
+class AdaptiveAvgPool2d(Clamp):
+    """Windows of any size, overlapping or not: output row i averages input rows
+    h_start[i]..h_end[i]−1 (columns likewise); one requantization per output position
+    (row-major, OH·OW entries), the 1/count of its window folded into its multiplier."""
+    h_start: Ints
+    h_end: Ints
+    w_start: Ints
+    w_end: Ints
+    multiplier: Vector
+    shift: Vector
+
+
+@dataclass(kw_only=True)
 class Lut:
     table: Table                            # (n,) or per channel (C, n): already clamped output codes
 
@@ -151,6 +164,7 @@ class Slice:
 # kind → attrs class
 SPEC: dict[str, type] = {
     "conv2d": Conv2d, "linear": Linear, "matmul": Matmul, "add": Add, "mul": Mul, "concat": Concat,
-    "requantize": Requantize, "max_pool2d": MaxPool2d, "avg_pool2d": AvgPool2d, "lut": Lut,
+    "requantize": Requantize, "max_pool2d": MaxPool2d, "avg_pool2d": AvgPool2d,
+    "adaptive_avg_pool2d": AdaptiveAvgPool2d, "lut": Lut,
     "reshape": Reshape, "transpose": Transpose, "slice": Slice,
 }

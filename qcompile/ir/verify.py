@@ -32,7 +32,7 @@ from qcompile.core.accumulator import check_mode
 from qcompile.core.requant import MAX_RIGHT_SHIFT
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import Graph, Op
-from qcompile.ir.ops import SPEC, Accumulator, Clamp, Conv2d, Linear, Lut
+from qcompile.ir.ops import SPEC, Accumulator, AdaptiveAvgPool2d, Clamp, Conv2d, Linear, Lut
 
 
 class IRError(QCompileError):
@@ -149,10 +149,30 @@ def _check_op(graph: Graph, op: Op) -> None:
         if x.shape and a.weight.shape[1] * groups != x.shape[0 if op.kind == "conv2d" else -1]:
             _fail(op, f"weight {a.weight.shape} × groups {groups} does not match input {op.inputs[0]!r} of "
                       f"shape {x.shape}")
+    if isinstance(a, AdaptiveAvgPool2d):
+        _check_windows(graph, op)
     if isinstance(a, Lut):
         x = graph.tensors[op.inputs[0]]
         if a.table.shape[-1] != x.qmax - x.qmin + 1:
             _fail(op, f"table has {a.table.shape[-1]} entries per row for {x.qmax - x.qmin + 1} input codes")
+
+
+def _check_windows(graph: Graph, op: Op) -> None:
+    """adaptive_avg_pool2d: OH row windows and OW column windows, each non-empty and inside the
+    input; one multiplier/shift per output position."""
+    a, x, y = op.attrs, graph.tensors[op.inputs[0]], graph.tensors[op.output]
+    if len(x.shape) != 3 or len(y.shape) != 3 or x.shape[0] != y.shape[0]:
+        _fail(op, f"pools (C, H, W) to (C, OH, OW), not {x.shape} to {y.shape}")
+    for axis, (starts, ends, size, out) in enumerate(((a.h_start, a.h_end, x.shape[1], y.shape[1]),
+                                                      (a.w_start, a.w_end, x.shape[2], y.shape[2]))):
+        if len(starts) != out or len(ends) != out:
+            _fail(op, f"{len(starts)} window starts and {len(ends)} ends along axis {axis + 1}; the output has {out}")
+        if any(not 0 <= s < e <= size for s, e in zip(starts, ends)):
+            _fail(op, f"a window along axis {axis + 1} is empty or outside 0..{size}: {list(zip(starts, ends))}")
+    for name in ("multiplier", "shift"):
+        if getattr(a, name).shape != (y.shape[1] * y.shape[2],):
+            _fail(op, f"{name} has shape {getattr(a, name).shape}, expected ({y.shape[1] * y.shape[2]},): one per "
+                      "output position")
 
 
 def verify(graph: Graph) -> Graph:

@@ -52,7 +52,7 @@ def _blocks(pixels: int) -> list[int]:
 
 
 SUPPORTED = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
-             "lut", "reshape", "transpose", "slice")
+             "adaptive_avg_pool2d", "lut", "reshape", "transpose", "slice")
 C_KEYWORDS = {"auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
               "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
               "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch",
@@ -490,6 +490,18 @@ class _Emitter:
         x = self.t(op.inputs[0])
         L["rq"] = _rq(x.magnitude * L["kh"] * L["kw"], L["m"], L["s"])
         return "avg_pool2d.c.j2", L, []
+
+    def op_adaptive_avg_pool2d(self, op, sym):
+        x, y, a = self.t(op.inputs[0]), self.t(op.output), op.attrs
+        (C, H, W), (_, OH, OW) = x.shape, y.shape
+        _check_shift(a.shift, op)
+        L = _Layer(op_name=op.name, sym=sym, c=C, h=H, w=W, oh=OH, ow=OW, zx=x.zero_point, zy=y.zero_point,
+                   x_t=ctype(x), y_t=ctype(y), hs=_c_array(a.h_start), he=_c_array(a.h_end), ws=_c_array(a.w_start),
+                   we=_c_array(a.w_end), m_data=_c_array(a.multiplier), s_data=_c_array(a.shift))
+        L["lo"], L["hi"] = _act_range(op, y)
+        window = max((he - hs) * (we - ws) for hs, he in zip(a.h_start, a.h_end) for ws, we in zip(a.w_start, a.w_end))
+        L["rq"] = _rq(x.magnitude * window, a.multiplier, a.shift)
+        return "adaptive_avg_pool2d.c.j2", L, []
 
     def op_lut(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
