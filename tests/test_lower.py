@@ -54,7 +54,9 @@ def test_every_op_kind_lowered_and_matches_eval(zoo):
     kinds = {op.kind for op in g.ops}
     assert {"conv2d", "linear", "lut", "add", "mul", "concat", "slice", "transpose", "reshape", "avg_pool2d",
             "max_pool2d", "requantize"} <= kinds
-    assert any(op.attrs.table.ndim == 2 for op in g.ops if op.kind == "lut")      # the standalone BatchNorm
+    standalone = [op for op in g.ops if op.kind == "conv2d" and op.name == "bn0"]    # the standalone BatchNorm:
+    assert standalone and standalone[0].attrs.groups == 8 and standalone[0].attrs.weight.shape == (8, 1, 1, 1)
+    assert set(np.abs(standalone[0].attrs.weight).ravel()) <= {0, 127}             # a depthwise 1×1 conv
     assert any(t.bits == 16 for t in g.tensors.values())                              # SiLU / sigmoid before the mul
     for op in g.ops:   # integers only: every array attr is an integer array
         for k, v in vars(op.attrs).items():
@@ -72,6 +74,8 @@ def test_pow2_scales_give_power_of_two_grids_and_multipliers():
     for t in g.tensors.values():
         assert math.log2(t.scale) == round(math.log2(t.scale)), t.name
     for op in g.ops:
+        if op.name == "bn0":      # a standalone BatchNorm multiplies by γ/σ: not a power of two (lower_batchnorm)
+            continue
         for key in ("multiplier", "multiplier_a", "multiplier_b", "multipliers"):
             if hasattr(op.attrs, key):
                 assert set(np.atleast_1d(getattr(op.attrs, key)).tolist()) <= {0, 1 << 30}, (op.name, key)

@@ -16,10 +16,12 @@ How each trained-graph node becomes integer ops:
     eval) adds its per-channel shift to that bias.
   - relu, max-pool, reshapes, transpose, chunk/split, cat: stay on a grid (relu clamps at
     the zero point).
-  - unary activations (relu6, hardswish, silu, sigmoid, hardsigmoid) and a standalone
-    BatchNorm: a lookup table over the input codes, computed with the same torch functions
-    the trained graph runs in eval, so the table equals the trained graph's result code
-    for code.
+  - unary activations (relu6, hardswish, silu, sigmoid, hardsigmoid): a lookup table over the
+    input codes, computed with the same torch functions the trained graph runs in eval, so the
+    table equals the trained graph's result code for code.
+  - a standalone BatchNorm (one that folds into no conv): a depthwise 1×1 conv2d with weight
+    codes ±127 at scale |γ/σ|/127 and bias β − γμ/σ, i.e. per-channel requantization plus a
+    per-channel offset, on an input of any width.
   - add, mul, cat, average pooling: fixed-point rescaling of each operand.
 A float-region op (one with no quantizer right after it) writes straight onto the grid
 of the quantizer it flows into when only grid-preserving ops lie between (relu, pooling by
@@ -50,6 +52,7 @@ from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
 WIDE_BITS = 16
+AFFINE_CODE = 127                 # |weight code| of a standalone BatchNorm's depthwise 1×1 conv (int8)
 BIAS_CODE_EXACT = 2 ** 53         # float64 rounds b / (Sx·Sw) exactly below this
 # families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
 EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
@@ -349,7 +352,37 @@ class _Lowering:
         return self.lower_lut(node, lambda v: node.target(v))
 
     def lower_batchnorm(self, node):
-        return self.lower_lut(node, self.module(node), per_channel=True)
+        """A BatchNorm that folds into no conv before it, y = a_c·x + b_c (a = γ/√(σ²+ε), b = β − a·μ, in
+        float64): a depthwise 1×1 conv2d whose weight code is ±AFFINE_CODE at scale |a_c|/AFFINE_CODE with
+        bias b_c, i.e. integer per-channel requantization plus a per-channel offset, on inputs of any width.
+        (C, L) and (C,) inputs are reshaped to (C, 1, L) around it. Its multipliers Sx·|a_c|/(127·Sy) are
+        not powers of two even with pow2_scales: no choice of grids makes γ/σ one."""
+        bn = self.module(node)
+        if bn.training:
+            self.fail(node, "is in training mode; call qm.eval() before lowering")
+        t = self.tensor_of(node, node.args[0])
+        a = (bn.weight.double() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = (bn.bias.double() if bn.bias is not None else 0.0) - a * bn.running_mean.double()
+        a, b = a.detach().numpy(), b.detach().numpy()
+        shape, channels = tuple(self.shape(node)), t.shape[0]
+        x = t.name
+        if len(t.shape) != 3:
+            x = self.add_tensor(node.name + "_in2d", (channels, 1, int(np.prod(t.shape[1:], dtype=np.int64))), _of(t))
+            self.emit("reshape", node, [t.name], x, shape=self.tensors[x].shape)
+        codes = (np.sign(a) * AFFINE_CODE).astype(np.int64).reshape(channels, 1, 1, 1)
+        weight = Weight(codes, np.where(a != 0, np.abs(a) / AFFINE_CODE, 1.0))
+        grid = self.sink_grid(node)
+        if grid is None:
+            lo, hi = _of(t).real_range
+            ends = np.concatenate([a * lo + b, a * hi + b])
+            grid = wide_grid(float(ends.min()), float(ends.max()), 0.0, self.pow2)
+        acc = Acc("conv2d", node, [x], {"weight": weight, "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1),
+                                        "groups": channels, **EXACT_ACCUMULATOR}, torch.from_numpy(b), channels)
+        if x == t.name:
+            return self.finish_acc(node, acc, grid, shape)
+        out = self.finish_acc(node, acc, grid, self.tensors[x].shape, name=node.name + "_2d")
+        self.add_tensor(node.name, shape, grid)
+        return self.emit("reshape", node, [out], node.name, shape=shape)
 
     def lower_shape_arithmetic(self, node):
         self.fail(node, "integer arithmetic on a non-constant value")
@@ -693,24 +726,12 @@ class _Lowering:
                          **self.clamp_attrs(grid))
 
     # ---- lookup tables ----------------------------------------------------------------------
-    def lower_lut(self, node, fn, per_channel=False):
+    def lower_lut(self, node, fn):
         t = self.tensor_of(node, node.args[0])
-        if per_channel and t.bits > 8:
-            self.fail(node, f"a standalone BatchNorm on a {t.bits}-bit intermediate tensor (per-channel table too "
-                      "large); fold it into the conv before it (fold_bn=True) or put a quantizer before it")
-        if per_channel and getattr(fn, "training", False):
-            self.fail(node, "is in training mode; call qm.eval() before lowering")
         codes = torch.arange(t.qmin, t.qmax + 1, dtype=torch.float32)
         x = (codes - t.zero_point) * torch.tensor(t.scale, dtype=torch.float32)
         with torch.no_grad():
-            if per_channel:
-                c = t.shape[0]
-                xb = x.expand(c, -1).unsqueeze(0)                      # (1, C, n)
-                if isinstance(fn, nn.BatchNorm2d):
-                    xb = xb.unsqueeze(-1)
-                y = fn(xb).reshape(c, -1)
-            else:
-                y = fn(x)
+            y = fn(x)
         grid = self.sink_grid(node)
         if grid is None:
             lo, hi = float(y.min()), float(y.max())
