@@ -162,3 +162,28 @@ def test_conv1d_lowered_as_2d_and_identical_with_pow2_scales():
     d = np.rint(np.abs(ref.dequantize(g, ref.run(g, x)) - qm(x).detach().double().numpy()) / g.tensor(g.outputs[0]).scale)
     assert d.max() <= 1
     assert_identical(g, x)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qop"])
+def test_requantization_past_2_62_splits_the_multiplier_exactly(fmt):
+    """A mul of two 16-bit intermediates whose zero points sit at qmin: |(a − za)(b − zb)| reaches
+    65535² ≈ 2^32, times a 31-bit multiplier past 2^62. The export splits the multiplier and stays
+    bit-exact with the reference (which uses exact 128-bit arithmetic there), ties included."""
+    from qcompile.core.requant import fits_int64, quantize_multiplier
+    from qcompile.backends.parity import _onnx_codes
+    scale = 2.0 ** -10
+    a = ir.Tensor("a", (64,), 16, True, scale, -32768)
+    b = ir.Tensor("b", (64,), 16, True, scale, -32768)
+    y = ir.Tensor("y", (64,), 8, False, 20.0, 128)
+    m, s = quantize_multiplier(scale * scale / 20.0 * 1.37)
+    assert not fits_int64(65535 * 65535, m, s)
+    op = ir.Op("mul", "mul", ["a", "b"], "y", ir.Mul(multiplier=m, shift=s, act_min=0, act_max=255))
+    graph = ir.verify(ir.Graph(["a", "b"], ["y"], {"a": a, "b": b, "y": y}, [op]))
+    rng = np.random.default_rng(0)
+    ca = np.concatenate([rng.integers(-32768, 32768, (7, 64)), np.full((1, 64), 32767)])
+    cb = np.concatenate([rng.integers(-32768, 32768, (7, 64)), np.full((1, 64), 32767)])
+    want = ref.run_codes(graph, ca, cb)
+    assert ((want > 0) & (want < 255)).mean() > 0.5            # mostly rounded, not clamped
+    feeds = [((c - t.zero_point) * scale).astype(np.float32) for c, t in ((ca, a), (cb, b))]
+    got = _onnx_codes(graph, to_onnx(graph, fmt), feeds)
+    np.testing.assert_array_equal(got, want)

@@ -43,10 +43,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
 from qcompile.core.accumulator import acc_range, max_l1_bounds
-from qcompile.core.requant import fits_int64, is_power_of_two, requantized_bound
+from qcompile.core.requant import fits_int64, is_power_of_two, product_bound, requantized_bound
 from qcompile.errors import QCompileError
 
 FORMATS = ("qdq", "qop")
+SPLIT = 16            # multiplier split m = mh·2^SPLIT + ml where v·m can pass 2^62 (`requant`)
 DEFAULT_OPSET = 21
 MIN_OPSET = 13
 
@@ -178,44 +179,56 @@ class _Builder:
             v = self.node("Sub", [v, self.const("zp_i64", np.int64(z))], name + "_c")
         return v
 
+    def floor_divmod(self, x: str, n: np.ndarray, hint: str) -> tuple[str, str]:
+        """(⌊x / 2^n⌋, x − ⌊x / 2^n⌋·2^n) in int64 ONNX ops for |x| < 2^62 (n: 0..62, shaped to broadcast)."""
+        div = np.left_shift(np.int64(1), n)
+        if self.opset >= 18:
+            # floor division by 2^n on unsigned values: offset by 2^62, BitShift, mask
+            u = self.node("Cast", [self.node("Add", [x, self.const("rq_off", np.int64(1 << 62))], hint + "_pos")],
+                          hint + "_u", to=TensorProto.UINT64)
+            qu = self.node("BitShift", [u, self.const("rq_n", n.astype(np.uint64))], hint + "_qu", direction="RIGHT")
+            rem = self.node("Cast", [self.node("BitwiseAnd", [u, self.const("rq_mask", (div - 1).astype(np.uint64))],
+                                               hint + "_remu")], hint + "_rem", to=TensorProto.INT64)
+            quo = self.node("Sub", [self.node("Cast", [qu], hint + "_qi", to=TensorProto.INT64),
+                                    self.const("rq_offq", np.int64(1 << 62) >> n)], hint + "_q")
+            return quo, rem
+        d = self.const("rq_d", div)
+        rem = self.node("Mod", [x, d], hint + "_rem", fmod=0)
+        return self.node("Div", [self.node("Sub", [x, rem], hint + "_floor"), d], hint + "_q"), rem
+
     def requant(self, v: str, m, s, hint: str, bound: int, op: ir.Op, channel_shape=None) -> str:
         """round_half_to_even(v·m / 2^(31−s)) in int64 ONNX ops (m, s scalars or per-channel arrays) for
-        |v| <= bound; an ExportError where int64 cannot hold it exactly (`core.requant.fits_int64`)."""
-        if not fits_int64(bound, m, s):
-            raise ExportError(f"op {op.name!r} ({op.kind}): requantizing values up to {bound} (about 2^"
-                              f"{math.log2(max(bound, 1)):.0f}) by multiplier {np.max(m)}·2^({np.min(s)}−31) needs "
-                              "128-bit products (wide accumulators: weights/activations wider than 8 bits); ONNX has "
-                              "int64 only. Use the C backend (qcompile.emit_c) or the reference, or narrower grids")
+        |v| <= bound. Where v·m can pass 2^62 (`core.requant.fits_int64`: e.g. a product of two 16-bit
+        intermediates) the multiplier is split, m = mh·2^16 + ml: v·m = C·2^16 + Br with
+        C = v·mh + ⌊v·ml / 2^16⌋ and Br its remainder, so the quotient is ⌊C / 2^(n−16)⌋ and the remainder
+        (C mod 2^(n−16))·2^16 + Br, all in int64; an ExportError where even that cannot hold it."""
         m = np.asarray(m, dtype=np.int64)
         s = np.asarray(s, dtype=np.int64)
         if m.ndim == 0 and int(m) == 1 << 30 and int(s) == 1:
             return v
-        n = 31 - s                                   # 0..62 (ir.verify, fits_int64)
-        mult = m
-        div = np.left_shift(np.int64(1), n)
-        half = np.where(n > 0, div // 2, div)        # rem == div never happens: no rounding when n == 0
+        n = 31 - s                                   # 0..MAX_RIGHT_SHIFT (ir.verify)
         shape = channel_shape if channel_shape is not None and m.ndim else ()
-        mult, div, half = (np.asarray(a, dtype=np.int64).reshape(shape) for a in (mult, div, half))
-        n = np.asarray(n, dtype=np.int64)
-        prod = self.node("Mul", [v, self.const("rq_m", mult)], hint + "_prod")
-        if self.opset >= 18:
-            # floor division by 2^n on unsigned values: offset by 2^62 (|prod| < 2^62), BitShift, mask
-            u = self.node("Cast", [self.node("Add", [prod, self.const("rq_off", np.int64(1 << 62))], hint + "_pos")],
-                          hint + "_u", to=TensorProto.UINT64)
-            nsh = self.const("rq_n", n.astype(np.uint64).reshape(shape))
-            qu = self.node("BitShift", [u, nsh], hint + "_qu", direction="RIGHT")
-            rem = self.node("Cast", [self.node("BitwiseAnd", [u, self.const("rq_mask", (div - 1).astype(np.uint64))],
-                                               hint + "_remu")], hint + "_rem", to=TensorProto.INT64)
-            odd = self.node("Cast", [self.node("BitwiseAnd", [qu, self.const("one_u", np.uint64(1))], hint + "_paru")],
-                            hint + "_odd", to=TensorProto.BOOL)
-            quo = self.node("Sub", [self.node("Cast", [qu], hint + "_qi", to=TensorProto.INT64),
-                                    self.const("rq_offq", (np.int64(1 << 62) >> n).reshape(shape))], hint + "_q")
+        # n == 0: no rounding, and the remainder (0) never reaches 1
+        half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 1).astype(np.int64).reshape(shape)
+        if fits_int64(bound, m, s):
+            prod = self.node("Mul", [v, self.const("rq_m", m.reshape(shape))], hint + "_prod")
+            quo, rem = self.floor_divmod(prod, n.reshape(shape), hint)
         else:
-            d = self.const("rq_d", div)
-            rem = self.node("Mod", [prod, d], hint + "_rem", fmod=0)
-            quo = self.node("Div", [self.node("Sub", [prod, rem], hint + "_floor"), d], hint + "_q")
-            odd = self.node("Equal", [self.node("Mod", [quo, self.const("two", np.int64(2))], hint + "_par", fmod=0),
-                                      self.const("one", np.int64(1))], hint + "_odd")
+            if product_bound(bound, m >> SPLIT) >= 2 ** 61 or product_bound(bound, 1 << SPLIT) >= 2 ** 62 \
+                    or int(n.min()) < SPLIT or int(n.max()) > 62:
+                raise ExportError(f"op {op.name!r} ({op.kind}): requantizing values up to {bound} (about 2^"
+                                  f"{math.log2(max(bound, 1)):.0f}) by multiplier {np.max(m)}·2^({np.min(s)}−31) "
+                                  "needs wider than int64 arithmetic even with a split multiplier; ONNX has int64 "
+                                  "only. Use the C backend (qcompile.emit_c) or the reference, or narrower grids")
+            a = self.node("Mul", [v, self.const("rq_mh", (m >> SPLIT).reshape(shape))], hint + "_hi")
+            b = self.node("Mul", [v, self.const("rq_ml", (m & ((1 << SPLIT) - 1)).reshape(shape))], hint + "_lo")
+            bq, br = self.floor_divmod(b, np.full(shape, SPLIT, np.int64) if shape else np.int64(SPLIT), hint + "_l")
+            c = self.node("Add", [a, bq], hint + "_c")
+            quo, cr = self.floor_divmod(c, (n - SPLIT).reshape(shape), hint + "_h")
+            rem = self.node("Add", [self.node("Mul", [cr, self.const("rq_split", np.int64(1 << SPLIT))], hint + "_crs"),
+                                    br], hint + "_rem")
+        odd = self.node("Cast", [self.node("Mod", [quo, self.const("two", np.int64(2))], hint + "_par", fmod=0)],
+                        hint + "_odd", to=TensorProto.BOOL)
         h = self.const("rq_h", half)
         gt = self.node("Greater", [rem, h], hint + "_gt")
         eq = self.node("Equal", [rem, h], hint + "_eq")

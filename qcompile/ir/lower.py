@@ -344,8 +344,8 @@ class _Lowering:
         """Dropout, stochastic depth and nn.Identity: identity in eval."""
         if getattr(node.target, "__name__", "") == "stochastic_depth" and \
                 (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
-            self.fail(node, "stochastic depth was traced with training=True, so it stays random in eval; "
-                      "call model.eval() before qcompile.compile (torchvision passes self.training as a constant)")
+            self.fail(node, "stochastic depth is called with training=True as a constant while the model was "
+                      "compiled in eval mode, so it stays random in eval; pass the module's own mode")
         return self.val[node.args[0]]
 
     def lower_unary(self, node):

@@ -4,7 +4,9 @@ Invariant after this pass: conv/linear modules are calls of F.conv1d/F.conv2d/F.
 whose weight and bias are `get_attr` nodes (the modules stay in the hierarchy as parameter
 holders, so `state_dict()` keys are unchanged); activation modules are calls of their
 functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `torch.add`,
-`.relu_()`...) are their out-of-place operator or function. Every layer node carries
+`.relu_()`...) are their out-of-place operator or function; a dropout or stochastic-depth call
+traced with the model's mode as its `training` constant is a module call (nn.Dropout,
+`StochasticDepth`) whose randomness follows the graph module's mode. Every layer node carries
 `meta["qc_layer"]` (module path) and `meta["qc_module_type"]`.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from qcompile.passes.ops import (
@@ -25,15 +27,47 @@ from qcompile.passes.ops import (
     WEIGHTED_FUNCTIONS,
     verification_error,
 )
+from qcompile.passes.quantize import _free_path
+from qcompile.train.stochastic_depth import StochasticDepth
 
 
 def _conv_function(mod):
     return {1: F.conv1d, 2: F.conv2d}[len(mod.kernel_size)]
 
 
+def _mode_call(node: fx.Node, training: bool):
+    """(module, input) standing for a dropout / stochastic-depth call whose `training` argument is the
+    constant `training` (the model's mode when traced), else None."""
+    def arg(i, name, default):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    if node.target is F.dropout and arg(2, "training", True) is training:
+        return nn.Dropout(arg(1, "p", 0.5)), node.args[0]
+    if getattr(node.target, "__name__", None) == "stochastic_depth" and arg(3, "training", None) is training:
+        return StochasticDepth(node.target, arg(1, "p", None), arg(2, "mode", None)), node.args[0]
+    return None
+
+
+def _module_path(node: fx.Node, gm: fx.GraphModule) -> str:
+    """A free submodule path for `node`'s module: the traced module's own path where fx recorded it."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    path = stack[-1][0] if stack and isinstance(stack[-1], tuple) else node.name
+    return _free_path(gm, path or node.name)
+
+
 def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and (made := _mode_call(node, gm.training)) is not None:
+            mod, x = made
+            path = _module_path(node, gm)
+            gm.add_submodule(path, mod)
+            with graph.inserting_before(node):
+                new = graph.call_module(path, (x,))
+            new.meta.update(node.meta)
+            new.meta["qc_module_type"] = type(mod).__name__
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            continue
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, CONV_MODULES + LINEAR_MODULES):
@@ -83,8 +117,13 @@ def verify(gm: fx.GraphModule, config=None) -> None:
     """Raise VerificationError unless no conv/linear module is called (except a conv whose
     padding_mode is not "zeros", left for quantize to list as a float fallback), every
     F.conv*/F.linear made from a module reads `get_attr` weight and bias, no activation module
-    is called, no call passes inplace=True, and no in-place or alias form remains."""
+    is called, no call passes inplace=True, no in-place or alias form remains, and no dropout or
+    stochastic-depth call has the model's mode as a constant."""
     for node in gm.graph.nodes:
+        if node.op == "call_function" and _mode_call(node, gm.training) is not None:
+            raise verification_error("normalize", node, gm, "a module call whose randomness follows the graph "
+                                     "module's mode (nn.Dropout / StochasticDepth), not a constant training="
+                                     f"{gm.training}")
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, CONV_MODULES + LINEAR_MODULES) and getattr(mod, "padding_mode", "zeros") == "zeros":

@@ -20,6 +20,7 @@ from torch import nn
 from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 from qcompile.train.quantizers import Quantizer
+from qcompile.train.stochastic_depth import StochasticDepth
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ FAMILIES = (
     _family("split", {torch.chunk, torch.split}, {"chunk", "split"}, grid_preserving=True),
     _family("getitem", {operator.getitem}, grid_preserving=True),
     _family("identity", modules=(nn.Identity,), grid_preserving=True),
-    _family("dropout", {F.dropout}, modules=(nn.Dropout,), names={"stochastic_depth"}),   # identity in eval
+    _family("dropout", {F.dropout}, modules=(nn.Dropout, StochasticDepth), names={"stochastic_depth"}),  # eval: identity
     _family("shape", {operator.floordiv}, {"size", "dim"}),                              # shape arithmetic
     _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import csv
 import fnmatch
+import gc
 import io
 import itertools
 import json
@@ -84,9 +85,15 @@ def processes(device: str):
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
         yield Processes(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if device == "cuda" else "cpu")
-    finally:
+    except BaseException:
         if joined and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if joined and dist.is_initialized():
+        gc.collect()          # a finished run's DistributedDataParallel (in reference cycles) lets go of the group
+        dist.barrier()        # no collective is in flight on any rank when the group goes
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def _sum_over_ranks(values: list[float], procs: Processes) -> list[float]:

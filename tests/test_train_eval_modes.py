@@ -1,0 +1,79 @@
+"""A model compiled in train mode (as constructed) keeps its train-only behaviour: stochastic depth and
+dropout traced with the model's mode as a constant become modules that follow qm.train()/eval()."""
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
+
+import qcompile
+from qcompile.backends import parity
+from qcompile.train.stochastic_depth import StochasticDepth
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop_path = TorchvisionStochasticDepth(0.5, "row")
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = x + self.drop_path(F.relu(self.conv(x)))
+        return self.fc(F.dropout(torch.flatten(x, 1), 0.3, self.training))
+
+
+def _twice(qm, x):
+    with torch.no_grad():
+        return qm(x), qm(x)
+
+
+def test_dropout_and_stochastic_depth_follow_the_graph_modules_mode():
+    torch.manual_seed(0)
+    model = Block()                               # train mode: the constants are True
+    x = torch.randn(16, 4, 8, 8)
+    qm = qcompile.compile(model, x[:2], seed=0, verify=True)
+    kinds = {type(m) for m in qm.modules()}
+    assert StochasticDepth in kinds and nn.Dropout in kinds
+    assert not [n for n in qm.graph.nodes if n.op == "call_function"
+                and (n.target is F.dropout or getattr(n.target, "__name__", "") == "stochastic_depth")]
+    assert qm.get_submodule("drop_path").p == 0.5        # named as in the float model
+    qm.calibrate([x])
+    qm.train()
+    a, b = _twice(qm, x)
+    assert not torch.equal(a, b)                          # paths and units dropped at random
+    qm.eval()
+    a, b = _twice(qm, x)
+    assert torch.equal(a, b)
+    qm.set_quantization(False)                            # in float, eval is exactly the float model's eval
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(qm(x), model(x))
+    qm.set_quantization(True)
+    graph = qcompile.lower(qm)
+    assert {op.kind for op in graph.ops} == {"conv2d", "add", "reshape", "linear"}
+
+
+def test_efficientnet_b0_trains_with_stochastic_depth_and_exports(tmp_path):
+    """The issue's case: efficientnet_b0 as constructed (train mode), W8A8G8: its 9 stochastic-depth
+    layers drop paths in train mode, eval is deterministic, and ONNX = reference = C after export."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    qm = qcompile.compile(model, x[:2], grad_bits=8, seed=0)
+    assert sum(isinstance(m, StochasticDepth) for m in qm.modules()) == 9
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = F.cross_entropy(qm(x), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    a, b = _twice(qm, x)
+    assert not torch.equal(a, b)
+    qm.eval()
+    a, b = _twice(qm, x)
+    assert torch.equal(a, b)
+    graph = qcompile.lower(qm)
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert cmp.max_lsb("reference", "onnx:qdq") == 0 and cmp.max_lsb("reference", "c") == 0
