@@ -8,7 +8,7 @@ from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
 
 import qcompile
 from qcompile.backends import parity
-from qcompile.train.stochastic_depth import StochasticDepth
+from qcompile.train.modes import EvalOutput, StochasticDepth
 
 
 class Block(nn.Module):
@@ -77,3 +77,67 @@ def test_efficientnet_b0_trains_with_stochastic_depth_and_exports(tmp_path):
     graph = qcompile.lower(qm)
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
     assert cmp.max_lsb("reference", "onnx:qdq") == 0 and cmp.max_lsb("reference", "c") == 0
+
+
+class AuxNet(nn.Module):
+    """A main head and a training-only auxiliary head, returned as a namedtuple in train mode (as
+    GoogLeNet and Inception do), the main logits alone in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Linear(4 * 7 * 7, 10)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if self.training:
+            aux = self.aux(torch.flatten(F.adaptive_avg_pool2d(x, 7), 1))
+            return torchvision.models.GoogLeNetOutputs(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
+                                                       aux, aux)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_auxiliary_outputs_in_train_mode_and_gone_in_eval_and_from_the_ir(tmp_path):
+    torch.manual_seed(0)
+    model = AuxNet()
+    x = torch.randn(8, 3, 12, 12)
+    qm = qcompile.compile(model, x[:2], grad_bits=8, seed=0, verify=True)
+    assert isinstance(qm.eval_output, EvalOutput) and qm.eval_output.index == 0
+    qm.calibrate([x])
+    qm.train()
+    out = qm(x)
+    assert type(out) is torchvision.models.GoogLeNetOutputs and [o.shape for o in out] == [(8, 10)] * 3
+    sum(F.cross_entropy(o, torch.arange(8)) for o in out).backward()
+    assert qm.aux.weight.grad is not None and qm.aux.weight.grad.abs().sum() > 0     # the aux head trains
+    qm.eval()
+    with torch.no_grad():
+        y = qm(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (8, 10)
+    qm.set_quantization(False)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(qm(x), model(x))                  # in float, eval is the float model's eval
+    qm.set_quantization(True)
+    graph = qcompile.lower(qm)
+    assert len(graph.outputs) == 1 and [op.kind for op in graph.ops].count("linear") == 1   # no aux head
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert all(cmp.max_lsb(a, b) == 0 for a, b in cmp.pairs())
+
+
+def test_googlenet_compiled_in_train_mode_returns_its_aux_outputs_and_exports_without_them(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=True)
+    x = torch.randn(4, 3, 64, 64)
+    qm = qcompile.compile(model, x[:2], grad_bits=8, seed=0)
+    qm.calibrate([x])
+    out = qm(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert type(out) is type(ref) and out._fields == ref._fields
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    qm.eval()
+    graph = qcompile.lower(qm)
+    assert len(graph.outputs) == 1 and [op.kind for op in graph.ops].count("linear") == 1   # aux heads: 2 each
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert cmp.max_lsb("reference", "onnx:qdq") <= 1 and cmp.max_lsb("reference", "c") == 0

@@ -48,6 +48,7 @@ from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
 from qcompile.train.log_barrier import LogBarrier
+from qcompile.train.modes import EvalOutput
 from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights, Quantizer
 from qcompile.train.tiled import NarrowAccOp
 
@@ -57,6 +58,14 @@ BIAS_CODE_EXACT = 2 ** 53         # float64 rounds b / (Sx·Sw) exactly below th
 # families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
 EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
 SINK_FAMILIES = {"relu", "max_pool", "reshape", "identity", "dropout", "cat"}
+
+
+def eval_field(node: fx.Node, qm) -> fx.Node:
+    """The node an EvalOutput call picks in eval: field `index` of the outputs it reads (a namedtuple's
+    constructor call or a tuple of nodes)."""
+    src = node.args[0]
+    fields = src.args if isinstance(src, fx.Node) else src
+    return fields[qm.get_submodule(node.target).index]
 
 
 def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
@@ -265,12 +274,30 @@ class _Lowering:
     # ---- the walk --------------------------------------------------------------------
     def run(self) -> ir.Graph:
         outputs = []
+        needed = self.needed()
         for node in self.qm.graph.nodes:
             if node.op == "output":
                 outputs = self.lower_output(node)
-                continue
-            self.val[node] = self.lower_node(node)
+            elif node in needed:
+                self.val[node] = self.lower_node(node)
         return ir.Graph(self.inputs, outputs, self.tensors, self.ops)
+
+    def needed(self) -> set:
+        """The nodes the eval outputs depend on: through an EvalOutput only its field's (an auxiliary
+        head's nodes are left out), and nothing that only a training-time output reads."""
+        output = next(n for n in self.qm.graph.nodes if n.op == "output")
+        seen, stack = set(), list(output.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend([eval_field(node, self.qm)] if isinstance(self.module(node), EvalOutput)
+                         else node.all_input_nodes)
+        return seen
+
+    def lower_eval_output(self, node):
+        return self.val[eval_field(node, self.qm)]
 
     def lower_output(self, node) -> list[str]:
         args = node.args[0]
@@ -816,4 +843,5 @@ RULES = {
     "max_pool": _Lowering.lower_maxpool, "avg_pool": _Lowering.lower_avgpool, "lut": _Lowering.lower_unary,
     "batchnorm": _Lowering.lower_batchnorm, "add": _Lowering.lower_binary, "mul": _Lowering.lower_binary,
     "cat": _Lowering.lower_cat, "shape": _Lowering.lower_shape_arithmetic,
+    "eval_output": _Lowering.lower_eval_output,
 }

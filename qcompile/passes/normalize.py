@@ -28,7 +28,7 @@ from qcompile.passes.ops import (
     verification_error,
 )
 from qcompile.passes.quantize import _free_path
-from qcompile.train.stochastic_depth import StochasticDepth
+from qcompile.train.modes import StochasticDepth
 
 
 def _conv_function(mod):

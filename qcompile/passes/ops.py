@@ -20,7 +20,7 @@ from torch import nn
 from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 from qcompile.train.quantizers import Quantizer
-from qcompile.train.stochastic_depth import StochasticDepth
+from qcompile.train.modes import EvalOutput, StochasticDepth
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ FAMILIES = (
     _family("getitem", {operator.getitem}, grid_preserving=True),
     _family("identity", modules=(nn.Identity,), grid_preserving=True),
     _family("dropout", {F.dropout}, modules=(nn.Dropout, StochasticDepth), names={"stochastic_depth"}),  # eval: identity
+    _family("eval_output", modules=(EvalOutput,)),                                     # eval: one output field
+    _family("outputs"),                                    # a namedtuple of outputs (matched by type, family_of)
     _family("shape", {operator.floordiv}, {"size", "dim"}),                              # shape arithmetic
     _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
@@ -67,6 +69,7 @@ _BY_FUNCTION = {f: fam for fam in FAMILIES for f in fam.functions}
 _BY_METHOD = {m: fam for fam in FAMILIES for m in fam.methods}
 _BY_NAME = {n: fam for fam in FAMILIES for n in fam.names}
 _BY_MODULE = tuple((t, fam) for fam in FAMILIES for t in fam.modules)
+_OUTPUTS = next(fam for fam in FAMILIES if fam.name == "outputs")
 
 CONV_FUNCTIONS = FAMILIES[0].functions
 LINEAR_FUNCTIONS = FAMILIES[1].functions
@@ -93,6 +96,8 @@ CANONICAL_METHODS = {"relu_": F.relu, "relu": F.relu, "add_": operator.add, "add
 def family_of(node, gm=None) -> Family | None:
     """The family of what `node` calls (None: no family — not quantizable — or not a call)."""
     if node.op == "call_function":
+        if isinstance(node.target, type) and issubclass(node.target, tuple):
+            return _OUTPUTS
         return _BY_FUNCTION.get(node.target) or _BY_NAME.get(getattr(node.target, "__name__", None))
     if node.op == "call_method":
         return _BY_METHOD.get(node.target)

@@ -2,7 +2,9 @@
 
 Invariant: the input model is not mutated (a deep copy is traced); every node that
 produces a tensor carries `meta["tensor_meta"]` (shape, dtype) from running the example
-inputs in eval mode under no_grad; call_module nodes carry `meta["qc_module_type"]`.
+inputs in eval mode under no_grad; call_module nodes carry `meta["qc_module_type"]`. A model
+traced in train mode whose eval output is one field of what it returns in training (auxiliary
+heads) returns through an `EvalOutput` module (`eval_output`) that picks that field in eval.
 Failure to trace raises TraceError naming the module and the source line.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qcompile.errors import TraceError
 from qcompile.passes.ops import verification_error
+from qcompile.train.modes import EvalOutput
 
 
 class _Tracer(fx.Tracer):
@@ -62,7 +65,9 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
     for node in gm.graph.nodes:
         if node.op == "call_module":
             node.meta["qc_module_type"] = type(gm.get_submodule(node.target)).__name__
-    modes = {m: m.training for m in gm.modules()}
+    modes = {m: m.training for m in list(gm.modules()) + list(model.modules())}
+    if model.training:
+        _select_eval_output(model, gm, example_inputs)
     gm.eval()
     try:
         with torch.no_grad():
@@ -73,6 +78,33 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
         for m, mode in modes.items():
             m.training = mode
     return gm
+
+
+@torch.no_grad()
+def _select_eval_output(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """When `model` (traced in train mode) returns one tensor in eval but a tuple from the traced graph
+    (GoogLeNet's and Inception's namedtuples with auxiliary logits), route the graph's output through
+    an EvalOutput picking the field equal to the eval output. Leaves the modules in eval mode (the
+    caller restores them)."""
+    model.eval()
+    gm.eval()
+    try:
+        ref, out = model(*example_inputs), gm(*example_inputs)
+    except Exception:
+        return                   # the eval forward itself fails: shape propagation reports it next
+    if not isinstance(ref, torch.Tensor) or not isinstance(out, (tuple, list)):
+        return
+    index = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.shape == ref.shape
+                  and torch.allclose(v, ref, rtol=1e-5, atol=1e-6)), None)
+    if index is None:
+        return
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    gm.add_submodule("eval_output", EvalOutput(index))
+    with gm.graph.inserting_before(output):
+        node = gm.graph.call_module("eval_output", (output.args[0],))
+    node.meta["qc_module_type"] = "EvalOutput"
+    output.args = (node,)
+    gm.recompile()
 
 
 def verify(gm: fx.GraphModule, config=None) -> None:
