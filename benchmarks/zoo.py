@@ -11,7 +11,7 @@ random init, fresh from its constructor: train mode) runs in its own subprocess 
 One JSON line per model, then a markdown table and a summary line.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo.py [--models GLOB] [--timeout 900] [--c-limit 30e6]
-        [--out build/zoo.jsonl] [--markdown docs/zoo.md]
+        [--size N] [--out build/zoo.jsonl] [--markdown docs/zoo.md]
 """
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ def _loss(out, y):
     return sum(F.cross_entropy(o, y) for o in outs if o is not None)
 
 
-def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, per_op: bool = False) -> dict:
+def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, per_op: bool = False,
+                size: int | None = None) -> dict:
     """Run one zoo model through every stage; the row records how far it got, its figures, and the
     first line of the error that stopped it. `per_op`: also each op exported alone and fed the
-    reference's input codes (`parity.onnx_per_op`: where a difference starts, not where it ends)."""
+    reference's input codes (`parity.onnx_per_op`: where a difference starts, not where it ends).
+    `size`: this input size instead of the smallest one."""
     import torch
     import torchvision
     import qcompile
@@ -72,7 +74,7 @@ def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, p
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, num_classes=10)
         row["params"] = sum(p.numel() for p in model.parameters())
-        size = smallest_input(model)
+        size = size or smallest_input(model)
         row["input"] = size
         x = torch.randn(4, 3, size, size)
         row["stage"] = "compile"
@@ -118,12 +120,13 @@ def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, p
     return row
 
 
-def run_all(names: list[str], timeout: float, c_limit: float, out: Path) -> list[dict]:
+def run_all(names: list[str], timeout: float, c_limit: float, out: Path, size: int | None = None) -> list[dict]:
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for name in names:
-            cmd = [sys.executable, __file__, "--one", name, "--c-limit", str(c_limit)]
+            cmd = [sys.executable, __file__, "--one", name, "--c-limit", str(c_limit)] + \
+                (["--size", str(size)] if size else [])
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -172,12 +175,13 @@ def main(argv=None) -> None:
     ap.add_argument("--c-limit", type=float, default=30e6, help="build C for models under this many parameters")
     ap.add_argument("--out", type=Path, default=Path("build/zoo.jsonl"))
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--size", type=int, default=None, help="this input size for every model, not the smallest")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # the worker: one model, one JSON line
     args = ap.parse_args(argv)
     if args.one:
         import torch
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        print(json.dumps(check_model(args.one, args.c_limit)))
+        print(json.dumps(check_model(args.one, args.c_limit, size=args.size)))
         return
     import platform
     import torchvision
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
     print(f"{len(names)} torchvision classifiers; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(format_header())
-    rows = run_all(names, args.timeout, args.c_limit, args.out)
+    rows = run_all(names, args.timeout, args.c_limit, args.out, args.size)
     line = summary(rows, args.c_limit)
     print(line)
     if args.markdown:

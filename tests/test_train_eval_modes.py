@@ -1,5 +1,6 @@
 """A model compiled in train mode (as constructed) keeps its train-only behaviour: stochastic depth and
 dropout traced with the model's mode as a constant become modules that follow qm.train()/eval()."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -142,3 +143,32 @@ def test_googlenet_compiled_in_train_mode_returns_its_aux_outputs_and_exports_wi
     assert len(graph.outputs) == 1 and [op.kind for op in graph.ops].count("linear") == 1   # aux heads: 2 each
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
     assert cmp.max_lsb("reference", "onnx:qdq") <= 1 and cmp.max_lsb("reference", "c") == 0
+
+
+def test_qcompile_train_trains_the_auxiliary_heads_of_googlenet(tmp_path, monkeypatch):
+    """`qcompile train` on a model with auxiliary outputs: the loss is the logits' cross-entropy plus
+    AUX_WEIGHT times each auxiliary head's. Without weight decay an aux head moves only through that
+    term: with AUX_WEIGHT 0 it keeps its initial weights, with the default it does not."""
+    from test_range_estimators import _fake_folder
+    from qcompile import trainer
+    from qcompile.tools import trainer as trainer_module
+    from qcompile.tools.run_config import TrainConfig
+    from qcompile.tools.trainer import main_and_aux
+
+    out = torchvision.models.GoogLeNetOutputs(torch.zeros(2, 3), torch.ones(2, 3), None)
+    logits, aux = main_and_aux(out, nn.Identity())
+    assert logits is out.logits and len(aux) == 1 and aux[0] is out.aux_logits2
+    data = _fake_folder(tmp_path / "data", train=16, val=6)
+    cfg = TrainConfig(model="torchvision:googlenet", data=str(data), epochs=1, batch_size=8, image_size=64, workers=0,
+                      lr=0.05, weight_decay=0.0)
+
+    def aux_weight_after(name):
+        result = trainer.run(cfg, qcompile.QConfig(grad_bits=8), tmp_path / name, log=lambda s: None,
+                             progress_bar=False)
+        assert np.isfinite(result.metrics[-1]["train_loss"])
+        return result.model.get_parameter("aux1.fc2.weight").detach().clone()
+
+    trained = aux_weight_after("with_aux")
+    monkeypatch.setattr(trainer_module, "AUX_WEIGHT", 0.0)
+    untouched = aux_weight_after("without_aux")
+    assert not torch.equal(trained, untouched)

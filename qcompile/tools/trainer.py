@@ -47,7 +47,9 @@ from qcompile.tools.data import Datasets, EpochSampler, SeededItems, derived_see
 from qcompile.tools.model_spec import load_model
 from qcompile.tools.run_config import TrainConfig
 from qcompile.train.graph_module import check_state_dict
+from qcompile.train.modes import EvalOutput
 
+AUX_WEIGHT = 0.3     # auxiliary heads' share of the training loss (GoogLeNet's paper)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "steps_per_s",
                   "ranks_agree")
@@ -94,6 +96,17 @@ def processes(device: str):
         dist.barrier()        # no collective is in flight on any rank when the group goes
         dist.destroy_process_group()
         gc.collect()
+
+
+def main_and_aux(out, model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, auxiliary logits) of a training forward: a model with auxiliary heads (GoogLeNet,
+    Inception) returns a namedtuple in training; its eval output field (the compiled graph's
+    EvalOutput, else the first, as torchvision orders them) is the logits, the other fields the
+    auxiliary outputs."""
+    if not isinstance(out, tuple):
+        return out, []
+    index = model.eval_output.index if isinstance(getattr(model, "eval_output", None), EvalOutput) else 0
+    return out[index], [o for i, o in enumerate(out) if i != index and o is not None]
 
 
 def _sum_over_ranks(values: list[float], procs: Processes) -> list[float]:
@@ -406,8 +419,10 @@ class Trainer:
         factor = lr_factor(t, p.step, self.sampler.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        logits = self.net(x)
+        logits, aux = main_and_aux(self.net(x), self.model)
         loss = F.cross_entropy(logits, y)
+        if aux:
+            loss = loss + AUX_WEIGHT * sum(F.cross_entropy(a, y) for a in aux)
         total = loss + self.model.regularization() if self.setup.quantized else loss
         correct = float((logits.argmax(1) == y).sum())
         loss_sum, correct, seen, bad = _sum_over_ranks(
