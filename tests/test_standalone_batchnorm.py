@@ -1,6 +1,8 @@
-"""A BatchNorm that folds into no conv (DenseNet's norm after a concat, a BatchNorm1d after a flatten)
-lowers to integer per-channel requantization plus a per-channel offset, on 8- and 16-bit inputs."""
+"""Per-channel affine ops lower to integer per-channel requantization plus a per-channel offset, on 8- and
+16-bit inputs: a BatchNorm that folds into no conv (DenseNet's norm after a concat, a BatchNorm1d after a
+flatten) and a LayerScale multiply."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,3 +62,48 @@ def test_standalone_batchnorms_lower_to_per_channel_requantization(tmp_path):
     assert np.abs(steps).max() <= 2 + 1e-6         # through the 16-bit concat grid, a conv and a linear
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
     assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1   # ORT: conv ties
+
+
+class LayerScale(nn.Module):
+    def __init__(self, scale_shape=(6, 1, 1)):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(scale_shape) * 2 - 0.5)      # per channel, some negative
+        self.c2 = nn.Conv2d(6, 4, 1)
+        self.s = nn.Parameter(torch.tensor(0.7))                           # one scalar
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        y = y + self.gamma * y
+        return self.fc(torch.flatten(self.s * self.c2(y), 1))
+
+
+def test_layer_scale_multiplies_lower_to_per_channel_requantization(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    qm = qcompile.compile(LayerScale(), x[:2], grad_bits=8, seed=0)
+    qm.calibrate([x])
+    qm.eval()
+    graph = qcompile.lower(qm)
+    muls = [op for op in graph.ops if op.name.startswith("mul")]
+    assert [op.kind for op in muls] == ["conv2d", "conv2d"] and [op.attrs.groups for op in muls] == [6, 4]
+    signs = np.sign(muls[0].attrs.weight.ravel())
+    assert (signs == np.sign(qm.gamma.detach().numpy().ravel())).all() and not muls[0].attrs.bias.any()
+    with torch.no_grad():
+        out = qm(x)
+    steps = (reference.dequantize(graph, reference.run(graph, x)) - out.double().numpy()) \
+        / graph.tensor(graph.outputs[0]).scale
+    assert np.abs(steps).max() <= 1 + 1e-6
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1
+
+
+def test_a_multiplier_that_is_not_per_channel_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    qm = qcompile.compile(LayerScale(scale_shape=(1, 1, 4)), x[:2], seed=0)
+    qm.calibrate([x])
+    qm.eval()
+    with pytest.raises(qcompile.ir.lower.LoweringError, match=r"constant of shape \(1, 1, 4\); only one value per"):
+        qcompile.lower(qm)

@@ -379,18 +379,21 @@ class _Lowering:
         return self.lower_lut(node, lambda v: node.target(v))
 
     def lower_batchnorm(self, node):
-        """A BatchNorm that folds into no conv before it, y = a_c·x + b_c (a = γ/√(σ²+ε), b = β − a·μ, in
-        float64): a depthwise 1×1 conv2d whose weight code is ±AFFINE_CODE at scale |a_c|/AFFINE_CODE with
-        bias b_c, i.e. integer per-channel requantization plus a per-channel offset, on inputs of any width.
-        (C, L) and (C,) inputs are reshaped to (C, 1, L) around it. Its multipliers Sx·|a_c|/(127·Sy) are
-        not powers of two even with pow2_scales: no choice of grids makes γ/σ one."""
+        """A BatchNorm that folds into no conv before it: the per-channel affine y = a_c·x + b_c with
+        a = γ/√(σ²+ε), b = β − a·μ (in float64)."""
         bn = self.module(node)
         if bn.training:
             self.fail(node, "is in training mode; call qm.eval() before lowering")
-        t = self.tensor_of(node, node.args[0])
         a = (bn.weight.double() if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var.double() + bn.eps)
         b = (bn.bias.double() if bn.bias is not None else 0.0) - a * bn.running_mean.double()
-        a, b = a.detach().numpy(), b.detach().numpy()
+        return self.lower_affine(node, self.tensor_of(node, node.args[0]), a.detach().numpy(), b.detach().numpy())
+
+    def lower_affine(self, node, t: ir.Tensor, a: np.ndarray, b: np.ndarray):
+        """y = a_c·x + b_c per channel (axis 0 of the per-sample shape; a standalone BatchNorm, a LayerScale
+        multiply): a depthwise 1×1 conv2d whose weight code is ±AFFINE_CODE at scale |a_c|/AFFINE_CODE with
+        bias b_c, i.e. integer per-channel requantization plus a per-channel offset, on inputs of any width.
+        (C, L) and (C,) inputs are reshaped to (C, 1, L) around it. Its multipliers Sx·|a_c|/(127·Sy) are
+        not powers of two even with pow2_scales: no choice of grids makes an arbitrary a_c one."""
         shape, channels = tuple(self.shape(node)), t.shape[0]
         x = t.name
         if len(t.shape) != 3:
@@ -410,6 +413,20 @@ class _Lowering:
         out = self.finish_acc(node, acc, grid, self.tensors[x].shape, name=node.name + "_2d")
         self.add_tensor(node.name, shape, grid)
         return self.emit("reshape", node, [out], node.name, shape=shape)
+
+    def per_channel(self, node, value, t: ir.Tensor) -> np.ndarray:
+        """A constant multiplier broadcast over `t` as one value per channel (axis 0 of the per-sample
+        shape), in float64: a number, or a tensor of shape (C, 1, ...) after leading ones."""
+        v = torch.as_tensor(value).detach().double()
+        rank = len(t.shape)
+        while v.dim() > rank and v.shape[0] == 1:
+            v = v[0]
+        if v.numel() == 1:
+            return np.full(t.shape[0], float(v.reshape(())))
+        if v.dim() == rank and v.shape[0] == t.shape[0] and v[0].numel() == 1:
+            return v.reshape(-1).numpy()
+        self.fail(node, f"multiplies a tensor of per-sample shape {t.shape} by a constant of shape "
+                  f"{tuple(torch.as_tensor(value).shape)}; only one value per channel (axis 1) is lowered")
 
     def lower_shape_arithmetic(self, node):
         self.fail(node, "integer arithmetic on a non-constant value")
@@ -771,6 +788,12 @@ class _Lowering:
     def lower_binary(self, node):
         if not all(isinstance(a, fx.Node) for a in node.args[:2]):
             self.fail(node, "adds or multiplies a python constant; only tensor ⊕ tensor is lowered")
+        consts = [isinstance(self.val.get(a), Const) for a in node.args[:2]]
+        if node.target is operator.mul and consts.count(True) == 1:    # a LayerScale: per channel
+            c, x = node.args[:2] if consts[0] else node.args[1::-1]
+            t = self.tensor_of(node, x)
+            a = self.per_channel(node, self.val[c].value, t)
+            return self.lower_affine(node, t, a, np.zeros_like(a))
         a, b = (self.tensor_of(node, x) for x in node.args[:2])
         (alo, ahi), (blo, bhi) = _of(a).real_range, _of(b).real_range
         shape = self.shape(node)
