@@ -178,23 +178,23 @@ def test_untraceable_model_names_module_and_line():
     assert qm(torch.randn(2, 3, 8, 8)).shape == (2, 4, 6, 6)
 
 
-class WithGelu(nn.Module):
+class WithElu(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)).softmax(-1))
+        return self.fc2(F.elu(self.fc1(x)).softmax(-1))
 
 
 def test_float_fallbacks_are_listed_in_one_warning_and_strict_refuses():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        qcompile.compile(WithGelu(), torch.randn(2, 4))
+        qcompile.compile(WithElu(), torch.randn(2, 4))
     msgs = [str(w.message) for w in caught if "no quantized form" in str(w.message)]
-    assert len(msgs) == 1 and "gelu" in msgs[0] and "softmax" in msgs[0]
-    with pytest.raises(qcompile.UnsupportedOpError, match="gelu"):
-        qcompile.compile(WithGelu(), torch.randn(2, 4), strict=True)
+    assert len(msgs) == 1 and "elu" in msgs[0] and "softmax" in msgs[0]
+    with pytest.raises(qcompile.UnsupportedOpError, match="elu"):
+        qcompile.compile(WithElu(), torch.randn(2, 4), strict=True)
 
 
 def test_nonfinite_gradient_raises_names_layer_and_keeps_state(small_net):

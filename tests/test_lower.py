@@ -11,6 +11,7 @@ import qcompile
 from qcompile.errors import CalibrationError, UnsupportedOpError
 from qcompile.models import get
 from qcompile.ir.lower import LoweringError, lower
+from qcompile.backends import parity, reference
 from qcompile.backends import reference as ref
 from qcompile.core.requant import requantize
 
@@ -126,19 +127,19 @@ def test_dynamic_activation_estimator_is_rejected(small_net):
         lower(qm)
 
 
-class Tanh(nn.Module):
+class Elu(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return torch.tanh(self.conv(x)).flatten(1)
+        return F.elu(self.conv(x)).flatten(1)
 
 
 def test_unsupported_op_names_the_node():
     torch.manual_seed(0)
-    qm = trained(Tanh(), torch.randn(4, 3, 8, 8))
-    with pytest.raises(UnsupportedOpError, match="node 'tanh'"):
+    qm = trained(Elu(), torch.randn(4, 3, 8, 8))
+    with pytest.raises(UnsupportedOpError, match="node 'elu'"):
         lower(qm)
 
 
@@ -155,3 +156,38 @@ def test_reference_equals_eval_exactly_with_pow2_scales(name):
     g = lower(qm)
     x = torch.randn(4, *shape[1:])
     assert steps_apart(g, ref.run(g, x), qm(x)).max() == 0
+
+
+class Activations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.gelu = nn.GELU()
+        self.fc2 = nn.Linear(32, 32)
+        self.gelu_tanh = nn.GELU(approximate="tanh")
+        self.fc3 = nn.Linear(32, 32)
+        self.fc4 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        y = self.gelu_tanh(self.fc2(self.gelu(self.fc1(x))))
+        return self.fc4(torch.tanh(self.fc3(y)))
+
+
+def test_gelu_and_tanh_are_tables_over_the_input_codes(tmp_path):
+    """GELU (both forms) and tanh lower like the other elementwise activations: a table computed with
+    the trained graph's own function on every input code."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    qm = qcompile.compile(Activations(), x[:2], seed=0)
+    assert {n.kwargs.get("approximate") for n in qm.graph.nodes if n.target is F.gelu} == {"none", "tanh"}
+    qm.calibrate([x])
+    qm.eval()
+    graph = qcompile.lower(qm)
+    assert [op.kind for op in graph.ops].count("lut") == 3
+    with torch.no_grad():
+        out = qm(x)
+    steps = (reference.dequantize(graph, reference.run(graph, x)) - out.double().numpy()) \
+        / graph.tensor(graph.outputs[0]).scale
+    assert np.abs(steps).max() <= 1 + 1e-6
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1

@@ -107,3 +107,4 @@ def test_a_multiplier_that_is_not_per_channel_is_refused():
     qm.eval()
     with pytest.raises(qcompile.ir.lower.LoweringError, match=r"constant of shape \(1, 1, 4\); only one value per"):
         qcompile.lower(qm)
+

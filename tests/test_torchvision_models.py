@@ -20,7 +20,7 @@ def test_compile_and_train_one_step(name):
     size = 64
     x, y = torch.randn(2, 3, size, size), torch.tensor([1, 7])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # convnext's layer_norm/gelu stay in float, by design
+        warnings.simplefilter("ignore")            # convnext's layer_norm stays in float, by design
         qm = qcompile.compile(model, (x[:1],), qcompile.QConfig(grad_bits=8, seed=0))
     opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
     params_before = [p.detach().clone() for p in qm.parameters()]

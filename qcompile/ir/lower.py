@@ -16,7 +16,7 @@ How each trained-graph node becomes integer ops:
     eval) adds its per-channel shift to that bias.
   - relu, max-pool, reshapes, transpose, chunk/split, cat: stay on a grid (relu clamps at
     the zero point).
-  - unary activations (relu6, hardswish, silu, sigmoid, hardsigmoid): a lookup table over the
+  - unary activations (relu6, hardswish, silu, sigmoid, hardsigmoid, gelu, tanh): a lookup table over the
     input codes, computed with the same torch functions the trained graph runs in eval, so the
     table equals the trained graph's result code for code.
   - a standalone BatchNorm (one that folds into no conv): a depthwise 1×1 conv2d with weight
@@ -357,7 +357,7 @@ class _Lowering:
         rule = RULES.get(fam.name) if fam is not None else None
         if rule is None:
             self.fail(node, "has no integer form; supported ops are conv2d, linear, matmul, the activations "
-                      "relu/relu6/hardswish/silu/sigmoid/hardsigmoid, add, mul, cat, max/avg pooling, BatchNorm, "
+                      "relu/relu6/hardswish/silu/sigmoid/hardsigmoid/gelu/tanh, add, mul, cat, max/avg pooling, BatchNorm, "
                       "reshapes, transpose, chunk/split and dropout. Replace the op or keep it out of the "
                       "deployed graph", UnsupportedOpError)
         return rule(self, node)
@@ -376,7 +376,7 @@ class _Lowering:
         return self.val[node.args[0]]
 
     def lower_unary(self, node):
-        return self.lower_lut(node, lambda v: node.target(v))
+        return self.lower_lut(node, lambda v: node.target(v, **node.kwargs))
 
     def lower_batchnorm(self, node):
         """A BatchNorm that folds into no conv before it: the per-channel affine y = a_c·x + b_c with

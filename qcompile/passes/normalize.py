@@ -88,8 +88,9 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
             elif type(mod) in ACTIVATION_MODULES:
+                kwargs = {"approximate": mod.approximate} if isinstance(mod, nn.GELU) else {}
                 with graph.inserting_before(node):
-                    new = graph.call_function(ACTIVATION_MODULES[type(mod)], (node.args[0],))
+                    new = graph.call_function(ACTIVATION_MODULES[type(mod)], (node.args[0],), kwargs)
                 new.meta.update(node.meta)
                 new.meta["qc_layer"] = node.target
                 node.replace_all_uses_with(new)

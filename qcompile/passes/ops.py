@@ -58,7 +58,7 @@ FAMILIES = (
     _family("shape", {operator.floordiv}, {"size", "dim"}),                              # shape arithmetic
     _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
-    _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid}),         # elementwise: a table
+    _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh}),  # a table
     _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
     _family("batchnorm_fold", {fold_weight, folded_bias}, modules=(BatchNormFold,)),     # folded: a bias in eval
     _family("add", {operator.add}),
@@ -82,11 +82,11 @@ LINEAR_MODULES = (nn.Linear,)
 # Activation modules and in-place variants, mapped to their canonical function (normalize's rewrites).
 ACTIVATION_MODULES = {
     nn.ReLU: F.relu, nn.ReLU6: F.relu6, nn.Hardswish: F.hardswish, nn.SiLU: F.silu,
-    nn.Sigmoid: torch.sigmoid, nn.Hardsigmoid: F.hardsigmoid,
+    nn.Sigmoid: torch.sigmoid, nn.Hardsigmoid: F.hardsigmoid, nn.GELU: F.gelu, nn.Tanh: torch.tanh,
 }
 CANONICAL_FUNCTIONS = {
     torch.relu: F.relu, torch.relu_: F.relu, F.relu_: F.relu,
-    F.sigmoid: torch.sigmoid, torch.add: operator.add, operator.iadd: operator.add,
+    F.sigmoid: torch.sigmoid, F.tanh: torch.tanh, torch.add: operator.add, operator.iadd: operator.add,
     torch.mul: operator.mul, operator.imul: operator.mul,
 }
 CANONICAL_METHODS = {"relu_": F.relu, "relu": F.relu, "add_": operator.add, "add": operator.add,
