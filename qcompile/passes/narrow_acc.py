@@ -31,11 +31,12 @@ from qcompile.errors import QCompileError, UnsupportedOpError
 from qcompile.passes.ops import (
     CONV_FUNCTIONS,
     LINEAR_FUNCTIONS,
+    free_path,
     is_matmul,
     layer_result,
     verification_error,
 )
-from qcompile.passes.quantize import _free_path, _make, _module_type, grid_source
+from qcompile.passes.quantize import _make, _module_type, grid_source
 from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights
 from qcompile.train.tiled import NarrowAccOp
 
@@ -151,7 +152,7 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                          grad_acc_bits=cfg.grad_acc_bits if cfg.grad_acc_bits is not None else cfg.acc_bits,
                          acc_grad=cfg.acc_grad, a_qrange=quantizers[0].qrange, b_qrange=quantizers[1].qrange,
                          keep_exact=keep_exact, grad_output_quant=grad_q, **conv)
-        path = _free_path(gm, f"{layer}.accumulator")
+        path = free_path(gm, f"{layer}.accumulator")
         gm.add_submodule(path, op)
         with gm.graph.inserting_before(node):
             grid = {}

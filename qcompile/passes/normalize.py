@@ -25,9 +25,9 @@ from qcompile.passes.ops import (
     CONV_MODULES,
     LINEAR_MODULES,
     WEIGHTED_FUNCTIONS,
+    free_path,
     verification_error,
 )
-from qcompile.passes.quantize import _free_path
 from qcompile.train.modes import StochasticDepth
 
 
@@ -51,7 +51,7 @@ def _module_path(node: fx.Node, gm: fx.GraphModule) -> str:
     """A free submodule path for `node`'s module: the traced module's own path where fx recorded it."""
     stack = list(node.meta.get("nn_module_stack", {}).values())
     path = stack[-1][0] if stack and isinstance(stack[-1], tuple) else node.name
-    return _free_path(gm, path or node.name)
+    return free_path(gm, path or node.name)
 
 
 def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:

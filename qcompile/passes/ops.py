@@ -93,6 +93,19 @@ CANONICAL_METHODS = {"relu_": F.relu, "relu": F.relu, "add_": operator.add, "add
                      "mul_": operator.mul, "mul": operator.mul, "sigmoid": torch.sigmoid}
 
 
+def free_path(gm, path: str) -> str:
+    """`path`, or `path_1`, `path_2`... where a submodule already sits there (a layer called more than
+    once): where a pass puts a module it adds."""
+    candidate, i = path, 0
+    while True:
+        try:
+            gm.get_submodule(candidate)
+        except AttributeError:
+            return candidate
+        i += 1
+        candidate = f"{path}_{i}"
+
+
 def family_of(node, gm=None) -> Family | None:
     """The family of what `node` calls (None: no family — not quantizable — or not a call)."""
     if node.op == "call_function":

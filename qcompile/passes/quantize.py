@@ -37,6 +37,7 @@ from qcompile.core.grids import qrange
 from qcompile.errors import UnsupportedOpError
 from qcompile.passes.ops import (
     WEIGHTED_FUNCTIONS,
+    free_path,
     is_grid_preserving,
     is_matmul,
     is_quantizable,
@@ -104,20 +105,8 @@ def _from_input(node, gm) -> bool:
     return True
 
 
-def _free_path(gm, path: str) -> str:
-    """`path`, or `path_1`, `path_2`... when a layer is called more than once."""
-    candidate, i = path, 0
-    while True:
-        try:
-            gm.get_submodule(candidate)
-        except AttributeError:
-            return candidate
-        i += 1
-        candidate = f"{path}_{i}"
-
-
 def _insert_after(gm, node, path: str, module: Quantizer, role: str, layer: str) -> fx.Node:
-    path = _free_path(gm, path)
+    path = free_path(gm, path)
     gm.add_submodule(path, module)
     with gm.graph.inserting_after(node):
         q = gm.graph.call_module(path, (node,))
@@ -142,7 +131,7 @@ def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str, float_by_conf
     for scale in (in_scale, w_scale):
         scale.meta["qc_layer"] = layer
     for user, index in biases:
-        path = _free_path(gm, f"{layer}.bias_quant")
+        path = free_path(gm, f"{layer}.bias_quant")
         gm.add_submodule(path, BiasQuant(layer, float_by_config))
         with gm.graph.inserting_before(node):
             bq = gm.graph.call_module(path, (user.args[index], in_scale, w_scale))
