@@ -94,3 +94,19 @@ def trained_once(spec: str, shape, steps: int = 2, seed: int = 0, **config) -> n
         model = {"OpZoo": OpZoo, "Conv1dNet": Conv1dNet}[spec]() if ":" not in spec else get(spec, num_classes=10)
         _TRAINED[key] = trained(model, torch.randn(*shape), steps, seed, **config)
     return copy.deepcopy(_TRAINED[key])
+
+
+def assert_deploys(qm, graph, x, workdir, max_steps: float = 1) -> None:
+    """The integer graph of eval-mode `qm` within `max_steps` output steps of qm(x), the C runtime
+    bit-exact with the reference, and onnxruntime (QDQ) within 1 LSB of it (its convs round some
+    requantization ties the other way)."""
+    import numpy as np
+    from qcompile.backends import parity, reference
+    with torch.no_grad():
+        out = qm(x)
+    steps = (reference.dequantize(graph, reference.run(graph, x)) - out.double().numpy()) \
+        / graph.tensor(graph.outputs[0]).scale
+    assert np.abs(steps).max() <= max_steps + 1e-6
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=workdir)
+    assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1
+
