@@ -137,20 +137,55 @@ def test_errors_name_the_option_and_the_layer():
     with pytest.raises(ValueError, match="overflow_free_weights=True needs acc_bits"):
         qcompile.QConfig(overflow_free_weights=True)
 
-    class BN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return self.bn(self.conv(x))
-
-    with pytest.raises(UnsupportedOpError, match="layer 'conv' has a folded BatchNorm"):
-        qcompile.compile(BN(), torch.randn(2, 1, 8, 8), acc_bits=16, overflow_free_weights=True)
-
     class Attn(nn.Module):
         def forward(self, a, b):
             return a @ b
 
     with pytest.raises(UnsupportedOpError, match="multiplies two activations"):
         qcompile.compile(Attn(), (torch.randn(2, 4, 8), torch.randn(2, 8, 4)), acc_bits=16, overflow_free_weights=True)
+
+
+class FoldedBlock(nn.Module):
+    """Convs with folded BatchNorms (one conv with a bias of its own) and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, bias=True), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return self.fc(F.relu(self.bn2(self.conv2(y)) + y).flatten(1))
+
+
+def test_folded_batchnorm_layers_are_bounded_with_their_eval_bias(tmp_path):
+    """With a folded BatchNorm the deployed accumulator starts from the fold's eval bias (the conv's own
+    bias included): the bound holds for it, and so nothing overflows in training or in eval, for inputs
+    far outside the calibration range too."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8) * 2
+    qm = qcompile.compile(FoldedBlock(), x[:2], acc_bits=12, tile=8, overflow_free_weights=True, grad_bits=8,
+                          seed=0, verify=True)
+    assert qm.conv.weight_quant.__class__ is OverflowFreeWeights
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(8):
+        loss = F.cross_entropy(qm(x), torch.arange(32) % 10)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ops = [m for m in qm.modules() if isinstance(m, NarrowAccOp)]
+    assert all(op.overflow_stats()["train"]["events"] == 0 for op in ops)
+    qm.eval()
+    with torch.no_grad():
+        qm(torch.randn(64, 3, 8, 8) * 5)
+    assert all(op.overflow_stats()["eval"]["events"] == 0 for op in ops)
+    graph = qcompile.lower(qm)
+    for op in graph.ops:
+        if op.kind in ("conv2d", "linear"):
+            w = op.attrs.weight.reshape(op.attrs.weight.shape[0], -1).astype("int64")
+            bound = abs(w).sum(1) * graph.tensor(op.inputs[0]).magnitude + abs(op.attrs.bias.astype("int64"))
+            assert op.attrs.bias.any() and bound.max() <= acc_range(12)[1], op.name
+    cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
+    assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1

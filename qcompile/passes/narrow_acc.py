@@ -79,37 +79,34 @@ def _check_matmul_shapes(node) -> None:
 def _make_overflow_free(gm, node, layer: str, cfg: QConfig, sources, quantizers, bias) -> OverflowFreeWeights:
     """Make layer `layer`'s weight quantizer an OverflowFreeWeights (same grid options and estimator),
     called as weight_quant(w, a_scale, a_zero_point, float bias) and moved (with its gradient
-    quantizer) right after the later of the input's quantizer and the weight, so it reads the input
-    grid of the same forward and runs before anything reads its scale."""
+    quantizer) right after the latest of the input's quantizer, the weight and the bias, so it reads
+    the input grid of the same forward and runs before anything reads its scale. The bias is the one
+    the deployed accumulator starts from: the layer's own, or a folded BatchNorm's eval bias (which
+    holds the layer's; in training the accumulator adds none, so the bound is conservative there)."""
     wq, old = sources[1], quantizers[1]
     if old.kind != "weight":
         raise UnsupportedOpError(f"narrow_acc: layer {layer!r} ({node.name}) multiplies two activations; "
                                  "overflow_free_weights bounds a weight's ℓ1 norm (set it for weighted layers only)")
-    if layer_result(node, gm) is not node:
-        raise UnsupportedOpError(f"narrow_acc: layer {layer!r} has a folded BatchNorm; overflow_free_weights bounds "
-                                 "the layer's own weight and bias (set it False for this layer)")
+    fold = layer_result(node, gm)
+    bias_quant = fold.args[4] if fold is not node else bias
     raw_bias = None
-    if bias is not None:
-        if not (bias.op == "call_module" and isinstance(gm.get_submodule(bias.target), BiasQuant)):
+    if bias_quant is not None:
+        if not (bias_quant.op == "call_module" and isinstance(gm.get_submodule(bias_quant.target), BiasQuant)):
             raise QCompileError(f"narrow_acc: the bias of layer {layer!r} is not a BiasQuant's output")
-        raw_bias = bias.args[0]
+        raw_bias = bias_quant.args[0]
     new = OverflowFreeWeights(old.bits, old.symmetric, old.estimator, axis=old.axis, pow2=old.pow2,
                               on_nonfinite=old.on_nonfinite, layer=old.layer, acc_bits=cfg.acc_bits,
                               input_qrange=quantizers[0].qrange)
     parent, _, name = wq.target.rpartition(".")
     setattr(gm.get_submodule(parent), name, new)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    anchor = max(sources[0], wq.args[0], key=order.__getitem__)
+    after = [sources[0], wq.args[0]] + ([raw_bias] if isinstance(raw_bias, fx.Node) else [])
+    anchor = max(after, key=order.__getitem__)
     followers = [u for u in wq.users if u.op == "call_module" and u.meta.get("qc_quantizer") == "gradient"]
     if order[wq] < order[anchor]:
         anchor.append(wq)
         for g in reversed(followers):
             wq.append(g)
-    if isinstance(raw_bias, fx.Node) and order[raw_bias] > order[anchor]:
-        if raw_bias.op != "get_attr":
-            raise QCompileError(f"narrow_acc: the bias of layer {layer!r} is computed after its input's quantizer; "
-                                "overflow_free_weights reads a bias parameter")
-        wq.prepend(raw_bias)
     with gm.graph.inserting_before(wq):
         grid = [gm.graph.get_attr(f"{sources[0].target}.{what}") for what in GRID_BUFFERS]
     for g in grid:
