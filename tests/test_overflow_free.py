@@ -182,10 +182,13 @@ def test_folded_batchnorm_layers_are_bounded_with_their_eval_bias(tmp_path):
         qm(torch.randn(64, 3, 8, 8) * 5)
     assert all(op.overflow_stats()["eval"]["events"] == 0 for op in ops)
     graph = qcompile.lower(qm)
+    lowered = []
     for op in graph.ops:
         if op.kind in ("conv2d", "linear"):
             w = op.attrs.weight.reshape(op.attrs.weight.shape[0], -1).astype("int64")
             bound = abs(w).sum(1) * graph.tensor(op.inputs[0]).magnitude + abs(op.attrs.bias.astype("int64"))
             assert op.attrs.bias.any() and bound.max() <= acc_range(12)[1], op.name
+            lowered.append(int(bound.max()))
+    assert [r["bound"] for r in accumulator_bounds(qm)] == lowered     # the analysis counts the fold's bias
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq", "c"), workdir=tmp_path)
     assert cmp.max_lsb("reference", "c") == 0 and cmp.max_lsb("reference", "onnx:qdq") <= 1

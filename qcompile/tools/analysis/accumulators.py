@@ -15,8 +15,9 @@ from torch import fx
 
 from qcompile.core.accumulator import acc_range, l1_bounds, min_acc_bits
 from qcompile.core.grids import bias_codes, quantize_codes
-from qcompile.passes.ops import is_matmul
+from qcompile.passes.ops import is_matmul, layer_result
 from qcompile.passes.quantize import grid_source
+from qcompile.train.fused_bn import BatchNormFold
 from qcompile.train.quantizers import Quantizer
 from qcompile.train.tiled import NarrowAccOp, grid_absmax
 
@@ -77,7 +78,9 @@ def accumulator_bounds(qm) -> list[dict]:
                                  "computed from parameters alone")
             context = tuple(_constant(a, qm) if isinstance(a, fx.Node) else a for a in b_src.args[1:])
             w_int, sw = _weight_codes(w, qb, context)
-            bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            result = layer_result(node, qm)   # a folded BatchNorm's eval bias is added in the accumulator
+            folded = result.op == "call_module" and isinstance(qm.get_submodule(result.target), BatchNormFold)
+            bias_node = result.args[4] if folded else (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"))
             bias_abs = None
             if bias_node is not None:
                 b = _constant(bias_node, qm)
