@@ -229,7 +229,7 @@ def op_zoo_graph(seed: int = 0) -> ir.Graph:
     t("q1", (8, 6, 6), zp=3)
     op("requantize", "rq", ["l1"], "q1", **qm(0.003))
     t("bn", (8, 6, 6), signed=True)
-    op("lut", "bn0", ["q1"], "bn", table=rng.integers(-128, 128, (8, 256)))               # per channel
+    op("lut", "bn0", ["q1"], "bn", table=rng.integers(-128, 128, 256))
     t("d1", (8, 6, 6), zp=4)
     m, s = _mults(rng, 8, 1e-3, 1e-2)
     op("conv2d", "dw", ["bn"], "d1", weight=rng.integers(-127, 128, (8, 1, 3, 3)).astype(np.int8),

@@ -552,10 +552,7 @@ class _Builder:
         idx = self.node("Cast", [x.name], op.name + "_idx", to=TensorProto.INT64)
         if x.qmin:
             idx = self.node("Sub", [idx, self.const("lut_qmin", np.int64(x.qmin))], op.name + "_idx0")
-        if table.ndim == 2:
-            offs = (np.arange(table.shape[0], dtype=np.int64) * table.shape[1]).reshape((-1,) + (1,) * (len(x.shape) - 1))
-            idx = self.node("Add", [idx, self.const(op.name + "_choff", offs)], op.name + "_idxc")
-        tab = self.const(op.name + "_table", table.reshape(-1).astype(_np_dtype(y)))
+        tab = self.const(op.name + "_table", table.astype(_np_dtype(y)))
         self.node("Gather", [tab, idx], op.output, out=op.output, axis=0)
 
     def op_reshape(self, op: ir.Op) -> None:

@@ -53,9 +53,8 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
            (PyTorch's adaptive windows: uneven, overlapping, or one input repeated when upsampling);
            r = requantize(Σ (x − zx), multiplier[i·OW + j], shift[i·OW + j]), 1/count folded in
   lut (Lut)  table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
-           (relu6, hardswish, silu, sigmoid, hardsigmoid, a standalone BatchNorm, relu when
-           the grid changes). A 2-D table (C, n) is per channel: channel c = per-sample axis 0
-           uses table[c]. The table already holds clamped output codes (no act_min/act_max).
+           (relu6, hardswish, silu, sigmoid, hardsigmoid, gelu, tanh, relu when the grid
+           changes). The table already holds clamped output codes (no act_min/act_max).
   reshape (Reshape)  shape (per sample); data order unchanged
   transpose (Transpose)  perm (per-sample axes)
   slice (Slice)  axis (per-sample axis), start, stop

@@ -6,7 +6,7 @@ with a default is optional (`acc_bits=None` is an exact accumulator, `overflow="
   int, bool                       a Python / numpy integer (not a bool), a bool
   Pair, tuple[int, ...]           a tuple or list of two / any number of integers
   tuple[float, ...]               a tuple or list of reals
-  Array[n] (Annotated ndarray)    a numpy integer array of n dimensions (one of several for `Table`)
+  Array[n] (Annotated ndarray)    a numpy integer array of n dimensions
   Literal[...]                    one of the listed values
   X | None                        None or an X
 The semantics of every kind are in `qcompile.ir.graph`'s docstring. Shared groups of fields are
@@ -29,7 +29,6 @@ Overflow = Literal["saturate", "wrap"]
 Vector = Annotated[np.ndarray, 1]
 Matrix = Annotated[np.ndarray, 2]
 Kernel = Annotated[np.ndarray, 4]
-Table = Annotated[np.ndarray, 1, 2]
 
 
 # ---- shared groups ----------------------------------------------------------------------------
@@ -141,7 +140,7 @@ class AdaptiveAvgPool2d(Clamp):
 
 @dataclass(kw_only=True)
 class Lut:
-    table: Table                            # (n,) or per channel (C, n): already clamped output codes
+    table: Vector                           # (n,): already clamped output codes
 
 
 @dataclass(kw_only=True)

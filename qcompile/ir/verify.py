@@ -16,7 +16,7 @@ what every backend relies on:
     conv2d/linear weights are int8/int16 and biases int32/int64; weights, bias and per-channel
     multipliers agree in the number of outputs,
     and the weights' input channels × groups match the input tensor;
-  - lookup tables: one entry per input code (per channel for a 2-D table).
+  - lookup tables: one entry per input code.
 An `IRError` names the op (name and kind), the attribute or tensor, and what was expected.
 """
 from __future__ import annotations

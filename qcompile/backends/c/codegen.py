@@ -507,16 +507,15 @@ class _Emitter:
         x, y = self.t(op.inputs[0]), self.t(op.output)
         table = np.asarray(op.attrs.table, dtype=np.int64)
         codes = x.qmax - x.qmin + 1
-        channels = 1 if table.ndim == 1 else table.shape[0]
-        if table.ndim not in (1, 2) or table.shape[-1] != codes or (table.ndim == 2 and x.shape[0] != channels):
+        if table.shape != (codes,):
             raise QCompileError(f"op {op.name!r} (lut): table of shape {table.shape} does not fit input {x.name!r} "
                                 f"({codes} codes, shape {x.shape})")
         if table.min() < y.qmin or table.max() > y.qmax:
             raise QCompileError(f"op {op.name!r} (lut): table values {table.min()}..{table.max()} leave the output "
                                 f"range {y.qmin}..{y.qmax}")
         n = int(np.prod(y.shape, dtype=np.int64))
-        L = _Layer(op_name=op.name, sym=sym, n=n, qmin=x.qmin, codes=codes, channels=channels,
-                   inner=n // channels, size=table.size, table=_c_array(table), x_t=ctype(x), y_t=ctype(y))
+        L = _Layer(op_name=op.name, sym=sym, n=n, qmin=x.qmin, size=table.size, table=_c_array(table), x_t=ctype(x),
+                   y_t=ctype(y))
         self.weight_bytes += table.size * np.dtype(ctype(y).replace("_t", "")).itemsize
         return "lut.c.j2", L, []
 
