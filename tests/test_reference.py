@@ -195,4 +195,5 @@ def test_reference_imports_nothing_of_training():
             imported.add(node.module)
     assert not {m for m in imported if m.startswith(("qcompile.train", "qcompile.passes", "qcompile.tools"))}
     assert {m for m in imported if m.startswith("qcompile")} <= {"qcompile", "qcompile.core.accumulator",
-                                                                 "qcompile.core.grids", "qcompile.core.requant"}
+                                                                 "qcompile.core.grids", "qcompile.core.requant",
+                                                                 "qcompile.core.rowwise"}

@@ -20,6 +20,7 @@ from qcompile import ir
 from qcompile.core.accumulator import accumulate_tiles, check_mode, tile_plan
 from qcompile.core.grids import quantize_codes
 from qcompile.core.requant import requantize
+from qcompile.core.rowwise import layer_norm_rows, softmax_rows
 
 
 def quantize_input(graph: ir.Graph, x, name: str | None = None) -> np.ndarray:
@@ -174,6 +175,19 @@ def lut(graph, op, x):
     return op.attrs.table[x - graph.tensor(op.inputs[0]).qmin]
 
 
+def softmax(graph, op, x):
+    return _clamp(graph, op, softmax_rows(x, op.attrs.table, op.attrs.out_multiplier, op.attrs.causal))
+
+
+def layer_norm(graph, op, x):
+    a = op.attrs
+    return _clamp(graph, op, requantize(layer_norm_rows(x, a.weight, a.bias, a.eps), a.multiplier, a.shift))
+
+
+def constant(graph, op, batch):
+    return np.broadcast_to(op.attrs.value.astype(np.int64), (batch,) + op.attrs.value.shape)
+
+
 def reshape(graph, op, x):
     return x.reshape((x.shape[0],) + tuple(op.attrs.shape))
 
@@ -191,8 +205,8 @@ def slice_op(graph, op, x):
 KERNELS = {
     "conv2d": conv2d, "linear": linear, "matmul": matmul, "add": add, "mul": mul, "concat": concat,
     "requantize": requantize_op, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
-    "adaptive_avg_pool2d": adaptive_avg_pool2d, "lut": lut,
-    "reshape": reshape, "transpose": transpose, "slice": slice_op,
+    "adaptive_avg_pool2d": adaptive_avg_pool2d, "lut": lut, "softmax": softmax, "layer_norm": layer_norm,
+    "constant": constant, "reshape": reshape, "transpose": transpose, "slice": slice_op,
 }
 
 
@@ -201,8 +215,10 @@ def run_codes(graph: ir.Graph, *codes: np.ndarray, keep: bool = False):
     or, with keep=True, the dict of every tensor's codes."""
     ir.verify(graph)
     env = {name: np.asarray(c, dtype=np.int64) for name, c in zip(graph.inputs, codes)}
+    batch = len(codes[0])
     for op in graph.ops:
-        env[op.output] = KERNELS[op.kind](graph, op, *(env[i] for i in op.inputs)).astype(np.int64)
+        args = [env[i] for i in op.inputs] if op.inputs else [batch]     # a constant is repeated per sample
+        env[op.output] = KERNELS[op.kind](graph, op, *args).astype(np.int64)
     if keep:
         return env
     outs = [env[name] for name in graph.outputs]

@@ -30,7 +30,8 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
            x = zx (contribute 0). r = requantize(acc, multiplier[o], shift[o]).
            weight_scale: tuple of O floats, descriptive only (the real value of the weight codes,
            for exporters whose ops take float scales); integer backends ignore it.
-  linear (Linear)  as conv2d with weight (O, I), reduction over I (x of per-sample shape (I,)).
+  linear (Linear)  as conv2d with weight (O, I), reduction over the last axis I (x of per-sample
+           shape (..., I), every row independent; y of shape (..., O)).
   matmul (Matmul)  inputs [a, b] (activations, zero points za, zb); r = requantize(Σ (a−za)(b−zb), m, s)
            with scalar multiplier/shift; acc_bits/tile/overflow as conv2d.
   add (Add)  inputs [a, b]; fields left_shift, multiplier_a/shift_a, multiplier_b/shift_b,
@@ -55,6 +56,13 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
   lut (Lut)  table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
            (relu6, hardswish, silu, sigmoid, hardsigmoid, gelu, tanh, relu when the grid
            changes). The table already holds clamped output codes (no act_min/act_max).
+  softmax (Softmax)  inputs [x]; over the last axis: table, out_multiplier R, causal;
+           r_j = div_round(T[mx − x_j] · R, Σ_k T[mx − x_k] · 2^16) over the visible entries of the row
+           (`qcompile.core.rowwise`), r = 0 on hidden ones (causal: column j > i + cols − rows of row i)
+  layer_norm (LayerNorm)  inputs [x]; over the last axis of N: weight (N,) codes, bias (N,) int64, eps;
+           acc_j = div_round((N·x_j − Σx)·2^16, isqrt(Σ(N·x − Σx)² + eps))·weight_j + bias_j
+           (`qcompile.core.rowwise`); r = requantize(acc, m, s)
+  constant (Constant)  no inputs; value: the per-sample codes of the output tensor (y = value)
   reshape (Reshape)  shape (per sample); data order unchanged
   transpose (Transpose)  perm (per-sample axes)
   slice (Slice)  axis (per-sample axis), start, stop

@@ -29,6 +29,7 @@ Overflow = Literal["saturate", "wrap"]
 Vector = Annotated[np.ndarray, 1]
 Matrix = Annotated[np.ndarray, 2]
 Kernel = Annotated[np.ndarray, 4]
+Values = Annotated[np.ndarray, 1, 2, 3, 4, 5]
 
 
 # ---- shared groups ----------------------------------------------------------------------------
@@ -144,6 +145,27 @@ class Lut:
 
 
 @dataclass(kw_only=True)
+class Softmax(Clamp):
+    """Over the last axis (`qcompile.core.rowwise`): exp table over mx − x, output multiplier R."""
+    table: Vector                           # T[d], d = mx − x; 0 past its end
+    out_multiplier: int                     # R = round(2^RECIP_BITS / S_y)
+    causal: bool                            # row i of the last two axes sees columns j ≤ i + (cols − rows)
+
+
+@dataclass(kw_only=True)
+class LayerNorm(Requant, Clamp):
+    """Over the last axis (`qcompile.core.rowwise`): affine weight codes and bias per element of it."""
+    weight: Vector                          # (N,) codes g_j
+    bias: Vector                            # (N,) int64, in units of S_g·√N / 2^NORM_BITS
+    eps: int                                # E = round(ε·N³/S²)
+
+
+@dataclass(kw_only=True)
+class Constant:
+    value: Values                           # the per-sample codes, already on the output grid
+
+
+@dataclass(kw_only=True)
 class Reshape:
     shape: Ints
 
@@ -164,6 +186,7 @@ class Slice:
 SPEC: dict[str, type] = {
     "conv2d": Conv2d, "linear": Linear, "matmul": Matmul, "add": Add, "mul": Mul, "concat": Concat,
     "requantize": Requantize, "max_pool2d": MaxPool2d, "avg_pool2d": AvgPool2d,
-    "adaptive_avg_pool2d": AdaptiveAvgPool2d, "lut": Lut,
+    "adaptive_avg_pool2d": AdaptiveAvgPool2d, "lut": Lut, "softmax": Softmax, "layer_norm": LayerNorm,
+    "constant": Constant,
     "reshape": Reshape, "transpose": Transpose, "slice": Slice,
 }

@@ -16,7 +16,9 @@ what every backend relies on:
     conv2d/linear weights are int8/int16 and biases int32/int64; weights, bias and per-channel
     multipliers agree in the number of outputs,
     and the weights' input channels × groups match the input tensor;
-  - lookup tables: one entry per input code.
+  - lookup tables: one entry per input code;
+  - layer_norm: weight and bias of the last axis's length; constant: value of the output's
+    shape, inside its codes; softmax: a non-empty exp table.
 An `IRError` names the op (name and kind), the attribute or tensor, and what was expected.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from qcompile.core.accumulator import check_mode
 from qcompile.core.requant import MAX_RIGHT_SHIFT
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import Graph, Op
-from qcompile.ir.ops import SPEC, Accumulator, AdaptiveAvgPool2d, Clamp, Conv2d, Linear, Lut
+from qcompile.ir.ops import SPEC, Accumulator, AdaptiveAvgPool2d, Clamp, Constant, Conv2d, LayerNorm, Linear, Lut
 
 
 class IRError(QCompileError):
@@ -155,6 +157,18 @@ def _check_op(graph: Graph, op: Op) -> None:
         x = graph.tensors[op.inputs[0]]
         if a.table.shape[-1] != x.qmax - x.qmin + 1:
             _fail(op, f"table has {a.table.shape[-1]} entries per row for {x.qmax - x.qmin + 1} input codes")
+
+
+    if isinstance(a, LayerNorm):
+        n = graph.tensors[op.inputs[0]].shape[-1:]
+        if a.weight.shape != n or a.bias.shape != n:
+            _fail(op, f"weight {a.weight.shape} and bias {a.bias.shape} must both be {n}: one per element of the "
+                      "normalized (last) axis")
+    if isinstance(a, Constant) and (tuple(a.value.shape) != tuple(out.shape) or
+                                    not out.qmin <= int(a.value.min(initial=out.qmin)) <= int(a.value.max(initial=out.qmin)) <= out.qmax):
+        _fail(op, f"value of shape {a.value.shape} must have the output's shape {out.shape} and lie in its codes")
+    if op.kind == "softmax" and a.table.size == 0:
+        _fail(op, "empty exp table")
 
 
 def _check_windows(graph: Graph, op: Op) -> None:

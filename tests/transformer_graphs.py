@@ -1,0 +1,94 @@
+"""Hand-built integer graphs of the transformer ops (softmax, layer_norm, constant, linear on rows,
+batched activation×activation matmul), shared by the reference, C and ONNX tests. Each graph's
+constants come from float parameters through `qcompile.core`, as lowering builds them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qcompile import ir
+from qcompile.core.requant import quantize_multiplier
+from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_eps, softmax_multiplier
+
+
+def tensor(name, shape, scale, zero_point=0, bits=8, signed=False):
+    return ir.Tensor(name, tuple(shape), bits, signed, float(scale), int(zero_point))
+
+
+def clamp(t: ir.Tensor) -> dict:
+    return {"act_min": t.qmin, "act_max": t.qmax}
+
+
+def softmax_op(name, x: ir.Tensor, y: ir.Tensor, scale: float = 1.0, causal: bool = False) -> ir.Op:
+    return ir.Op("softmax", name, [x.name], y.name, ir.Softmax(table=exp_table(x.scale * scale),
+                                                              out_multiplier=softmax_multiplier(y.scale),
+                                                              causal=causal, **clamp(y)))
+
+
+def layer_norm_op(name, x: ir.Tensor, y: ir.Tensor, gamma: np.ndarray, beta: np.ndarray, eps=1e-5,
+                  gamma_bits=8) -> ir.Op:
+    """LayerNorm over x's last axis with float gamma/beta: gamma on a symmetric per-tensor grid."""
+    n = x.shape[-1]
+    qmax = 2 ** (gamma_bits - 1) - 1
+    s_g = float(np.abs(gamma).max()) / qmax
+    codes = np.clip(np.round(gamma / s_g), -qmax, qmax).astype(np.int64)
+    unit = s_g * math.sqrt(n) / 2 ** NORM_BITS
+    m, s = quantize_multiplier(unit / y.scale)
+    return ir.Op("layer_norm", name, [x.name], y.name, ir.LayerNorm(
+        weight=codes, bias=np.round(beta / unit).astype(np.int64), eps=layer_norm_eps(eps, n, x.scale),
+        multiplier=m, shift=s, **clamp(y)))
+
+
+def attention_graph(seed: int = 0, causal: bool = False, heads: int = 2, length: int = 5, dim: int = 4) -> ir.Graph:
+    """x (L, E) → LayerNorm → one linear to q|k|v rows → heads → softmax(q·kᵀ/√d) · v → plus a constant
+    → output; every new op kind, on random parameters."""
+    rng = np.random.default_rng(seed)
+    e = heads * dim
+    x = tensor("x", (length, e), 0.05, 128)
+    ln = tensor("ln", (length, e), 0.03, 3, signed=True)
+    qkv = tensor("qkv", (length, 3 * e), 0.04, -2, signed=True)
+    qh, kh, vh = (tensor(n, (length, heads, dim), 0.04, -2, signed=True) for n in ("qh", "kh", "vh"))
+    q, v = (tensor(n, (heads, length, dim), 0.04, -2, signed=True) for n in ("q", "v"))
+    kt = tensor("kt", (heads, dim, length), 0.04, -2, signed=True)
+    scores = tensor("scores", (heads, length, length), 0.1, 5, signed=True)
+    probs = tensor("probs", (heads, length, length), 1 / 255, 0)
+    ctx = tensor("ctx", (heads, length, dim), 0.02, 0, signed=True)
+    const = tensor("const", (heads, length, dim), 0.01, 0, signed=True)
+    y = tensor("y", (heads, length, dim), 0.03, 128)
+    w = rng.integers(-127, 128, (3 * e, e)).astype(np.int8)
+    b = rng.integers(-500, 500, 3 * e).astype(np.int32)
+    mq = [quantize_multiplier(float(r)) for r in rng.uniform(2e-4, 6e-4, 3 * e)]
+    ma, sa = quantize_multiplier(x.scale / (2 * max(ctx.scale, const.scale)))
+    ops = [
+        layer_norm_op("ln", x, ln, rng.uniform(-1.5, 1.5, e), rng.uniform(-0.3, 0.3, e)),
+        ir.Op("linear", "proj", ["ln"], "qkv", ir.Linear(weight=w, bias=b, multiplier=np.array([m for m, _ in mq]),
+                                                       shift=np.array([s for _, s in mq]), **clamp(qkv))),
+    ]
+    for i, (t, piece) in enumerate(((qh, "qh"), (kh, "kh"), (vh, "vh"))):
+        flat = tensor(piece + "_flat", (length, e), 0.04, -2, signed=True)
+        ops.append(ir.Op("slice", piece + "_slice", ["qkv"], flat.name, ir.Slice(axis=1, start=i * e, stop=(i + 1) * e)))
+        ops.append(ir.Op("reshape", piece, [flat.name], t.name, ir.Reshape(shape=t.shape)))
+    ops += [
+        ir.Op("transpose", "q", ["qh"], "q", ir.Transpose(perm=(1, 0, 2))),
+        ir.Op("transpose", "kt", ["kh"], "kt", ir.Transpose(perm=(1, 2, 0))),
+        ir.Op("transpose", "v", ["vh"], "v", ir.Transpose(perm=(1, 0, 2))),
+    ]
+    m, s = quantize_multiplier(q.scale * kt.scale / scores.scale)
+    ops.append(ir.Op("matmul", "qk", ["q", "kt"], "scores", ir.Matmul(multiplier=m, shift=s, **clamp(scores))))
+    ops.append(softmax_op("softmax", scores, probs, 1 / math.sqrt(dim), causal))
+    m, s = quantize_multiplier(probs.scale * v.scale / ctx.scale)
+    ops.append(ir.Op("matmul", "pv", ["probs", "v"], "ctx", ir.Matmul(multiplier=m, shift=s, **clamp(ctx))))
+    ops.append(ir.Op("constant", "const", [], "const",
+                     ir.Constant(value=rng.integers(-127, 128, const.shape).astype(np.int8))))
+    twice = 2 * max(ctx.scale, const.scale)
+    ma, sa = quantize_multiplier(ctx.scale / twice)
+    mb, sb = quantize_multiplier(const.scale / twice)
+    m, s = quantize_multiplier(twice / (2 ** 20 * y.scale))
+    ops.append(ir.Op("add", "add", ["ctx", "const"], "y", ir.Add(left_shift=20, multiplier_a=ma, shift_a=sa,
+                                                                multiplier_b=mb, shift_b=sb, multiplier=m, shift=s,
+                                                                **clamp(y))))
+    tensors = {t.name: t for t in (x, ln, qkv, qh, kh, vh, q, kt, v, scores, probs, ctx, const, y)}
+    for piece in ("qh", "kh", "vh"):
+        tensors[piece + "_flat"] = tensor(piece + "_flat", (length, e), 0.04, -2, signed=True)
+    return ir.verify(ir.Graph(["x"], ["y"], tensors, ops))
