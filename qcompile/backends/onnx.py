@@ -24,7 +24,19 @@ In both forms:
   - reshape/transpose/slice/max-pool act on the codes directly (same grid);
   - narrow accumulators (acc_bits) are one ConvInteger/MatMulInteger per tile (uint8
     weights with zero point 128, exact int32 partial sums), accumulated in int64 with a
-    clamp after every tile (saturate) or one modulo (wrap), then requantized in integers.
+    clamp after every tile (saturate) or one modulo (wrap), then requantized in integers;
+  - linear on per-sample rows (..., I) reshapes the codes to (batch·rows, I), writes the one-row
+    form (Gemm takes a matrix), and reshapes the output codes back; a linear without weight_scale
+    (hand-built graphs) is MatMulInteger in QDQ too. Batched matmul is one broadcasting MatMul;
+  - softmax and layer_norm (onnxruntime has no integer forms) are `qcompile.core.rowwise`'s
+    integer arithmetic in int64 ONNX ops, the same nodes in QDQ and QOperator. softmax: ReduceMax,
+    mx − x clamped to 0..len(T), a Gather of the exp table with a 0 appended past its end, ReduceSum,
+    a rounded division; the causal mask is a bool (rows, cols) initializer and Where (hidden entries
+    never win the max and get e = 0). layer_norm: ReduceSum, d = N·x − Σx, ρ = the floor square root
+    of Σd² + E as Floor(Sqrt) in float64 corrected by ±1 in int64 (exact below 2^62), a rounded
+    division, weight and bias, then the usual requantization. The rounded division
+    div_round(n, d) = ⌊(2n + d) / 2d⌋ is Mod(fmod=0) + Sub + Div (int64 Div truncates; exact on a multiple);
+  - constant is its codes as an initializer, Expanded to the input's batch size.
 
 Weights: `weight_dtype="int8"` (U8S8 kernels) or `"uint8"` (codes + 128 with zero point
 128: U8U8 kernels). On x86 CPUs without VNNI, onnxruntime's U8S8 kernels use VPMADDUBSW,
@@ -33,6 +45,7 @@ whose int16 pair sums saturate for large weights (onnxruntime #16105), so "auto"
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -44,6 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile import ir
 from qcompile.core.accumulator import acc_range, max_l1_bounds
 from qcompile.core.requant import fits_int64, is_power_of_two, product_bound, requantized_bound
+from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, softmax_visible
 from qcompile.errors import QCompileError
 
 FORMATS = ("qdq", "qop")
@@ -93,6 +107,8 @@ class _Builder:
         self.inits: list = []
         self.names: set = set()
         self.consts: dict = {}
+        self.rows: dict = {}          # name → ir.Tensor of codes reshaped to rows (`linear_rows`)
+        self.batch_shape = None       # Shape of the input's batch axis, (1,) int64 (`op_constant`)
 
     # ---- plumbing ----------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -121,7 +137,7 @@ class _Builder:
         return out
 
     def t(self, name: str) -> ir.Tensor:
-        return self.g.tensor(name)
+        return self.rows[name] if name in self.rows else self.g.tensor(name)
 
     def scalar_qparams(self, t: ir.Tensor) -> tuple[str, str]:
         return (self.const(f"{t.name}_scale", np.float32(t.scale)),
@@ -192,9 +208,40 @@ class _Builder:
             quo = self.node("Sub", [self.node("Cast", [qu], hint + "_qi", to=TensorProto.INT64),
                                     self.const("rq_offq", np.int64(1 << 62) >> n)], hint + "_q")
             return quo, rem
-        d = self.const("rq_d", div)
+        return self.floor_div(x, self.const("rq_d", div), hint)
+
+    def floor_div(self, x: str, d: str, hint: str) -> tuple[str, str]:
+        """(⌊x / d⌋, x mod d) in int64 for d > 0: Mod with fmod=0 takes the divisor's sign, and the
+        truncating Div is exact on the multiple x − (x mod d)."""
         rem = self.node("Mod", [x, d], hint + "_rem", fmod=0)
         return self.node("Div", [self.node("Sub", [x, rem], hint + "_floor"), d], hint + "_q"), rem
+
+    def div_round(self, n: str, d: str, hint: str) -> str:
+        """`core.rowwise.div_round`: n / d rounded half up = ⌊(2n + d) / 2d⌋ for d > 0, any sign of n."""
+        two = self.const("two", np.int64(2))
+        num = self.node("Add", [self.node("Mul", [n, two], hint + "_2n"), d], hint + "_num")
+        return self.floor_div(num, self.node("Mul", [d, two], hint + "_2d"), hint)[0]
+
+    def reduce_last(self, kind: str, v: str, hint: str) -> str:
+        """ReduceSum/ReduceMax over the last axis, keepdims (ReduceMax takes axes as an input from opset 18)."""
+        if kind == "ReduceSum" or self.opset >= 18:
+            return self.node(kind, [v, self.const("axis_last", np.array([-1], np.int64))], hint, keepdims=1)
+        return self.node(kind, [v], hint, axes=[-1], keepdims=1)
+
+    def isqrt(self, v: str, hint: str) -> str:
+        """`core.rowwise.isqrt`: ⌊√v⌋ for 0 <= v < 2^62, the float64 root floored, then the same two ±1
+        corrections in int64 (r < 2^31.5: (r + 1)² fits)."""
+        vf = self.node("Cast", [v], hint + "_f", to=TensorProto.DOUBLE)
+        r = self.node("Cast", [self.node("Floor", [self.node("Sqrt", [vf], hint + "_sqrt")], hint + "_floor")],
+                      hint + "_r0", to=TensorProto.INT64)
+        one = self.const("one64", np.int64(1))
+        for k in range(2):
+            over = self.node("Greater", [self.node("Mul", [r, r], hint + f"_sq{k}"), v], hint + f"_over{k}")
+            r = self.node("Where", [over, self.node("Sub", [r, one], hint + f"_dn{k}"), r], hint + f"_rd{k}")
+            up = self.node("Add", [r, one], hint + f"_up{k}")
+            under = self.node("Greater", [self.node("Mul", [up, up], hint + f"_usq{k}"), v], hint + f"_under{k}")
+            r = self.node("Where", [under, r, up], hint + f"_r{k + 1}")
+        return r
 
     def requant(self, v: str, m, s, hint: str, bound: int, op: ir.Op, channel_shape=None) -> str:
         """round_half_to_even(v·m / 2^(31−s)) in int64 ONNX ops (m, s scalars or per-channel arrays) for
@@ -330,11 +377,13 @@ class _Builder:
         return bound
 
     def op_linear(self, op: ir.Op) -> None:
+        if len(self.t(op.inputs[0]).shape) > 1:
+            return self.linear_rows(op)
         if op.attrs.acc_bits is not None:
             return self.narrow_weighted(op)
         a, x = op.attrs, self.t(op.inputs[0])
-        ws = self.weight_scales(op)
-        if self.fmt == "qdq":
+        if self.fmt == "qdq" and a.weight_scale is not None:
+            ws = self.weight_scales(op)
             w, wzp = self.weight_codes(a.weight, op.name + "_w")
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
@@ -355,6 +404,18 @@ class _Builder:
         acc = self.node("Add", [self.node("Cast", [acc], op.name + "_acc64", to=TensorProto.INT64),
                                 self.const(op.name + "_b", a.bias.astype(np.int64))], op.name + "_accb")
         self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op, (1, -1)), op)
+
+    def linear_rows(self, op: ir.Op) -> None:
+        """linear on per-sample (..., I): the codes reshaped to (batch·rows, I), the one-row form, and its
+        output codes reshaped back to (batch, ..., O) (every row is independent; reshapes keep the codes)."""
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        xr = self.node("Reshape", [x.name, self.const("shape", np.array([-1, x.shape[-1]], np.int64))],
+                       x.name + "_rows")
+        yr = self.fresh(op.output + "_rows")
+        self.rows[xr] = dataclasses.replace(x, name=xr, shape=x.shape[-1:])
+        self.rows[yr] = dataclasses.replace(y, name=yr, shape=y.shape[-1:])
+        self.emit(dataclasses.replace(op, inputs=[xr], output=yr))
+        self.node("Reshape", [yr, self.const("shape", np.array([-1, *y.shape], np.int64))], op.output, out=op.output)
 
     def narrow_weighted(self, op: ir.Op) -> None:
         """Tiled narrow accumulator: one ConvInteger/MatMulInteger per tile, int64 saturate/wrap."""
@@ -555,6 +616,66 @@ class _Builder:
         tab = self.const(op.name + "_table", table.astype(_np_dtype(y)))
         self.node("Gather", [tab, idx], op.output, out=op.output, axis=0)
 
+    def op_softmax(self, op: ir.Op) -> None:
+        """`core.rowwise.softmax_rows` in int64 on the raw codes (the zero point cancels in mx − x).
+        Hidden entries read qmin for the max (a visible one wins) and get e = 0; a row that sees nothing
+        (causal with cols < rows) has Σe = 0, counted as 1 so that its r = div_round(0, 2^16) = 0."""
+        a, x = op.attrs, self.t(op.inputs[0])
+        shape = x.shape if len(x.shape) > 1 else (1, *x.shape)
+        visible = softmax_visible(shape[-2], shape[-1], a.causal)
+        v = self.to_i64(x.name, minus_zp=False)
+        mask = None if visible.all() else self.const(op.name + "_visible", visible)
+        vm = v if mask is None else self.node("Where", [mask, v, self.const("qmin64", np.int64(x.qmin))], op.name + "_vm")
+        mx = self.reduce_last("ReduceMax", vm, op.name + "_max")
+        table = np.append(np.asarray(a.table, np.int64), 0)
+        dist = self.clamp64(self.node("Sub", [mx, v], op.name + "_d"), 0, len(table) - 1, op.name + "_dc")
+        e = self.node("Gather", [self.const(op.name + "_exp", table), dist], op.name + "_e", axis=0)
+        if mask is not None:
+            pass
+        total = self.reduce_last("ReduceSum", e, op.name + "_sum")
+        if not visible.any(axis=-1).all():
+            total = self.clamp64(total, 1, 2 ** 62, op.name + "_sum1")
+        r = self.div_round(self.node("Mul", [e, self.const(op.name + "_R", np.int64(a.out_multiplier))], op.name + "_eR"),
+                           self.node("Mul", [total, self.const("recip_unit", np.int64(1 << RECIP_BITS))],
+                                     op.name + "_den"), op.name + "_div")
+        self.finish_int(r, op)
+
+    def op_layer_norm(self, op: ir.Op) -> None:
+        """`core.rowwise.layer_norm_rows` in int64 on the raw codes (the zero point cancels in N·x − Σx),
+        then requantize and clamp. ρ = 0 only when every d = 0 (and E = 0): dividing by max(ρ, 1) gives
+        div_round(0, 1) = 0, the specified n."""
+        a, x = op.attrs, self.t(op.inputs[0])
+        n, width = x.shape[-1], x.qmax - x.qmin
+        if n ** 3 * width ** 2 // 4 + a.eps >= 2 ** 62:     # Σd² = N²·Σ(x − mean)² <= N³·width²/4
+            raise ExportError(f"op {op.name!r} (layer_norm): Σd² over {n} {x.bits}-bit codes can reach 2^62; "
+                              "the exact floor square root needs it below 2^62")
+        v = self.to_i64(x.name, minus_zp=False)
+        d = self.node("Sub", [self.node("Mul", [v, self.const(op.name + "_n", np.int64(n))], op.name + "_nx"),
+                              self.reduce_last("ReduceSum", v, op.name + "_sx")], op.name + "_d")
+        ss = self.reduce_last("ReduceSum", self.node("Mul", [d, d], op.name + "_dd"), op.name + "_ss")
+        rho = self.isqrt(self.node("Add", [ss, self.const(op.name + "_eps", np.int64(a.eps))], op.name + "_sse"),
+                         op.name + "_rho")
+        if a.eps < 1:
+            rho = self.clamp64(rho, 1, 2 ** 62, op.name + "_rho1")
+        normed = self.div_round(self.node("Mul", [d, self.const("norm_unit", np.int64(1 << NORM_BITS))], op.name + "_dn"),
+                                rho, op.name + "_norm")
+        w, b = np.asarray(a.weight, np.int64), np.asarray(a.bias, np.int64)
+        acc = self.node("Add", [self.node("Mul", [normed, self.const(op.name + "_g", w)], op.name + "_ng"),
+                                self.const(op.name + "_b", b)], op.name + "_acc")
+        bound = (1 << NORM_BITS) * int(np.abs(w).max(initial=0)) + int(np.abs(b).max(initial=0))   # |n| <= 2^16
+        self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op), op)
+
+    def op_constant(self, op: ir.Op) -> None:
+        """The codes as one (1, ...) initializer, Expanded to (batch, ...) with the input's batch size."""
+        value = np.asarray(op.attrs.value).astype(_np_dtype(self.t(op.output)))
+        if self.batch_shape is None:
+            shape = self.node("Shape", [self.g.inputs[0]], "batch_shape_all")
+            self.batch_shape = self.node("Slice", [shape, self.const("s0", np.array([0], np.int64)),
+                                                   self.const("s1", np.array([1], np.int64))], "batch_shape")
+        shape = self.node("Concat", [self.batch_shape, self.const("ones", np.ones(value.ndim, np.int64))],
+                          op.name + "_shape", axis=0)
+        self.node("Expand", [self.const(op.name + "_value", value[None]), shape], op.output, out=op.output)
+
     def op_reshape(self, op: ir.Op) -> None:
         self.node("Reshape", [op.inputs[0], self.const("shape", np.array([-1, *op.attrs.shape], np.int64))],
                   op.output, out=op.output)
@@ -613,8 +734,9 @@ def to_onnx(graph: ir.Graph, format: str = "qdq", opset: int | None = None, weig
     if wide and opset < 21:
         raise ExportError(f"opset={opset}: tensors {wide[:3]} are 16-bit; 16-bit QuantizeLinear/DequantizeLinear "
                           "need opset >= 21")
-    for op in graph.ops:
-        if op.kind in ("conv2d", "linear") and op.attrs.weight_scale is None:
+    for op in graph.ops:   # conv2d's QLinearConv/Conv take float scales; linear has an 8-bit integer form
+        integer_linear = op.kind == "linear" and op.attrs.weight.dtype == np.int8 and graph.tensor(op.inputs[0]).bits <= 8
+        if op.kind in ("conv2d", "linear") and op.attrs.weight_scale is None and not integer_linear:
             raise ExportError(f"op {op.name!r}: no weight_scale attr (lower the graph with qcompile.lower)")
     meta = dict(graph.meta)
     meta.setdefault("qcompile_version", "unknown")

@@ -44,9 +44,11 @@ from qcompile import ir
 from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import bias_codes, code_range, max_code_magnitude, quantize_codes, storage_bits
 from qcompile.core.requant import quantize_multiplier
+from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_eps, softmax_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
+from qcompile.train.attention import attention_softmax
 from qcompile.train.log_barrier import LogBarrier
 from qcompile.train.modes import EvalOutput
 from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights, Quantizer
@@ -86,9 +88,10 @@ class Const:
 
 @dataclass
 class Weight:
-    """Weight codes of a weight quantizer's grid: codes (O, ...) int64, scale (O,) float64."""
+    """Weight codes of a weight quantizer's grid: codes (O, ...) int64, scale (O,) float64, `bits` wide."""
     codes: np.ndarray
     scale: np.ndarray
+    bits: int = 8
 
 
 @dataclass
@@ -233,7 +236,22 @@ class _Lowering:
                       "(compile quantizes every conv/linear input; other uses of the input are not lowered)")
         if isinstance(v, Acc):
             self.fail(node, "reads a conv/linear/matmul result before its output quantizer")
+        if isinstance(v, Weight):
+            return self.constant(arg, v)
         self.fail(node, f"expects a quantized tensor operand, got {type(v).__name__}")
+
+    def constant(self, node, w: Weight) -> ir.Tensor:
+        """The codes of a parameter on its weight grid (a positional embedding, a class token) as a
+        `constant` tensor, once per node: the parameter's leading dimension is the batch's (size 1)."""
+        name = node.name + "_codes"
+        if name not in self.tensors:
+            if w.codes.ndim < 2 or w.codes.shape[0] != 1 or len(set(w.scale.tolist())) != 1:
+                self.fail(node, f"a parameter of shape {w.codes.shape} read as an activation: lowered only with a "
+                          "leading batch dimension of 1 (broadcast over the batch) on a per-tensor grid")
+            grid = Grid(float(w.scale[0]), 0, w.bits, True)
+            self.add_tensor(name, w.codes.shape[1:], grid)
+            self.emit("constant", node, [], name, value=_storage(w.codes[0], 8))
+        return self.tensors[name]
 
     def add_tensor(self, name: str, shape, grid: Grid) -> str:
         self.tensors[name] = _t(name, shape, grid)
@@ -357,8 +375,9 @@ class _Lowering:
         rule = RULES.get(fam.name) if fam is not None else None
         if rule is None:
             self.fail(node, "has no integer form; supported ops are conv2d, linear, matmul, the activations "
-                      "relu/relu6/hardswish/silu/sigmoid/hardsigmoid/gelu/tanh, add, mul, cat, max/avg pooling, BatchNorm, "
-                      "reshapes, transpose, chunk/split and dropout. Replace the op or keep it out of the "
+                      "relu/relu6/hardswish/silu/sigmoid/hardsigmoid/gelu/tanh, softmax, LayerNorm, add, mul, cat, "
+                      "max/avg pooling, BatchNorm, reshapes, transpose, chunk/split, indexing and dropout. Replace "
+                      "the op or keep it out of the "
                       "deployed graph", UnsupportedOpError)
         return rule(self, node)
 
@@ -456,7 +475,7 @@ class _Lowering:
                 self.fail(node, "weight grid is not symmetric (zero point ≠ 0)")
             codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
             scale = np.broadcast_to(scale.double().numpy(), (w.shape[0],)).copy()
-            return Weight(codes.to(torch.int64).numpy(), scale)
+            return Weight(codes.to(torch.int64).numpy(), scale, q.bits)
         grid = _quantizer_grid(q, node.target)
         shape = self.shape(node)
         if isinstance(src, Input):
@@ -498,8 +517,6 @@ class _Lowering:
         bias = None if b.value is None else b.value.float()
         acc = EXACT_ACCUMULATOR    # a plain layer: narrow_acc made every narrow one a NarrowAccOp
         if node.target is F.linear:
-            if len(x.shape) != 1:
-                self.fail(node, f"linear on per-sample shape {x.shape}; only (N, features) inputs are lowered")
             return Acc("linear", node, [x.name], {"weight": w, **acc}, bias, w.codes.shape[0])
         if isinstance(args[4], str):
             self.fail(node, f"padding={args[4]!r}; lower only numeric padding (set it explicitly in the model)")
@@ -671,7 +688,42 @@ class _Lowering:
             t = self.tensors[src.tensor]
             out = self.add_tensor(node.name, self.shape(node), _of(t))
             return self.emit("slice", node, [t.name], out, axis=src.axis, start=start, stop=stop)
-        self.fail(node, "indexes a tensor; only the pieces of chunk/split are lowered")
+        return self.lower_index(node)
+
+    def lower_index(self, node):
+        """x[:, ...]: the batch axis whole, then integers (a slice of one, its axis dropped) and unit-step
+        slices: `slice` ops and a reshape."""
+        t = self.tensor_of(node, node.args[0])
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not index or index[0] != slice(None) or Ellipsis in index or None in index:
+            self.fail(node, f"indexes a tensor with {index!r}: lowered only x[:, i or a:b, ...] (the batch whole)")
+        name, shape = t.name, list(t.shape)
+        for axis, item in enumerate(index[1:]):
+            if isinstance(item, int):
+                start, stop = item % shape[axis], item % shape[axis] + 1
+            elif isinstance(item, slice) and item.step in (None, 1):
+                start, stop, _ = item.indices(shape[axis])
+            else:
+                self.fail(node, f"index {item!r} on axis {axis + 1}: only integers and unit-step slices are lowered")
+            if (start, stop) == (0, shape[axis]):
+                continue
+            shape[axis] = stop - start
+            name = self.emit("slice", node, [name], self.add_tensor(f"{node.name}_{axis}", shape, _of(t)),
+                             axis=axis, start=start, stop=stop)
+        out_shape = self.shape(node)
+        if tuple(out_shape) == tuple(self.tensors[name].shape):
+            return name
+        return self.emit("reshape", node, [name], self.add_tensor(node.name, out_shape, _of(t)), shape=out_shape)
+
+    def lower_expand(self, node):
+        """x.expand(batch, ...) of a parameter or a tensor: only the batch axis may grow (per sample it is
+        the identity)."""
+        src = self.val[node.args[0]]
+        before = node.args[0].meta["tensor_meta"].shape
+        if tuple(before[1:]) != tuple(node.meta["tensor_meta"].shape[1:]):
+            self.fail(node, f"expands {tuple(before)} to {tuple(node.meta['tensor_meta'].shape)}: only the batch axis "
+                      "may grow")
+        return src
 
     def pool_args(self, node, mod, names, defaults):
         if mod is not None:
@@ -784,6 +836,54 @@ class _Lowering:
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("lut", node, [t.name], out, table=table.to(torch.int64).numpy())
 
+    # ---- softmax / LayerNorm --------------------------------------------------------------------
+    def out_grid(self, node) -> Grid:
+        grid = self.sink_grid(node)
+        if grid is None:
+            self.fail(node, "has no output quantizer (compile puts one right after softmax and LayerNorm)")
+        return grid
+
+    def lower_softmax(self, node):
+        """softmax over the last axis: attention_softmax(x, scale, causal), F.softmax(x, -1), x.softmax(-1)."""
+        t = self.tensor_of(node, node.args[0])
+        if node.target is attention_softmax:
+            scale, causal = float(node.args[1]), bool(node.args[2])
+        else:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dim is None or int(dim) % (len(t.shape) + 1) != len(t.shape):
+                self.fail(node, f"softmax over dim {dim}: lowered over the last axis only")
+            scale, causal = 1.0, False
+        grid = self.out_grid(node)
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("softmax", node, [t.name], out, table=exp_table(t.scale * scale),
+                         out_multiplier=softmax_multiplier(grid.scale), causal=causal, **self.clamp_attrs(grid))
+
+    def lower_layer_norm(self, node):
+        """F.layer_norm over the last axis; its weight codes from the weight quantizer, its bias rounded
+        onto the unit S_g·√N / 2^NORM_BITS of the op's accumulator (`qcompile.core.rowwise`)."""
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, shape, w, b = self.tensor_of(node, args[0]), tuple(args[1]), args[2], args[3]
+        eps = node.kwargs.get("eps", args[4] if args[4] is not None else 1e-5)
+        n = x.shape[-1]
+        if shape != (n,):
+            self.fail(node, f"LayerNorm over {shape}: lowered over the last axis only (normalized_shape = ({n},))")
+        if n >= 1 << 10:
+            self.fail(node, f"LayerNorm over {n} elements: the integer sums are bounded for fewer than 1024")
+        weight = self.val[w] if w is not None else Weight(np.ones(n, np.int64), np.ones(1))
+        if not isinstance(weight, Weight):
+            self.fail(node, "weight is not the output of a weight quantizer")
+        unit = float(weight.scale[0]) * math.sqrt(n) / 2 ** NORM_BITS
+        beta = np.zeros(n) if b is None else self.val[b].value.double().numpy()
+        grid = self.out_grid(node)
+        m, s = _multiplier(unit / grid.scale, node.name)
+        eps_code = layer_norm_eps(float(eps), n, x.scale)
+        if eps_code >= 1 << 62:
+            self.fail(node, f"eps {eps} in units of the input grid ({eps_code}) passes 2^62; the input range collapsed")
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("layer_norm", node, [x.name], out, weight=_storage(weight.codes.reshape(n), 8),
+                         bias=np.round(beta / unit).astype(np.int64), eps=eps_code, multiplier=m, shift=s,
+                         **self.clamp_attrs(grid))
+
     # ---- add / mul / cat ----------------------------------------------------------------------
     def lower_binary(self, node):
         if not all(isinstance(a, fx.Node) for a in node.args[:2]):
@@ -866,5 +966,6 @@ RULES = {
     "max_pool": _Lowering.lower_maxpool, "avg_pool": _Lowering.lower_avgpool, "lut": _Lowering.lower_unary,
     "batchnorm": _Lowering.lower_batchnorm, "add": _Lowering.lower_binary, "mul": _Lowering.lower_binary,
     "cat": _Lowering.lower_cat, "shape": _Lowering.lower_shape_arithmetic,
-    "eval_output": _Lowering.lower_eval_output,
+    "eval_output": _Lowering.lower_eval_output, "softmax": _Lowering.lower_softmax,
+    "layer_norm": _Lowering.lower_layer_norm, "expand": _Lowering.lower_expand,
 }

@@ -1,8 +1,10 @@
 """Pass `normalize`: one canonical form per op.
 
-Invariant after this pass: conv/linear modules are calls of F.conv1d/F.conv2d/F.linear
-whose weight and bias are `get_attr` nodes (the modules stay in the hierarchy as parameter
-holders, so `state_dict()` keys are unchanged); activation modules are calls of their
+Invariant after this pass: conv/linear/LayerNorm modules are calls of F.conv1d/F.conv2d/F.linear/
+F.layer_norm whose weight and bias are `get_attr` nodes (the modules stay in the hierarchy as parameter
+holders, so `state_dict()` keys are unchanged); an F.linear on a `get_attr` weight that no module
+made (attention's packed q|k|v projection) is named after it (`qc_layer`: the weight's path less
+`_weight`/`.weight`); activation modules are calls of their
 functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `torch.add`,
 `.relu_()`...) are their out-of-place operator or function; a dropout or stochastic-depth call
 traced with the model's mode as its `training` constant is a module call (nn.Dropout,
@@ -87,6 +89,18 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 new.meta["qc_module_type"] = type(mod).__name__
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
+            elif isinstance(mod, nn.LayerNorm):
+                with graph.inserting_before(node):
+                    w = graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
+                    b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                    new = graph.call_function(F.layer_norm, (node.args[0], tuple(mod.normalized_shape), w, b, mod.eps))
+                if w is not None:
+                    w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
+                new.meta.update(node.meta)
+                new.meta["qc_layer"] = node.target
+                new.meta["qc_module_type"] = type(mod).__name__
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
             elif type(mod) in ACTIVATION_MODULES:
                 kwargs = {"approximate": mod.approximate} if isinstance(mod, nn.GELU) else {}
                 with graph.inserting_before(node):
@@ -96,6 +110,11 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
         elif node.op == "call_function":
+            if node.target is F.linear and "qc_layer" not in node.meta and len(node.args) > 1 and \
+                    isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+                path = node.args[1].target
+                node.meta["qc_layer"] = path.removesuffix(".weight").removesuffix("_weight")
+                node.meta["qc_module_type"] = "Linear"
             if "inplace" in node.kwargs:
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
             target = CANONICAL_FUNCTIONS.get(node.target, node.target)
@@ -127,8 +146,9 @@ def verify(gm: fx.GraphModule, config=None) -> None:
                                      f"{gm.training}")
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, CONV_MODULES + LINEAR_MODULES) and getattr(mod, "padding_mode", "zeros") == "zeros":
-                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear on the "
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.LayerNorm,)) and \
+                    getattr(mod, "padding_mode", "zeros") == "zeros":
+                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm on the "
                                          "module's get_attr weight and bias, not a call of the module")
             if type(mod) in ACTIVATION_MODULES:
                 raise verification_error("normalize", node, gm, f"a call of {ACTIVATION_MODULES[type(mod)].__name__}, "

@@ -3,13 +3,17 @@
 Each `Family` lists the canonical forms of one kind of op (what `passes/normalize` produces:
 functions, tensor methods, module types) and says what the passes need to know of it:
   matmul           a reduction on the MAC array: its operands get Q_Y / Q_W, its result Q_Y;
-  grid_preserving  a quantized input stays on its grid (0 is a grid point; no arithmetic).
+  grid_preserving  a quantized input stays on its grid (0 is a grid point; no arithmetic);
+  grid_input       its operand is quantized (Q_Y, and Q_G on the gradient leaving it backward):
+                   an op whose integer form reads codes (a table, softmax, LayerNorm);
+  grid_output      its result is quantized right after it (Q_Y): softmax, LayerNorm.
 Every op of a family is quantizable: `quantize` leaves ops of no family in float (with a
 warning), and lowering has one rule per family (`qcompile.ir.lower.RULES`).
 Invariant: a function, method or module type belongs to at most one family.
 """
 from __future__ import annotations
 
+import builtins
 import operator
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ from torch import nn
 from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 from qcompile.train.quantizers import Quantizer
+from qcompile.train.attention import attention_softmax
 from qcompile.train.modes import EvalOutput, StochasticDepth
 
 
@@ -32,6 +37,8 @@ class Family:
     names: frozenset = frozenset()      # library functions matched by __name__ (torchvision's stochastic_depth)
     matmul: bool = False
     grid_preserving: bool = False
+    grid_input: bool = False
+    grid_output: bool = False
 
 
 def _family(name, functions=(), methods=(), modules=(), names=(), **flags) -> Family:
@@ -46,7 +53,8 @@ FAMILIES = (
     _family("max_pool", {F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d},
             modules=(nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d), grid_preserving=True),
     _family("reshape", {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze},
-            {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}, (nn.Flatten,), grid_preserving=True),
+            {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten"}, (nn.Flatten,),
+            grid_preserving=True),
     _family("expand", methods={"expand"}, grid_preserving=True),
     _family("transpose", {torch.transpose, torch.permute}, {"transpose", "permute"}, grid_preserving=True),
     _family("split", {torch.chunk, torch.split}, {"chunk", "split"}, grid_preserving=True),
@@ -55,10 +63,13 @@ FAMILIES = (
     _family("dropout", {F.dropout}, modules=(nn.Dropout, StochasticDepth), names={"stochastic_depth"}),  # eval: identity
     _family("eval_output", modules=(EvalOutput,)),                                     # eval: one output field
     _family("outputs"),                                    # a namedtuple of outputs (matched by type, family_of)
-    _family("shape", {operator.floordiv}, {"size", "dim"}),                              # shape arithmetic
+    _family("shape", {operator.floordiv, operator.eq, builtins.getattr, torch._assert}, {"size", "dim"}),  # shapes
     _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
-    _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh}),  # a table
+    _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh},  # a table
+            grid_input=True),
+    _family("softmax", {attention_softmax, F.softmax, torch.softmax}, {"softmax"}, grid_input=True, grid_output=True),
+    _family("layer_norm", {F.layer_norm}, grid_input=True, grid_output=True),
     _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
     _family("batchnorm_fold", {fold_weight, folded_bias}, modules=(BatchNormFold,)),     # folded: a bias in eval
     _family("add", {operator.add}),

@@ -21,6 +21,12 @@ Invariant after this pass, for every conv / linear / matmul node L (its layer co
     `fold_bn` fused a BatchNorm into L, "L's result" is the BatchNormFold call reading L
     (`qcompile.passes.ops.layer_result`), which also reads L's activation operand through L's
     gradient Quantizer, so the whole gradient leaving the fused layer is quantized once.
+For every table (relu6, GELU, SiLU...), softmax and LayerNorm node: its operand is on an activation
+grid and, with grad_bits, reaches it through a gradient Quantizer (the gradient leaving the op is
+quantized); softmax and LayerNorm results go through an activation Quantizer; LayerNorm's affine
+weight through a per-tensor weight Quantizer (its bias is rounded by lowering). A float parameter an
+add or cat reads (a positional embedding, a class token) goes through a per-tensor weight Quantizer
+at `<parameter>_quant` (and its gradient Quantizer with quantize_weight_grad).
 Quantizers are submodules at `<layer>.<role>` (`input_quant`, `weight_quant`,
 `output_quant`, `grad_quant`, `input1_quant`, ...). Ops with no quantized form are left in
 float and listed in one warning (an UnsupportedOpError when strict).
@@ -37,6 +43,7 @@ from qcompile.core.grids import qrange
 from qcompile.errors import UnsupportedOpError
 from qcompile.passes.ops import (
     WEIGHTED_FUNCTIONS,
+    family_of,
     free_path,
     is_grid_preserving,
     is_matmul,
@@ -139,12 +146,85 @@ def _quantize_bias(gm, node: fx.Node, result: fx.Node, layer: str, float_by_conf
         user.update_arg(index, bq)
 
 
+def _quantize_operand(gm, node, idx: int, cfg: QConfig, layer: str, generator, result) -> None:
+    """Put operand `idx` of `node` on an activation grid (unless it already is one) and, with grad_bits
+    set, a gradient Quantizer between it and `node` (also read by `result`, a folded BatchNorm)."""
+    arg = node.args[idx]
+    suffix = "" if idx == 0 else str(idx)
+    if not on_grid(arg, gm):
+        q = _insert_after(gm, arg, f"{layer}.input{suffix}_quant", _make("activation", cfg, layer), "activation", layer)
+        arg.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+        arg = q
+    if cfg.grad_bits is not None and not _from_input(arg, gm):
+        g = _insert_after(gm, arg, f"{layer}.grad{suffix}_quant", _make("gradient", cfg, layer, generator=generator),
+                          "gradient", layer)
+        node.update_arg(idx, g)
+        if result is not node:
+            result.replace_input_with(arg, g)
+
+
+def _quantize_weight(gm, node, idx: int, cfg: QConfig, layer: str, generator, path: str, per_channel: bool):
+    """Operand `idx` of `node`, a parameter, through a weight Quantizer at `path` (per output channel
+    or per tensor) and, with quantize_weight_grad, a gradient Quantizer."""
+    w = node.args[idx]
+    shape = (w.meta["tensor_meta"].shape[0],) if per_channel else ()
+    wq = _insert_after(gm, w, path, _make("weight", cfg, layer, shape, 0 if per_channel else None), "weight", layer)
+    node.update_arg(idx, wq)
+    if cfg.grad_bits is not None and cfg.quantize_weight_grad:
+        wg = _insert_after(gm, wq, f"{path.removesuffix('_quant')}_grad_quant",
+                           _make("gradient", cfg, layer, generator=generator), "gradient", layer)
+        wq.replace_all_uses_with(wg, delete_user_cb=lambda user: user is not wg)
+
+
+def parameter_operand(node, gm):
+    """The get_attr node of a float parameter that `node` is, possibly through grid-preserving ops
+    (a class token expanded over the batch), else None."""
+    while node.op != "get_attr":
+        if not is_grid_preserving(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return node if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+
+
+def _output_quant(gm, result, cfg: QConfig, layer: str) -> None:
+    out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
+    result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+
+
+def _quantize_grid_op(gm, node, fam, config: QConfig, generator) -> None:
+    """A table / softmax / LayerNorm (operand on a grid, its gradient quantized; softmax and LayerNorm
+    results quantized; LayerNorm's affine weight on a weight grid), or an add / cat reading a
+    parameter (a positional embedding, a class token: on a per-tensor weight grid)."""
+    layer = node.meta.get("qc_layer", node.name)
+    cfg = config.for_layer(layer, _module_type(gm, layer))
+    if fam.name in ("add", "cat"):
+        operands = node.args[0] if fam.name == "cat" else node.args[:2]
+        for p in {parameter_operand(a, gm) for a in operands if isinstance(a, fx.Node)} - {None}:
+            user = next(iter(p.users))
+            idx = user.args.index(p)
+            _quantize_weight(gm, user, idx, cfg, p.target, generator, free_path(gm, f"{p.target}_quant"), False)
+            quantized = user.args[idx]
+            p.replace_all_uses_with(quantized, delete_user_cb=lambda u: quantizer_of(u, gm, "weight") is None)
+        return
+    _quantize_operand(gm, node, 0, cfg, layer, generator, node)
+    if fam.name == "layer_norm" and len(node.args) > 2 and isinstance(node.args[2], fx.Node):
+        _quantize_weight(gm, node, 2, cfg, layer, generator, f"{layer}.weight_quant", False)
+    if fam.grid_output:
+        _output_quant(gm, node, cfg, layer)
+
+
 def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     fallbacks = []
     for node in list(gm.graph.nodes):
         if not is_matmul(node):
-            if not is_quantizable(node, gm) and quantizer_of(node, gm) is None:
+            fam = family_of(node, gm)
+            if fam is not None and (fam.grid_input or fam.name in ("add", "cat")):
+                _quantize_grid_op(gm, node, fam, config, generator)
+            elif not is_quantizable(node, gm) and quantizer_of(node, gm) is None:
                 fallbacks.append(node)
             continue
         layer = node.meta.get("qc_layer", node.name)
@@ -152,33 +232,12 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         weighted = node.target in WEIGHTED_FUNCTIONS
         result = layer_result(node, gm)
         for idx in ([0] if weighted else [0, 1]):
-            arg = node.args[idx]
-            suffix = "" if idx == 0 else str(idx)
-            if not on_grid(arg, gm):
-                q = _insert_after(gm, arg, f"{layer}.input{suffix}_quant", _make("activation", cfg, layer),
-                                  "activation", layer)
-                arg.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
-                arg = q
-            if cfg.grad_bits is not None and not _from_input(arg, gm):
-                g = _insert_after(gm, arg, f"{layer}.grad{suffix}_quant",
-                                  _make("gradient", cfg, layer, generator=generator), "gradient", layer)
-                node.update_arg(idx, g)
-                if result is not node:
-                    result.replace_input_with(arg, g)
+            _quantize_operand(gm, node, idx, cfg, layer, generator, result)
         if weighted:
-            w = node.args[1]
-            per_channel = cfg.weight_granularity == "per_channel"
-            shape = (w.meta["tensor_meta"].shape[0],) if per_channel else ()
-            wq = _insert_after(gm, w, f"{layer}.weight_quant",
-                               _make("weight", cfg, layer, shape, 0 if per_channel else None), "weight", layer)
-            node.update_arg(1, wq)
-            if cfg.grad_bits is not None and cfg.quantize_weight_grad:
-                wg = _insert_after(gm, wq, f"{layer}.weight_grad_quant",
-                                   _make("gradient", cfg, layer, generator=generator), "gradient", layer)
-                node.update_arg(1, wg)
+            _quantize_weight(gm, node, 1, cfg, layer, generator, f"{layer}.weight_quant",
+                             cfg.weight_granularity == "per_channel")
             _quantize_bias(gm, node, result, layer, not (cfg.quantize_weights and cfg.quantize_activations))
-        out = _insert_after(gm, result, f"{layer}.output_quant", _make("activation", cfg, layer), "activation", layer)
-        result.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+        _output_quant(gm, result, cfg, layer)
     if fallbacks:
         listed = ", ".join(f"{n.name} ({op_name(n, gm)})" for n in fallbacks)
         if config.strict:
@@ -191,14 +250,34 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     return gm
 
 
+def _verify_grid_op(gm, node, fam, config: QConfig) -> None:
+    """A table / softmax / LayerNorm: operand on a grid, through a gradient Quantizer with grad_bits;
+    softmax / LayerNorm: one user, an activation Quantizer; LayerNorm's weight on a weight grid."""
+    cfg = config.for_layer(node.meta.get("qc_layer", node.name), None)
+    arg = node.args[0]
+    if grid_source(arg, gm) is None:
+        raise verification_error("quantize", node, gm, "its operand on an activation quantizer's grid")
+    if cfg.grad_bits is not None and not _from_input(arg, gm) and quantizer_of(arg, gm, "gradient") is None:
+        raise verification_error("quantize", node, gm, "its operand a gradient Quantizer's output (grad_bits is set)")
+    if fam.grid_output and (len(node.users) != 1 or quantizer_of(next(iter(node.users)), gm, "activation") is None):
+        raise verification_error("quantize", node, gm, "one user, its output activation Quantizer")
+    w = node.args[2] if fam.name == "layer_norm" and len(node.args) > 2 else None
+    if isinstance(w, fx.Node) and grid_source(w, gm) is None:
+        raise verification_error("quantize", node, gm, "its affine weight a weight Quantizer's output")
+
+
 def verify(gm: fx.GraphModule, config: QConfig) -> None:
-    """Raise VerificationError unless, for every conv/linear/matmul node L: each activation operand
+    """Raise VerificationError unless every table / softmax / LayerNorm node is quantized as
+    `_quantize_grid_op` leaves it (`_verify_grid_op`) and, for every conv/linear/matmul node L: each activation operand
     is on a quantizer grid (`grid_source`), through L's gradient Quantizer when grad_bits is set
     and the operand does not come from a graph input; a weight operand is a weight Quantizer's
     output (possibly through its gradient Quantizer); a bias operand is a BiasQuant's output; and
     L's result (`layer_result`: the BatchNormFold call when a BatchNorm is folded into L) has one
     user, an activation Quantizer, and a folded BatchNorm's eval bias is a BiasQuant's output."""
     for node in gm.graph.nodes:
+        fam = family_of(node, gm)
+        if fam is not None and fam.grid_input:
+            _verify_grid_op(gm, node, fam, config)
         if not is_matmul(node):
             continue
         layer = node.meta.get("qc_layer", node.name)

@@ -5,6 +5,9 @@ produces a tensor carries `meta["tensor_meta"]` (shape, dtype) from running the 
 inputs in eval mode under no_grad; call_module nodes carry `meta["qc_module_type"]`. A model
 traced in train mode whose eval output is one field of what it returns in training (auxiliary
 heads) returns through an `EvalOutput` module (`eval_output`) that picks that field in eval.
+Attention is traced in the ops the passes see: every nn.MultiheadAttention of the copy is an
+`Attention` on the same parameters (same state_dict keys), and F.scaled_dot_product_attention is
+`qcompile.train.attention.scaled_dot_product_attention` while tracing (`qcompile.train.attention`).
 Failure to trace raises TraceError naming the module and the source line.
 """
 from __future__ import annotations
@@ -15,11 +18,13 @@ import sys
 import traceback
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qcompile.errors import TraceError
 from qcompile.passes.ops import verification_error
+from qcompile.train.attention import own_attention, scaled_dot_product_attention
 from qcompile.train.modes import EvalOutput
 
 
@@ -51,7 +56,10 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
           concrete_args: dict | None = None) -> fx.GraphModule:
     model = copy.deepcopy(model)
     tracer = _Tracer(leaf_modules)
+    sdpa = F.scaled_dot_product_attention
     try:
+        own_attention(model, leaf_modules)
+        F.scaled_dot_product_attention = scaled_dot_product_attention
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises plain TraceError/TypeError/RuntimeError
         module, line = _locate(model, sys.exc_info()[2])
@@ -61,6 +69,8 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
             f"(QConfig(leaf_modules=({module!r},)) or leaf_modules=... in compile) so it is called "
             "as a black box, or pass concrete_args for the argument the control flow depends on"
         ) from exc
+    finally:
+        F.scaled_dot_product_attention = sdpa
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     for node in gm.graph.nodes:
         if node.op == "call_module":

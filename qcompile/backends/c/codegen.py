@@ -52,7 +52,7 @@ def _blocks(pixels: int) -> list[int]:
 
 
 SUPPORTED = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
-             "adaptive_avg_pool2d", "lut", "reshape", "transpose", "slice")
+             "adaptive_avg_pool2d", "lut", "softmax", "layer_norm", "constant", "reshape", "transpose", "slice")
 C_KEYWORDS = {"auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
               "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
               "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch",
@@ -96,9 +96,9 @@ def summary(figures: dict) -> str:
 
 
 # ---- small helpers ------------------------------------------------------------------------
-ARRAY_SUFFIXES = ("", "_w", "_wq", "_b", "_m", "_s", "_table")   # names derived from an op's identifier
+ARRAY_SUFFIXES = ("", "_w", "_wq", "_b", "_m", "_s", "_table", "_value")   # names derived from an op's identifier
 HELPERS = {"qc_floor_shift", "qc_from_u64", "qc_requantize", "qc_requantize_wide", "qc_i128", "qc_u128", "qc_clamp",
-           "qc_saturate", "qc_wrap"}
+           "qc_saturate", "qc_wrap", "qc_div_round", "qc_isqrt"}
 
 
 def c_identifier(text: str, taken: set[str], prefix: str) -> str:
@@ -131,6 +131,7 @@ def _int_type(lo: int, hi: int) -> str:
 
 
 INT64_MIN = code_range(64, signed=True)[0]
+INT62 = 1 << 62          # the bound every int64 intermediate stays below (as lowering checks)
 
 
 def _c_array(values: np.ndarray) -> str:
@@ -518,6 +519,76 @@ class _Emitter:
                    y_t=ctype(y))
         self.weight_bytes += table.size * np.dtype(ctype(y).replace("_t", "")).itemsize
         return "lut.c.j2", L, []
+
+    # ---- row-wise ops over the last axis (qcompile/core/rowwise.py; the C helpers are in common.c.j2) ----
+    def _rowwise(self, op, sym):
+        """Shared context of softmax / layer_norm: one input of the output's shape, rows of the last axis."""
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        if len(op.inputs) != 1 or not x.shape or tuple(x.shape) != tuple(y.shape) or x.shape[-1] < 1:
+            raise QCompileError(f"op {op.name!r} ({op.kind}): expects one input of the output's shape with a non-empty "
+                                f"last axis, got {[self.t(i).shape for i in op.inputs]} -> {y.shape}")
+        L = _Layer(op_name=op.name, sym=sym, shape=tuple(y.shape), zy=y.zero_point, x_t=ctype(x), y_t=ctype(y))
+        L["lo"], L["hi"] = _act_range(op, y)
+        return x, y, L
+
+    def op_softmax(self, op, sym):
+        """Rows of the last axis, grouped as (outer, rows, cols) for the causal mask of the last two axes.
+        The table is cut at qmax − qmin + 1 entries (no row reaches past mx − x = qmax − qmin; entries past
+        the end are 0 either way). Static bound: e·R + Σe·2^16 < 2^62, so qc_div_round's int64 is exact."""
+        x, y, L = self._rowwise(op, sym)
+        a = op.attrs
+        table = np.asarray(a.table, dtype=np.int64).ravel()[:x.qmax - x.qmin + 1]
+        mult = int(a.out_multiplier)
+        if table.size == 0 or table.min() < 0 or mult < 0:
+            raise QCompileError(f"op {op.name!r} (softmax): needs a non-empty table of non-negative entries and a "
+                                f"non-negative out_multiplier (got {table.size} entries, R = {mult})")
+        cols = x.shape[-1]
+        rows = x.shape[-2] if len(x.shape) > 1 else 1
+        emax = int(table.max())
+        if emax * mult + cols * emax * (1 << 16) >= INT62:
+            raise UnsupportedOpError(f"op {op.name!r} (softmax): e·R + Σe·2^16 may reach 2^62 (max e {emax}, "
+                                     f"R = {mult}, {cols} columns); the C backend divides in int64")
+        L.update(outer=int(np.prod(x.shape[:-2], dtype=np.int64)), rows=rows, cols=cols, causal=bool(a.causal),
+                 mult=mult, size=table.size, table=_c_array(table),
+                 table_t="int32_t" if _fits(emax, 32) else "int64_t")
+        self.weight_bytes += table.size * (4 if L["table_t"] == "int32_t" else 8)
+        return "softmax.c.j2", L, []
+
+    def op_layer_norm(self, op, sym):
+        """Static bounds: |d_j| <= (N − 1)·(qmax − qmin), so Σd² + E <= N·((N − 1)·(qmax − qmin))² + E < 2^62;
+        |n_j| <= 2^16 (ρ >= |d_j|), so |acc| <= 2^16·max|g| + max|b| < 2^62 picks the requantize helper."""
+        x, y, L = self._rowwise(op, sym)
+        a = op.attrs
+        n = x.shape[-1]
+        w = _per_channel(a.weight, n, "weight", op)
+        b = _per_channel(a.bias, n, "bias", op)
+        eps = int(a.eps)
+        m, s = _scalar(a.multiplier, "multiplier", op), _scalar(a.shift, "shift", op)
+        _check_shift(s, op)
+        sq_bound = n * ((n - 1) * (x.qmax - x.qmin)) ** 2 + eps
+        acc_bound = (1 << 16) * int(np.abs(w).max()) + int(np.abs(b).max())
+        if eps < 0 or sq_bound >= INT62 or acc_bound >= INT62:
+            raise UnsupportedOpError(f"op {op.name!r} (layer_norm): Σd² + E <= {sq_bound} and |acc| <= {acc_bound} "
+                                     f"must stay below 2^62 with E = {eps} >= 0; the C backend sums in int64")
+        w_t = _int_type(int(w.min()), int(w.max()))
+        L.update(rows=int(np.prod(x.shape[:-1], dtype=np.int64)), n=n, eps=eps, m=m, s=s, rq=_rq(acc_bound, m, s),
+                 w_t=w_t, w_data=_c_array(w), b_data=_c_array(b))
+        self.weight_bytes += n * (np.dtype(w_t.replace("_t", "")).itemsize + 8)
+        return "layer_norm.c.j2", L, []
+
+    def op_constant(self, op, sym):
+        """No inputs: the codes are a static const array copied into the output for every sample."""
+        y = self.t(op.output)
+        value = np.asarray(op.attrs.value, dtype=np.int64)
+        if op.inputs or tuple(value.shape) != tuple(y.shape) or value.size == 0:
+            raise QCompileError(f"op {op.name!r} (constant): expects no inputs and a non-empty value of the output's "
+                                f"shape {y.shape}, got inputs {op.inputs} and value of shape {value.shape}")
+        if value.min() < y.qmin or value.max() > y.qmax:
+            raise QCompileError(f"op {op.name!r} (constant): values {value.min()}..{value.max()} leave the output "
+                                f"range {y.qmin}..{y.qmax}")
+        L = _Layer(op_name=op.name, sym=sym, shape=tuple(y.shape), n=value.size, value=_c_array(value), y_t=ctype(y))
+        self.weight_bytes += value.size * np.dtype(ctype(y).replace("_t", "")).itemsize
+        return "constant.c.j2", L, []
 
     def op_transpose(self, op, sym):
         x, y = self.t(op.inputs[0]), self.t(op.output)
