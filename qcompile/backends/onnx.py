@@ -625,19 +625,20 @@ class _Builder:
         visible = softmax_visible(shape[-2], shape[-1], a.causal)
         v = self.to_i64(x.name, minus_zp=False)
         mask = None if visible.all() else self.const(op.name + "_visible", visible)
-        vm = v if mask is None else self.node("Where", [mask, v, self.const("qmin64", np.int64(x.qmin))], op.name + "_vm")
+        vm = v if mask is None else \
+            self.node("Where", [mask, v, self.const("qmin64", np.int64(x.qmin))], op.name + "_vm")
         mx = self.reduce_last("ReduceMax", vm, op.name + "_max")
         table = np.append(np.asarray(a.table, np.int64), 0)
         dist = self.clamp64(self.node("Sub", [mx, v], op.name + "_d"), 0, len(table) - 1, op.name + "_dc")
         e = self.node("Gather", [self.const(op.name + "_exp", table), dist], op.name + "_e", axis=0)
         if mask is not None:
-            pass
+            e = self.node("Where", [mask, e, self.const("zero64", np.int64(0))], op.name + "_ev")
         total = self.reduce_last("ReduceSum", e, op.name + "_sum")
         if not visible.any(axis=-1).all():
             total = self.clamp64(total, 1, 2 ** 62, op.name + "_sum1")
-        r = self.div_round(self.node("Mul", [e, self.const(op.name + "_R", np.int64(a.out_multiplier))], op.name + "_eR"),
-                           self.node("Mul", [total, self.const("recip_unit", np.int64(1 << RECIP_BITS))],
-                                     op.name + "_den"), op.name + "_div")
+        num = self.node("Mul", [e, self.const(op.name + "_R", np.int64(a.out_multiplier))], op.name + "_eR")
+        den = self.node("Mul", [total, self.const("recip_unit", np.int64(1 << RECIP_BITS))], op.name + "_den")
+        r = self.div_round(num, den, op.name + "_div")
         self.finish_int(r, op)
 
     def op_layer_norm(self, op: ir.Op) -> None:
@@ -657,8 +658,8 @@ class _Builder:
                          op.name + "_rho")
         if a.eps < 1:
             rho = self.clamp64(rho, 1, 2 ** 62, op.name + "_rho1")
-        normed = self.div_round(self.node("Mul", [d, self.const("norm_unit", np.int64(1 << NORM_BITS))], op.name + "_dn"),
-                                rho, op.name + "_norm")
+        dn = self.node("Mul", [d, self.const("norm_unit", np.int64(1 << NORM_BITS))], op.name + "_dn")
+        normed = self.div_round(dn, rho, op.name + "_norm")
         w, b = np.asarray(a.weight, np.int64), np.asarray(a.bias, np.int64)
         acc = self.node("Add", [self.node("Mul", [normed, self.const(op.name + "_g", w)], op.name + "_ng"),
                                 self.const(op.name + "_b", b)], op.name + "_acc")
@@ -735,7 +736,8 @@ def to_onnx(graph: ir.Graph, format: str = "qdq", opset: int | None = None, weig
         raise ExportError(f"opset={opset}: tensors {wide[:3]} are 16-bit; 16-bit QuantizeLinear/DequantizeLinear "
                           "need opset >= 21")
     for op in graph.ops:   # conv2d's QLinearConv/Conv take float scales; linear has an 8-bit integer form
-        integer_linear = op.kind == "linear" and op.attrs.weight.dtype == np.int8 and graph.tensor(op.inputs[0]).bits <= 8
+        integer_linear = op.kind == "linear" and op.attrs.weight.dtype == np.int8 and \
+            graph.tensor(op.inputs[0]).bits <= 8
         if op.kind in ("conv2d", "linear") and op.attrs.weight_scale is None and not integer_linear:
             raise ExportError(f"op {op.name!r}: no weight_scale attr (lower the graph with qcompile.lower)")
     meta = dict(graph.meta)

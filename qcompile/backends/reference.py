@@ -176,7 +176,9 @@ def lut(graph, op, x):
 
 
 def softmax(graph, op, x):
-    return _clamp(graph, op, softmax_rows(x, op.attrs.table, op.attrs.out_multiplier, op.attrs.causal))
+    rows = x if x.ndim > 2 else x[:, None]          # a per-sample vector is one row (not the batch's rows)
+    r = softmax_rows(rows, op.attrs.table, op.attrs.out_multiplier, op.attrs.causal)
+    return _clamp(graph, op, r.reshape(x.shape))
 
 
 def layer_norm(graph, op, x):
