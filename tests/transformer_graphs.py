@@ -92,3 +92,30 @@ def attention_graph(seed: int = 0, causal: bool = False, heads: int = 2, length:
     for piece in ("qh", "kh", "vh"):
         tensors[piece + "_flat"] = tensor(piece + "_flat", (length, e), 0.04, -2, signed=True)
     return ir.verify(ir.Graph(["x"], ["y"], tensors, ops))
+
+
+def embedding_graph(seed: int = 0, vocab: int = 200, ids_bits: int = 8, length: int = 6, dim: int = 8) -> ir.Graph:
+    """ids (L,) → embedding (vocab, E) → add a constant positional table → LayerNorm → linear to vocab logits;
+    ids past the table (vocab < 2^ids_bits) read its last row."""
+    rng = np.random.default_rng(seed)
+    ids = tensor("ids", (length,), 1.0, 0, bits=ids_bits)
+    tok, pos = tensor("tok", (length, dim), 0.02, 0, signed=True), tensor("pos", (length, dim), 0.01, 0, signed=True)
+    h = tensor("h", (length, dim), 0.03, 0, signed=True)
+    ln = tensor("ln", (length, dim), 0.03, 0, signed=True)
+    logits = tensor("logits", (length, vocab), 0.1, 0, signed=True)
+    twice = 2 * max(tok.scale, pos.scale)
+    ma, sa = quantize_multiplier(tok.scale / twice)
+    mb, sb = quantize_multiplier(pos.scale / twice)
+    m, s = quantize_multiplier(twice / (2 ** 20 * h.scale))
+    mq = [quantize_multiplier(float(r)) for r in rng.uniform(2e-4, 6e-4, vocab)]
+    ops = [
+        ir.Op("embedding", "tok", ["ids"], "tok", ir.Embedding(table=rng.integers(-127, 128, (vocab, dim)).astype(np.int8))),
+        ir.Op("constant", "pos", [], "pos", ir.Constant(value=rng.integers(-127, 128, (length, dim)).astype(np.int8))),
+        ir.Op("add", "h", ["tok", "pos"], "h", ir.Add(left_shift=20, multiplier_a=ma, shift_a=sa, multiplier_b=mb,
+                                                    shift_b=sb, multiplier=m, shift=s, **clamp(h))),
+        layer_norm_op("ln", h, ln, rng.uniform(-1.5, 1.5, dim), rng.uniform(-0.3, 0.3, dim)),
+        ir.Op("linear", "head", ["ln"], "logits", ir.Linear(
+            weight=rng.integers(-127, 128, (vocab, dim)).astype(np.int8), bias=rng.integers(-500, 500, vocab).astype(np.int32),
+            multiplier=np.array([m for m, _ in mq]), shift=np.array([s for _, s in mq]), **clamp(logits))),
+    ]
+    return ir.verify(ir.Graph(["ids"], ["logits"], {t.name: t for t in (ids, tok, pos, h, ln, logits)}, ops))

@@ -186,6 +186,11 @@ def layer_norm(graph, op, x):
     return _clamp(graph, op, requantize(layer_norm_rows(x, a.weight, a.bias, a.eps), a.multiplier, a.shift))
 
 
+def embedding(graph, op, ids):
+    table = op.attrs.table.astype(np.int64)
+    return table[np.minimum(ids, len(table) - 1)]
+
+
 def constant(graph, op, batch):
     return np.broadcast_to(op.attrs.value.astype(np.int64), (batch,) + op.attrs.value.shape)
 
@@ -208,7 +213,7 @@ KERNELS = {
     "conv2d": conv2d, "linear": linear, "matmul": matmul, "add": add, "mul": mul, "concat": concat,
     "requantize": requantize_op, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
     "adaptive_avg_pool2d": adaptive_avg_pool2d, "lut": lut, "softmax": softmax, "layer_norm": layer_norm,
-    "constant": constant, "reshape": reshape, "transpose": transpose, "slice": slice_op,
+    "constant": constant, "embedding": embedding, "reshape": reshape, "transpose": transpose, "slice": slice_op,
 }
 
 

@@ -62,6 +62,9 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
   layer_norm (LayerNorm)  inputs [x]; over the last axis of N: weight (N,) codes, bias (N,) int64, eps;
            acc_j = div_round((N·x_j − Σx)·2^16, isqrt(Σ(N·x − Σx)² + eps))·weight_j + bias_j
            (`qcompile.core.rowwise`); r = requantize(acc, m, s)
+  embedding (Embedding)  inputs [ids] (an unsigned tensor of token ids: scale 1, zero point 0, the
+           graph input of a language model); table (V, E) codes of the output grid;
+           y[..., e] = table[min(ids[...], V − 1), e] (an id past the table reads its last row), shape (..., E)
   constant (Constant)  no inputs; value: the per-sample codes of the output tensor (y = value)
   reshape (Reshape)  shape (per sample); data order unchanged
   transpose (Transpose)  perm (per-sample axes)

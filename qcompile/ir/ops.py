@@ -161,6 +161,12 @@ class LayerNorm(Requant, Clamp):
 
 
 @dataclass(kw_only=True)
+class Embedding:
+    """y[..., :] = table[min(ids[...], V − 1)]: rows of codes gathered by the input's codes (token ids)."""
+    table: Matrix                           # (V, E) codes on the output grid, int8/int16
+
+
+@dataclass(kw_only=True)
 class Constant:
     value: Values                           # the per-sample codes, already on the output grid
 
@@ -187,6 +193,6 @@ SPEC: dict[str, type] = {
     "conv2d": Conv2d, "linear": Linear, "matmul": Matmul, "add": Add, "mul": Mul, "concat": Concat,
     "requantize": Requantize, "max_pool2d": MaxPool2d, "avg_pool2d": AvgPool2d,
     "adaptive_avg_pool2d": AdaptiveAvgPool2d, "lut": Lut, "softmax": Softmax, "layer_norm": LayerNorm,
-    "constant": Constant,
+    "constant": Constant, "embedding": Embedding,
     "reshape": Reshape, "transpose": Transpose, "slice": Slice,
 }

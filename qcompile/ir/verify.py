@@ -18,7 +18,8 @@ what every backend relies on:
     and the weights' input channels × groups match the input tensor;
   - lookup tables: one entry per input code;
   - layer_norm: weight and bias of the last axis's length; constant: value of the output's
-    shape, inside its codes; softmax: a non-empty exp table.
+    shape, inside its codes; softmax: a non-empty exp table; embedding: unsigned ids with zero point 0,
+    an int8/int16 table, output shape ids' shape + (E,).
 An `IRError` names the op (name and kind), the attribute or tensor, and what was expected.
 """
 from __future__ import annotations
@@ -167,6 +168,12 @@ def _check_op(graph: Graph, op: Op) -> None:
     if isinstance(a, Constant) and (tuple(a.value.shape) != tuple(out.shape) or
                                     not out.qmin <= int(a.value.min(initial=out.qmin)) <= int(a.value.max(initial=out.qmin)) <= out.qmax):
         _fail(op, f"value of shape {a.value.shape} must have the output's shape {out.shape} and lie in its codes")
+    if op.kind == "embedding":
+        ids = graph.tensors[op.inputs[0]]
+        if ids.signed or ids.zero_point != 0 or a.table.dtype not in (np.int8, np.int16) or \
+                tuple(out.shape) != tuple(ids.shape) + (a.table.shape[1],):
+            _fail(op, f"reads unsigned ids (zero point 0) of shape {ids.shape} into {out.shape} = ids' shape + (E,) from "
+                      f"an int8/int16 table {a.table.shape}")
     if op.kind == "softmax" and a.table.size == 0:
         _fail(op, "empty exp table")
 
