@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile import ir
+from qcompile.passes.ops import quantizer_of
 from qcompile.backends import parity, reference
 from qcompile.backends.onnx import ExportError
 from qcompile.tools.experiments.bit_widths import (
@@ -105,6 +107,34 @@ def sample_configs(n: int, seed: int) -> list[dict]:
     return out
 
 
+def first_divergence(graph, qm, x) -> int:
+    """Steps between the reference and qm.eval() at the first activation quantizer's tensor (in op order)
+    where they differ.
+    A float32 rounding tie that lands on the other side of an intermediate grid (frequent on 2-bit grids,
+    and CPU-dependent) moves the later tensors by whole intermediate steps; each op's own arithmetic is
+    within one step of the trained graph."""
+    env = reference.run(graph, x, keep=True)
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        Recorder(qm).run(x)
+    quantized = {n.name for n in qm.graph.nodes if quantizer_of(n, qm, "activation") is not None}
+    for op in graph.ops:
+        if op.output in quantized:
+            trained = parity.float_to_codes(graph, values[op.output], op.output)
+            if isinstance(op.attrs, ir.Clamp):                     # a ReLU after the quantizer, fused into the op
+                trained = np.clip(trained, op.attrs.act_min, op.attrs.act_max)
+            steps = int(np.abs(env[op.output] - trained).max())
+            if steps:
+                return steps
+    return 0
+
+
 def check_config(c: dict, backends: tuple[str, ...] = ()) -> None:
     kind, bias, seed = c["kind"], c["bias"], c["seed"]
     fields = {k: v for k, v in c.items() if k not in ("kind", "bias", "seed")}
@@ -137,8 +167,8 @@ def check_config(c: dict, backends: tuple[str, ...] = ()) -> None:
         graph64 = qcompile.lower(qm64)
         np.testing.assert_array_equal(reference.run(graph64, x.double()), parity.float_to_codes(graph64, y64),
                                       err_msg=f"{c}: reference vs the float64 trained graph")
-    steps = int(np.abs(codes - parity.float_to_codes(graph, y_eval)).max())
-    assert steps <= 1, f"{c}: reference {steps} output steps from qm.eval()"
+    steps = first_divergence(graph, qm, x)
+    assert steps <= 1, f"{c}: reference {steps} steps from qm.eval() at the first tensor where they differ"
     for b in backends:
         try:
             got = parity.outputs(graph, x, b)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qcompile import ir
-from qcompile.backends.c.codegen import TEMPLATES, emit, generate
+from qcompile.backends.c.codegen import TEMPLATES, generate
 from qcompile.core.requant import quantize_multiplier
 from qcompile.core.rowwise import div_round, isqrt
 from qcompile.errors import UnsupportedOpError

@@ -64,3 +64,15 @@ def test_attention_graph_runs_and_probabilities_sum_to_one(causal):
     sums = env["probs"].sum(-1) * graph.tensor("probs").scale
     assert np.abs(sums - 1).max() <= 6 / 255
     assert env["y"].shape == (3, 2, 5, 4)
+
+
+def test_error_tables_of_docs_transformers_hold():
+    """The figures docs/transformers.md quotes (qcompile.tools.experiments.transformer_ops), at their bounds:
+    8-bit softmax and LayerNorm within one output step of the float op rounded onto the grid, rarely off."""
+    from qcompile.tools.experiments.transformer_ops import gelu_errors, layer_norm_errors, softmax_errors
+    for sigma in (0.5, 8.0):
+        e = softmax_errors(sigma, rows=1024, causal=sigma > 1)
+        assert e["max_steps"] <= 1 and e["mismatch"] < 0.001, e
+    e = layer_norm_errors(384, rows=256)
+    assert e["max_steps"] <= 1 and e["mismatch"] < 0.005, e
+    assert gelu_errors() == {"mismatch": 0.0, "max_steps": 0}

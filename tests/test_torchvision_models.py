@@ -20,7 +20,7 @@ def test_compile_and_train_one_step(name):
     size = 64
     x, y = torch.randn(2, 3, size, size), torch.tensor([1, 7])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # convnext's layer_norm stays in float, by design
+        warnings.simplefilter("ignore")
         qm = qcompile.compile(model, (x[:1],), qcompile.QConfig(grad_bits=8, seed=0))
     opt = torch.optim.SGD(qm.parameters(), lr=0.01, momentum=0.9)
     params_before = [p.detach().clone() for p in qm.parameters()]
@@ -34,5 +34,6 @@ def test_compile_and_train_one_step(name):
     grad_quants = [q for _, q in qm.quantizers() if q.kind == "gradient"]
     assert sum(bool(q.estimator.initialized) for q in grad_quants) >= len(grad_quants) - 1
     assert any(not torch.equal(a, b) for a, b in zip(params_before, qm.parameters()))
-    n_weighted = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    n_weighted = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) or
+                     isinstance(m, torch.nn.LayerNorm) and m.weight is not None for m in model.modules())
     assert sum(q.kind == "weight" for _, q in qm.quantizers()) == n_weighted

@@ -9,35 +9,7 @@ import numpy as np
 
 from qcompile import ir
 from qcompile.core.requant import quantize_multiplier
-from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_eps, softmax_multiplier
-
-
-def tensor(name, shape, scale, zero_point=0, bits=8, signed=False):
-    return ir.Tensor(name, tuple(shape), bits, signed, float(scale), int(zero_point))
-
-
-def clamp(t: ir.Tensor) -> dict:
-    return {"act_min": t.qmin, "act_max": t.qmax}
-
-
-def softmax_op(name, x: ir.Tensor, y: ir.Tensor, scale: float = 1.0, causal: bool = False) -> ir.Op:
-    return ir.Op("softmax", name, [x.name], y.name, ir.Softmax(table=exp_table(x.scale * scale),
-                                                              out_multiplier=softmax_multiplier(y.scale),
-                                                              causal=causal, **clamp(y)))
-
-
-def layer_norm_op(name, x: ir.Tensor, y: ir.Tensor, gamma: np.ndarray, beta: np.ndarray, eps=1e-5,
-                  gamma_bits=8) -> ir.Op:
-    """LayerNorm over x's last axis with float gamma/beta: gamma on a symmetric per-tensor grid."""
-    n = x.shape[-1]
-    qmax = 2 ** (gamma_bits - 1) - 1
-    s_g = float(np.abs(gamma).max()) / qmax
-    codes = np.clip(np.round(gamma / s_g), -qmax, qmax).astype(np.int64)
-    unit = s_g * math.sqrt(n) / 2 ** NORM_BITS
-    m, s = quantize_multiplier(unit / y.scale)
-    return ir.Op("layer_norm", name, [x.name], y.name, ir.LayerNorm(
-        weight=codes, bias=np.round(beta / unit).astype(np.int64), eps=layer_norm_eps(eps, n, x.scale),
-        multiplier=m, shift=s, **clamp(y)))
+from qcompile.tools.experiments.transformer_ops import clamp, layer_norm_op, softmax_op, tensor
 
 
 def attention_graph(seed: int = 0, causal: bool = False, heads: int = 2, length: int = 5, dim: int = 4) -> ir.Graph:

@@ -3,7 +3,7 @@
 `write(graph, path, format="qdq" | "qop", opset=None)` writes an `ir.Graph` as one ONNX
 model whose input is the float image and whose output is the dequantized result of the
 integer graph (`qcompile.export_onnx` lowers a trained graph first). Every IR tensor exists in the
-model as its integer codes (uint8/int8, int16 for intermediate grids).
+model as its integer codes (uint8/int8, int16 for intermediate grids, uint16 for 16-bit token ids).
 
 QDQ: QuantizeLinear/DequantizeLinear around float Conv/Gemm/MatMul/Add/Mul/Concat/pooling
 (onnxruntime fuses them into integer kernels); add/mul/concat/requantize/average pooling
@@ -36,7 +36,11 @@ In both forms:
     of Σd² + E as Floor(Sqrt) in float64 corrected by ±1 in int64 (exact below 2^62), a rounded
     division, weight and bias, then the usual requantization. The rounded division
     div_round(n, d) = ⌊(2n + d) / 2d⌋ is Mod(fmod=0) + Sub + Div (int64 Div truncates; exact on a multiple);
-  - constant is its codes as an initializer, Expanded to the input's batch size.
+  - constant is its codes as an initializer, Expanded to the input's batch size;
+  - embedding is Cast of the id codes to int64, Min with V − 1 (left out where the ids cannot pass it)
+    and a Gather (axis 0) of the (V, E) table initializer. An ids graph input (scale 1, zero point 0)
+    is quantized like any input by QuantizeLinear (exact: ids are integers, exact in float32); 16-bit
+    ids take uint16 QuantizeLinear, opset 21, as every 16-bit tensor does.
 
 Weights: `weight_dtype="int8"` (U8S8 kernels) or `"uint8"` (codes + 128 with zero point
 128: U8U8 kernels). On x86 CPUs without VNNI, onnxruntime's U8S8 kernels use VPMADDUBSW,
@@ -291,12 +295,17 @@ class _Builder:
         return self.node("Cast", [r], op.output, out=op.output, to=_onnx_dtype(t))
 
     # ---- weights -------------------------------------------------------------------------
-    def weight_codes(self, w: np.ndarray, hint: str) -> tuple[str, np.ndarray]:
-        """(initializer, per-channel zero points) of weight codes in the chosen storage; int16 codes
-        (9–16-bit weight grids) stay int16."""
+    def unsigned_weights(self, x: ir.Tensor) -> bool:
+        """True when 8-bit weights are stored as uint8: weight_dtype "uint8" and an unsigned input
+        (onnxruntime's integer conv kernels take int8 inputs with int8 weights only)."""
+        return self.weight_dtype == "uint8" and not x.signed
+
+    def weight_codes(self, w: np.ndarray, hint: str, x: ir.Tensor) -> tuple[str, np.ndarray]:
+        """(initializer, per-channel zero points) of weight codes in the storage chosen for input `x`
+        (`unsigned_weights`); int16 codes (9–16-bit weight grids) stay int16."""
         if w.dtype == np.int16:
             return self.const(hint, w), np.zeros(w.shape[0], dtype=np.int16)
-        if self.weight_dtype == "uint8":
+        if self.unsigned_weights(x):
             return (self.const(hint, (w.astype(np.int16) + 128).astype(np.uint8)),
                     np.full(w.shape[0], 128, dtype=np.uint8))
         return self.const(hint, w.astype(np.int8)), np.zeros(w.shape[0], dtype=np.int8)
@@ -314,7 +323,7 @@ class _Builder:
             return self.narrow_weighted(op)
         a, x = op.attrs, self.t(op.inputs[0])
         y = self.t(op.output)
-        w, wzp = self.weight_codes(a.weight, op.name + "_w")
+        w, wzp = self.weight_codes(a.weight, op.name + "_w", x)
         ws = self.weight_scales(op)
         conv = dict(strides=list(a.stride), pads=[*a.padding, *a.padding], dilations=list(a.dilation),
                     group=int(a.groups), kernel_shape=list(a.weight.shape[2:]))
@@ -384,7 +393,7 @@ class _Builder:
         a, x = op.attrs, self.t(op.inputs[0])
         if self.fmt == "qdq" and a.weight_scale is not None:
             ws = self.weight_scales(op)
-            w, wzp = self.weight_codes(a.weight, op.name + "_w")
+            w, wzp = self.weight_codes(a.weight, op.name + "_w", x)
             wf = self.node("DequantizeLinear", [w, self.const(op.name + "_ws", ws), self.const(op.name + "_wz", wzp)],
                            op.name + "_wdq", axis=0)
             bf = self.node("DequantizeLinear", [self.const(op.name + "_b", self.int32_bias(op)),
@@ -396,11 +405,10 @@ class _Builder:
             return
         self.check_qop_bits(op, x)
         bound = self.acc_bound(op, x, int32=True)
-        w, wzp = self.weight_codes(a.weight.T.copy(), op.name + "_wT")
+        w, wzp = self.weight_codes(a.weight.T.copy(), op.name + "_wT", x)
         xz = self.const(x.name + "_zp", np.array(x.zero_point, dtype=_np_dtype(x)))
         acc = self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", wzp[:1].reshape(()))],
-                        op.name + "_acc") if self.weight_dtype == "int8" else \
-            self.node("MatMulInteger", [x.name, w, xz, self.const(op.name + "_wz", np.uint8(128))], op.name + "_acc")
+                        op.name + "_acc")
         acc = self.node("Add", [self.node("Cast", [acc], op.name + "_acc64", to=TensorProto.INT64),
                                 self.const(op.name + "_b", a.bias.astype(np.int64))], op.name + "_accb")
         self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op, (1, -1)), op)
@@ -665,6 +673,20 @@ class _Builder:
                                 self.const(op.name + "_b", b)], op.name + "_acc")
         bound = (1 << NORM_BITS) * int(np.abs(w).max(initial=0)) + int(np.abs(b).max(initial=0))   # |n| <= 2^16
         self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op), op)
+
+    def op_embedding(self, op: ir.Op) -> None:
+        """Rows of the table gathered by the id codes (zero point 0): int64 indices, ids past the table
+        clamped to its last row by Min (exact on small non-negative int64), one Gather."""
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        table = np.asarray(op.attrs.table)
+        if table.size and (int(table.min()) < y.qmin or int(table.max()) > y.qmax):
+            raise ExportError(f"op {op.name!r} (embedding): table values {table.min()}..{table.max()} leave the "
+                              f"output range {y.qmin}..{y.qmax}")
+        idx = self.node("Cast", [x.name], op.name + "_idx", to=TensorProto.INT64)
+        if len(table) - 1 < x.qmax:
+            idx = self.node("Min", [idx, self.const(op.name + "_last", np.int64(len(table) - 1))], op.name + "_idx_min")
+        tab = self.const(op.name + "_table", table.astype(_np_dtype(y)))
+        self.node("Gather", [tab, idx], op.output, out=op.output, axis=0)
 
     def op_constant(self, op: ir.Op) -> None:
         """The codes as one (1, ...) initializer, Expanded to (batch, ...) with the input's batch size."""

@@ -19,7 +19,7 @@ from qcompile.backends import reference
 
 BACKENDS = ("reference", "onnx:qdq", "onnx:qop", "c")
 ARITHMETIC_KINDS = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "avg_pool2d", "max_pool2d",
-                    "adaptive_avg_pool2d", "lut")
+                    "adaptive_avg_pool2d", "lut", "softmax", "layer_norm")
 
 
 def float_to_codes(graph: ir.Graph, y, name: str | None = None) -> np.ndarray:

@@ -836,6 +836,25 @@ class _Lowering:
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("lut", node, [t.name], out, table=table.to(torch.int64).numpy())
 
+    # ---- embedding / softmax / LayerNorm ---------------------------------------------------------
+    def lower_embedding(self, node):
+        """F.embedding(ids, weight codes): the graph input is the token ids, an unsigned grid of scale 1
+        (8 bits for up to 256 rows, else 16); the result is on the weight's grid."""
+        src, w = self.val[node.args[0]], self.val[node.args[1]]
+        if not isinstance(src, Input):
+            self.fail(node, "reads ids that are not the graph input; lowered only as the model's first op")
+        if not isinstance(w, Weight) or len(set(w.scale.tolist())) != 1:
+            self.fail(node, "weight is not the output of a per-tensor weight quantizer")
+        if self.inputs:
+            self.fail(node, "a second graph input; the integer graph has one input")
+        vocab = w.codes.shape[0]
+        if vocab > 1 << 16:
+            self.fail(node, f"{vocab} rows: token ids are at most 16 bits")
+        ids = self.add_tensor(src.node.name, self.shape(src.node), Grid(1.0, 0, 8 if vocab <= 256 else 16, False))
+        self.inputs.append(ids)
+        out = self.add_tensor(node.name, self.shape(node), Grid(float(w.scale[0]), 0, w.bits, True))
+        return self.emit("embedding", node, [ids], out, table=_storage(w.codes, 8))
+
     # ---- softmax / LayerNorm --------------------------------------------------------------------
     def out_grid(self, node) -> Grid:
         grid = self.sink_grid(node)
@@ -847,7 +866,8 @@ class _Lowering:
         """softmax over the last axis: attention_softmax(x, scale, causal), F.softmax(x, -1), x.softmax(-1)."""
         t = self.tensor_of(node, node.args[0])
         if node.target is attention_softmax:
-            scale, causal = float(node.args[1]), bool(node.args[2])
+            scale, causal = (self.val[a].value if isinstance(a, fx.Node) else a for a in node.args[1:3])
+            scale, causal = float(scale), bool(causal)
         else:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if dim is None or int(dim) % (len(t.shape) + 1) != len(t.shape):
@@ -968,4 +988,5 @@ RULES = {
     "cat": _Lowering.lower_cat, "shape": _Lowering.lower_shape_arithmetic,
     "eval_output": _Lowering.lower_eval_output, "softmax": _Lowering.lower_softmax,
     "layer_norm": _Lowering.lower_layer_norm, "expand": _Lowering.lower_expand,
+    "embedding": _Lowering.lower_embedding,
 }

@@ -2,15 +2,18 @@
 
 `get("models:lenet5")`, `get("models:resnet20", num_classes=10)` (`resnet20_mnist`: one input channel),
 `get("models:resnet18_tiny")` (the 64×64 Tiny-ImageNet ResNet-18: 3×3 stride-1 stem, no
-max-pool) and `get("torchvision:NAME", **kwargs)` for any torchvision classification
+max-pool), `get("models:vit_tiny")` (a 2-layer ViT for 28×28 digits), `get("models:gpt_tiny")` (a
+2-layer byte-level causal decoder, context 64) and `get("torchvision:NAME", **kwargs)` for any torchvision classification
 model (random weights: nothing is downloaded).
 """
 from __future__ import annotations
 
 from torch import nn
 
+from qcompile.models.gpt_tiny import GPTTiny
 from qcompile.models.lenet import LeNet5
 from qcompile.models.resnet_cifar import ResNet20
+from qcompile.models.vit_tiny import vit_tiny
 
 
 def resnet18_tiny(num_classes: int = 200) -> nn.Module:
@@ -27,6 +30,8 @@ REGISTRY = {
     "resnet20": ResNet20,
     "resnet20_mnist": lambda **kw: ResNet20(in_channels=1, **kw),
     "resnet18_tiny": resnet18_tiny,
+    "vit_tiny": vit_tiny,
+    "gpt_tiny": GPTTiny,
 }
 
 

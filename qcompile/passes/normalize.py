@@ -1,10 +1,11 @@
 """Pass `normalize`: one canonical form per op.
 
-Invariant after this pass: conv/linear/LayerNorm modules are calls of F.conv1d/F.conv2d/F.linear/
-F.layer_norm whose weight and bias are `get_attr` nodes (the modules stay in the hierarchy as parameter
+Invariant after this pass: conv/linear/LayerNorm/Embedding modules are calls of F.conv1d/F.conv2d/
+F.linear/F.layer_norm/F.embedding whose weight and bias are `get_attr` nodes (an nn.Embedding with
+max_norm, which renormalizes its weight in place, stays a module: a float fallback) (the modules stay in the hierarchy as parameter
 holders, so `state_dict()` keys are unchanged); an F.linear on a `get_attr` weight that no module
 made (attention's packed q|k|v projection) is named after it (`qc_layer`: the weight's path less
-`_weight`/`.weight`); activation modules are calls of their
+`_weight`/`.weight`); F.layer_norm takes its five arguments positionally; activation modules are calls of their
 functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `torch.add`,
 `.relu_()`...) are their out-of-place operator or function; a dropout or stochastic-depth call
 traced with the model's mode as its `training` constant is a module call (nn.Dropout,
@@ -89,6 +90,16 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 new.meta["qc_module_type"] = type(mod).__name__
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
+            elif isinstance(mod, nn.Embedding) and mod.max_norm is None:
+                with graph.inserting_before(node):
+                    w = graph.get_attr(f"{node.target}.weight")
+                    new = graph.call_function(F.embedding, (node.args[0], w, mod.padding_idx))
+                w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
+                new.meta.update(node.meta)
+                new.meta["qc_layer"] = node.target
+                new.meta["qc_module_type"] = type(mod).__name__
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
             elif isinstance(mod, nn.LayerNorm):
                 with graph.inserting_before(node):
                     w = graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
@@ -110,6 +121,10 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
         elif node.op == "call_function":
+            if node.target is F.layer_norm and node.kwargs:     # positional: (x, shape, weight, bias, eps)
+                names = ("input", "normalized_shape", "weight", "bias", "eps")
+                given = dict(zip(names, node.args), **node.kwargs)
+                node.args, node.kwargs = tuple(given.get(n, d) for n, d in zip(names, (None, None, None, None, 1e-5))), {}
             if node.target is F.linear and "qc_layer" not in node.meta and len(node.args) > 1 and \
                     isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
                 path = node.args[1].target
@@ -147,8 +162,9 @@ def verify(gm: fx.GraphModule, config=None) -> None:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.LayerNorm,)) and \
-                    getattr(mod, "padding_mode", "zeros") == "zeros":
-                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm on the "
+                    getattr(mod, "padding_mode", "zeros") == "zeros" or \
+                    isinstance(mod, nn.Embedding) and mod.max_norm is None:
+                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm/F.embedding on the "
                                          "module's get_attr weight and bias, not a call of the module")
             if type(mod) in ACTIVATION_MODULES:
                 raise verification_error("normalize", node, gm, f"a call of {ACTIVATION_MODULES[type(mod)].__name__}, "

@@ -24,7 +24,7 @@ from torch import nn
 from qcompile.errors import VerificationError
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 from qcompile.train.quantizers import Quantizer
-from qcompile.train.attention import attention_softmax
+from qcompile.train.attention import attention_softmax, head_scale
 from qcompile.train.modes import EvalOutput, StochasticDepth
 
 
@@ -63,13 +63,15 @@ FAMILIES = (
     _family("dropout", {F.dropout}, modules=(nn.Dropout, StochasticDepth), names={"stochastic_depth"}),  # eval: identity
     _family("eval_output", modules=(EvalOutput,)),                                     # eval: one output field
     _family("outputs"),                                    # a namedtuple of outputs (matched by type, family_of)
-    _family("shape", {operator.floordiv, operator.eq, builtins.getattr, torch._assert}, {"size", "dim"}),  # shapes
+    _family("shape", {operator.floordiv, operator.eq, builtins.getattr, torch._assert, head_scale},  # shapes
+            {"size", "dim"}),
     _family("avg_pool", {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean}, {"mean"},
             (nn.AvgPool2d, nn.AdaptiveAvgPool2d)),
     _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh},  # a table
             grid_input=True),
     _family("softmax", {attention_softmax, F.softmax, torch.softmax}, {"softmax"}, grid_input=True, grid_output=True),
     _family("layer_norm", {F.layer_norm}, grid_input=True, grid_output=True),
+    _family("embedding", {F.embedding}),                                   # rows of its weight grid
     _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
     _family("batchnorm_fold", {fold_weight, folded_bias}, modules=(BatchNormFold,)),     # folded: a bias in eval
     _family("add", {operator.add}),

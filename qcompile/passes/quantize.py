@@ -26,7 +26,8 @@ grid and, with grad_bits, reaches it through a gradient Quantizer (the gradient 
 quantized); softmax and LayerNorm results go through an activation Quantizer; LayerNorm's affine
 weight through a per-tensor weight Quantizer (its bias is rounded by lowering). A float parameter an
 add or cat reads (a positional embedding, a class token) goes through a per-tensor weight Quantizer
-at `<parameter>_quant` (and its gradient Quantizer with quantize_weight_grad).
+at `<parameter>_quant` (and its gradient Quantizer with quantize_weight_grad); so does an
+embedding's weight (`<layer>.weight_quant`): its result is rows of that grid.
 Quantizers are submodules at `<layer>.<role>` (`input_quant`, `weight_quant`,
 `output_quant`, `grad_quant`, `input1_quant`, ...). Ops with no quantized form are left in
 float and listed in one warning (an UnsupportedOpError when strict).
@@ -196,10 +197,14 @@ def _output_quant(gm, result, cfg: QConfig, layer: str) -> None:
 
 def _quantize_grid_op(gm, node, fam, config: QConfig, generator) -> None:
     """A table / softmax / LayerNorm (operand on a grid, its gradient quantized; softmax and LayerNorm
-    results quantized; LayerNorm's affine weight on a weight grid), or an add / cat reading a
-    parameter (a positional embedding, a class token: on a per-tensor weight grid)."""
+    results quantized; LayerNorm's affine weight on a weight grid), an embedding (its weight on a
+    per-tensor weight grid), or an add / cat reading a parameter (a positional embedding, a class
+    token: on a per-tensor weight grid)."""
     layer = node.meta.get("qc_layer", node.name)
     cfg = config.for_layer(layer, _module_type(gm, layer))
+    if fam.name == "embedding":
+        _quantize_weight(gm, node, 1, cfg, layer, generator, f"{layer}.weight_quant", False)
+        return
     if fam.name in ("add", "cat"):
         operands = node.args[0] if fam.name == "cat" else node.args[:2]
         for p in {parameter_operand(a, gm) for a in operands if isinstance(a, fx.Node)} - {None}:
@@ -222,7 +227,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if not is_matmul(node):
             fam = family_of(node, gm)
-            if fam is not None and (fam.grid_input or fam.name in ("add", "cat")):
+            if fam is not None and (fam.grid_input or fam.name in ("add", "cat", "embedding")):
                 _quantize_grid_op(gm, node, fam, config, generator)
             elif not is_quantizable(node, gm) and quantizer_of(node, gm) is None:
                 fallbacks.append(node)

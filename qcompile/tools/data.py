@@ -5,6 +5,10 @@ sampler that makes a training run's data order a function of (seed, epoch) alone
 reproducibly into 4,000 training and 1,000 held-out digits (400/100 per class),
 normalized with MNIST's mean and std, shaped (N, 1, 28, 28).
 
+`python_source_bytes()` is the text corpus, on every machine with no download: the bytes of the
+Python standard library's own top-level modules (`Lib/*.py`, sorted by name), cut into a training
+and a held-out part (`TextSplit`), read as byte ids 0..255 by `models:gpt_tiny`.
+
 `load_datasets(spec)` reads DATA as `qcompile train` takes it: `mnist5k`, an ImageFolder
 tree `DIR/train/CLASS/*.png` + `DIR/val/CLASS/*.png`, or `path/to/file.py:factory` returning
 (train, val) datasets. Invariant: a run's training samples and their augmentation depend on
@@ -47,6 +51,40 @@ def mnist_5k(seed: int = 0) -> Split:
     xt = torch.from_numpy(((x / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)).reshape(-1, 1, 28, 28)
     yt = torch.from_numpy(y.astype(np.int64))
     return Split(xt[train_idx], yt[train_idx], xt[test_idx], yt[test_idx])
+
+
+@dataclass
+class TextSplit:
+    train: torch.Tensor          # int64 byte ids
+    held_out: torch.Tensor
+    files: int
+
+    def batch(self, size: int, context: int, generator: torch.Generator) -> torch.Tensor:
+        """`size` random training windows of context + 1 bytes (input ids and next-byte targets)."""
+        starts = torch.randint(0, len(self.train) - context - 1, (size,), generator=generator)
+        return torch.stack([self.train[s:s + context + 1] for s in starts.tolist()])
+
+    def held_out_windows(self, context: int) -> torch.Tensor:
+        """The held-out part as consecutive non-overlapping windows of context + 1 bytes."""
+        n = (len(self.held_out) - 1) // context
+        return torch.stack([self.held_out[i * context:i * context + context + 1] for i in range(n)])
+
+
+def python_source_bytes(train_bytes: int = 400_000, held_out_bytes: int = 50_000) -> TextSplit:
+    """The first `train_bytes` + `held_out_bytes` bytes of the standard library's top-level modules."""
+    import sysconfig
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data, files = bytearray(), 0
+    for path in sorted(root.glob("*.py")):
+        data += path.read_bytes()
+        files += 1
+        if len(data) >= train_bytes + held_out_bytes:
+            break
+    if len(data) < train_bytes + held_out_bytes:
+        raise FileNotFoundError(f"the standard library at {root} holds {len(data)} bytes of top-level modules, "
+                                f"fewer than the {train_bytes + held_out_bytes} asked for")
+    ids = torch.from_numpy(np.frombuffer(bytes(data[:train_bytes + held_out_bytes]), dtype=np.uint8).astype(np.int64))
+    return TextSplit(ids[:train_bytes], ids[train_bytes:], files)
 
 
 def write_mnist_5k_folder(root: str | Path) -> Path:

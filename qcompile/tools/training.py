@@ -27,9 +27,15 @@ class TrainLog:
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 5,
                      batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
                      weight_decay: float = 5e-4, seed: int = 0, progress: bool = False,
-                     desc: str = "train", on_step=None) -> TrainLog:
-    """SGD with momentum and a cosine schedule; the batch order depends on `seed` only."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+                     desc: str = "train", on_step=None, optimizer: str = "sgd") -> TrainLog:
+    """SGD with momentum (or AdamW: `optimizer="adamw"`, the transformers' choice) and a cosine schedule;
+    the batch order depends on `seed` only."""
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer {optimizer!r}: choose 'sgd' or 'adamw'")
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)

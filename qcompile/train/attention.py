@@ -37,6 +37,14 @@ def attention_softmax(x: torch.Tensor, scale: float, causal: bool) -> torch.Tens
 torch.fx.wrap("attention_softmax")
 
 
+def head_scale(head_dim: int) -> float:
+    """1/√d: one traced node on the (traced) head dimension, a constant at lowering."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+torch.fx.wrap("head_scale")
+
+
 def attend(q, k, v, scale: float, causal: bool, dropout: nn.Module | None = None):
     """softmax(q·kᵀ·scale)·v over (..., L, d) heads; `dropout` on the probabilities (training)."""
     probs = attention_softmax(torch.matmul(q, k.transpose(-2, -1)), scale, causal)
@@ -51,7 +59,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None or enable_gqa:
         raise UnsupportedOpError("scaled_dot_product_attention with attn_mask or enable_gqa has no quantized form; "
                                  "use is_causal=True for a causal mask")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = head_scale(query.size(-1)) if scale is None else scale
     probs = attention_softmax(torch.matmul(query, key.transpose(-2, -1)), scale, is_causal)
     if dropout_p:
         probs = F.dropout(probs, dropout_p, training=True)

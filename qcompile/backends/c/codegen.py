@@ -52,7 +52,8 @@ def _blocks(pixels: int) -> list[int]:
 
 
 SUPPORTED = ("conv2d", "linear", "matmul", "add", "mul", "concat", "requantize", "max_pool2d", "avg_pool2d",
-             "adaptive_avg_pool2d", "lut", "softmax", "layer_norm", "constant", "reshape", "transpose", "slice")
+             "adaptive_avg_pool2d", "lut", "softmax", "layer_norm", "embedding", "constant", "reshape", "transpose",
+             "slice")
 C_KEYWORDS = {"auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
               "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
               "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch",
@@ -575,6 +576,30 @@ class _Emitter:
                  w_t=w_t, w_data=_c_array(w), b_data=_c_array(b))
         self.weight_bytes += n * (np.dtype(w_t.replace("_t", "")).itemsize + 8)
         return "layer_norm.c.j2", L, []
+
+    def op_embedding(self, op, sym):
+        """Rows of a static const (V, E) table of output codes gathered by unsigned token ids (zero point 0,
+        typically the graph input: the harness reads their codes); an id past the table reads row V − 1.
+        Where the ids' storage cannot pass V − 1 the clamp is left out (gcc -Wtype-limits would flag it)."""
+        x, y = self.t(op.inputs[0]), self.t(op.output)
+        table = np.asarray(op.attrs.table, dtype=np.int64)
+        if len(op.inputs) != 1 or table.ndim != 2 or 0 in table.shape or x.signed or x.zero_point != 0 or \
+                tuple(y.shape) != tuple(x.shape) + (table.shape[1],):
+            raise QCompileError(f"op {op.name!r} (embedding): expects unsigned ids (zero point 0) of shape {x.shape} "
+                                f"and a non-empty (V, E) table into ids' shape + (E,), got table {table.shape} and "
+                                f"output {y.shape}")
+        if table.min() < y.qmin or table.max() > y.qmax:
+            raise QCompileError(f"op {op.name!r} (embedding): table values {table.min()}..{table.max()} leave the "
+                                f"output range {y.qmin}..{y.qmax}")
+        v, e = table.shape
+        L = _Layer(op_name=op.name, sym=sym, rows=int(np.prod(x.shape, dtype=np.int64)), v=v, e=e,
+                   clamp=v - 1 < x.qmax, id_max=x.qmax, x_t=ctype(x), y_t=ctype(y))
+        if L["y_t"] == "int8_t":
+            L["table"], L["words"] = _packed_bytes(table)
+        else:
+            L["table"], L["words"] = _c_array(table), 0
+        self.weight_bytes += table.size * np.dtype(ctype(y).replace("_t", "")).itemsize
+        return "embedding.c.j2", L, []
 
     def op_constant(self, op, sym):
         """No inputs: the codes are a static const array copied into the output for every sample."""
