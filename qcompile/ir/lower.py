@@ -346,6 +346,24 @@ class _Lowering:
                 return Const(getattr(args[0], node.target)(*args[1:], **kwargs))
             return Const(self.module(node)(*args, **kwargs))
 
+    def is_weight_view(self, node) -> bool:
+        """A grid-preserving op (other than expand over the batch) on a per-tensor weight grid's codes and
+        constants: an indexed, reshaped or permuted parameter (a relative-position bias table)."""
+        fam = family_of(node, self.qm)
+        src = self.val.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        return (fam is not None and fam.grid_preserving and fam.name != "expand" and node.op != "call_module"
+                and isinstance(src, Weight) and len(set(src.scale.tolist())) == 1
+                and all(isinstance(self.val.get(d), (Const, Weight)) for d in node.all_input_nodes))
+
+    def fold_weight_view(self, node) -> Weight:
+        value = lambda n: torch.from_numpy(self.val[n].codes) if isinstance(self.val[n], Weight) else self.val[n].value
+        args, kwargs = fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+        codes = node.target(*args, **kwargs) if node.op == "call_function" else \
+            getattr(args[0], node.target)(*args[1:], **kwargs)
+        src = self.val[node.args[0]]
+        codes = codes.numpy()
+        return Weight(codes, np.full(codes.shape[0] if codes.ndim else 1, src.scale[0]), src.bits)
+
     def lower_node(self, node: fx.Node):
         if node.op == "placeholder":
             return Input(node)
@@ -355,6 +373,8 @@ class _Lowering:
             return None
         if self.is_const(node):
             return self.fold_const(node)
+        if self.is_weight_view(node):
+            return self.fold_weight_view(node)
         mod = self.module(node)
         if isinstance(mod, Quantizer):
             return self.lower_quantizer(node, mod)
@@ -649,7 +669,7 @@ class _Lowering:
     def lower_transpose(self, node):
         t = self.tensor_of(node, node.args[0])
         nd = len(t.shape) + 1
-        if node.target in (torch.transpose, "transpose"):
+        if node.target in (torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
             a, b = (self.dim_arg(node, d, nd) for d in node.args[1:3])
             perm = list(range(nd - 1))
             perm[a], perm[b] = perm[b], perm[a]
@@ -905,9 +925,22 @@ class _Lowering:
                          **self.clamp_attrs(grid))
 
     # ---- add / mul / cat ----------------------------------------------------------------------
+    def lower_scaled(self, node, x, c: float):
+        """x · c for a python number c > 0 (attention's q · d^-½): the same codes on a grid c times
+        coarser, or requantized onto the grid of the quantizer it flows into."""
+        t = self.tensor_of(node, x)
+        grid = self.sink_grid(node) or Grid(t.scale * c, t.zero_point, t.bits, t.signed)
+        m, s = _multiplier(t.scale * c / grid.scale, node.name)
+        out = self.add_tensor(node.name, self.shape(node), grid)
+        return self.emit("requantize", node, [t.name], out, multiplier=m, shift=s, **self.clamp_attrs(grid))
+
     def lower_binary(self, node):
+        numbers = [a for a in node.args[:2] if isinstance(a, (int, float))]
+        if node.target is operator.mul and len(numbers) == 1 and numbers[0] > 0:
+            return self.lower_scaled(node, next(a for a in node.args[:2] if isinstance(a, fx.Node)), float(numbers[0]))
         if not all(isinstance(a, fx.Node) for a in node.args[:2]):
-            self.fail(node, "adds or multiplies a python constant; only tensor ⊕ tensor is lowered")
+            self.fail(node, "adds a python constant, or multiplies by one ≤ 0; only tensor ⊕ tensor and "
+                      "x · c with c > 0 are lowered")
         consts = [isinstance(self.val.get(a), Const) for a in node.args[:2]]
         if node.target is operator.mul and consts.count(True) == 1:    # a LayerScale: per channel
             c, x = node.args[:2] if consts[0] else node.args[1::-1]

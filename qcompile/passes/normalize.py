@@ -5,7 +5,8 @@ F.linear/F.layer_norm/F.embedding whose weight and bias are `get_attr` nodes (an
 max_norm, which renormalizes its weight in place, stays a module: a float fallback) (the modules stay in the hierarchy as parameter
 holders, so `state_dict()` keys are unchanged); an F.linear on a `get_attr` weight that no module
 made (attention's packed q|k|v projection) is named after it (`qc_layer`: the weight's path less
-`_weight`/`.weight`); F.layer_norm takes its five arguments positionally; activation modules are calls of their
+`_weight`/`.weight`); F.layer_norm takes its five arguments positionally; an einsum of the two
+attention forms ("…id,…jd->…ij", "…ij,…jd->…id") is a matmul (with a transpose for the first); activation modules are calls of their
 functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `torch.add`,
 `.relu_()`...) are their out-of-place operator or function; a dropout or stochastic-depth call
 traced with the model's mode as its `training` constant is a module call (nn.Dropout,
@@ -48,6 +49,38 @@ def _mode_call(node: fx.Node, training: bool):
     if getattr(node.target, "__name__", None) == "stochastic_depth" and arg(3, "training", None) is training:
         return StochasticDepth(node.target, arg(1, "p", None), arg(2, "mode", None)), node.args[0]
     return None
+
+
+def _einsum_as_matmul(node: fx.Node, graph: fx.Graph) -> bool:
+    """Rewrite torch.einsum of the two attention forms over equal batch letters into matmul:
+    "…id,…jd->…ij" = a @ bᵀ and "…ij,…jd->…id" = a @ b. False (left alone) for any other equation."""
+    if node.target is not torch.einsum or len(node.args) != 3 or not isinstance(node.args[0], str):
+        return False
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return False
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or len({len(parts[0]), len(parts[1]), len(out)}) != 1 or len(out) < 2:
+        return False
+    (a, b), batch = parts, out[:-2]
+    if a[:-2] != batch or b[:-2] != batch:
+        return False
+    i, k = a[-2:]
+    if b[-2:] == k[0] + out[-1] and out[-2:] == i + out[-1] and out[-1] not in a:      # a @ b
+        rhs = node.args[2]
+    elif b[-1] == k and out[-2:] == i + b[-2] and b[-2] not in a:                       # a @ bᵀ
+        with graph.inserting_before(node):
+            rhs = graph.call_method("transpose", (node.args[2], -2, -1))
+        meta = node.args[2].meta.get("tensor_meta")
+        if meta is not None:
+            shape = list(meta.shape)
+            shape[-2:] = shape[-1], shape[-2]
+            rhs.meta["tensor_meta"] = meta._replace(shape=torch.Size(shape))
+    else:
+        return False
+    node.target, node.args = torch.matmul, (node.args[1], rhs)
+    return True
 
 
 def _module_path(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -121,6 +154,7 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
         elif node.op == "call_function":
+            _einsum_as_matmul(node, graph)
             if node.target is F.layer_norm and node.kwargs:     # positional: (x, shape, weight, bias, eps)
                 names = ("input", "normalized_shape", "weight", "bias", "eps")
                 given = dict(zip(names, node.args), **node.kwargs)
