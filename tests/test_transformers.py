@@ -168,3 +168,42 @@ def test_cross_attention_quantizes_three_projections():
         qm.set_quantization(False)
         torch.testing.assert_close(qm.eval()(x), model(x), rtol=1e-5, atol=1e-5)
     assert operator.getitem in {n.target for n in qm.graph.nodes}
+
+
+class RelativeAttention(nn.Module):
+    """MaxViT's attention in miniature: q scaled by a python number, einsum of both attention forms, a
+    relative-position bias gathered from a parameter table by a buffer of indices, swapaxes."""
+
+    def __init__(self, n=4, heads=2, dim=8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.table = nn.Parameter(torch.randn((2 * n - 1), heads) * 0.5)
+        idx = torch.arange(n)
+        self.register_buffer("index", (idx[:, None] - idx[None, :] + n - 1).flatten())
+        self.n = n
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        bias = self.table[self.index].view(self.n, self.n, -1).permute(2, 0, 1).unsqueeze(0)
+        s = torch.einsum("B H I D, B H J D -> B H I J", q * self.scale, k) + bias
+        y = torch.einsum("B H I J, B H J D -> B H I D", torch.softmax(s, dim=-1), v)
+        return y.swapaxes(1, 2).flatten(2)
+
+
+def test_relative_position_attention_in_einsum_lowers_and_matches(tmp_path):
+    torch.manual_seed(0)
+    model, x = RelativeAttention().eval(), torch.randn(8, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        qm = qcompile.compile(model, x, qcompile.QConfig())
+    assert torch.einsum not in {n.target for n in qm.graph.nodes}
+    qm.calibrate([x])
+    qm.eval()
+    graph = qcompile.lower(qm)
+    assert "constant" in {op.kind for op in graph.ops}          # the gathered bias table, on its weight grid
+    with torch.no_grad():
+        cmp = parity.compare(graph, x, backends=("reference", "onnx:qop"), given={"PyTorch": qm(x)})
+    assert cmp.mismatch("reference", "onnx:qop") == 0 and cmp.max_lsb("reference", "PyTorch") <= 2
+    check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])

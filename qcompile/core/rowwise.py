@@ -18,7 +18,8 @@ LayerNorm of a row x of N codes (the zero point cancels), affine weight codes g_
     acc_j = n_j · g_j + b_j
 since (x_j − mean)/√(var + ε) = d_j·√N / √(Σd² + E) ≈ n_j·√N / 2^NORM_BITS; the op requantizes acc
 with multiplier S_g·√N / (2^NORM_BITS·S_y) and adds b = round(β / (S_g·√N / 2^NORM_BITS)).
-Bounds: |d_j| ≤ N·2^16, Σd² ≤ N³·2^32 < 2^62 for N < 2^10 (checked by lowering for other N), |n_j| ≤ 2^NORM_BITS.
+Bounds: |d_j| ≤ N·(qmax − qmin), so Σd² + E ≤ N³·(qmax − qmin)² + E, which lowering checks is below 2^62
+(8-bit rows up to about 40,000 elements, 16-bit rows below 1,024); |n_j| ≤ 2^NORM_BITS.
 """
 from __future__ import annotations
 

@@ -907,8 +907,10 @@ class _Lowering:
         n = x.shape[-1]
         if shape != (n,):
             self.fail(node, f"LayerNorm over {shape}: lowered over the last axis only (normalized_shape = ({n},))")
-        if n >= 1 << 10:
-            self.fail(node, f"LayerNorm over {n} elements: the integer sums are bounded for fewer than 1024")
+        eps_code = layer_norm_eps(float(eps), n, x.scale)
+        if n * (n * (x.qmax - x.qmin)) ** 2 + eps_code >= 1 << 62:
+            self.fail(node, f"LayerNorm over {n} elements of {x.bits} bits: Σd² + eps can pass 2^62 "
+                      "(qcompile.core.rowwise); narrower input grids or rows fit")
         weight = self.val[w] if w is not None else Weight(np.ones(n, np.int64), np.ones(1))
         if not isinstance(weight, Weight):
             self.fail(node, "weight is not the output of a weight quantizer")
@@ -916,9 +918,6 @@ class _Lowering:
         beta = np.zeros(n) if b is None else self.val[b].value.double().numpy()
         grid = self.out_grid(node)
         m, s = _multiplier(unit / grid.scale, node.name)
-        eps_code = layer_norm_eps(float(eps), n, x.scale)
-        if eps_code >= 1 << 62:
-            self.fail(node, f"eps {eps} in units of the input grid ({eps_code}) passes 2^62; the input range collapsed")
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("layer_norm", node, [x.name], out, weight=_storage(weight.codes.reshape(n), 8),
                          bias=np.round(beta / unit).astype(np.int64), eps=eps_code, multiplier=m, shift=s,

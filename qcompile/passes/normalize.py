@@ -83,6 +83,31 @@ def _einsum_as_matmul(node: fx.Node, graph: fx.Graph) -> bool:
     return True
 
 
+def _as_function(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
+    """Replace the call of conv/linear/embedding/LayerNorm module `mod` by its functional form on
+    `get_attr` weight and bias nodes."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        w = graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
+        b = graph.get_attr(f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+        x = node.args[0]
+        if isinstance(mod, CONV_MODULES):
+            new = graph.call_function(_conv_function(mod), (x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups))
+        elif isinstance(mod, nn.Embedding):
+            new = graph.call_function(F.embedding, (x, w, mod.padding_idx))
+        elif isinstance(mod, nn.LayerNorm):
+            new = graph.call_function(F.layer_norm, (x, tuple(mod.normalized_shape), w, b, mod.eps))
+        else:
+            new = graph.call_function(F.linear, (x, w, b))
+    if w is not None:
+        w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
+    new.meta.update(node.meta)
+    new.meta["qc_layer"] = node.target
+    new.meta["qc_module_type"] = type(mod).__name__
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
 def _module_path(node: fx.Node, gm: fx.GraphModule) -> str:
     """A free submodule path for `node`'s module: the traced module's own path where fx recorded it."""
     stack = list(node.meta.get("nn_module_stack", {}).values())
@@ -106,45 +131,10 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
             continue
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, CONV_MODULES + LINEAR_MODULES):
-                if isinstance(mod, CONV_MODULES) and mod.padding_mode != "zeros":
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.Embedding, nn.LayerNorm)):
+                if getattr(mod, "padding_mode", "zeros") != "zeros" or getattr(mod, "max_norm", None) is not None:
                     continue  # stays a module: listed as a float fallback by quantize
-                with graph.inserting_before(node):
-                    w = graph.get_attr(f"{node.target}.weight")
-                    b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-                    if isinstance(mod, CONV_MODULES):
-                        new = graph.call_function(_conv_function(mod), (node.args[0], w, b, mod.stride,
-                                                  mod.padding, mod.dilation, mod.groups))
-                    else:
-                        new = graph.call_function(F.linear, (node.args[0], w, b))
-                w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
-                new.meta.update(node.meta)
-                new.meta["qc_layer"] = node.target
-                new.meta["qc_module_type"] = type(mod).__name__
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-            elif isinstance(mod, nn.Embedding) and mod.max_norm is None:
-                with graph.inserting_before(node):
-                    w = graph.get_attr(f"{node.target}.weight")
-                    new = graph.call_function(F.embedding, (node.args[0], w, mod.padding_idx))
-                w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
-                new.meta.update(node.meta)
-                new.meta["qc_layer"] = node.target
-                new.meta["qc_module_type"] = type(mod).__name__
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-            elif isinstance(mod, nn.LayerNorm):
-                with graph.inserting_before(node):
-                    w = graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
-                    b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-                    new = graph.call_function(F.layer_norm, (node.args[0], tuple(mod.normalized_shape), w, b, mod.eps))
-                if w is not None:
-                    w.meta["tensor_meta"] = _extract_tensor_metadata(mod.weight)
-                new.meta.update(node.meta)
-                new.meta["qc_layer"] = node.target
-                new.meta["qc_module_type"] = type(mod).__name__
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
+                _as_function(gm, node, mod)
             elif type(mod) in ACTIVATION_MODULES:
                 kwargs = {"approximate": mod.approximate} if isinstance(mod, nn.GELU) else {}
                 with graph.inserting_before(node):
