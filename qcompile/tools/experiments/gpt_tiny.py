@@ -1,5 +1,6 @@
 """`models:gpt_tiny` on the standard library's source bytes: FP32 vs fully quantized training (W8A8G8
-in hindsight), and the same with a 16-bit tile-64 accumulator + log barrier; held-out bits per byte.
+in hindsight), and the same with a 16-bit tile-64 accumulator + log barrier, alone and with the linear
+layers' weights overflow-free; held-out bits per byte.
 
     python -m qcompile.tools.experiments.gpt_tiny [--steps N] [--seed S] [--runs NAME,...] [--deploy N]
 
