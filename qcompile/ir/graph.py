@@ -39,7 +39,7 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
            r = requantize(requantize((a−za)·2^left_shift, ma, sa) + requantize((b−zb)·2^left_shift, mb, sb), m, s)
            (left_shift = 20 for inputs of ≤ 8 bits, 12 for 16-bit inputs: products stay < 2^63)
   mul (Mul)  inputs [a, b]; r = requantize((a−za)·(b−zb), m, s)
-           add and mul broadcast a and b with numpy rules on the per-sample shapes.
+           add and mul broadcast a and b with numpy rules on the per-sample shapes, of equal rank.
   concat (Concat)  inputs [x0, x1, ...], axis (per-sample axis), multipliers/shifts (one per input);
            each input's r_i = requantize(x_i − z_i, m_i, s_i)
   requantize (Requantize)  inputs [x]; r = requantize(x − zx, m, s) (m = 2^30, s = 1 is the identity: a ReLU

@@ -933,6 +933,17 @@ class _Lowering:
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("requantize", node, [t.name], out, multiplier=m, shift=s, **self.clamp_attrs(grid))
 
+    def same_rank(self, node, t: ir.Tensor, rank: int) -> ir.Tensor:
+        """`t` with leading 1s up to `rank` per-sample axes (numpy broadcasting of add/mul operands,
+        made explicit so that every backend aligns the batch axis)."""
+        if len(t.shape) == rank:
+            return t
+        name = f"{t.name}_as{rank}d"
+        if name not in self.tensors:
+            shape = (1,) * (rank - len(t.shape)) + tuple(t.shape)
+            self.emit("reshape", node, [t.name], self.add_tensor(name, shape, _of(t)), shape=shape)
+        return self.tensors[name]
+
     def lower_binary(self, node):
         numbers = [a for a in node.args[:2] if isinstance(a, (int, float))]
         if node.target is operator.mul and len(numbers) == 1 and numbers[0] > 0:
@@ -946,7 +957,7 @@ class _Lowering:
             t = self.tensor_of(node, x)
             a = self.per_channel(node, self.val[c].value, t)
             return self.lower_affine(node, t, a, np.zeros_like(a))
-        a, b = (self.tensor_of(node, x) for x in node.args[:2])
+        a, b = (self.same_rank(node, self.tensor_of(node, x), len(self.shape(node))) for x in node.args[:2])
         (alo, ahi), (blo, bhi) = _of(a).real_range, _of(b).real_range
         shape = self.shape(node)
         if node.target is operator.add:

@@ -17,6 +17,7 @@ what every backend relies on:
     multipliers agree in the number of outputs,
     and the weights' input channels × groups match the input tensor;
   - lookup tables: one entry per input code;
+  - add / mul: operands of equal per-sample rank;
   - layer_norm: weight and bias of the last axis's length; constant: value of the output's
     shape, inside its codes; softmax: a non-empty exp table; embedding: unsigned ids with zero point 0,
     an int8/int16 table, output shape ids' shape + (E,).
@@ -168,6 +169,9 @@ def _check_op(graph: Graph, op: Op) -> None:
     if isinstance(a, Constant) and (tuple(a.value.shape) != tuple(out.shape) or
                                     not out.qmin <= int(a.value.min(initial=out.qmin)) <= int(a.value.max(initial=out.qmin)) <= out.qmax):
         _fail(op, f"value of shape {a.value.shape} must have the output's shape {out.shape} and lie in its codes")
+    if op.kind in ("add", "mul") and len({len(graph.tensors[i].shape) for i in op.inputs}) != 1:
+        _fail(op, f"operands of per-sample shapes {[graph.tensors[i].shape for i in op.inputs]}: equal ranks "
+                  "(broadcast over axes of size 1)")
     if op.kind == "embedding":
         ids = graph.tensors[op.inputs[0]]
         if ids.signed or ids.zero_point != 0 or a.table.dtype not in (np.int8, np.int16) or \
