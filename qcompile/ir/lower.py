@@ -93,6 +93,10 @@ class Weight:
     scale: np.ndarray
     bits: int = 8
 
+    @property
+    def per_tensor(self) -> bool:
+        return len(set(self.scale.tolist())) == 1
+
 
 @dataclass
 class Acc:
@@ -245,7 +249,7 @@ class _Lowering:
         `constant` tensor, once per node: the parameter's leading dimension is the batch's (size 1)."""
         name = node.name + "_codes"
         if name not in self.tensors:
-            if w.codes.ndim < 2 or w.codes.shape[0] != 1 or len(set(w.scale.tolist())) != 1:
+            if w.codes.ndim < 2 or w.codes.shape[0] != 1 or not w.per_tensor:
                 self.fail(node, f"a parameter of shape {w.codes.shape} read as an activation: lowered only with a "
                           "leading batch dimension of 1 (broadcast over the batch) on a per-tensor grid")
             grid = Grid(float(w.scale[0]), 0, w.bits, True)
@@ -352,7 +356,7 @@ class _Lowering:
         fam = family_of(node, self.qm)
         src = self.val.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         return (fam is not None and fam.grid_preserving and fam.name != "expand" and node.op != "call_module"
-                and isinstance(src, Weight) and len(set(src.scale.tolist())) == 1
+                and isinstance(src, Weight) and src.per_tensor
                 and all(isinstance(self.val.get(d), (Const, Weight)) for d in node.all_input_nodes))
 
     def fold_weight_view(self, node) -> Weight:
@@ -863,7 +867,7 @@ class _Lowering:
         src, w = self.val[node.args[0]], self.val[node.args[1]]
         if not isinstance(src, Input):
             self.fail(node, "reads ids that are not the graph input; lowered only as the model's first op")
-        if not isinstance(w, Weight) or len(set(w.scale.tolist())) != 1:
+        if not isinstance(w, Weight) or not w.per_tensor:
             self.fail(node, "weight is not the output of a per-tensor weight quantizer")
         if self.inputs:
             self.fail(node, "a second graph input; the integer graph has one input")
