@@ -196,12 +196,13 @@ def test_layer_norm_384_bit_exact(bits, signed, shape, gamma_bits, eps, tmp_path
 
 
 def test_layer_norm_past_int64_bounds_is_a_clear_error(tmp_path):
-    """N = 1100 rows of 16-bit codes: Σd² can pass 2^62, which the int64 C code (and reference) cannot hold."""
-    x = tensor("x", (1100,), 0.02, 0, bits=16, signed=True)
-    y = tensor("y", (1100,), 0.05, 0, signed=True)
+    """N = 1700 rows of 16-bit codes: Σd² can pass 2^62 (N³·65535²/4), which the int64 C code (and reference)
+    cannot hold."""
+    x = tensor("x", (1700,), 0.02, 0, bits=16, signed=True)
+    y = tensor("y", (1700,), 0.05, 0, signed=True)
     rng = np.random.default_rng(0)
     graph = ir.Graph(["x"], ["y"], {"x": x, "y": y},
-                     [layer_norm_op("ln", x, y, rng.uniform(-1, 1, 1100), rng.uniform(-1, 1, 1100))])
+                     [layer_norm_op("ln", x, y, rng.uniform(-1, 1, 1700), rng.uniform(-1, 1, 1700))])
     with pytest.raises(UnsupportedOpError, match=r"layer_norm.*2\^62"):
         generate(graph)
 

@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile import ir
 from qcompile.core.accumulator import acc_range, max_l1_bounds
 from qcompile.core.requant import fits_int64, is_power_of_two, product_bound, requantized_bound
-from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, softmax_visible
+from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, layer_norm_bounds, softmax_visible
 from qcompile.errors import QCompileError
 
 FORMATS = ("qdq", "qop")
@@ -654,8 +654,10 @@ class _Builder:
         then requantize and clamp. ρ = 0 only when every d = 0 (and E = 0): dividing by max(ρ, 1) gives
         div_round(0, 1) = 0, the specified n."""
         a, x = op.attrs, self.t(op.inputs[0])
-        n, width = x.shape[-1], x.qmax - x.qmin
-        if n ** 3 * width ** 2 // 4 + a.eps >= 2 ** 62:     # Σd² = N²·Σ(x − mean)² <= N³·width²/4
+        n = x.shape[-1]
+        w, b = np.asarray(a.weight, np.int64), np.asarray(a.bias, np.int64)
+        sq_bound, bound = layer_norm_bounds(n, x.qmax - x.qmin, a.eps, w, b)
+        if sq_bound >= 2 ** 62:
             raise ExportError(f"op {op.name!r} (layer_norm): Σd² over {n} {x.bits}-bit codes can reach 2^62; "
                               "the exact floor square root needs it below 2^62")
         v = self.to_i64(x.name, minus_zp=False)
@@ -668,10 +670,8 @@ class _Builder:
             rho = self.clamp64(rho, 1, 2 ** 62, op.name + "_rho1")
         dn = self.node("Mul", [d, self.const("norm_unit", np.int64(1 << NORM_BITS))], op.name + "_dn")
         normed = self.div_round(dn, rho, op.name + "_norm")
-        w, b = np.asarray(a.weight, np.int64), np.asarray(a.bias, np.int64)
         acc = self.node("Add", [self.node("Mul", [normed, self.const(op.name + "_g", w)], op.name + "_ng"),
                                 self.const(op.name + "_b", b)], op.name + "_acc")
-        bound = (1 << NORM_BITS) * int(np.abs(w).max(initial=0)) + int(np.abs(b).max(initial=0))   # |n| <= 2^16
         self.finish_int(self.requant(acc, a.multiplier, a.shift, op.name, bound, op), op)
 
     def op_embedding(self, op: ir.Op) -> None:

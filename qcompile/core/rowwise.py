@@ -18,8 +18,9 @@ LayerNorm of a row x of N codes (the zero point cancels), affine weight codes g_
     acc_j = n_j · g_j + b_j
 since (x_j − mean)/√(var + ε) = d_j·√N / √(Σd² + E) ≈ n_j·√N / 2^NORM_BITS; the op requantizes acc
 with multiplier S_g·√N / (2^NORM_BITS·S_y) and adds b = round(β / (S_g·√N / 2^NORM_BITS)).
-Bounds: |d_j| ≤ N·(qmax − qmin), so Σd² + E ≤ N³·(qmax − qmin)² + E, which lowering checks is below 2^62
-(8-bit rows up to about 40,000 elements, 16-bit rows below 1,024); |n_j| ≤ 2^NORM_BITS.
+Bounds (`layer_norm_bounds`): Σd² = N²·Σ(x − mean)² ≤ N³·(qmax − qmin)²/4, so Σd² + E must stay below
+2^62 (8-bit rows up to about 60,000 elements, 16-bit rows up to 1,625); |n_j| ≤ 2^NORM_BITS (ρ ≥ |d_j|), so
+|acc| ≤ 2^NORM_BITS·max|g| + max|b|.
 """
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def isqrt(v: np.ndarray) -> np.ndarray:
 def layer_norm_eps(eps: float, n: int, in_scale: float) -> int:
     """E = round(ε · N³ / S²): ε in the units of Σ d²."""
     return int(round(eps * n ** 3 / in_scale ** 2))
+
+
+def layer_norm_bounds(n: int, code_width: int, eps: int, weight, bias) -> tuple[int, int]:
+    """(bound on Σd² + E, bound on |acc|) of a LayerNorm row of n codes spanning `code_width` = qmax − qmin."""
+    weight, bias = np.asarray(weight, np.int64), np.asarray(bias, np.int64)
+    return (n ** 3 * code_width ** 2 // 4 + int(eps),
+            (1 << NORM_BITS) * int(np.abs(weight).max(initial=0)) + int(np.abs(bias).max(initial=0)))
 
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: int) -> np.ndarray:

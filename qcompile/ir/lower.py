@@ -44,7 +44,7 @@ from qcompile import ir
 from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import bias_codes, code_range, max_code_magnitude, quantize_codes, storage_bits
 from qcompile.core.requant import quantize_multiplier
-from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_eps, softmax_multiplier
+from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_bounds, layer_norm_eps, softmax_multiplier
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
@@ -912,7 +912,7 @@ class _Lowering:
         if shape != (n,):
             self.fail(node, f"LayerNorm over {shape}: lowered over the last axis only (normalized_shape = ({n},))")
         eps_code = layer_norm_eps(float(eps), n, x.scale)
-        if n * (n * (x.qmax - x.qmin)) ** 2 + eps_code >= 1 << 62:
+        if layer_norm_bounds(n, x.qmax - x.qmin, eps_code, 0, 0)[0] >= 1 << 62:
             self.fail(node, f"LayerNorm over {n} elements of {x.bits} bits: Σd² + eps can pass 2^62 "
                       "(qcompile.core.rowwise); narrower input grids or rows fit")
         weight = self.val[w] if w is not None else Weight(np.ones(n, np.int64), np.ones(1))

@@ -31,6 +31,7 @@ from qcompile import ir
 from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
 from qcompile.core.grids import code_range, storage_bits
 from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, requantized_bound
+from qcompile.core.rowwise import layer_norm_bounds
 from qcompile.errors import QCompileError, UnsupportedOpError
 
 from qcompile.backends.c import memory_plan
@@ -556,8 +557,8 @@ class _Emitter:
         return "softmax.c.j2", L, []
 
     def op_layer_norm(self, op, sym):
-        """Static bounds: |d_j| <= (N − 1)·(qmax − qmin), so Σd² + E <= N·((N − 1)·(qmax − qmin))² + E < 2^62;
-        |n_j| <= 2^16 (ρ >= |d_j|), so |acc| <= 2^16·max|g| + max|b| < 2^62 picks the requantize helper."""
+        """Static bounds (`core.rowwise.layer_norm_bounds`): Σd² + E < 2^62; |acc| < 2^62 picks the requantize
+        helper."""
         x, y, L = self._rowwise(op, sym)
         a = op.attrs
         n = x.shape[-1]
@@ -566,8 +567,7 @@ class _Emitter:
         eps = int(a.eps)
         m, s = _scalar(a.multiplier, "multiplier", op), _scalar(a.shift, "shift", op)
         _check_shift(s, op)
-        sq_bound = n * ((n - 1) * (x.qmax - x.qmin)) ** 2 + eps
-        acc_bound = (1 << 16) * int(np.abs(w).max()) + int(np.abs(b).max())
+        sq_bound, acc_bound = layer_norm_bounds(n, x.qmax - x.qmin, eps, w, b)
         if eps < 0 or sq_bound >= INT62 or acc_bound >= INT62:
             raise UnsupportedOpError(f"op {op.name!r} (layer_norm): Σd² + E <= {sq_bound} and |acc| <= {acc_bound} "
                                      f"must stay below 2^62 with E = {eps} >= 0; the C backend sums in int64")
