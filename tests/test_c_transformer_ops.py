@@ -120,7 +120,8 @@ def test_attention_block_optimized_and_figures(tmp_path):
 def softmax_graph() -> ir.Graph:
     """A 16-bit signed input (2, 5, 7) under several softmaxes: full and causal on 8- and 16-bit outputs,
     another input scale (a longer exp table), causal with more rows than columns (the first rows
-    see nothing), and one over a 1-D row of 70 (a reshape)."""
+    see nothing), one over a 1-D row of 70 (a reshape), and two with a visible mask: (2, 1, 7) broadcast
+    over rows, its second group seeing nothing, and (5, 7) together with causal."""
     x = tensor("x", (2, 5, 7), 0.004, 0, bits=16, signed=True)
     ts, ops, outs = {"x": x}, [], []
 
@@ -140,6 +141,10 @@ def softmax_graph() -> ir.Graph:
     ts["flat"] = tensor("flat", (70,), x.scale, 0, bits=16, signed=True)
     ops.append(ir.Op("reshape", "flat", ["x"], "flat", ir.Reshape(shape=(70,))))
     ops.append(softmax_op("sm.flat", ts["flat"], out("flat_p", (70,), bits=16, scale=1 / 65535)))
+    columns = np.array([[[1, 0, 1, 1, 0, 0, 1]], [[0] * 7]], dtype=np.int8)
+    ops.append(softmax_op("sm.columns", x, out("columns"), visible=columns))
+    pairs = (np.random.default_rng(3).random((5, 7)) < 0.6).astype(np.int8)
+    ops.append(softmax_op("sm.pairs", x, out("pairs"), causal=True, visible=pairs))
     return ir.verify(ir.Graph(["x"], outs, ts, ops))
 
 
@@ -162,7 +167,11 @@ def test_softmax_16bit_input_bit_exact(tmp_path):
     codes = _softmax_codes(24, rng)
     with np.errstate(divide="ignore"):      # the reference divides 0 // 0 on rows that see nothing
         _, got = check_bit_exact(graph, tmp_path, codes=[codes], sanitize=True)
-    full, causal, _, _, tall, flat = got
+    full, causal, _, _, tall, flat, columns, pairs = got
+    assert (columns[:, 0][..., [1, 4, 5]] == 0).all() and (columns[:, 1] == 0).all()
+    assert (columns[:, 0][..., [0, 2, 3, 6]] > 0).any()
+    seen = (np.random.default_rng(3).random((5, 7)) < 0.6) & (np.arange(7) <= np.arange(5)[:, None] + 2)
+    assert (pairs[..., ~seen] == 0).all() and (pairs[..., seen] > 0).any()
     assert (causal[:, :, 0, 3:] == 0).all() and (causal[:, :, 0, :3] > 0).any()  # 5×7: row 0 sees columns 0..2
     assert (tall[:, :, :2] == 0).all()                                            # rows 0, 1 of 7×5 see nothing
     assert np.abs(full.sum(-1).astype(np.int64) - 255).max() <= 7                 # rows of probabilities

@@ -146,6 +146,26 @@ def test_softmax_of_16_bit_signed_input(fmt, rows, cols, causal, out_bits):
     assert (out[8:] > y.zero_point).sum() > out[8:].size // 4              # not just one-hot rows
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_softmax_with_a_visible_mask(fmt, causal):
+    """Swin's shifted-window mask: (windows, 1, N, N) broadcast over heads; one window's rows see nothing
+    (an all-zero block, r = 0), with and without causal."""
+    x = tensor("x", (3, 2, 6, 6), 0.002, -7, bits=16, signed=True)
+    y = tensor("y", (3, 2, 6, 6), 1 / 255, 0)
+    rng = np.random.default_rng(5)
+    visible = (rng.random((3, 1, 6, 6)) < 0.5).astype(np.int8)
+    visible[0] = 0
+    graph = ir.verify(ir.Graph(["x"], ["y"], {"x": x, "y": y}, [softmax_op("sm", x, y, 0.7, causal, visible)]))
+    codes = np.clip(rng.integers(-20000, 20000, (6, 3, 2, 6, 1)) + rng.integers(-1500, 1500, (6, 3, 2, 6, 6)),
+                    x.qmin, x.qmax)
+    with np.errstate(divide="ignore"):                                  # the reference's 0 // 0 on empty rows
+        assert_bit_exact(graph, fmt, codes)
+        out = ref.run_codes(graph, codes)
+    hidden = np.broadcast_to(visible == 0, out.shape[1:])
+    assert (out[:, hidden] == 0).all() and (out[:, ~hidden] > 0).sum() > out[:, ~hidden].size // 4
+
+
 @pytest.mark.parametrize("in_bits", [8, 16])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_layer_norm_of_384(fmt, in_bits):

@@ -1,6 +1,7 @@
 """Transformers end to end: `models:vit_tiny` (torchvision's VisionTransformer: nn.MultiheadAttention,
-class token, positional embedding, LayerNorm, GELU) and `models:gpt_tiny` (byte embedding, causal
-F.scaled_dot_product_attention) compile with no float fallback, keep their float numbers when
+class token, positional embedding, LayerNorm, GELU), `models:gpt_tiny` (byte embedding, causal
+F.scaled_dot_product_attention) and a small torchvision SwinTransformer (shifted windows with their
+mask, padding to whole windows, relative-position bias, patch merging of an odd map) compile with no float fallback, keep their float numbers when
 traced, train with quantized gradients entering every attention matmul, lower to integer ops only,
 and run in onnxruntime and as C, bit-exact with the integer reference."""
 import operator
@@ -32,8 +33,23 @@ def gpt_inputs(n=4):
     return torch.randint(0, 256, (n, 64), generator=torch.Generator().manual_seed(0))
 
 
-MODELS = {"vit_tiny": (lambda: get("models:vit_tiny"), vit_inputs),
-          "gpt_tiny": (lambda: get("models:gpt_tiny"), gpt_inputs)}
+def swin_small():
+    """torchvision's SwinTransformer at 20×20: patch 4 gives a 5×5 map, padded to 6×6 for 3×3 windows
+    (4 windows, the second block shifted by 1 with the shifted-window mask); patch merging pads 5×5 to
+    6×6; the second stage's 3×3 map is one window (no shift). Stochastic depth on."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[3, 3],
+                           stochastic_depth_prob=0.2, num_classes=10)
+
+
+def swin_inputs(n=4):
+    return torch.randn(n, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+
+
+# name: (model, inputs, attention matmuls: q·kᵀ and p·v of each block)
+MODELS = {"vit_tiny": (lambda: get("models:vit_tiny"), vit_inputs, 4),
+          "gpt_tiny": (lambda: get("models:gpt_tiny"), gpt_inputs, 4),
+          "swin": (swin_small, swin_inputs, 8)}
 
 
 def loss_of(name, out, x):
@@ -50,7 +66,7 @@ def attention_matmuls(qm):
 def trained(request):
     """(name, qm after 3 W8A8G8 steps in eval, inputs, the gradients that entered each attention matmul)."""
     name = request.param
-    make, inputs = MODELS[name]
+    make, inputs, _ = MODELS[name]
     torch.manual_seed(0)
     x = inputs()
     with warnings.catch_warnings():
@@ -80,14 +96,19 @@ def trained(request):
 
 
 def test_traced_attention_keeps_the_float_numbers():
-    """nn.MultiheadAttention (ViT) and scaled_dot_product_attention (GPT) traced as linear/matmul/softmax
-    give the float model's outputs."""
-    for name, (make, inputs) in MODELS.items():
+    """nn.MultiheadAttention (ViT), scaled_dot_product_attention (GPT) and Swin's wrapped window attention
+    and patch merging traced as linear/matmul/softmax give the float model's outputs, with the same
+    state_dict keys."""
+    from torchvision.models import swin_transformer as tv_swin
+    for name, (make, inputs, _) in MODELS.items():
         torch.manual_seed(0)
         model, x = make().eval(), inputs()
         gm = trace(model, (x,))
-        assert not any(isinstance(m, nn.MultiheadAttention) for m in gm.modules()), name
-        assert not any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes), name
+        assert not any(isinstance(m, (nn.MultiheadAttention, tv_swin.ShiftedWindowAttention, tv_swin.PatchMerging))
+                       for m in gm.modules()), name
+        assert not any(n.target in (F.scaled_dot_product_attention, tv_swin.shifted_window_attention,
+                                    tv_swin._patch_merging_pad) for n in gm.graph.nodes), name
+        assert set(gm.state_dict()) == set(model.state_dict()), name
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -96,7 +117,7 @@ def test_three_steps_train_with_quantized_gradients_into_every_attention_matmul(
     name, qm, x, grads, losses = trained
     assert all(np.isfinite(losses)), losses
     matmuls = attention_matmuls(qm)
-    assert len(matmuls) == 4 and set(grads) == {n.name for n in matmuls}      # QKᵀ and P·V of 2 layers
+    assert len(matmuls) == MODELS[name][2] and set(grads) == {n.name for n in matmuls}
     for node_name, g in grads.items():
         assert 1 < g.unique().numel() <= 2 ** 8, (name, node_name, g.unique().numel())
     for n in matmuls:       # both operands on a grid, their gradients quantized on the way out
@@ -112,6 +133,11 @@ def test_lowered_graph_is_integer_and_every_backend_agrees(trained, tmp_path):
     assert ("embedding" if name == "gpt_tiny" else "constant") in kinds
     if name == "gpt_tiny":
         assert any(op.kind == "softmax" and op.attrs.causal for op in graph.ops)
+    if name == "swin":      # the shifted block's mask (4 windows, 1 broadcast over heads, 9×9), zero padding
+        masks = [op.attrs.visible.shape for op in graph.ops if op.kind == "softmax" and op.attrs.visible is not None]
+        assert masks == [(4, 1, 9, 9)]
+        constants = {op.output for op in graph.ops if op.kind == "constant"}
+        assert sum(op.kind == "concat" and bool(constants & set(op.inputs)) for op in graph.ops) >= 4
     to_onnx(graph, "qop")                                   # checked with full_check inside
     with torch.no_grad():
         trained_out = qm(x)

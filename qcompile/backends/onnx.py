@@ -626,11 +626,14 @@ class _Builder:
 
     def op_softmax(self, op: ir.Op) -> None:
         """`core.rowwise.softmax_rows` in int64 on the raw codes (the zero point cancels in mx − x).
-        Hidden entries read qmin for the max (a visible one wins) and get e = 0; a row that sees nothing
+        Hidden entries (causal, and the op's `visible` mask: one bool initializer broadcast like it)
+        read qmin for the max (a visible one wins) and get e = 0; a row that sees nothing
         (causal with cols < rows) has Σe = 0, counted as 1 so that its r = div_round(0, 2^16) = 0."""
         a, x = op.attrs, self.t(op.inputs[0])
         shape = x.shape if len(x.shape) > 1 else (1, *x.shape)
         visible = softmax_visible(shape[-2], shape[-1], a.causal)
+        if a.visible is not None:
+            visible = visible & (np.asarray(a.visible) != 0)
         v = self.to_i64(x.name, minus_zp=False)
         mask = None if visible.all() else self.const(op.name + "_visible", visible)
         vm = v if mask is None else \

@@ -177,7 +177,7 @@ def lut(graph, op, x):
 
 def softmax(graph, op, x):
     rows = x if x.ndim > 2 else x[:, None]          # a per-sample vector is one row (not the batch's rows)
-    r = softmax_rows(rows, op.attrs.table, op.attrs.out_multiplier, op.attrs.causal)
+    r = softmax_rows(rows, op.attrs.table, op.attrs.out_multiplier, op.attrs.causal, op.attrs.visible)
     return _clamp(graph, op, r.reshape(x.shape))
 
 

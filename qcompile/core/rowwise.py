@@ -8,8 +8,9 @@ Softmax of a row x (codes on a grid of scale S; the op's `scale` c multiplies th
 e.g. 1/√d of attention), output on a grid of scale S_y:
     e_j = T[mx − x_j]    (T[d] = round(2^EXP_BITS · exp(−d·S·c)); T[d] = 0 past the table's end)
     r_j = div_round(e_j · R, Σ_k e_k · 2^RECIP_BITS),    R = round(2^RECIP_BITS / S_y)
-over the row's visible entries (causal: j ≤ i + (columns − rows) in row i of the last two axes); a
-hidden entry has r = 0 (probability 0). T[0] = 2^EXP_BITS, so Σ e ≥ 2^EXP_BITS > 0.
+over the row's visible entries (causal: j ≤ i + (columns − rows) in row i of the last two axes; and
+where an explicit 0/1 `visible` mask, broadcast against x's trailing axes, is 1); a hidden entry has
+r = 0 (probability 0). T[0] = 2^EXP_BITS, so Σ e ≥ 2^EXP_BITS > 0.
 
 LayerNorm of a row x of N codes (the zero point cancels), affine weight codes g_j and bias b_j:
     d_j = N·x_j − Σ_k x_k                      (N times the deviation from the mean, exact)
@@ -60,11 +61,13 @@ def softmax_visible(rows: int, cols: int, causal: bool) -> np.ndarray:
     return np.arange(cols)[None, :] <= np.arange(rows)[:, None] + (cols - rows)
 
 
-def softmax_rows(x: np.ndarray, table: np.ndarray, multiplier: int, causal: bool) -> np.ndarray:
+def softmax_rows(x: np.ndarray, table: np.ndarray, multiplier: int, causal: bool,
+                 visible: np.ndarray | None = None) -> np.ndarray:
     """r_j of every row of x (..., rows, cols) (module docstring); hidden entries are 0."""
     x = np.asarray(x, np.int64)
-    visible = softmax_visible(x.shape[-2] if x.ndim > 1 else 1, x.shape[-1], causal).reshape(
+    mask = softmax_visible(x.shape[-2] if x.ndim > 1 else 1, x.shape[-1], causal).reshape(
         x.shape[-2:] if x.ndim > 1 else x.shape)
+    visible = mask if visible is None else mask & (np.asarray(visible) != 0)
     low = np.iinfo(np.int64).min
     mx = np.where(visible, x, low).max(axis=-1, keepdims=True)
     d = np.clip(mx - x, 0, len(table))          # hidden entries may lie above the max: clipped, then dropped

@@ -56,9 +56,11 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
   lut (Lut)  table: int array indexed by x − qmin_in (one entry per input code); y = table[...]
            (relu6, hardswish, silu, sigmoid, hardsigmoid, gelu, tanh, relu when the grid
            changes). The table already holds clamped output codes (no act_min/act_max).
-  softmax (Softmax)  inputs [x]; over the last axis: table, out_multiplier R, causal;
+  softmax (Softmax)  inputs [x]; over the last axis: table, out_multiplier R, causal, visible (None or a
+           0/1 int array broadcast against x's trailing axes, numpy rules: Swin's shifted-window mask);
            r_j = div_round(T[mx − x_j] · R, Σ_k T[mx − x_k] · 2^16) over the visible entries of the row
-           (`qcompile.core.rowwise`), r = 0 on hidden ones (causal: column j > i + cols − rows of row i)
+           (`qcompile.core.rowwise`), r = 0 on hidden ones (causal: column j > i + cols − rows of row i;
+           visible: an entry where it is 0)
   layer_norm (LayerNorm)  inputs [x]; over the last axis of N: weight (N,) codes, bias (N,) int64, eps;
            acc_j = div_round((N·x_j − Σx)·2^16, isqrt(Σ(N·x − Σx)² + eps))·weight_j + bias_j
            (`qcompile.core.rowwise`); r = requantize(acc, m, s)

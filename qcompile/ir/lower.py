@@ -749,6 +749,35 @@ class _Lowering:
                       "may grow")
         return src
 
+    def lower_pad(self, node):
+        """F.pad with zeros (constant mode, value 0: the zero point): per padded axis, a concat of the
+        tensor with `constant` blocks of zero-point codes before and after it."""
+        t = self.tensor_of(node, node.args[0])
+        pads = [int(p) for p in node.args[1]]
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        if mode != "constant" or value not in (None, 0) or min(pads, default=0) < 0 or len(pads) // 2 > len(t.shape):
+            self.fail(node, f"pads {pads} with mode {mode!r}, value {value!r}: lowered only zero padding "
+                      "(constant mode, value 0) of per-sample axes")
+        grid, identity = _of(t), _multiplier(1.0, node.name)
+        name, shape = t.name, list(t.shape)
+        for i in range(len(pads) // 2):
+            axis, sizes = len(shape) - 1 - i, pads[2 * i:2 * i + 2]
+            if not any(sizes):
+                continue
+            parts = []
+            for size, where in zip(sizes, ("before", "after")):
+                if size:
+                    block = shape[:axis] + [size] + shape[axis + 1:]
+                    parts.append(self.emit("constant", node, [], self.add_tensor(f"{node.name}_{axis}_{where}", block, grid),
+                                           value=_storage(np.full(block, grid.zero_point), 8)))
+            parts.insert(1 if sizes[0] else 0, name)
+            shape[axis] += sum(sizes)
+            name = self.emit("concat", node, parts, self.add_tensor(f"{node.name}_{axis}", shape, grid), axis=axis,
+                             multipliers=[identity[0]] * len(parts), shifts=[identity[1]] * len(parts),
+                             **self.clamp_attrs(grid))
+        return name
+
     def pool_args(self, node, mod, names, defaults):
         if mod is not None:
             vals = [getattr(mod, n) for n in names]
@@ -887,20 +916,30 @@ class _Lowering:
         return grid
 
     def lower_softmax(self, node):
-        """softmax over the last axis: attention_softmax(x, scale, causal), F.softmax(x, -1), x.softmax(-1)."""
+        """softmax over the last axis: attention_softmax(x, scale, causal, visible), F.softmax(x, -1),
+        x.softmax(-1). A `visible` mask loses its leading axes of size 1 past the per-sample rank."""
         t = self.tensor_of(node, node.args[0])
+        visible = None
         if node.target is attention_softmax:
-            scale, causal = (self.val[a].value if isinstance(a, fx.Node) else a for a in node.args[1:3])
+            args = list(node.args) + [node.kwargs.get("visible")] * (4 - len(node.args))
+            scale, causal, visible = (self.val[a].value if isinstance(a, fx.Node) else a for a in args[1:4])
             scale, causal = float(scale), bool(causal)
         else:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if dim is None or int(dim) % (len(t.shape) + 1) != len(t.shape):
                 self.fail(node, f"softmax over dim {dim}: lowered over the last axis only")
             scale, causal = 1.0, False
+        if visible is not None:
+            visible = visible.to(torch.int8).numpy()
+            while visible.ndim > len(t.shape) and visible.shape[0] == 1:
+                visible = visible[0]
+            if visible.ndim > len(t.shape):
+                self.fail(node, f"visible mask of shape {visible.shape} spans the batch axis of {t.shape}")
         grid = self.out_grid(node)
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("softmax", node, [t.name], out, table=exp_table(t.scale * scale),
-                         out_multiplier=softmax_multiplier(grid.scale), causal=causal, **self.clamp_attrs(grid))
+                         out_multiplier=softmax_multiplier(grid.scale), causal=causal, visible=visible,
+                         **self.clamp_attrs(grid))
 
     def lower_layer_norm(self, node):
         """F.layer_norm over the last axis; its weight codes from the weight quantizer, its bias rounded
@@ -1035,5 +1074,5 @@ RULES = {
     "cat": _Lowering.lower_cat, "shape": _Lowering.lower_shape_arithmetic,
     "eval_output": _Lowering.lower_eval_output, "softmax": _Lowering.lower_softmax,
     "layer_norm": _Lowering.lower_layer_norm, "expand": _Lowering.lower_expand,
-    "embedding": _Lowering.lower_embedding,
+    "embedding": _Lowering.lower_embedding, "pad": _Lowering.lower_pad,
 }

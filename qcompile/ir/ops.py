@@ -150,6 +150,7 @@ class Softmax(Clamp):
     table: Vector                           # T[d], d = mx − x; 0 past its end
     out_multiplier: int                     # R = round(2^RECIP_BITS / S_y)
     causal: bool                            # row i of the last two axes sees columns j ≤ i + (cols − rows)
+    visible: Values | None = None           # 1 = visible, 0 = hidden; broadcast against the input's trailing axes
 
 
 @dataclass(kw_only=True)

@@ -180,6 +180,10 @@ def _check_op(graph: Graph, op: Op) -> None:
                       f"an int8/int16 table {a.table.shape}")
     if op.kind == "softmax" and a.table.size == 0:
         _fail(op, "empty exp table")
+    if op.kind == "softmax" and a.visible is not None and (
+            a.visible.ndim > len(out.shape) or not np.isin(a.visible, (0, 1)).all()
+            or any(m not in (1, n) for m, n in zip(a.visible.shape[::-1], tuple(out.shape)[::-1]))):
+        _fail(op, f"visible mask of shape {a.visible.shape} must hold 0/1 and broadcast to the input's {out.shape}")
 
 
 def _check_windows(graph: Graph, op: Op) -> None:

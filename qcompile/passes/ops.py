@@ -60,6 +60,7 @@ FAMILIES = (
             grid_preserving=True),
     _family("split", {torch.chunk, torch.split}, {"chunk", "split"}, grid_preserving=True),
     _family("getitem", {operator.getitem}, grid_preserving=True),
+    _family("pad", {F.pad}, grid_preserving=True),                       # with zeros (lowering checks)
     _family("identity", modules=(nn.Identity,), grid_preserving=True),
     _family("dropout", {F.dropout}, modules=(nn.Dropout, StochasticDepth), names={"stochastic_depth"}),  # eval: identity
     _family("eval_output", modules=(EvalOutput,)),                                     # eval: one output field

@@ -7,7 +7,9 @@ traced in train mode whose eval output is one field of what it returns in traini
 heads) returns through an `EvalOutput` module (`eval_output`) that picks that field in eval.
 Attention is traced in the ops the passes see: every nn.MultiheadAttention of the copy is an
 `Attention` on the same parameters (same state_dict keys), and F.scaled_dot_product_attention is
-`qcompile.train.attention.scaled_dot_product_attention` while tracing (`qcompile.train.attention`).
+`qcompile.train.attention.scaled_dot_product_attention` while tracing (`qcompile.train.attention`);
+torchvision's Swin window attention and patch merging are stand-ins built for the shapes the example
+inputs give them (`qcompile.train.windows`).
 Failure to trace raises TraceError naming the module and the source line.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qcompile.errors import TraceError
 from qcompile.passes.ops import verification_error
 from qcompile.train.attention import own_attention, scaled_dot_product_attention
 from qcompile.train.modes import EvalOutput
+from qcompile.train.windows import own_windows
 
 
 class _Tracer(fx.Tracer):
@@ -59,6 +62,7 @@ def trace(model: nn.Module, example_inputs: tuple, leaf_modules: tuple[str, ...]
     sdpa = F.scaled_dot_product_attention
     try:
         own_attention(model, leaf_modules)
+        own_windows(model, example_inputs, leaf_modules)
         F.scaled_dot_product_attention = scaled_dot_product_attention
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises plain TraceError/TypeError/RuntimeError

@@ -2,10 +2,11 @@
 linear), standing in for `nn.MultiheadAttention` and `F.scaled_dot_product_attention` while
 `trace` runs, with the same numbers in float.
 
-`attention_softmax(x, scale, causal)` is softmax(scale·x) over the last axis, with the entries above
-the diagonal (j > i + cols − rows of the last two axes) hidden when `causal`: one traced node
-(torch.fx.wrap), so the 1/√d scale and the mask are part of the op (their integer form is one
-`softmax` IR op), not float ops before it.
+`attention_softmax(x, scale, causal, visible)` is softmax(scale·x) over the last axis, with the entries
+above the diagonal (j > i + cols − rows of the last two axes) hidden when `causal`, and those where the
+bool tensor `visible` (broadcast against x's trailing axes, e.g. Swin's shifted-window mask) is False:
+one traced node (torch.fx.wrap), so the 1/√d scale and the masks are part of the op (their integer form
+is one `softmax` IR op), not float ops before it. A row keeps at least one visible entry.
 
 `Attention.from_module(mha)` holds the module's own parameters under the same names
 (`in_proj_weight`, `in_proj_bias`, `out_proj`), so `state_dict()` keys do not change. Self-attention
@@ -25,12 +26,15 @@ from torch import nn
 from qcompile.errors import UnsupportedOpError
 
 
-def attention_softmax(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+def attention_softmax(x: torch.Tensor, scale: float, causal: bool,
+                      visible: torch.Tensor | None = None) -> torch.Tensor:
     x = x * scale
     if causal:
         rows, cols = x.shape[-2], x.shape[-1]
         hidden = torch.ones(rows, cols, dtype=torch.bool, device=x.device).triu(cols - rows + 1)
         x = x.masked_fill(hidden, float("-inf"))
+    if visible is not None:
+        x = x.masked_fill(~visible, float("-inf"))
     return torch.softmax(x, dim=-1)
 
 

@@ -550,10 +550,21 @@ class _Emitter:
         if emax * mult + cols * emax * (1 << 16) >= INT62:
             raise UnsupportedOpError(f"op {op.name!r} (softmax): e·R + Σe·2^16 may reach 2^62 (max e {emax}, "
                                      f"R = {mult}, {cols} columns); the C backend divides in int64")
-        L.update(outer=int(np.prod(x.shape[:-2], dtype=np.int64)), rows=rows, cols=cols, causal=bool(a.causal),
+        outer = int(np.prod(x.shape[:-2], dtype=np.int64))
+        L.update(outer=outer, rows=rows, cols=cols, causal=bool(a.causal), mask=None,
                  mult=mult, size=table.size, table=_c_array(table),
                  table_t="int32_t" if _fits(emax, 32) else "int64_t")
         self.weight_bytes += table.size * (4 if L["table_t"] == "int32_t" else 8)
+        if a.visible is not None:
+            # the mask's (rows, cols) blocks, and which block each of the `outer` groups of rows reads
+            mask = np.broadcast_to(np.asarray(a.visible) != 0, (*a.visible.shape[:-2], rows, cols)
+                                   if a.visible.ndim >= 2 else (rows, cols))
+            blocks = mask.reshape(-1, rows * cols)
+            lead = mask.shape[:-2]
+            which = np.broadcast_to(np.arange(blocks.shape[0]).reshape(lead), tuple(x.shape[:-2])).ravel()
+            L.update(mask=_c_array(blocks.ravel().astype(np.uint8)), mask_size=blocks.size,
+                     block=_c_array(which * rows * cols), block_t="int32_t")
+            self.weight_bytes += blocks.size + 4 * outer
         return "softmax.c.j2", L, []
 
     def op_layer_norm(self, op, sym):

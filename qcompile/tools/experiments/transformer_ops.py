@@ -32,11 +32,12 @@ def clamp(t: ir.Tensor) -> dict:
     return {"act_min": t.qmin, "act_max": t.qmax}
 
 
-def softmax_op(name, x: ir.Tensor, y: ir.Tensor, scale: float = 1.0, causal: bool = False) -> ir.Op:
-    """softmax(scale·x) over x's last axis onto y's grid."""
+def softmax_op(name, x: ir.Tensor, y: ir.Tensor, scale: float = 1.0, causal: bool = False,
+               visible: np.ndarray | None = None) -> ir.Op:
+    """softmax(scale·x) over x's last axis onto y's grid (hidden entries: causal, and visible == 0)."""
     return ir.Op("softmax", name, [x.name], y.name, ir.Softmax(table=exp_table(x.scale * scale),
                                                               out_multiplier=softmax_multiplier(y.scale),
-                                                              causal=causal, **clamp(y)))
+                                                              causal=causal, visible=visible, **clamp(y)))
 
 
 def gamma_codes(gamma: np.ndarray, bits: int = 8) -> tuple[np.ndarray, float]:
