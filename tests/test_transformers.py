@@ -143,7 +143,9 @@ def test_lowered_graph_is_integer_and_every_backend_agrees(trained, tmp_path):
         trained_out = qm(x)
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qop", "onnx:qdq"), given={"PyTorch": trained_out})
     assert cmp.mismatch("reference", "onnx:qop") == 0
-    assert cmp.max_lsb("reference", "onnx:qdq") <= 1
+    # QDQ: each op within one step of the reference alone (ties of onnxruntime's float QLinearAdd), which
+    # can compound to two steps end to end (gpt_tiny on an AVX-512 VNNI Xeon; one on an AVX2 EPYC)
+    assert parity.onnx_per_op(graph, x, "qdq")["local_max_lsb"] <= 1 and cmp.max_lsb("reference", "onnx:qdq") <= 2
     # the integer approximations of softmax and LayerNorm move some output codes of qm.eval() (docs/transformers.md)
     assert cmp.mismatch("reference", "PyTorch") < 0.5
     check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])

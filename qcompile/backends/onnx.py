@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile import ir
 from qcompile.core.accumulator import acc_range, max_l1_bounds
 from qcompile.core.requant import fits_int64, is_power_of_two, product_bound, requantized_bound
-from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, layer_norm_bounds, softmax_visible
+from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, layer_norm_bounds, layer_norm_span, softmax_visible
 from qcompile.errors import QCompileError
 
 FORMATS = ("qdq", "qop")
@@ -544,8 +544,15 @@ class _Builder:
         self.finish_int(self.node("Concat", parts, op.name + "_cat", axis=axis), op)
 
     def op_requantize(self, op: ir.Op) -> None:
+        """QDQ: DQ → Q where the op keeps the real value (a ReLU, a change of grid); DQ → Mul → Q where it
+        scales it (x · c: the multiplier is c·S_x/S_y, not S_x/S_y)."""
         if self.float_form(op):
-            self.q_clamped(self.dq(op.inputs[0]), op)
+            x, y = self.t(op.inputs[0]), self.t(op.output)
+            factor = op.attrs.multiplier * 2.0 ** (op.attrs.shift - 31) * y.scale / x.scale
+            v = self.dq(x.name)
+            if abs(factor - 1) > 1e-6:
+                v = self.node("Mul", [v, self.const(op.name + "_c", np.float32(factor))], op.name + "_scaled")
+            self.q_clamped(v, op)
             return
         self.finish_int(self.requant(self.to_i64(op.inputs[0]), op.attrs.multiplier, op.attrs.shift, op.name,
                                      self.t(op.inputs[0]).magnitude, op), op)
@@ -653,19 +660,21 @@ class _Builder:
         self.finish_int(r, op)
 
     def op_layer_norm(self, op: ir.Op) -> None:
-        """`core.rowwise.layer_norm_rows` in int64 on the raw codes (the zero point cancels in N·x − Σx),
-        then requantize and clamp. ρ = 0 only when every d = 0 (and E = 0): dividing by max(ρ, 1) gives
+        """`core.rowwise.layer_norm_rows` in int64 on the raw codes (the zero point cancels in N·x − Σx; not
+        centred, N·x − N·zx), then requantize and clamp. ρ = 0 only when every d = 0 (and E = 0): dividing by max(ρ, 1) gives
         div_round(0, 1) = 0, the specified n."""
         a, x = op.attrs, self.t(op.inputs[0])
         n = x.shape[-1]
         w, b = np.asarray(a.weight, np.int64), np.asarray(a.bias, np.int64)
-        sq_bound, bound = layer_norm_bounds(n, x.qmax - x.qmin, a.eps, w, b)
+        sq_bound, bound = layer_norm_bounds(n, layer_norm_span(x.qmin, x.qmax, x.zero_point, a.centered), a.eps, w, b)
         if sq_bound >= 2 ** 62:
             raise ExportError(f"op {op.name!r} (layer_norm): Σd² over {n} {x.bits}-bit codes can reach 2^62; "
                               "the exact floor square root needs it below 2^62")
         v = self.to_i64(x.name, minus_zp=False)
-        d = self.node("Sub", [self.node("Mul", [v, self.const(op.name + "_n", np.int64(n))], op.name + "_nx"),
-                              self.reduce_last("ReduceSum", v, op.name + "_sx")], op.name + "_d")
+        centre = self.reduce_last("ReduceSum", v, op.name + "_sx") if a.centered else \
+            self.const(op.name + "_nz", np.int64(n * x.zero_point))
+        d = self.node("Sub", [self.node("Mul", [v, self.const(op.name + "_n", np.int64(n))], op.name + "_nx"), centre],
+                      op.name + "_d")
         ss = self.reduce_last("ReduceSum", self.node("Mul", [d, d], op.name + "_dd"), op.name + "_ss")
         rho = self.isqrt(self.node("Add", [ss, self.const(op.name + "_eps", np.int64(a.eps))], op.name + "_sse"),
                          op.name + "_rho")

@@ -183,7 +183,8 @@ def softmax(graph, op, x):
 
 def layer_norm(graph, op, x):
     a = op.attrs
-    return _clamp(graph, op, requantize(layer_norm_rows(x, a.weight, a.bias, a.eps), a.multiplier, a.shift))
+    centre = None if a.centered else graph.tensor(op.inputs[0]).zero_point
+    return _clamp(graph, op, requantize(layer_norm_rows(x, a.weight, a.bias, a.eps, centre), a.multiplier, a.shift))
 
 
 def embedding(graph, op, ids):

@@ -19,7 +19,12 @@ LayerNorm of a row x of N codes (the zero point cancels), affine weight codes g_
     acc_j = n_j · g_j + b_j
 since (x_j − mean)/√(var + ε) = d_j·√N / √(Σd² + E) ≈ n_j·√N / 2^NORM_BITS; the op requantizes acc
 with multiplier S_g·√N / (2^NORM_BITS·S_y) and adds b = round(β / (S_g·√N / 2^NORM_BITS)).
-Bounds (`layer_norm_bounds`): Σd² = N²·Σ(x − mean)² ≤ N³·(qmax − qmin)²/4, so Σd² + E must stay below
+Not centred (RMSNorm, F.normalize): d_j = N·(x_j − z) with z the input's zero point, the rest the same:
+RMSNorm's x_j/√(mean x² + ε) = d_j·√N / √(Σd² + E) with the same E; F.normalize's
+x_j / max(‖x‖, ε) ≈ d_j / √(Σd² + E) = n_j / 2^NORM_BITS with E = round(ε²·N²/S²) (√(‖x‖² + ε²) for the
+max: the same to within ε²/‖x‖² relative), unit S_g / 2^NORM_BITS.
+Bounds (`layer_norm_bounds`, on the code span `layer_norm_span`): Σd² = N²·Σ(x − mean)² ≤ N³·(qmax − qmin)²/4
+(not centred: N³·max|x − z|²), so Σd² + E must stay below
 2^62 (8-bit rows up to about 60,000 elements, 16-bit rows up to 1,625); |n_j| ≤ 2^NORM_BITS (ρ ≥ |d_j|), so
 |acc| ≤ 2^NORM_BITS·max|g| + max|b|.
 """
@@ -91,18 +96,27 @@ def layer_norm_eps(eps: float, n: int, in_scale: float) -> int:
     return int(round(eps * n ** 3 / in_scale ** 2))
 
 
+def layer_norm_span(qmin: int, qmax: int, zero_point: int, centered: bool) -> int:
+    """The code width whose square over 4 bounds (x − centre)²: qmax − qmin (centred on the mean), or twice
+    the largest |x − z| (centred on the zero point)."""
+    return qmax - qmin if centered else 2 * max(qmax - zero_point, zero_point - qmin)
+
+
 def layer_norm_bounds(n: int, code_width: int, eps: int, weight, bias) -> tuple[int, int]:
-    """(bound on Σd² + E, bound on |acc|) of a LayerNorm row of n codes spanning `code_width` = qmax − qmin."""
+    """(bound on Σd² + E, bound on |acc|) of a LayerNorm row of n codes spanning `code_width`
+    (`layer_norm_span`)."""
     weight, bias = np.asarray(weight, np.int64), np.asarray(bias, np.int64)
     return (n ** 3 * code_width ** 2 // 4 + int(eps),
             (1 << NORM_BITS) * int(np.abs(weight).max(initial=0)) + int(np.abs(bias).max(initial=0)))
 
 
-def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: int) -> np.ndarray:
-    """acc_j = n_j · g_j + b_j of every row of x (..., N) (module docstring)."""
+def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: int,
+                    zero_point: int | None = None) -> np.ndarray:
+    """acc_j = n_j · g_j + b_j of every row of x (..., N) (module docstring): centred on the row's mean, or
+    on `zero_point` when given (RMSNorm, F.normalize)."""
     x = np.asarray(x, np.int64)
     n = x.shape[-1]
-    d = n * x - x.sum(axis=-1, keepdims=True)
+    d = n * x - (x.sum(axis=-1, keepdims=True) if zero_point is None else n * int(zero_point))
     rho = isqrt((d * d).sum(axis=-1, keepdims=True) + eps)
     normed = np.where(rho > 0, div_round(d << NORM_BITS, np.maximum(rho, 1)), 0)
     return normed * np.asarray(weight, np.int64) + np.asarray(bias, np.int64)

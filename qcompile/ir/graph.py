@@ -62,8 +62,9 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
            (`qcompile.core.rowwise`), r = 0 on hidden ones (causal: column j > i + cols − rows of row i;
            visible: an entry where it is 0)
   layer_norm (LayerNorm)  inputs [x]; over the last axis of N: weight (N,) codes, bias (N,) int64, eps;
-           acc_j = div_round((N·x_j − Σx)·2^16, isqrt(Σ(N·x − Σx)² + eps))·weight_j + bias_j
-           (`qcompile.core.rowwise`); r = requantize(acc, m, s)
+           acc_j = div_round(d_j·2^16, isqrt(Σ d² + eps))·weight_j + bias_j with d_j = N·x_j − Σx, or
+           d_j = N·(x_j − zx) when not `centered` (RMSNorm, F.normalize) (`qcompile.core.rowwise`);
+           r = requantize(acc, m, s)
   embedding (Embedding)  inputs [ids] (an unsigned tensor of token ids: scale 1, zero point 0, the
            graph input of a language model); table (V, E) codes of the output grid;
            y[..., e] = table[min(ids[...], V − 1), e] (an id past the table reads its last row), shape (..., E)

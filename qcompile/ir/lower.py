@@ -44,7 +44,14 @@ from qcompile import ir
 from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import bias_codes, code_range, max_code_magnitude, quantize_codes, storage_bits
 from qcompile.core.requant import quantize_multiplier
-from qcompile.core.rowwise import NORM_BITS, exp_table, layer_norm_bounds, layer_norm_eps, softmax_multiplier
+from qcompile.core.rowwise import (
+    NORM_BITS,
+    exp_table,
+    layer_norm_bounds,
+    layer_norm_eps,
+    layer_norm_span,
+    softmax_multiplier,
+)
 from qcompile.errors import CalibrationError, QCompileError, UnsupportedOpError
 from qcompile.passes.ops import family_of, op_name
 from qcompile.train.estimators import minmax
@@ -941,30 +948,47 @@ class _Lowering:
                          out_multiplier=softmax_multiplier(grid.scale), causal=causal, visible=visible,
                          **self.clamp_attrs(grid))
 
-    def lower_layer_norm(self, node):
-        """F.layer_norm over the last axis; its weight codes from the weight quantizer, its bias rounded
-        onto the unit S_g·√N / 2^NORM_BITS of the op's accumulator (`qcompile.core.rowwise`)."""
-        args = list(node.args) + [None] * (5 - len(node.args))
-        x, shape, w, b = self.tensor_of(node, args[0]), tuple(args[1]), args[2], args[3]
+    def norm_args(self, node):
+        """(x, normalized shape, weight, bias, eps, centred, unit/S_g, E) of F.layer_norm, F.rms_norm or
+        F.normalize (p = 2 over the last axis) (`qcompile.core.rowwise`)."""
+        args = list(node.args) + [None] * 5
+        x = self.tensor_of(node, args[0])
+        n = x.shape[-1]
+        if node.target is F.normalize:
+            p, dim = node.kwargs.get("p", args[1] if args[1] is not None else 2.0), node.kwargs.get("dim", args[2])
+            eps = node.kwargs.get("eps", args[3] if args[3] is not None else 1e-12)
+            if float(p) != 2.0 or dim is None or int(dim) % (len(x.shape) + 1) != len(x.shape):
+                self.fail(node, f"F.normalize with p={p}, dim={dim}: lowered for p=2 over the last axis only")
+            return x, (n,), None, None, False, 1.0, int(round(float(eps) ** 2 * n * n / x.scale ** 2))
+        if node.target is F.rms_norm:
+            eps = node.kwargs.get("eps", args[3])
+            eps = torch.finfo(torch.float32).eps if eps is None else float(eps)
+            return x, tuple(args[1]), args[2], None, False, math.sqrt(n), layer_norm_eps(eps, n, x.scale)
         eps = node.kwargs.get("eps", args[4] if args[4] is not None else 1e-5)
+        return x, tuple(args[1]), args[2], args[3], True, math.sqrt(n), layer_norm_eps(float(eps), n, x.scale)
+
+    def lower_layer_norm(self, node):
+        """F.layer_norm / F.rms_norm / F.normalize over the last axis; the weight codes from the weight
+        quantizer, the bias rounded onto the unit S_g·√N / 2^NORM_BITS (F.normalize: S_g / 2^NORM_BITS) of
+        the op's accumulator (`qcompile.core.rowwise`)."""
+        x, shape, w, b, centered, unit, eps_code = self.norm_args(node)
         n = x.shape[-1]
         if shape != (n,):
             self.fail(node, f"LayerNorm over {shape}: lowered over the last axis only (normalized_shape = ({n},))")
-        eps_code = layer_norm_eps(float(eps), n, x.scale)
-        if layer_norm_bounds(n, x.qmax - x.qmin, eps_code, 0, 0)[0] >= 1 << 62:
+        if layer_norm_bounds(n, layer_norm_span(x.qmin, x.qmax, x.zero_point, centered), eps_code, 0, 0)[0] >= 1 << 62:
             self.fail(node, f"LayerNorm over {n} elements of {x.bits} bits: Σd² + eps can pass 2^62 "
                       "(qcompile.core.rowwise); narrower input grids or rows fit")
         weight = self.val[w] if w is not None else Weight(np.ones(n, np.int64), np.ones(1))
         if not isinstance(weight, Weight):
             self.fail(node, "weight is not the output of a weight quantizer")
-        unit = float(weight.scale[0]) * math.sqrt(n) / 2 ** NORM_BITS
+        unit = float(weight.scale[0]) * unit / 2 ** NORM_BITS
         beta = np.zeros(n) if b is None else self.val[b].value.double().numpy()
         grid = self.out_grid(node)
         m, s = _multiplier(unit / grid.scale, node.name)
         out = self.add_tensor(node.name, self.shape(node), grid)
         return self.emit("layer_norm", node, [x.name], out, weight=_storage(weight.codes.reshape(n), 8),
                          bias=np.round(beta / unit).astype(np.int64), eps=eps_code, multiplier=m, shift=s,
-                         **self.clamp_attrs(grid))
+                         centered=centered, **self.clamp_attrs(grid))
 
     # ---- add / mul / cat ----------------------------------------------------------------------
     def lower_scaled(self, node, x, c: float):

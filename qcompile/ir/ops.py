@@ -159,6 +159,7 @@ class LayerNorm(Requant, Clamp):
     weight: Vector                          # (N,) codes g_j
     bias: Vector                            # (N,) int64, in units of S_g·√N / 2^NORM_BITS
     eps: int                                # E = round(ε·N³/S²)
+    centered: bool = True                   # False: d_j = N·(x_j − zx) (RMSNorm, F.normalize), not N·x_j − Σx
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,7 @@
 """Pass `normalize`: one canonical form per op.
 
-Invariant after this pass: conv/linear/LayerNorm/Embedding modules are calls of F.conv1d/F.conv2d/
-F.linear/F.layer_norm/F.embedding whose weight and bias are `get_attr` nodes (an nn.Embedding with
+Invariant after this pass: conv/linear/LayerNorm/RMSNorm/Embedding modules are calls of F.conv1d/F.conv2d/
+F.linear/F.layer_norm/F.rms_norm/F.embedding whose weight and bias are `get_attr` nodes (an nn.Embedding with
 max_norm, which renormalizes its weight in place, stays a module: a float fallback) (the modules stay in the hierarchy as parameter
 holders, so `state_dict()` keys are unchanged); an F.linear on a `get_attr` weight that no module
 made (attention's packed q|k|v projection) is named after it (`qc_layer`: the weight's path less
@@ -84,7 +84,7 @@ def _einsum_as_matmul(node: fx.Node, graph: fx.Graph) -> bool:
 
 
 def _as_function(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
-    """Replace the call of conv/linear/embedding/LayerNorm module `mod` by its functional form on
+    """Replace the call of conv/linear/embedding/LayerNorm/RMSNorm module `mod` by its functional form on
     `get_attr` weight and bias nodes."""
     graph = gm.graph
     with graph.inserting_before(node):
@@ -97,6 +97,8 @@ def _as_function(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
             new = graph.call_function(F.embedding, (x, w, mod.padding_idx))
         elif isinstance(mod, nn.LayerNorm):
             new = graph.call_function(F.layer_norm, (x, tuple(mod.normalized_shape), w, b, mod.eps))
+        elif isinstance(mod, nn.RMSNorm):
+            new = graph.call_function(F.rms_norm, (x, tuple(mod.normalized_shape), w, mod.eps))
         else:
             new = graph.call_function(F.linear, (x, w, b))
     if w is not None:
@@ -131,7 +133,7 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
             continue
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.Embedding, nn.LayerNorm)):
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
                 if getattr(mod, "padding_mode", "zeros") != "zeros" or getattr(mod, "max_norm", None) is not None:
                     continue  # stays a module: listed as a float fallback by quantize
                 _as_function(gm, node, mod)
@@ -185,7 +187,7 @@ def verify(gm: fx.GraphModule, config=None) -> None:
                                      f"{gm.training}")
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.LayerNorm,)) and \
+            if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.LayerNorm, nn.RMSNorm)) and \
                     getattr(mod, "padding_mode", "zeros") == "zeros" or \
                     isinstance(mod, nn.Embedding) and mod.max_norm is None:
                 raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm/F.embedding on the "

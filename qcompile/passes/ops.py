@@ -72,7 +72,7 @@ FAMILIES = (
     _family("lut", {F.relu6, F.hardswish, F.silu, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh},  # a table
             grid_input=True),
     _family("softmax", {attention_softmax, F.softmax, torch.softmax}, {"softmax"}, grid_input=True, grid_output=True),
-    _family("layer_norm", {F.layer_norm}, grid_input=True, grid_output=True),
+    _family("layer_norm", {F.layer_norm, F.rms_norm, F.normalize}, grid_input=True, grid_output=True),
     _family("embedding", {F.embedding}),                                   # rows of its weight grid
     _family("batchnorm", modules=(nn.BatchNorm1d, nn.BatchNorm2d)),                      # standalone: a table
     _family("batchnorm_fold", {fold_weight, folded_bias}, modules=(BatchNormFold,)),     # folded: a bias in eval

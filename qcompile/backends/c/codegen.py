@@ -31,7 +31,7 @@ from qcompile import ir
 from qcompile.core.accumulator import OVERFLOW_MODES, acc_range, max_l1_bounds, tile_plan
 from qcompile.core.grids import code_range, storage_bits
 from qcompile.core.requant import MAX_RIGHT_SHIFT, fits_int64, requantized_bound
-from qcompile.core.rowwise import layer_norm_bounds
+from qcompile.core.rowwise import layer_norm_bounds, layer_norm_span
 from qcompile.errors import QCompileError, UnsupportedOpError
 
 from qcompile.backends.c import memory_plan
@@ -578,12 +578,13 @@ class _Emitter:
         eps = int(a.eps)
         m, s = _scalar(a.multiplier, "multiplier", op), _scalar(a.shift, "shift", op)
         _check_shift(s, op)
-        sq_bound, acc_bound = layer_norm_bounds(n, x.qmax - x.qmin, eps, w, b)
+        sq_bound, acc_bound = layer_norm_bounds(n, layer_norm_span(x.qmin, x.qmax, x.zero_point, a.centered), eps, w, b)
         if eps < 0 or sq_bound >= INT62 or acc_bound >= INT62:
             raise UnsupportedOpError(f"op {op.name!r} (layer_norm): Σd² + E <= {sq_bound} and |acc| <= {acc_bound} "
                                      f"must stay below 2^62 with E = {eps} >= 0; the C backend sums in int64")
         w_t = _int_type(int(w.min()), int(w.max()))
         L.update(rows=int(np.prod(x.shape[:-1], dtype=np.int64)), n=n, eps=eps, m=m, s=s, rq=_rq(acc_bound, m, s),
+                 centre=None if a.centered else n * x.zero_point,
                  w_t=w_t, w_data=_c_array(w), b_data=_c_array(b))
         self.weight_bytes += n * (np.dtype(w_t.replace("_t", "")).itemsize + 8)
         return "layer_norm.c.j2", L, []
