@@ -33,13 +33,21 @@ def gpt_inputs(n=4):
     return torch.randint(0, 256, (n, 64), generator=torch.Generator().manual_seed(0))
 
 
-def swin_small():
+def swin_small(v2: bool = False):
     """torchvision's SwinTransformer at 20×20: patch 4 gives a 5×5 map, padded to 6×6 for 3×3 windows
     (4 windows, the second block shifted by 1 with the shifted-window mask); patch merging pads 5×5 to
-    6×6; the second stage's 3×3 map is one window (no shift). Stochastic depth on."""
-    from torchvision.models.swin_transformer import SwinTransformer
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[3, 3],
-                           stochastic_depth_prob=0.2, num_classes=10)
+    6×6; the second stage's 3×3 map is one window (no shift). Stochastic depth on. v2: cosine attention,
+    logit scale, continuous position bias, post-norm blocks; a non-zero key bias (which v2 ignores)."""
+    from torchvision.models import swin_transformer as tv
+    extra = dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2) if v2 else {}
+    model = tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[3, 3],
+                               stochastic_depth_prob=0.2, num_classes=10, **extra)
+    if v2:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, tv.ShiftedWindowAttentionV2):
+                    m.qkv.bias.uniform_(-0.5, 0.5)
+    return model
 
 
 def swin_inputs(n=4):
@@ -49,7 +57,8 @@ def swin_inputs(n=4):
 # name: (model, inputs, attention matmuls: q·kᵀ and p·v of each block)
 MODELS = {"vit_tiny": (lambda: get("models:vit_tiny"), vit_inputs, 4),
           "gpt_tiny": (lambda: get("models:gpt_tiny"), gpt_inputs, 4),
-          "swin": (swin_small, swin_inputs, 8)}
+          "swin": (swin_small, swin_inputs, 8),
+          "swin_v2": (lambda: swin_small(v2=True), swin_inputs, 8)}
 
 
 def loss_of(name, out, x):
@@ -100,6 +109,8 @@ def test_traced_attention_keeps_the_float_numbers():
     and patch merging traced as linear/matmul/softmax give the float model's outputs, with the same
     state_dict keys."""
     from torchvision.models import swin_transformer as tv_swin
+    assert any(not (m.qkv.bias[16:32] == 0).all() for m in swin_small(v2=True).modules()
+               if isinstance(m, tv_swin.ShiftedWindowAttentionV2))            # the key bias v2 zeroes is not 0
     for name, (make, inputs, _) in MODELS.items():
         torch.manual_seed(0)
         model, x = make().eval(), inputs()
@@ -133,16 +144,22 @@ def test_lowered_graph_is_integer_and_every_backend_agrees(trained, tmp_path):
     assert ("embedding" if name == "gpt_tiny" else "constant") in kinds
     if name == "gpt_tiny":
         assert any(op.kind == "softmax" and op.attrs.causal for op in graph.ops)
-    if name == "swin":      # the shifted block's mask (4 windows, 1 broadcast over heads, 9×9), zero padding
+    if name.startswith("swin"):      # the shifted block's mask (4 windows of 9×9, broadcast over heads), zero padding
         masks = [op.attrs.visible.shape for op in graph.ops if op.kind == "softmax" and op.attrs.visible is not None]
-        assert masks == [(4, 1, 9, 9)]
+        assert masks == [(4, 9, 9)]
         constants = {op.output for op in graph.ops if op.kind == "constant"}
         assert sum(op.kind == "concat" and bool(constants & set(op.inputs)) for op in graph.ops) >= 4
-    to_onnx(graph, "qop")                                   # checked with full_check inside
+    if name == "swin_v2":   # cosine attention: F.normalize as a non-centred norm; the per-head logit scale
+        assert any(op.kind == "layer_norm" and not op.attrs.centered for op in graph.ops)
+    # QOperator's QLinearConv carries 8-bit tensors only: swin_v2's logit-scale multiply (a per-head
+    # depthwise conv) has a 16-bit output, exported in QDQ (opset 21)
+    qop = name != "swin_v2"
+    to_onnx(graph, "qop" if qop else "qdq")                 # checked with full_check inside
     with torch.no_grad():
         trained_out = qm(x)
-    cmp = parity.compare(graph, x, backends=("reference", "onnx:qop", "onnx:qdq"), given={"PyTorch": trained_out})
-    assert cmp.mismatch("reference", "onnx:qop") == 0
+    backends = ("reference", "onnx:qop", "onnx:qdq") if qop else ("reference", "onnx:qdq")
+    cmp = parity.compare(graph, x, backends=backends, given={"PyTorch": trained_out})
+    assert not qop or cmp.mismatch("reference", "onnx:qop") == 0
     # QDQ: each op within one step of the reference alone (ties of onnxruntime's float QLinearAdd), which
     # can compound to two steps end to end (gpt_tiny on an AVX-512 VNNI Xeon; one on an AVX2 EPYC)
     assert parity.onnx_per_op(graph, x, "qdq")["local_max_lsb"] <= 1 and cmp.max_lsb("reference", "onnx:qdq") <= 2

@@ -64,9 +64,9 @@ from qcompile.train.tiled import NarrowAccOp
 WIDE_BITS = 16
 AFFINE_CODE = 127                 # |weight code| of a standalone BatchNorm's depthwise 1×1 conv (int8)
 BIAS_CODE_EXACT = 2 ** 53         # float64 rounds b / (Sx·Sw) exactly below this
-# families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
 EXACT_ACCUMULATOR = {"acc_bits": None, "tile": None, "overflow": "saturate"}
-SINK_FAMILIES = {"relu", "max_pool", "reshape", "identity", "dropout", "cat"}
+# families a value flows through onto the grid of the quantizer after them (no arithmetic in eval)
+SINK_FAMILIES = {"relu", "max_pool", "reshape", "transpose", "pad", "identity", "dropout", "cat"}
 
 
 def eval_field(node: fx.Node, qm) -> fx.Node:

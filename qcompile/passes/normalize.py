@@ -11,7 +11,10 @@ functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `tor
 `.relu_()`...) are their out-of-place operator or function; a dropout or stochastic-depth call
 traced with the model's mode as its `training` constant is a module call (nn.Dropout,
 `StochasticDepth`) whose randomness follows the graph module's mode. Every layer node carries
-`meta["qc_layer"]` (module path) and `meta["qc_module_type"]`.
+`meta["qc_layer"]` (module path) and `meta["qc_module_type"]`. Every call whose inputs are parameters,
+buffers or such calls alone (Swin v2's continuous position-bias MLP on its coordinate table, the exp of
+a logit scale, a bias with a part zeroed) carries `meta["qc_parameter_only"]`: a function of the
+parameters, evaluated once in float at lowering (`qcompile.passes.ops`, family "parameter").
 """
 from __future__ import annotations
 
@@ -163,6 +166,10 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
                 node.target = target
         elif node.op == "call_method" and node.target in CANONICAL_METHODS and not node.kwargs:
             node.op, node.target = "call_function", CANONICAL_METHODS[node.target]
+    for node in graph.nodes:
+        if node.op.startswith("call_") and node.all_input_nodes and all(
+                a.op == "get_attr" or a.meta.get("qc_parameter_only") for a in node.all_input_nodes):
+            node.meta["qc_parameter_only"] = True
     graph.lint()
     gm.recompile()
     return gm
@@ -204,8 +211,9 @@ def verify(gm: fx.GraphModule, config=None) -> None:
                 name = CANONICAL_FUNCTIONS.get(node.target) or CANONICAL_METHODS.get(node.target)
                 raise verification_error("normalize", node, gm, f"its out-of-place canonical form {name.__name__}")
             if node.op == "call_function" and node.target in WEIGHTED_FUNCTIONS and "qc_layer" in node.meta:
-                operands = [a for a in node.args[1:3] if a is not None]
-                if any(not isinstance(a, fx.Node) or a.op != "get_attr" for a in operands) \
-                        or "qc_module_type" not in node.meta:
-                    raise verification_error("normalize", node, gm, "get_attr weight and bias operands and "
-                                             'meta["qc_module_type"] (a layer made from a module)')
+                w, b = (list(node.args[1:3]) + [None])[:2]
+                if not (isinstance(w, fx.Node) and w.op == "get_attr") or "qc_module_type" not in node.meta or \
+                        b is not None and not (isinstance(b, fx.Node) and (b.op == "get_attr"
+                                                                           or b.meta.get("qc_parameter_only"))):
+                    raise verification_error("normalize", node, gm, "a get_attr weight, a bias that is a get_attr or "
+                                             'a function of parameters, and meta["qc_module_type"] (a layer made from a module)')

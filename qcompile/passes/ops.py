@@ -7,6 +7,9 @@ functions, tensor methods, module types) and says what the passes need to know o
   grid_input       its operand is quantized (Q_Y, and Q_G on the gradient leaving it backward):
                    an op whose integer form reads codes (a table, softmax, LayerNorm);
   grid_output      its result is quantized right after it (Q_Y): softmax, LayerNorm.
+A node computed from parameters and buffers alone (`meta["qc_parameter_only"]`, set by `normalize`)
+is of the family "parameter" whatever it calls: no quantizer inside, evaluated in float at lowering;
+its result gets a weight grid where an activation op reads it.
 Every op of a family is quantizable: `quantize` leaves ops of no family in float (with a
 warning), and lowering has one rule per family (`qcompile.ir.lower.RULES`).
 Invariant: a function, method or module type belongs to at most one family.
@@ -79,12 +82,14 @@ FAMILIES = (
     _family("add", {operator.add}),
     _family("mul", {operator.mul}),
     _family("cat", {torch.cat}),
+    _family("parameter"),                      # computed from parameters alone (matched by meta, family_of)
 )
 _BY_FUNCTION = {f: fam for fam in FAMILIES for f in fam.functions}
 _BY_METHOD = {m: fam for fam in FAMILIES for m in fam.methods}
 _BY_NAME = {n: fam for fam in FAMILIES for n in fam.names}
 _BY_MODULE = tuple((t, fam) for fam in FAMILIES for t in fam.modules)
 _OUTPUTS = next(fam for fam in FAMILIES if fam.name == "outputs")
+_PARAMETER = next(fam for fam in FAMILIES if fam.name == "parameter")
 
 CONV_FUNCTIONS = FAMILIES[0].functions
 LINEAR_FUNCTIONS = FAMILIES[1].functions
@@ -123,6 +128,8 @@ def free_path(gm, path: str) -> str:
 
 def family_of(node, gm=None) -> Family | None:
     """The family of what `node` calls (None: no family — not quantizable — or not a call)."""
+    if node.meta.get("qc_parameter_only"):
+        return _PARAMETER
     if node.op == "call_function":
         if isinstance(node.target, type) and issubclass(node.target, tuple):
             return _OUTPUTS

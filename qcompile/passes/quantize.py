@@ -179,15 +179,29 @@ def _quantize_weight(gm, node, idx: int, cfg: QConfig, layer: str, generator, pa
 
 def parameter_operand(node, gm):
     """The get_attr node of a float parameter that `node` is, possibly through grid-preserving ops
-    (a class token expanded over the batch), else None."""
-    while node.op != "get_attr":
+    (a class token expanded over the batch), or the float function of parameters it is (family
+    "parameter": a gathered relative-position bias), else None."""
+    while node.op != "get_attr" and not node.meta.get("qc_parameter_only"):
         if not is_grid_preserving(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         node = node.args[0]
+    meta = node.meta.get("tensor_meta")
+    if node.op != "get_attr":
+        return node if meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point else None
     value = gm
     for part in node.target.split("."):
         value = getattr(value, part)
     return node if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+
+
+def _parameter_path(p) -> str:
+    """Where the weight quantizer of parameter operand `p` goes: `<parameter>_quant`, or for a function of
+    parameters `<module>.<node>_quant` (the module that computes it)."""
+    if p.op == "get_attr":
+        return p.target
+    stack = list(p.meta.get("nn_module_stack", {}).values())
+    owner = stack[-1][0] if stack and isinstance(stack[-1], tuple) and stack[-1][0] else ""
+    return f"{owner}.{p.name}" if owner else p.name
 
 
 def _output_quant(gm, result, cfg: QConfig, layer: str) -> None:
@@ -210,7 +224,8 @@ def _quantize_grid_op(gm, node, fam, config: QConfig, generator) -> None:
         for p in {parameter_operand(a, gm) for a in operands if isinstance(a, fx.Node)} - {None}:
             user = next(iter(p.users))
             idx = user.args.index(p)
-            _quantize_weight(gm, user, idx, cfg, p.target, generator, free_path(gm, f"{p.target}_quant"), False)
+            path = _parameter_path(p)
+            _quantize_weight(gm, user, idx, cfg, path, generator, free_path(gm, f"{path}_quant"), False)
             quantized = user.args[idx]
             p.replace_all_uses_with(quantized, delete_user_cb=lambda u: quantizer_of(u, gm, "weight") is None)
         return

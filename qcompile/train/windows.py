@@ -5,14 +5,19 @@ functions) while `trace` runs, with the same numbers in float.
 Shapes are concrete: `own_windows` runs the example inputs once and builds each stand-in for the
 (H, W) its module sees there, since the padding to whole windows, whether to shift and the
 shifted-window mask follow from them. The batch stays the leading axis (windows are (B, nW, N, C),
-not torchvision's (B·nW, N, C)), so samples stay independent. Padding is F.pad with zeros, the cyclic
+not torchvision's (B·nW, N, C)), so samples stay independent, and heads come before windows in the
+scores (B, heads, nW, N, N), so a per-head factor (v2's logit scale) is one value per channel. Padding is F.pad with zeros, the cyclic
 shift slices + cat, window partition and patch merging reshapes/permutes, the relative-position bias
-the bias table indexed by the module's `relative_position_index`, and the shifted-window mask the
-`visible` argument of `attention_softmax` (a hidden entry has probability 0; torchvision adds −100
+the bias table indexed by the module's `relative_position_index` (v2: 16·sigmoid of the continuous
+position-bias MLP on the coordinate table, a function of parameters), v2's cosine attention
+F.normalize of q and k times exp(min(logit_scale, ln 100)) with the key bias zeroed (as torchvision
+does), and the shifted-window mask the `visible` argument of `attention_softmax` (a hidden entry has probability 0; torchvision adds −100
 before its softmax, exp(−100) ≈ 4e-44). The stand-ins hold the original parameters and buffers under
 the same names, so `state_dict()` keys do not change.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx
@@ -35,7 +40,7 @@ def roll(x: torch.Tensor, shift: int, dim: int, n: int) -> torch.Tensor:
 
 
 def window_visible(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """(nW, 1, N, N) bool: token j is visible to token i of a window when both come from the same region
+    """(nW, N, N) bool: token j is visible to token i of a window when both come from the same region
     of the shifted map (torchvision's shifted-window mask, where a hidden pair gets −100)."""
     region = torch.zeros(pad_h, pad_w)
     count = 0
@@ -45,7 +50,7 @@ def window_visible(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple
             count += 1
     region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
     region = region.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
-    return (region.unsqueeze(1) == region.unsqueeze(2)).unsqueeze(1)
+    return region.unsqueeze(1) == region.unsqueeze(2)
 
 
 class WindowAttention(nn.Module):
@@ -54,7 +59,8 @@ class WindowAttention(nn.Module):
     def __init__(self, mod: tv_swin.ShiftedWindowAttention, height: int, width: int, dim: int):
         super().__init__()
         self.qkv, self.proj = mod.qkv, mod.proj
-        self.relative_position_bias_table = mod.relative_position_bias_table
+        if not isinstance(mod, tv_swin.ShiftedWindowAttentionV2):
+            self.relative_position_bias_table = mod.relative_position_bias_table
         self.register_buffer("relative_position_index", mod.relative_position_index)
         self.heads, self.dim, self.size = mod.num_heads, dim, (height, width)
         self.window = tuple(mod.window_size)
@@ -68,10 +74,13 @@ class WindowAttention(nn.Module):
         self.dropout = nn.Dropout(mod.dropout) if mod.dropout > 0 else nn.Identity()
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(1, 1, heads, N, N): the bias every window's scores get."""
+        """(1, heads, 1, N, N): the bias every window's scores get."""
+        return self.gathered(self.relative_position_bias_table)
+
+    def gathered(self, table: torch.Tensor) -> torch.Tensor:
+        """(1, heads, 1, N, N) from a (relative positions, heads) table, by `relative_position_index`."""
         n = self.window[0] * self.window[1]
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        return bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).unsqueeze(0)
+        return table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1).unsqueeze(1).unsqueeze(0)
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """(B, pH, pW, C) → (B, nW, N, C)."""
@@ -86,8 +95,11 @@ class WindowAttention(nn.Module):
         return x.reshape(-1, self.padded[0], self.padded[1], self.dim)
 
     def heads_of(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, nW, N, C) → (B, nW, heads, N, d)."""
-        return x.unflatten(-1, (self.heads, self.dim // self.heads)).transpose(-3, -2)
+        """(B, nW, N, C) → (B, heads, nW, N, d)."""
+        return x.unflatten(-1, (self.heads, self.dim // self.heads)).permute(0, 3, 1, 2, 4)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv(x)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         q = q * (self.dim // self.heads) ** -0.5
@@ -102,14 +114,39 @@ class WindowAttention(nn.Module):
         if any(self.pad):
             x = F.pad(x, (0, 0, 0, self.pad[1], 0, self.pad[0]))
         x = self.roll(x, -1)
-        q, k, v = torch.chunk(self.qkv(self.partition(x)), 3, dim=-1)
+        q, k, v = torch.chunk(self.project(self.partition(x)), 3, dim=-1)
         scores = self.scores(self.heads_of(q), self.heads_of(k))
         probs = self.attention_dropout(attention_softmax(scores, 1.0, False, self.visible))
-        x = self.dropout(self.proj(torch.matmul(probs, self.heads_of(v)).transpose(-3, -2).flatten(-2)))
+        x = self.dropout(self.proj(torch.matmul(probs, self.heads_of(v)).permute(0, 2, 3, 1, 4).flatten(-2)))
         x = self.roll(self.merge(x), 1)
         if any(self.pad):
             x = x[:, :self.size[0], :self.size[1], :]
         return x
+
+
+class WindowAttentionV2(WindowAttention):
+    """torchvision's `ShiftedWindowAttentionV2`: cosine attention with a per-head logit scale, the
+    continuous position bias, the key bias zeroed."""
+
+    def __init__(self, mod: tv_swin.ShiftedWindowAttentionV2, height: int, width: int, dim: int):
+        super().__init__(mod, height, width, dim)
+        self.logit_scale, self.cpb_mlp = mod.logit_scale, mod.cpb_mlp
+        self.register_buffer("relative_coords_table", mod.relative_coords_table)
+        keep = torch.ones(3 * dim)
+        keep[dim:2 * dim] = 0
+        self.register_buffer("key_bias_zeroed", keep, persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        return 16 * torch.sigmoid(self.gathered(self.cpb_mlp(self.relative_coords_table).view(-1, self.heads)))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.qkv.bias is None else self.qkv.bias * self.key_bias_zeroed
+        return F.linear(x, self.qkv.weight, bias)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        cosine = torch.matmul(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().view(-1, 1, 1, 1)
+        return cosine * scale + self.relative_position_bias()
 
 
 class PatchMerge(nn.Module):
@@ -133,8 +170,8 @@ class PatchMerge(nn.Module):
         return self.reduction(self.norm(x)) if self.norm_first else self.norm(self.reduction(x))
 
 
-_STAND_INS = {tv_swin.ShiftedWindowAttention: WindowAttention, tv_swin.PatchMerging: PatchMerge,
-              tv_swin.PatchMergingV2: PatchMerge}
+_STAND_INS = {tv_swin.ShiftedWindowAttention: WindowAttention, tv_swin.ShiftedWindowAttentionV2: WindowAttentionV2,
+              tv_swin.PatchMerging: PatchMerge, tv_swin.PatchMergingV2: PatchMerge}
 
 
 @torch.no_grad()
