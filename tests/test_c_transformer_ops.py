@@ -180,18 +180,20 @@ def test_softmax_16bit_input_bit_exact(tmp_path):
 
 
 # ---- layer norm ------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,signed,shape,gamma_bits,eps", [
-    (8, False, (4, 384), 8, 1e-5),
-    (16, True, (2, 3, 384), 12, 0.0),          # int16 weight codes; E = 0: a constant row has ρ = 0
-], ids=["u8", "s16-eps0"])
-def test_layer_norm_384_bit_exact(bits, signed, shape, gamma_bits, eps, tmp_path):
+@pytest.mark.parametrize("bits,signed,shape,gamma_bits,eps,centered", [
+    (8, False, (4, 384), 8, 1e-5, True),
+    (16, True, (2, 3, 384), 12, 0.0, True),    # int16 weight codes; E = 0: a constant row has ρ = 0
+    (8, False, (4, 384), 8, 1e-5, False),      # RMSNorm: d = N·(x − z)
+    (16, True, (2, 3, 384), 8, 0.0, False),    # a row at the zero point has ρ = 0
+], ids=["u8", "s16-eps0", "rms-u8", "rms-s16-eps0"])
+def test_layer_norm_384_bit_exact(bits, signed, shape, gamma_bits, eps, centered, tmp_path):
     rng = np.random.default_rng(bits)
     x = tensor("x", shape, 0.02, 100 if not signed else -7, bits=bits, signed=signed)
     y = tensor("y", shape, 0.05, 3, signed=True)
     y16 = tensor("y16", shape, 0.001, 0, bits=16, signed=True)
     gamma, beta = rng.uniform(-2, 2, 384), rng.uniform(-1, 1, 384)
-    ops = [layer_norm_op("ln", x, y, gamma, beta, eps=eps, gamma_bits=gamma_bits),
-           layer_norm_op("ln16", x, y16, gamma, beta, eps=eps, gamma_bits=gamma_bits)]
+    ops = [layer_norm_op("ln", x, y, gamma, beta, eps=eps, gamma_bits=gamma_bits, centered=centered),
+           layer_norm_op("ln16", x, y16, gamma, beta, eps=eps, gamma_bits=gamma_bits, centered=centered)]
     graph = ir.verify(ir.Graph(["x"], ["y", "y16"], {"x": x, "y": y, "y16": y16}, ops))
     assert (ops[0].attrs.eps == 0) == (eps == 0)
     codes = random_codes(x, 12, rng)
@@ -200,6 +202,7 @@ def test_layer_norm_384_bit_exact(bits, signed, shape, gamma_bits, eps, tmp_path
     codes[0, 1] = np.where(np.arange(384) == 5, x.qmax, x.qmin)       # one outlier: the largest Σd²
     codes[1, 1] = np.where(np.arange(384) % 2 == 0, x.qmax, x.qmin)
     codes[2, 1] = x.qmin + rng.integers(0, 2, 384)                    # tiny variance
+    codes[3, 0] = x.zero_point                                        # every x − z = 0
     check_bit_exact(graph, tmp_path, codes=[codes.reshape(12, *shape)], sanitize=True)
     _pure_integer(tmp_path / "net.c")
 

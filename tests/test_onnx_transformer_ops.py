@@ -166,14 +166,15 @@ def test_softmax_with_a_visible_mask(fmt, causal):
     assert (out[:, hidden] == 0).all() and (out[:, ~hidden] > 0).sum() > out[:, ~hidden].size // 4
 
 
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("in_bits", [8, 16])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_layer_norm_of_384(fmt, in_bits):
+def test_layer_norm_of_384(fmt, in_bits, centered):
     n = 384
     rng = np.random.default_rng(in_bits)
     x = tensor("x", (4, n), 0.05, 128) if in_bits == 8 else tensor("x", (4, n), 3e-4, 11, bits=16, signed=True)
     y = tensor("y", (4, n), 0.04, -1, signed=True)
-    op = layer_norm_op("ln", x, y, rng.uniform(-2, 2, n), rng.uniform(-0.5, 0.5, n))
+    op = layer_norm_op("ln", x, y, rng.uniform(-2, 2, n), rng.uniform(-0.5, 0.5, n), centered=centered)
     graph = ir.verify(ir.Graph(["x"], ["y"], {"x": x, "y": y}, [op]))
     codes = random_codes(x, 6, rng)
     codes[2, 0] = np.where(np.arange(n) % 2, x.qmax, x.qmin)          # the largest Σd²

@@ -8,6 +8,7 @@ import torch
 
 from qcompile import ir
 from qcompile.backends import reference
+from qcompile.core.requant import quantize_multiplier
 from qcompile.core.rowwise import div_round, exp_table, isqrt
 from transformer_graphs import attention_graph, layer_norm_op, softmax_op, tensor
 
@@ -55,6 +56,30 @@ def test_layer_norm_within_one_output_step_of_float(n):
                                           torch.tensor(beta), 1e-5).numpy()
     ideal = np.clip(np.round(real / y.scale), y.qmin, y.qmax)
     assert np.abs(out - ideal).max() <= 1
+
+
+@pytest.mark.parametrize("n", [64, 384])
+def test_rms_norm_and_normalize_within_one_output_step_of_float(n):
+    """The non-centred norm op against float RMSNorm (E = ε·N³/S², unit S_g·√N) and F.normalize (unit S_g,
+    E = ε²·N²/S²) on the same codes."""
+    rng = np.random.default_rng(n)
+    x, y = tensor("x", (3, n), 0.05, 120), tensor("y", (3, n), 0.02, 0, signed=True)
+    gamma = rng.uniform(-2, 2, n)
+    op = layer_norm_op("rms", x, y, gamma, np.zeros(n), centered=False)
+    codes = rng.integers(0, 256, (16, 3, n))
+    out = reference.run_codes(ir.verify(ir.Graph(["x"], ["y"], {"x": x, "y": y}, [op])), codes)
+    g = op.attrs.weight * (np.abs(gamma).max() / 127)
+    real = torch.nn.functional.rms_norm(torch.tensor((codes - 120) * 0.05), (n,), torch.tensor(g), 1e-5).numpy()
+    assert np.abs(out - np.clip(np.round(real / y.scale), y.qmin, y.qmax)).max() <= 1
+    unit = 1 / 2 ** 16                             # F.normalize: weight 1, no √N
+    m, s = quantize_multiplier(unit / (1 / 127))
+    y1 = tensor("y1", (3, n), 1 / 127, 0, signed=True)
+    unit_op = ir.Op("layer_norm", "normalize", ["x"], "y1", ir.LayerNorm(
+        weight=np.ones(n, np.int8), bias=np.zeros(n, np.int64), eps=round(1e-24 * n * n / 0.05 ** 2), multiplier=m,
+        shift=s, centered=False, act_min=-128, act_max=127))
+    out = reference.run_codes(ir.verify(ir.Graph(["x"], ["y1"], {"x": x, "y1": y1}, [unit_op])), codes)
+    real = torch.nn.functional.normalize(torch.tensor((codes - 120) * 0.05), dim=-1).numpy()
+    assert np.abs(out - np.clip(np.round(real * 127), -128, 127)).max() <= 1
 
 
 @pytest.mark.parametrize("causal", [False, True])

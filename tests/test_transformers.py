@@ -252,3 +252,40 @@ def test_relative_position_attention_in_einsum_lowers_and_matches(tmp_path):
         cmp = parity.compare(graph, x, backends=("reference", "onnx:qop"), given={"PyTorch": qm(x)})
     assert cmp.mismatch("reference", "onnx:qop") == 0 and cmp.max_lsb("reference", "PyTorch") <= 2
     check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])
+
+
+class RMSBlock(nn.Module):
+    """linear → nn.RMSNorm → linear: RMSNorm is the norm op not centred on the mean."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(8, dim), nn.RMSNorm(dim, eps=1e-6), nn.Linear(dim, 4)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.down(self.norm(self.up(x)))
+
+
+def test_rms_norm_module_trains_lowers_and_every_backend_agrees(tmp_path):
+    torch.manual_seed(0)
+    model, x = RMSBlock(), torch.randn(16, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        qm = qcompile.compile(model, x, qcompile.QConfig(**W8A8G8))
+    assert F.rms_norm in {n.target for n in qm.graph.nodes}
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = qm(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qm.eval()
+    graph = qcompile.lower(qm)
+    norms = [op for op in graph.ops if op.kind == "layer_norm"]
+    assert len(norms) == 1 and not norms[0].attrs.centered
+    with torch.no_grad():
+        cmp = parity.compare(graph, x, backends=("reference", "onnx:qop"), given={"PyTorch": qm(x)})
+    assert cmp.mismatch("reference", "onnx:qop") == 0 and cmp.max_lsb("reference", "PyTorch") <= 1
+    check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])

@@ -48,15 +48,16 @@ def gamma_codes(gamma: np.ndarray, bits: int = 8) -> tuple[np.ndarray, float]:
 
 
 def layer_norm_op(name, x: ir.Tensor, y: ir.Tensor, gamma: np.ndarray, beta: np.ndarray, eps=1e-5,
-                  gamma_bits=8) -> ir.Op:
-    """LayerNorm over x's last axis with float gamma/beta, gamma on a symmetric per-tensor grid."""
+                  gamma_bits=8, centered: bool = True) -> ir.Op:
+    """LayerNorm (RMSNorm when not `centered`) over x's last axis with float gamma/beta, gamma on a
+    symmetric per-tensor grid."""
     n = x.shape[-1]
     codes, s_g = gamma_codes(gamma, gamma_bits)
     unit = s_g * math.sqrt(n) / 2 ** NORM_BITS
     m, s = quantize_multiplier(unit / y.scale)
     return ir.Op("layer_norm", name, [x.name], y.name, ir.LayerNorm(
         weight=codes, bias=np.round(beta / unit).astype(np.int64), eps=layer_norm_eps(eps, n, x.scale),
-        multiplier=m, shift=s, **clamp(y)))
+        multiplier=m, shift=s, centered=centered, **clamp(y)))
 
 
 def _one_op(op: ir.Op, x: ir.Tensor, y: ir.Tensor) -> ir.Graph:
