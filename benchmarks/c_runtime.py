@@ -35,6 +35,7 @@ from qcompile.backends.onnx import onnxruntime_session
 from qcompile.backends import reference
 from qcompile.backends.c.build import bench, build, run
 from qcompile.backends.c.codegen import emit
+from qcompile.tools.machine import cpu
 
 VARIANTS = {
     "exact": {},
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--opt", default="-O3 -march=native")
     args = ap.parse_args()
+    print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

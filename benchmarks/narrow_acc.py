@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile.tools.machine import cpu
 
 # (name, in_channels, out_channels, kernel, stride, input spatial size)
 RESNET18_CONVS = [
@@ -71,6 +72,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(1)
     shapes = [(n, nn.Conv2d(ci, co, k, s, k // 2, bias=False), (args.batch, ci, hw, hw))
               for n, ci, co, k, s, hw in RESNET18_CONVS]

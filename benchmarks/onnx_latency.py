@@ -22,6 +22,7 @@ import torch
 import qcompile
 from qcompile.models import get
 from qcompile.backends.onnx import onnxruntime_session
+from qcompile.tools.machine import cpu
 
 
 def latencies_ms(paths: list, x: np.ndarray, runs: int) -> list[float]:
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
+    print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ from qcompile.models import get  # noqa: E402
 from qcompile.backends.parity import onnx_per_op as parity  # noqa: E402
 from qcompile.ir.lower import lower  # noqa: E402
 from qcompile.backends import reference as ref  # noqa: E402
+from qcompile.tools.machine import cpu
 
 MODELS = {
     "models:lenet5": (1, 28), "models:lenet5_bn": (1, 28), "models:resnet20": (3, 32),
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
+    print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     print(f"{'model':<32} {'pow2':<5} {'fmt':<4} {'e2e mismatch':>12} {'max':>4} {'local (rate)':>15} "

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torchvision
 
 import qcompile
+from qcompile.tools.machine import cpu
 
 
 def torch_ao_qat(model, example):
@@ -55,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 200, (32,))

@@ -8,7 +8,6 @@ rounds of medians; the C output checked byte for byte against the integer refere
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -25,18 +24,9 @@ from qcompile.backends.c.build import bench, build, run
 from qcompile.backends.c.codegen import emit
 from qcompile.backends.onnx import onnxruntime_session
 from qcompile.models import get
+from qcompile.tools.machine import cpu
 
 W8A8G8 = dict(weight_bits=8, act_bits=8, grad_bits=8, act_range="hindsight", grad_range="hindsight", seed=0)
-
-
-def cpu() -> str:
-    """The CPU model and the flags that decide integer speed (AVX2, AVX-512, VNNI, AMX)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{model} [{' '.join(shown) or 'no AVX2'}]"
 
 
 def step_fn(model, x, y):

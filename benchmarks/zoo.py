@@ -183,11 +183,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(json.dumps(check_model(args.one, args.c_limit, size=args.size)))
         return
-    import platform
     import torchvision
     names = [n for n in torchvision.models.list_models(module=torchvision.models) if fnmatch.fnmatch(n, args.models)]
-    print(f"{len(names)} torchvision classifiers; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    from qcompile.tools.machine import cpu
+    print(f"{len(names)} torchvision classifiers; CPU: {cpu()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(format_header())
     rows = run_all(names, args.timeout, args.c_limit, args.out, args.size)
     line = summary(rows, args.c_limit)
