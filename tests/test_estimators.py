@@ -42,6 +42,25 @@ def test_hindsight_uses_the_range_known_before_the_step(eta):
     assert est.static
 
 
+@pytest.mark.parametrize("cls", [HindsightMinMax, RunningMinMax])
+def test_all_zero_batches_leave_no_scale(cls):
+    """The gradient behind a zero-initialized head is all zeros on the first steps: [0, 0] holds no scale,
+    so the first non-zero batch sets the range as a first batch does (not 10 % of it), and the state of
+    [0, 0] stays usable in eval."""
+    est = cls(0.9)
+    for _ in range(2):
+        lo, hi, finite = est(torch.zeros(5), update=True)
+        assert finite and lo == 0 and hi == 0
+    assert est(torch.zeros(5), update=False)[:2] == (0, 0)            # eval: the [0, 0] state, no error
+    g = torch.tensor([-3e-4, 1e-4, 2e-4])
+    lo, hi, _ = est(g, update=True)
+    assert lo == g.min() and hi == g.max()                            # quantized with its own range
+    lo, hi, _ = est(torch.ones(3), update=True)
+    if cls is HindsightMinMax:                                        # the range known before this step
+        assert lo == g.min() and hi == g.max()
+    assert torch.isclose(est.hi, 0.1 * 1 + 0.9 * g.max())             # then blended as usual
+
+
 def test_current_minmax_is_dynamic():
     est = CurrentMinMax()
     for g in SEQ:

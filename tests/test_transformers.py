@@ -289,3 +289,37 @@ def test_rms_norm_module_trains_lowers_and_every_backend_agrees(tmp_path):
         cmp = parity.compare(graph, x, backends=("reference", "onnx:qop"), given={"PyTorch": qm(x)})
     assert cmp.mismatch("reference", "onnx:qop") == 0 and cmp.max_lsb("reference", "PyTorch") <= 1
     check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])
+
+
+def test_gradients_flow_behind_a_zero_initialized_head():
+    """torchvision's VisionTransformer starts with a zero head, so every gradient of the first step is 0.
+    The gradient quantizers' in-hindsight ranges must not settle on [0, 0]: on the second step the gradient
+    entering each attention matmul is non-zero and spread over many grid steps."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10)
+    assert not model.heads.head.weight.any()
+    x = torch.randn(4, 3, 32, 32)
+    qm = qcompile.compile(model, x, qcompile.QConfig(**W8A8G8))
+    qm.calibrate([x])
+    matmuls = {n.name for n in attention_matmuls(qm)}
+    grads = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in matmuls:
+                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
+            return out
+
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for step in range(2):
+        loss = F.cross_entropy(Recorder(qm).run(x), torch.arange(4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 0:
+            assert all(not g.any() for g in grads.values())
+    assert len(grads) == 4 and all(g.unique().numel() > 16 for g in grads.values()), \
+        {k: g.unique().numel() for k, g in grads.items()}

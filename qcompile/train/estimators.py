@@ -6,6 +6,13 @@ the range to quantize `x` with, and, when `update` is true, folds the statistics
 into the state. Statistics that are not finite never touch the state: the update is
 skipped, `nonfinite` is incremented, and `forward` reports it through `finite=False`.
 
+A state of [0, 0] (every value seen so far was 0: the gradient behind a zero-initialized
+classifier head, a ReLU dead on the first batch) holds no scale: the running and in-hindsight
+estimators treat it as no state yet, so the first batch with a non-zero value sets the range
+as the first batch does (blending it into [0, 0] would leave a grid far too fine, which
+saturates every later value and, for gradients, every layer below it; the state stays
+usable in eval).
+
 Under torch.distributed, batch statistics are all-reduced (min of mins, max of maxes) so
 every rank quantizes with the same range.
 """
@@ -82,6 +89,10 @@ class RangeEstimator(nn.Module):
                 "qm.calibrate(batches) or train a few steps before using it in eval mode")
         return self.lo.clone(), self.hi.clone()
 
+    def unset(self) -> bool:
+        """No state yet, or only [0, 0] (see the module docstring)."""
+        return not bool(self.initialized) or not bool((self.lo != 0).any() or (self.hi != 0).any())
+
     def _set(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.lo.copy_(lo)
         self.hi.copy_(hi)
@@ -117,7 +128,7 @@ class RunningMinMax(RangeEstimator):
             return (*self.stored(who), True)
         lo, hi, finite = self.stats(x)
         if finite:
-            if bool(self.initialized):
+            if not self.unset():
                 eta = self.momentum
                 lo, hi = (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi
             self._set(lo, hi)
@@ -129,7 +140,8 @@ class RunningMinMax(RangeEstimator):
 class HindsightMinMax(RangeEstimator):
     """Static: step t is quantized with q^t = (1-η)·minmax(G^(t-1)) + η·q^(t-1), the range
     known before G^t is seen; G^t's statistics then update the state for step t+1. The
-    first batch initializes the state with its own min-max and is quantized with it."""
+    first batch (the first with a non-zero value) initializes the state with its own min-max
+    and is quantized with it."""
 
     name = "hindsight"
     static = True
@@ -141,7 +153,7 @@ class HindsightMinMax(RangeEstimator):
     def forward(self, x, update, who=""):
         if not update:
             return (*self.stored(who), True)
-        if not bool(self.initialized):
+        if self.unset():
             lo, hi, finite = self.stats(x)
             if finite:
                 self._set(lo, hi)
