@@ -81,6 +81,7 @@ def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, p
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FloatFallbackWarning)
             qm = qcompile.compile(model, x[:2], grad_bits=8, seed=0)
+        del model                                   # compile traced a copy: the float model is not needed
         fallbacks = [str(w.message) for w in caught if issubclass(w.category, FloatFallbackWarning)]
         row["float_ops"] = int(fallbacks[0].split()[0]) if fallbacks else 0
         row["stage"] = "train"
@@ -95,6 +96,8 @@ def check_model(name: str, c_limit: float = 30e6, workdir: Path | None = None, p
             loss.backward()
             opt.step()
         row["loss"] = float(loss.detach())
+        opt.zero_grad(set_to_none=True)             # the gradients and the optimizer are not needed to export
+        del opt, loss
         row["stage"] = "lower"
         qm.eval()
         with torch.no_grad():

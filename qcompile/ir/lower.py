@@ -95,7 +95,9 @@ class Const:
 
 @dataclass
 class Weight:
-    """Weight codes of a weight quantizer's grid: codes (O, ...) int64, scale (O,) float64, `bits` wide."""
+    """Weight codes of a weight quantizer's grid: codes (O, ...) integers in the narrowest storage that
+    holds them (int8 for an 8-bit grid: lowering keeps every layer's codes at once), scale (O,) float64,
+    `bits` wide."""
     codes: np.ndarray
     scale: np.ndarray
     bits: int = 8
@@ -506,7 +508,7 @@ class _Lowering:
                 self.fail(node, "weight grid is not symmetric (zero point ≠ 0)")
             codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
             scale = np.broadcast_to(scale.double().numpy(), (w.shape[0],)).copy()
-            return Weight(codes.to(torch.int64).numpy(), scale, q.bits)
+            return Weight(_storage(codes.to(torch.int64).numpy(), 8), scale, q.bits)
         grid = _quantizer_grid(q, node.target)
         shape = self.shape(node)
         if isinstance(src, Input):
