@@ -18,12 +18,12 @@ the same names, so `state_dict()` keys do not change.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import swin_transformer as tv_swin
 
 from qcompile.train.attention import attention_softmax
 
@@ -56,10 +56,10 @@ def window_visible(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple
 class WindowAttention(nn.Module):
     """torchvision's `ShiftedWindowAttention` on an input of (B, H, W, C) with this H and W."""
 
-    def __init__(self, mod: tv_swin.ShiftedWindowAttention, height: int, width: int, dim: int):
+    def __init__(self, mod: nn.Module, height: int, width: int, dim: int):
         super().__init__()
         self.qkv, self.proj = mod.qkv, mod.proj
-        if not isinstance(mod, tv_swin.ShiftedWindowAttentionV2):
+        if hasattr(mod, "relative_position_bias_table"):        # v1 (v2 has a continuous position bias)
             self.relative_position_bias_table = mod.relative_position_bias_table
         self.register_buffer("relative_position_index", mod.relative_position_index)
         self.heads, self.dim, self.size = mod.num_heads, dim, (height, width)
@@ -128,7 +128,7 @@ class WindowAttentionV2(WindowAttention):
     """torchvision's `ShiftedWindowAttentionV2`: cosine attention with a per-head logit scale, the
     continuous position bias, the key bias zeroed."""
 
-    def __init__(self, mod: tv_swin.ShiftedWindowAttentionV2, height: int, width: int, dim: int):
+    def __init__(self, mod: nn.Module, height: int, width: int, dim: int):
         super().__init__(mod, height, width, dim)
         self.logit_scale, self.cpb_mlp = mod.logit_scale, mod.cpb_mlp
         self.register_buffer("relative_coords_table", mod.relative_coords_table)
@@ -158,7 +158,7 @@ class PatchMerge(nn.Module):
     def __init__(self, mod: nn.Module, height: int, width: int, dim: int):
         super().__init__()
         self.reduction, self.norm = mod.reduction, mod.norm
-        self.norm_first = not isinstance(mod, tv_swin.PatchMergingV2)
+        self.norm_first = type(mod).__name__ != "PatchMergingV2"
         self.pad, self.dim = (height % 2, width % 2), dim
         self.half = ((height + 1) // 2, (width + 1) // 2)
 
@@ -170,16 +170,18 @@ class PatchMerge(nn.Module):
         return self.reduction(self.norm(x)) if self.norm_first else self.norm(self.reduction(x))
 
 
-_STAND_INS = {tv_swin.ShiftedWindowAttention: WindowAttention, tv_swin.ShiftedWindowAttentionV2: WindowAttentionV2,
-              tv_swin.PatchMerging: PatchMerge, tv_swin.PatchMergingV2: PatchMerge}
-
-
 @torch.no_grad()
 def own_windows(model: nn.Module, example_inputs: tuple, leaves=()) -> None:
     """Replace (in place) every torchvision ShiftedWindowAttention / PatchMerging(V2) of `model` by its
-    stand-in for the input shape it sees on `example_inputs`, except those named in `leaves`."""
+    stand-in for the input shape it sees on `example_inputs`, except those named in `leaves` (a model
+    can hold them only once torchvision's swin_transformer module is loaded: nothing is imported here)."""
+    tv_swin = sys.modules.get("torchvision.models.swin_transformer")
+    if tv_swin is None:
+        return
+    stand_ins = {tv_swin.ShiftedWindowAttention: WindowAttention, tv_swin.ShiftedWindowAttentionV2: WindowAttentionV2,
+                 tv_swin.PatchMerging: PatchMerge, tv_swin.PatchMergingV2: PatchMerge}
     targets = {path: mod for path, mod in model.named_modules()
-               if type(mod) in _STAND_INS and not {path, type(mod).__name__} & set(leaves)}
+               if type(mod) in stand_ins and not {path, type(mod).__name__} & set(leaves)}
     if not targets:
         return
     shapes = {}
@@ -201,4 +203,4 @@ def own_windows(model: nn.Module, example_inputs: tuple, leaves=()) -> None:
     for path, mod in targets.items():
         parent, _, name = path.rpartition(".")
         _, height, width, dim = shapes[path]
-        setattr(model.get_submodule(parent), name, _STAND_INS[type(mod)](mod, height, width, dim))
+        setattr(model.get_submodule(parent), name, stand_ins[type(mod)](mod, height, width, dim))
