@@ -71,6 +71,21 @@ def attention_matmuls(qm):
     return [n for n in qm.graph.nodes if family_of(n, qm) is not None and family_of(n, qm).name == "matmul"]
 
 
+def gradient_recorder(qm, grads: dict):
+    """An interpreter of `qm` that stores, per attention matmul, the gradient entering it (the gradient of
+    its output) into `grads` on each backward pass."""
+    matmuls = {n.name for n in attention_matmuls(qm)}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in matmuls:
+                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
+            return out
+
+    return Recorder(qm)
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def trained(request):
     """(name, qm after 3 W8A8G8 steps in eval, inputs, the gradients that entered each attention matmul)."""
@@ -84,18 +99,10 @@ def trained(request):
     qm.calibrate([x])
     opt = torch.optim.AdamW(qm.parameters(), lr=2e-3)
     grads, losses = {}, []
-    matmuls = {n.name for n in attention_matmuls(qm)}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in matmuls:
-                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
-            return out
-
+    recorder = gradient_recorder(qm, grads)
     qm.train()
     for _ in range(3):
-        loss = loss_of(name, Recorder(qm).run(x), x)
+        loss = loss_of(name, recorder.run(x), x)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -303,19 +310,11 @@ def test_gradients_flow_behind_a_zero_initialized_head():
     x = torch.randn(4, 3, 32, 32)
     qm = qcompile.compile(model, x, qcompile.QConfig(**W8A8G8))
     qm.calibrate([x])
-    matmuls = {n.name for n in attention_matmuls(qm)}
     grads = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in matmuls:
-                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
-            return out
-
+    recorder = gradient_recorder(qm, grads)
     opt = torch.optim.SGD(qm.parameters(), lr=0.01)
     for step in range(2):
-        loss = F.cross_entropy(Recorder(qm).run(x), torch.arange(4))
+        loss = F.cross_entropy(recorder.run(x), torch.arange(4))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -197,7 +197,7 @@ def verify(gm: fx.GraphModule, config=None) -> None:
             if isinstance(mod, CONV_MODULES + LINEAR_MODULES + (nn.LayerNorm, nn.RMSNorm)) and \
                     getattr(mod, "padding_mode", "zeros") == "zeros" or \
                     isinstance(mod, nn.Embedding) and mod.max_norm is None:
-                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm/F.embedding on the "
+                raise verification_error("normalize", node, gm, "a call of F.conv1d/F.conv2d/F.linear/F.layer_norm/F.rms_norm/F.embedding on the "
                                          "module's get_attr weight and bias, not a call of the module")
             if type(mod) in ACTIVATION_MODULES:
                 raise verification_error("normalize", node, gm, f"a call of {ACTIVATION_MODULES[type(mod)].__name__}, "
