@@ -1,6 +1,7 @@
-"""Single-thread latency and GMAC/s of the generated C runtime vs onnxruntime, resnet18.
+"""Single-thread latency and GMAC/s of the generated C runtime vs onnxruntime, resnet18 and mobilenet_v2.
 
-torchvision resnet18 (1000 classes, random weights) is compiled with qcompile (W8A8),
+Each torchvision model (1000 classes, random weights; mobilenet_v2's depthwise and 1×1 convs beside
+resnet18's 3×3 ones) is compiled with qcompile (W8A8),
 calibrated on random inputs, put in eval mode and lowered once per accumulator setting:
   exact           acc_bits=None (the static bound fits int32: 32-bit lanes, VNNI dot products)
   acc16 wrap      acc_bits=16, tile=64, wrap      (modular: 16-bit lanes)
@@ -14,7 +15,8 @@ machine is shared: each contender meets the same load) and the best round counts
 GMAC/s = the graph's multiply-accumulates / latency. Before timing, each C output is checked
 byte for byte against the integer reference.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/c_runtime.py [--sizes 64,224] [--repeats 10] [--rounds 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/c_runtime.py [--models resnet18,mobilenet_v2] [--sizes 64,224]
+        [--repeats 10] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -45,12 +47,12 @@ VARIANTS = {
 }
 
 
-def lowered(size: int, **acc):
+def lowered(model: str, size: int, **acc):
     torch.manual_seed(0)
     x = torch.randn(4, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qm = qcompile.compile(get("torchvision:resnet18").eval(), (x[:1],), act_range="running", **acc)
+        qm = qcompile.compile(get(f"torchvision:{model}").eval(), (x[:1],), act_range="running", **acc)
     qm.calibrate([x[:2], x[2:]])
     return qm.eval(), x
 
@@ -69,6 +71,7 @@ def ort_latency(path, x: np.ndarray, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--sizes", default="64,224")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per round (median)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median counts")
@@ -79,13 +82,13 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (int(s) for s in args.sizes.split(",")):
+        for model, size in ((m, int(s)) for m in args.models.split(",") for s in args.sizes.split(",")):
             prepared = []
             for label in args.variants.split(","):
-                qm, x = lowered(size, **VARIANTS[label])
+                qm, x = lowered(model, size, **VARIANTS[label])
                 graph = qcompile.lower(qm)
-                out = Path(tmp) / f"r{size}_{label.replace(' ', '_')}"
-                module = emit(graph, out, name="resnet18")
+                out = Path(tmp) / f"{model}_{size}_{label.replace(' ', '_')}"
+                module = emit(graph, out, name=model)
                 t0 = time.perf_counter()
                 exe = build(out, opt=args.opt)
                 build_s = time.perf_counter() - t0
@@ -93,11 +96,11 @@ def main() -> None:
                 (got,) = run(out, codes, exe=exe)
                 exact = bool(np.array_equal(got, reference.run_codes(graph, codes)))
                 prepared.append((label, module, out, exe, codes))
-                rows.append(dict(size=size, variant=label, bit_exact=exact, arena=module.arena_bytes,
+                rows.append(dict(model=model, size=size, variant=label, bit_exact=exact, arena=module.arena_bytes,
                                  naive=module.naive_bytes, weights=module.weight_bytes, build_s=build_s,
                                  macs=module.macs, c_s=float("inf")))
                 if label == "exact":
-                    onnx_path = Path(tmp) / f"r{size}.onnx"
+                    onnx_path = Path(tmp) / f"{model}_{size}.onnx"
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         qcompile.export_onnx(graph, onnx_path, "qop")
@@ -111,16 +114,16 @@ def main() -> None:
             for row in size_rows:
                 row.update(c_ms=1e3 * row["c_s"], c_gmacs=row["macs"] / row["c_s"] / 1e9, ort_ms=1e3 * ort_s,
                            ort_gmacs=row["macs"] / ort_s / 1e9)
-                print(f"  {size}x{size} {row['variant']:<15} C {row['c_ms']:8.2f} ms {row['c_gmacs']:6.1f} GMAC/s "
+                print(f"  {model} {size}x{size} {row['variant']:<15} C {row['c_ms']:8.2f} ms {row['c_gmacs']:6.1f} GMAC/s "
                       f"(bit-exact {row['bit_exact']}, gcc {row['build_s']:.0f} s); onnxruntime {row['ort_ms']:.2f} ms "
                       f"{row['ort_gmacs']:.1f} GMAC/s", file=sys.stderr, flush=True)
-    print(f"\nresnet18, 1 thread, gcc {args.opt}; onnxruntime on qcompile's QOperator export; "
+    print(f"\n1 thread, gcc {args.opt}; onnxruntime on qcompile's QOperator export; "
           f"best of {args.rounds} interleaved rounds of {args.repeats}-run medians\n")
-    print("| input | accumulator | C ms | C GMAC/s | ORT ms | ORT GMAC/s | C ÷ ORT time | bit-exact | arena KiB "
+    print("| model | input | accumulator | C ms | C GMAC/s | ORT ms | ORT GMAC/s | C ÷ ORT time | bit-exact | arena KiB "
           "(naive) | weights MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']}×{r['size']} | {r['variant']} | {r['c_ms']:.2f} | {r['c_gmacs']:.1f} | {r['ort_ms']:.2f} | "
+        print(f"| {r['model']} | {r['size']}×{r['size']} | {r['variant']} | {r['c_ms']:.2f} | {r['c_gmacs']:.1f} | {r['ort_ms']:.2f} | "
               f"{r['ort_gmacs']:.1f} | {r['c_ms'] / r['ort_ms']:.2f}× | {r['bit_exact']} | {r['arena'] / 1024:.0f} "
               f"({r['naive'] / 1024:.0f}) | {r['weights'] / 2 ** 20:.1f} |")
 
