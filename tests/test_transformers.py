@@ -189,17 +189,73 @@ def test_vit_b_16_has_no_float_fallback_and_lowers_to_integer_ops():
     assert kinds.count("layer_norm") == 25 and kinds.count("softmax") == 12 and kinds.count("constant") == 2
 
 
-def test_attention_masks_are_refused_naming_the_module():
-    class Masked(nn.Module):
+def test_key_padding_masks_are_refused_naming_the_module():
+    class Padded(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
         def forward(self, x):
-            return self.attn(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool))[0]
+            return self.attn(x, x, x, key_padding_mask=x[..., 0] > 0)[0]
 
-    with pytest.raises(qcompile.errors.TraceError, match="attn.*attn_mask"):
-        qcompile.compile(Masked(), torch.randn(2, 4, 8))
+    with pytest.raises(qcompile.errors.TraceError, match="attn.*key_padding_mask"):
+        qcompile.compile(Padded(), torch.randn(2, 4, 8))
+
+
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention with a float causal mask made in forward (0 / -inf, nn.Transformer's form),
+    then SDPA with a bool buffer mask (True takes part): both become the softmax's `visible`."""
+
+    def __init__(self, length=6, dim=8):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.register_buffer("band", (torch.arange(length)[:, None] - torch.arange(length)[None, :]).abs() <= 2)
+        self.length = length
+
+    def forward(self, x):
+        causal = torch.triu(torch.full((self.length, self.length), float("-inf")), diagonal=1)
+        x = x + self.attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.band).transpose(1, 2).flatten(2)
+
+
+def test_constant_attention_masks_train_lower_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model, x = MaskedAttention(), torch.randn(8, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(trace(model.eval(), (x,))(x), model(x), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        qm = qcompile.compile(model.train(), x, qcompile.QConfig(**W8A8G8))
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(2):
+        loss = qm(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qm.eval()
+    graph = qcompile.lower(qm)
+    masks = [op.attrs.visible for op in graph.ops if op.kind == "softmax"]
+    assert len(masks) == 2
+    np.testing.assert_array_equal(masks[0], np.tril(np.ones((6, 6), np.int8)))
+    np.testing.assert_array_equal(masks[1], model.band.numpy().astype(np.int8))
+    with torch.no_grad():
+        cmp = parity.compare(graph, x, backends=("reference", "onnx:qop"), given={"PyTorch": qm(x)})
+    assert cmp.mismatch("reference", "onnx:qop") == 0 and cmp.max_lsb("reference", "PyTorch") <= 2
+    check_bit_exact(graph, tmp_path, n=2, codes=[reference.quantize_input(graph, x[:2]).astype(np.int64)])
+
+
+def test_a_float_bias_passed_as_a_mask_is_refused():
+    class Biased(nn.Module):
+        def forward(self, x):
+            q = x.unflatten(-1, (2, -1)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=torch.full((4, 4), 0.5))
+
+    with pytest.raises(qcompile.errors.QCompileError, match="additive bias, not a mask"):
+        qcompile.compile(Biased(), torch.randn(2, 4, 8))
 
 
 def test_cross_attention_quantizes_three_projections():

@@ -340,9 +340,11 @@ class _Lowering:
         return names
 
     def is_const(self, node) -> bool:
+        """A parameter, or a call on constants alone (a function or method call with no tensor input: a
+        constant made in forward)."""
         deps = node.all_input_nodes
-        return node.op == "get_attr" or (deps != [] and all(isinstance(self.val.get(d), Const) for d in deps)
-                                         and not isinstance(self.module(node), Quantizer))
+        return node.op == "get_attr" or (node.op in ("call_function", "call_method") or deps != []) and \
+            all(isinstance(self.val.get(d), Const) for d in deps) and not isinstance(self.module(node), Quantizer)
 
     def fold_const(self, node):
         if node.op == "get_attr":
@@ -931,6 +933,9 @@ class _Lowering:
         visible = None
         if node.target is attention_softmax:
             args = list(node.args) + [node.kwargs.get("visible")] * (4 - len(node.args))
+            if isinstance(args[3], fx.Node) and not isinstance(self.val.get(args[3]), Const):
+                self.fail(node, "its attention mask follows the input; a constant mask (a buffer, or one made "
+                          "without the input) is lowered")
             scale, causal, visible = (self.val[a].value if isinstance(a, fx.Node) else a for a in args[1:4])
             scale, causal = float(scale), bool(causal)
         else:

@@ -12,7 +12,8 @@ functional form; no call passes `inplace=True`; in-place/alias forms (`+=`, `tor
 traced with the model's mode as its `training` constant is a module call (nn.Dropout,
 `StochasticDepth`) whose randomness follows the graph module's mode. Every layer node carries
 `meta["qc_layer"]` (module path) and `meta["qc_module_type"]`. Every call whose inputs are parameters,
-buffers or such calls alone (Swin v2's continuous position-bias MLP on its coordinate table, the exp of
+buffers or such calls alone (a function or method call with no tensor input at all, a constant made in
+`forward`, included) (Swin v2's continuous position-bias MLP on its coordinate table, the exp of
 a logit scale, a bias with a part zeroed) carries `meta["qc_parameter_only"]`: a function of the
 parameters, evaluated once in float at lowering (`qcompile.passes.ops`, family "parameter").
 """
@@ -167,7 +168,9 @@ def normalize(gm: fx.GraphModule, config=None) -> fx.GraphModule:
         elif node.op == "call_method" and node.target in CANONICAL_METHODS and not node.kwargs:
             node.op, node.target = "call_function", CANONICAL_METHODS[node.target]
     for node in graph.nodes:
-        if node.op.startswith("call_") and node.all_input_nodes and all(
+        if node.op in ("call_function", "call_method") and all(
+                a.op == "get_attr" or a.meta.get("qc_parameter_only") for a in node.all_input_nodes) or \
+                node.op == "call_module" and node.all_input_nodes and all(
                 a.op == "get_attr" or a.meta.get("qc_parameter_only") for a in node.all_input_nodes):
             node.meta["qc_parameter_only"] = True
     graph.lint()

@@ -11,8 +11,10 @@ is one `softmax` IR op), not float ops before it. A row keeps at least one visib
 `Attention.from_module(mha)` holds the module's own parameters under the same names
 (`in_proj_weight`, `in_proj_bias`, `out_proj`), so `state_dict()` keys do not change. Self-attention
 (query, key and value the same tensor) is one linear to q|k|v, chunked; otherwise q, k and v are
-linears on slices of the packed weight. Masks, bias_k/bias_v, add_zero_attn and separate k/v
-dimensions are refused with an error naming the module.
+linears on slices of the packed weight. An attention mask (SDPA's `attn_mask`, the module's
+`attn_mask`: bool, or float of 0 and −inf) becomes `visible` through `mask_visible` (one traced
+node); deployed, it must be a constant (a buffer, or made without the input). key_padding_mask,
+bias_k/bias_v, add_zero_attn and separate k/v dimensions are refused with an error naming the module.
 """
 from __future__ import annotations
 
@@ -41,6 +43,22 @@ def attention_softmax(x: torch.Tensor, scale: float, causal: bool,
 torch.fx.wrap("attention_softmax")
 
 
+def mask_visible(mask: torch.Tensor, true_is_visible: bool) -> torch.Tensor:
+    """The bool `visible` of an attention mask: a bool mask (SDPA: True takes part, `true_is_visible`;
+    nn.MultiheadAttention: True is hidden) or an additive float mask of 0 (visible) and −inf (hidden).
+    Other float values are a bias, not a mask: refused."""
+    if mask.dtype == torch.bool:
+        return mask if true_is_visible else ~mask
+    hidden = torch.isneginf(mask)
+    if bool(((mask != 0) & ~hidden).any()):
+        raise UnsupportedOpError("a float attention mask with values other than 0 and -inf is an additive bias, not a "
+                                 "mask; pass a bool mask (or add the bias to the scores in the model)")
+    return ~hidden
+
+
+torch.fx.wrap("mask_visible")
+
+
 def head_scale(head_dim: int) -> float:
     """1/√d: one traced node on the (traced) head dimension, a constant at lowering."""
     return 1.0 / math.sqrt(head_dim)
@@ -49,9 +67,10 @@ def head_scale(head_dim: int) -> float:
 torch.fx.wrap("head_scale")
 
 
-def attend(q, k, v, scale: float, causal: bool, dropout: nn.Module | None = None):
-    """softmax(q·kᵀ·scale)·v over (..., L, d) heads; `dropout` on the probabilities (training)."""
-    probs = attention_softmax(torch.matmul(q, k.transpose(-2, -1)), scale, causal)
+def attend(q, k, v, scale: float, causal: bool, dropout: nn.Module | None = None, visible=None):
+    """softmax(q·kᵀ·scale)·v over (..., L, d) heads, entries where `visible` is False hidden; `dropout`
+    on the probabilities (training)."""
+    probs = attention_softmax(torch.matmul(q, k.transpose(-2, -1)), scale, causal, visible)
     if dropout is not None:
         probs = dropout(probs)
     return torch.matmul(probs, v), probs
@@ -60,11 +79,11 @@ def attend(q, k, v, scale: float, causal: bool, dropout: nn.Module | None = None
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """F.scaled_dot_product_attention in traceable ops (what `trace` calls in its place)."""
-    if attn_mask is not None or enable_gqa:
-        raise UnsupportedOpError("scaled_dot_product_attention with attn_mask or enable_gqa has no quantized form; "
-                                 "use is_causal=True for a causal mask")
+    if enable_gqa:
+        raise UnsupportedOpError("scaled_dot_product_attention with enable_gqa has no quantized form")
     scale = head_scale(query.size(-1)) if scale is None else scale
-    probs = attention_softmax(torch.matmul(query, key.transpose(-2, -1)), scale, is_causal)
+    visible = None if attn_mask is None else mask_visible(attn_mask, True)
+    probs = attention_softmax(torch.matmul(query, key.transpose(-2, -1)), scale, is_causal, visible)
     if dropout_p:
         probs = F.dropout(probs, dropout_p, training=True)
     return torch.matmul(probs, value)
@@ -88,9 +107,9 @@ class Attention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None:
-            raise UnsupportedOpError(f"nn.MultiheadAttention {self.path!r}: attn_mask / key_padding_mask have no "
-                                     "quantized form; a causal mask is is_causal=True")
+        if key_padding_mask is not None:
+            raise UnsupportedOpError(f"nn.MultiheadAttention {self.path!r}: key_padding_mask (a mask that follows the "
+                                     "input) has no quantized form; a constant attn_mask or is_causal=True has")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         e = self.embed_dim
@@ -101,8 +120,9 @@ class Attention(nn.Module):
             w = self.in_proj_weight
             q, k, v = (F.linear(t, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
                        for i, t in enumerate((query, key, value)))
+        visible = None if attn_mask is None else mask_visible(attn_mask, False)
         ctx, probs = attend(self.heads(q), self.heads(k), self.heads(v), 1.0 / math.sqrt(self.head_dim), is_causal,
-                            self.attention_dropout)
+                            self.attention_dropout, visible)
         out = self.out_proj(ctx.transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)
