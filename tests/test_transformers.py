@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import qcompile
 from qcompile.backends import parity, reference
 from qcompile.backends.onnx import to_onnx
 from qcompile.models import get
-from qcompile.passes.ops import family_of
 from qcompile.passes.quantize import FloatFallbackWarning
 from qcompile.passes.trace import trace
+from qcompile.tools.experiments.attention_gradients import attention_matmuls, gradient_recorder
 from test_codegen import check_bit_exact
 
 W8A8G8 = dict(weight_bits=8, act_bits=8, grad_bits=8, act_range="hindsight", grad_range="hindsight", seed=0)
@@ -67,23 +67,20 @@ def loss_of(name, out, x):
     return F.cross_entropy(out, torch.arange(len(x)) % 10)
 
 
-def attention_matmuls(qm):
-    return [n for n in qm.graph.nodes if family_of(n, qm) is not None and family_of(n, qm).name == "matmul"]
-
-
-def gradient_recorder(qm, grads: dict):
-    """An interpreter of `qm` that stores, per attention matmul, the gradient entering it (the gradient of
-    its output) into `grads` on each backward pass."""
-    matmuls = {n.name for n in attention_matmuls(qm)}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in matmuls:
-                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
-            return out
-
-    return Recorder(qm)
+def compiled_trained_lowered(model, x, steps: int):
+    """W8A8G8 with no float fallback, calibrated, `steps` SGD steps on mean(y²), eval: (qm, its IR)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        qm = qcompile.compile(model, x, qcompile.QConfig(**W8A8G8))
+    qm.calibrate([x])
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = qm(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qm.eval()
+    return qm, qcompile.lower(qm)
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -226,18 +223,7 @@ def test_constant_attention_masks_train_lower_and_run_bit_exact(tmp_path):
     model, x = MaskedAttention(), torch.randn(8, 6, 8)
     with torch.no_grad():
         torch.testing.assert_close(trace(model.eval(), (x,))(x), model(x), rtol=1e-5, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FloatFallbackWarning)
-        qm = qcompile.compile(model.train(), x, qcompile.QConfig(**W8A8G8))
-    qm.calibrate([x])
-    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
-    for _ in range(2):
-        loss = qm(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    qm.eval()
-    graph = qcompile.lower(qm)
+    qm, graph = compiled_trained_lowered(model.train(), x, steps=2)
     masks = [op.attrs.visible for op in graph.ops if op.kind == "softmax"]
     assert len(masks) == 2
     np.testing.assert_array_equal(masks[0], np.tril(np.ones((6, 6), np.int8)))
@@ -333,19 +319,8 @@ class RMSBlock(nn.Module):
 def test_rms_norm_module_trains_lowers_and_every_backend_agrees(tmp_path):
     torch.manual_seed(0)
     model, x = RMSBlock(), torch.randn(16, 5, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FloatFallbackWarning)
-        qm = qcompile.compile(model, x, qcompile.QConfig(**W8A8G8))
+    qm, graph = compiled_trained_lowered(model, x, steps=3)
     assert F.rms_norm in {n.target for n in qm.graph.nodes}
-    qm.calibrate([x])
-    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
-    for _ in range(3):
-        loss = qm(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    qm.eval()
-    graph = qcompile.lower(qm)
     norms = [op for op in graph.ops if op.kind == "layer_norm"]
     assert len(norms) == 1 and not norms[0].attrs.centered
     with torch.no_grad():

@@ -26,6 +26,26 @@ from qcompile.passes.ops import family_of
 from qcompile.passes.quantize import FloatFallbackWarning
 
 
+def attention_matmuls(qm) -> list:
+    """The activation × activation matmul nodes of a compiled graph (q·kᵀ and p·v)."""
+    return [n for n in qm.graph.nodes if family_of(n, qm) is not None and family_of(n, qm).name == "matmul"]
+
+
+def gradient_recorder(qm, grads: dict) -> fx.Interpreter:
+    """An interpreter of `qm` that stores, per attention matmul, the gradient entering it (the gradient of
+    its output) into `grads` on each backward pass."""
+    matmuls = {n.name for n in attention_matmuls(qm)}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in matmuls:
+                out.register_hook(lambda g, name=n.name: grads.__setitem__(name, g.detach().clone()))
+            return out
+
+    return Recorder(qm)
+
+
 def run(name: str, size: int, steps: int = 3) -> dict:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=10)
@@ -35,20 +55,12 @@ def run(name: str, size: int, steps: int = 3) -> dict:
         qm = qcompile.compile(model, (x,), qcompile.QConfig(weight_bits=8, act_bits=8, grad_bits=8, seed=0))
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, FloatFallbackWarning)]
     qm.calibrate([x])
-    matmuls = {n.name for n in qm.graph.nodes if family_of(n, qm) is not None and family_of(n, qm).name == "matmul"}
-    distinct = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in matmuls:
-                out.register_hook(lambda g, name=n.name: distinct.__setitem__(name, g.unique().numel()))
-            return out
-
+    grads = {}
+    recorder = gradient_recorder(qm, grads)
     opt = torch.optim.SGD(qm.parameters(), lr=0.01)
     losses = []
     for _ in range(steps):
-        loss = F.cross_entropy(Recorder(qm).run(x), torch.arange(len(x)) % 10)
+        loss = F.cross_entropy(recorder.run(x), torch.arange(len(x)) % 10)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -59,8 +71,9 @@ def run(name: str, size: int, steps: int = 3) -> dict:
         out = qm(x)
     cmp = parity.compare(graph, x, backends=("reference", "onnx:qdq"), given={"qm.eval()": out})
     return {"model": name, "input": size, "float_fallback": fallbacks or "none", "losses": losses,
-            "attention_matmuls": len(matmuls),
-            "distinct_gradient_values": (min(distinct.values()), max(distinct.values())) if distinct else None,
+            "attention_matmuls": len(attention_matmuls(qm)),
+            "distinct_gradient_values": (min(g.unique().numel() for g in grads.values()),
+                                         max(g.unique().numel() for g in grads.values())) if grads else None,
             "ir_ops": len(graph.ops), "qm.eval() vs reference": cmp.max_lsb("qm.eval()", "reference"),
             "reference vs onnxruntime": cmp.max_lsb("reference", "onnx:qdq")}
 
