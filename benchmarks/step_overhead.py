@@ -32,8 +32,10 @@ def torch_ao_qat(model, example):
         return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (example,))
 
 
-def step_fn(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def step_fn(model, x, y, optimizer=torch.optim.SGD, **hyper):
+    """One training step of `model` on (x, y) as a closure: cross-entropy (plus the model's barrier term,
+    if any), backward, `optimizer` step (SGD lr 0.01, momentum 0.9 unless `hyper` says otherwise)."""
+    opt = optimizer(model.parameters(), **(hyper or {"lr": 0.01, "momentum": 0.9}))
 
     def step():
         opt.zero_grad(set_to_none=True)

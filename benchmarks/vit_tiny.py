@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import qcompile
 from qcompile.backends import reference
@@ -25,24 +23,9 @@ from qcompile.backends.c.codegen import emit
 from qcompile.backends.onnx import onnxruntime_session
 from qcompile.models import get
 from qcompile.tools.machine import cpu
+from step_overhead import step_fn, timed     # the same step and timer as the CNN step benchmark
 
 W8A8G8 = dict(weight_bits=8, act_bits=8, grad_bits=8, act_range="hindsight", grad_range="hindsight", seed=0)
-
-
-def step_fn(model, x, y):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def ort_latency(path, x: np.ndarray, repeats: int) -> float:
@@ -65,7 +48,8 @@ def main(argv=None) -> None:
     fp32 = get("models:vit_tiny")
     qm = qcompile.compile(fp32, (x[:2],), qcompile.QConfig(**W8A8G8))
     qm.calibrate([x])
-    steps = {"FP32": step_fn(fp32.train(), x, y), "W8A8G8 in-hindsight": step_fn(qm.train(), x, y)}
+    adamw = dict(optimizer=torch.optim.AdamW, lr=1e-3)
+    steps = {"FP32": step_fn(fp32.train(), x, y, **adamw), "W8A8G8 in-hindsight": step_fn(qm.train(), x, y, **adamw)}
     for step in steps.values():
         step(), step()
     times = {name: [] for name in steps}
