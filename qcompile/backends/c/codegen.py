@@ -269,6 +269,68 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
                 lane_t=lane, lane_op_t=lane_op, dacc_t=dacc, col_t=col_t, acc_desc=desc)
 
 
+GEMM_PIXELS = 16         # output pixels per block of the blocked GEMM (QC_PX in gemm.c.j2)
+GEMM_CHUNK_BYTES = 1 << 18   # column blocks laid out together: each weight panel is reused over them
+GEMM_PANEL_BYTES = 1 << 15   # weights of one panel of output channels: stays in L1 over a chunk
+
+
+def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[str, Any] | None:
+    """The blocked-GEMM form of a conv2d (conv2d_gemm.c.j2) with weights `w` (O, I/g, kh, kw), or None
+    where it does not apply and the tile_loop kernels run. Applies to 8-bit inputs and int8 weights, for
+    exact: every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
+    kernel sums u = x − x_lo, 0..255, and the bias absorbs the offset: b' = bias − (zx − x_lo)·Σw; any
+    reduction order is exact, so weight rows run (c / 4, ky, kx, c % 4) and the padded input is read in
+    place from one plane per 4 channels and stride phase; `portable` is the tile_loop form of the same
+    rows, for targets without AVX-512 VNNI);
+    pairwise (16 bits): u = x − zx itself must be 0..255 (zx is the grid's lowest code) and the bias
+    an int16, the accumulator's first value; im2col blocks in the IR's reduction order."""
+    kernel = L["mode"]
+    if kernel not in ("exact", "pairwise") or x.bits > 8 or w.size == 0 or w.min() < -128 or w.max() > 127:
+        return None
+    if kernel == "pairwise" and (L["acc_bits"] != 16 or x.zero_point != x.qmin or not _fits(np.abs(bias).max(), 16)):
+        return None
+    O, cig, kh, kw = w.shape
+    w2 = w.reshape(O, -1)
+    xlo = int(x.qmin)
+    plan = dict(kernel=kernel, col_t="uint8_t", xlo=xlo)
+    sym = L["sym"]
+    if kernel == "exact":
+        pad_u = int(x.zero_point) - xlo
+        b = bias - pad_u * w2.sum(1)
+        wsum = int(np.abs(w2).sum(1).max())
+        if not (_fits(255 * wsum, 32) and _fits(L["acc_bound"], 32) and _fits(int(np.abs(b).max()) + 255 * wsum, 32)):
+            return None
+        n4, kk = -(-cig // 4), kh * kw
+        rows = -(-O // 4) * 4                               # the kernel reads panels of 4 rows: zero rows past O
+        wp = np.zeros((rows, n4 * 4, kh, kw), np.int64)     # rows in (c / 4, ky, kx, c % 4) order, channels past cig 0
+        wp[:O, :cig] = w
+        wp = wp.reshape(rows, n4, 4, kh, kw).transpose(0, 1, 3, 4, 2).reshape(rows, -1)
+        (sh, sw), (dh, dw) = (L["sh"], L["sw"]), (L["dh"], L["dw"])
+        hq, wq = -(-L["hp"] // sh), -(-L["wp"] // sw)       # one stride phase of the padded input
+        reach = ((kh - 1) * dh // sh) * wq + (kw - 1) * dw // sw
+        step = GEMM_PIXELS                                  # pixels per kernel call (qc_gemm_exact)
+        plane = -(-max(hq * wq, -(-L["oh"] * wq // step) * step + reach) * 4 // 64) * 64
+        taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
+                for ky in range(kh) for kx in range(kw)]
+        plan.update(b_t="int32_t", n4=n4, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
+        plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4,
+                                  xoff=xlo, padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
+                                  dacc_t="int32_t", w_t="int8_t")
+    else:
+        pad_u, b = 0, bias
+        kp = -(-w2.shape[1] // 2) * 2
+        wp = np.zeros((O, kp), np.int64)
+        wp[:, :w2.shape[1]] = w2
+        plan.update(b_t="int16_t",
+                    rq_expr=f"{L['rq']}(acc[c * QC_PX + i], {sym}_m[co_abs], {sym}_s[co_abs])")
+    kp = wp.shape[1]
+    words, n = _packed_bytes(wp)
+    plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n,
+                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp))),
+                cb=min(L["cog"], max(12, min(96, GEMM_PANEL_BYTES // kp // 12 * 12))))
+    return plan
+
+
 def _requant_params(op: ir.Op, n: int) -> tuple[np.ndarray, np.ndarray]:
     m = _per_channel(op.attrs.multiplier, n, "multiplier", op)
     s = _per_channel(op.attrs.shift, n, "shift", op)
@@ -307,6 +369,7 @@ class _Emitter:
         self.functions: list[str] = []
         self.weight_bytes = 0
         self.macs = 0
+        self.gemm: set[str] = set()           # blocked-GEMM kernels some layer uses (gemm.c.j2)
 
     def t(self, name: str) -> ir.Tensor:
         try:
@@ -346,6 +409,15 @@ class _Emitter:
         col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
         if cig == 1 and O == groups:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
+        gemm = _gemm_plan(L, w, bias, x)
+        if gemm is not None:
+            L.update(gemm)
+            self.gemm.add(L["kernel"])
+            if L["kernel"] == "pairwise":
+                return "conv2d_gemm.c.j2", L, [L["nb"] * GEMM_PIXELS * L["kp"]]      # one chunk of column blocks
+            L["portable"]["blocks"] = _blocks(OH * OW)
+            L["vnni_scratch"] = [L["n4"] * sh * sw * L["plane"]]                    # the phase planes
+            return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
         L["blocks"] = _blocks(OH * OW)
         return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
 
@@ -725,28 +797,36 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
         activation_bytes += size
         buffers.append(memory_plan.Buffer(t, size, f, last[t]))
     op_index = {id(op): i for i, op in enumerate(graph.ops)}
-    for template, L, scratch, op in rendered:
-        for j, size in enumerate(scratch):
-            i = op_index[id(op)]
-            buffers.append(memory_plan.Buffer(f"{L.sym}#scratch{j}", int(size), i, i))
-    plan = memory_plan.plan(buffers)
-    memory_plan.check(plan)
 
-    def ptr(tname: str) -> str:
-        r = find(tname)
-        ty = ctype(em.t(tname))
-        if r in inputs:
-            return "input" if len(inputs) == 1 else f"input{inputs.index(r)}"
-        if r in outputs:
-            return "output" if len(outputs) == 1 else f"output{outputs.index(r)}"
-        return f"({ty} *)(arena + {plan.offsets[r]})"
+    def arena_plan(vnni: bool) -> memory_plan.Plan:
+        """Buffers and scratch of the build without (portable) or with AVX-512 VNNI kernels (gemm.c.j2)."""
+        scratch_buffers = [memory_plan.Buffer(f"{L.sym}#scratch{j}", int(size), op_index[id(op)], op_index[id(op)])
+                           for template, L, scratch, op in rendered
+                           for j, size in enumerate(L.get("vnni_scratch", scratch) if vnni else scratch)]
+        plan = memory_plan.plan([memory_plan.Buffer(b.name, b.size, b.first, b.last) for b in buffers] + scratch_buffers)
+        memory_plan.check(plan)
+        return plan
 
-    calls, functions = [], []
-    for template, L, scratch, op in rendered:
-        functions.append(_env.get_template(template).render(L=L))
-        args = [ptr(t) for t in op.inputs] + [ptr(op.output)]
-        args += [f"({L.col_t} *)(arena + {plan.offsets[f'{L.sym}#scratch{j}']})" for j in range(len(scratch))]
-        calls.append(f"{L.sym}({', '.join(args)});")
+    def call_lines(plan: memory_plan.Plan) -> list[str]:
+        def ptr(tname: str) -> str:
+            r = find(tname)
+            if r in inputs:
+                return "input" if len(inputs) == 1 else f"input{inputs.index(r)}"
+            if r in outputs:
+                return "output" if len(outputs) == 1 else f"output{outputs.index(r)}"
+            return f"({ctype(em.t(tname))} *)(arena + {plan.offsets[r]})"
+        lines = []
+        for template, L, scratch, op in rendered:
+            args = [ptr(t) for t in op.inputs] + [ptr(op.output)]
+            args += [f"({L.col_t} *)(arena + {plan.offsets[f'{L.sym}#scratch{j}']})" for j in range(len(scratch))]
+            lines.append(f"{L.sym}({', '.join(args)});")
+        return lines
+
+    plan = arena_plan(vnni=False)
+    calls = call_lines(plan)
+    vnni_plan = arena_plan(vnni=True) if any("vnni_scratch" in L for _, L, _, _ in rendered) else None
+    vnni_calls = call_lines(vnni_plan) if vnni_plan is not None else None
+    functions = [_env.get_template(template).render(L=L) for template, L, scratch, op in rendered]
 
     def describe(names):
         out = []
@@ -765,12 +845,14 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     params.append("uint8_t *arena")
     ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
-               functions=functions, calls=calls)
+               functions=functions, calls=calls, gemm=sorted(em.gemm), vnni_calls=vnni_calls,
+               vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
              f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
              "main.c": _env.get_template("main.c.j2").render(**ctx),
              "Makefile": _env.get_template("Makefile.j2").render(**ctx)}
     figures = dict(name=name, inputs=ins, outputs=outs, arena_bytes=plan.arena_bytes, naive_bytes=plan.naive_bytes,
+                   vnni_arena_bytes=ctx["vnni_arena_bytes"],
                    activation_bytes=activation_bytes, weight_bytes=em.weight_bytes, macs=em.macs,
                    ops=len(graph.ops))
     files = {k: re.sub(r"\n{3,}", "\n\n", v) for k, v in files.items()}    # template blocks leave blank runs
