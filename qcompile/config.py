@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qcompile.core.accumulator import OVERFLOW_MODES, PAIR
+
 ESTIMATORS = ("current", "running", "hindsight", "dsgc", "fixed")
 GRANULARITIES = ("per_channel", "per_tensor")
 NONFINITE_POLICIES = ("raise", "skip")
-OVERFLOW_MODES = ("saturate", "wrap")
 ACC_GRAD_MODES = ("ste", "zero_saturated")
 
 
@@ -66,6 +67,11 @@ class QConfig:
     leaf_modules: tuple[str, ...] = ()
     overrides: dict = field(default_factory=dict)
 
+    @property
+    def acc_tile(self) -> int | None:
+        """The tile of the accumulator semantics: `tile`, or 2 for overflow='pairwise'."""
+        return PAIR if self.overflow == "pairwise" else self.tile
+
     def __post_init__(self):
         for name in ("weight_bits", "act_bits", "grad_bits"):
             v = getattr(self, name)
@@ -103,6 +109,9 @@ class QConfig:
             raise ValueError(f"QConfig.tile={self.tile!r}: must be None (whole reduction) or a positive integer")
         if self.overflow not in OVERFLOW_MODES:
             raise ValueError(f"QConfig.overflow={self.overflow!r}: choose one of {OVERFLOW_MODES}")
+        if self.overflow == "pairwise" and self.tile not in (None, PAIR):
+            raise ValueError(f"QConfig.tile={self.tile!r} with overflow='pairwise': pairwise sums pairs of products "
+                             f"(tile {PAIR}; leave tile None)")
         if self.acc_grad not in ACC_GRAD_MODES:
             raise ValueError(f"QConfig.acc_grad={self.acc_grad!r}: choose one of {ACC_GRAD_MODES}")
         if self.grad_acc_bits is not None and self.grad_bits is None:

@@ -14,12 +14,16 @@ def loop_accumulate(products, bias, acc_bits, tile, overflow):
     acc, events = int(bias), 0
     step = max(1, len(products)) if tile is None else tile
     for i in range(0, len(products), step):
-        v = acc + sum(products[i:i + step])
+        part = sum(products[i:i + step])
         if acc_bits is None:
-            acc = v
+            acc += part
             continue
         lo, hi = acc_range(acc_bits)
-        if overflow == "saturate":
+        if overflow == "pairwise":          # the pair's sum saturates first
+            events += not lo <= part <= hi
+            part = min(max(part, lo), hi)
+        v = acc + part
+        if overflow in ("saturate", "pairwise"):
             acc = min(max(v, lo), hi)
             events += acc != v
         else:

@@ -158,6 +158,44 @@ def conv_zoo_graph(seed: int = 0) -> ir.Graph:
     return ir.Graph(["x"], outputs, tensors, ops)
 
 
+PAIRWISE_CASES = [  # (kwargs, accumulator): "pairwise" layers; zp = 0 inputs (the grid's lowest code)
+    (dict(), (16, 2, "pairwise")),                                  # blocked GEMM (vpmaddubsw + vpaddsw on AVX2)
+    (dict(cin=3, stride=2), (16, 2, "pairwise")),                   # odd K: the last pair is one product
+    (dict(cout=13), (16, 2, "pairwise")),                           # a remainder of channels past 8
+    (dict(big_bias=True), (16, 2, "pairwise")),                     # bias past int16: tile_loop kernels
+    (dict(), (12, 2, "pairwise")),                                  # not 16 bits: tile_loop kernels
+    (dict(groups=6, cin=6, cout=6), (16, 2, "pairwise")),           # depthwise
+    (dict(wmax=64), (16, 2, "pairwise")),                           # no pair can saturate (2·64·255 < 2^15)
+    (dict(), None),                                                 # exact, for the VNNI kernel at zp = 0
+]
+
+
+def pairwise_graph(seed: int = 0) -> ir.Graph:
+    """One uint8 input with zero point 0, one conv2d per PAIRWISE_CASES entry."""
+    rng = np.random.default_rng(seed)
+    x = _t("x", (6, 9, 7), zp=0)
+    tensors, ops, outputs = {"x": x}, [], []
+    for i, (kw, acc) in enumerate(PAIRWISE_CASES):
+        cin, cout, g, st, wmax = kw.get("cin", 6), kw.get("cout", 8), kw.get("groups", 1), kw.get("stride", 1), kw.get("wmax", 127)
+        src = "x"
+        if cin != 6:
+            src = f"s{i}"
+            tensors[src] = _t(src, (cin, 9, 7), zp=0)
+            ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, ir.Slice(axis=0, start=0, stop=cin)))
+        oh, ow = (9 + 2 - 2 - 1) // st + 1, (7 + 2 - 2 - 1) // st + 1
+        y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
+        m, s = _mults(rng, cout, 2e-4, 3e-3)
+        a, t, o = acc or (None, None, "saturate")
+        bias = rng.integers(-3000, 3000, cout) + (40000 if kw.get("big_bias") else 0)
+        ops.append(ir.Op("conv2d", f"pair{i}.conv", [src], y.name, ir.Conv2d(
+            weight=rng.integers(-wmax, wmax + 1, (cout, cin // g, 3, 3)).astype(np.int8), bias=bias.astype(np.int32),
+            stride=(st, st), padding=(1, 1), dilation=(1, 1), groups=g, multiplier=m, shift=s, acc_bits=a, tile=t,
+            overflow=o, act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(["x"], outputs, tensors, ops)
+
+
 def wide_graph(seed: int = 0) -> ir.Graph:
     """16-bit signed input, K = 1152: static bounds past int32 select 64-bit exact lanes, 64-bit
     saturating partials and unsigned modular lanes (16 and 32 bits)."""
@@ -331,6 +369,40 @@ def test_generated_code_is_pure_integer_c99(tmp_path):
     assert "-std=c99" in (tmp_path / "Makefile").read_text() and "-Werror -pedantic" in (tmp_path / "Makefile").read_text()
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+GEMM_BUILDS = {   # the kernel paths of gemm.c.j2 and the flags that select them
+    "portable": "-O1 -DQC_PORTABLE",
+    "avx2": "-O1 -march=haswell",                                    # pairwise: vpmaddubsw + vpaddsw
+    "avx512-vnni": "-O1 -march=haswell -mavx512f -mavx512bw -mavx512vnni",   # exact: vpdpbusd
+}
+
+
+@pytest.mark.parametrize("path", list(GEMM_BUILDS))
+def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
+    """Every intrinsic path of the blocked-GEMM conv (and the C99 path it replaces) equals the reference,
+    under AddressSanitizer + UndefinedBehaviorSanitizer too: pairwise layers that really saturate, an
+    odd reduction, channel remainders, the tile_loop fallbacks, and exact layers with zero points 0 and
+    17 (the bias absorbs the offset), strides and groups."""
+    if path != "portable" and not _cpu_has({"avx2": "avx2", "avx512-vnni": "avx512_vnni"}[path]):
+        pytest.skip(f"this CPU has no {path}: its kernels cannot run here")
+    pairs = pairwise_graph(seed=3)
+    free = reference.run_codes(exact_accumulators(pairs), random_codes(pairs.tensor("x"), 3, np.random.default_rng(3)))
+    for name, graph in (("pairs", pairs), ("conv", conv_zoo_graph(seed=3))):
+        module, got = check_bit_exact(graph, tmp_path / name, n=3, seed=3, opt=GEMM_BUILDS[path])
+        source = (tmp_path / name / "net.c").read_text()
+        assert "qc_gemm_exact(" in source and (name == "conv" or "qc_gemm_pairwise(" in source)
+        if name == "pairs":               # the pairwise layers saturate: an exact accumulator differs
+            assert all(not np.array_equal(got[i], free[i]) for i, (kw, acc) in enumerate(PAIRWISE_CASES)
+                       if acc is not None and acc[0] == 16 and "wmax" not in kw)
+        check_bit_exact(graph, tmp_path / f"{name}_asan", n=2, seed=4, opt=GEMM_BUILDS[path], sanitize=True)
+
+
 def test_sanitizers_clean_with_narrow_accumulators(tmp_path):
     """AddressSanitizer + UndefinedBehaviorSanitizer (any report aborts): wrap is modular, no signed overflow."""
     graph = conv_zoo_graph(seed=1)
@@ -406,10 +478,11 @@ def zoo_models():
     x = torch.randn(8, 3, 16, 16)
     return x, {"exact": trained(OpZoo(), x),
                "saturate": trained(OpZoo(), x, acc_bits=10, tile=8, overflow="saturate"),
-               "wrap": trained(OpZoo(), x, acc_bits=10, tile=8, overflow="wrap")}
+               "wrap": trained(OpZoo(), x, acc_bits=10, tile=8, overflow="wrap"),
+               "pairwise": trained(OpZoo(), x, acc_bits=10, overflow="pairwise")}
 
 
-@pytest.mark.parametrize("mode", ["exact", "saturate", "wrap"])
+@pytest.mark.parametrize("mode", ["exact", "saturate", "wrap", "pairwise"])
 def test_lowered_op_zoo_bit_exact(zoo_models, mode, tmp_path):
     x, models = zoo_models
     graph = qcompile.lower(models[mode])

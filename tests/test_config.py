@@ -16,6 +16,15 @@ def test_invalid_values_name_the_field(field, value):
         QConfig(**{field: value})
 
 
+def test_pairwise_overflow_sums_pairs():
+    """overflow='pairwise' (AVX2's saturating pair sums) has tiles of 2: tile None means 2, another tile is
+    an error naming it."""
+    assert QConfig(acc_bits=16, overflow="pairwise").acc_tile == 2
+    assert QConfig(acc_bits=16, tile=8).acc_tile == 8
+    with pytest.raises(ValueError, match="tile=8 with overflow='pairwise'"):
+        QConfig(acc_bits=16, tile=8, overflow="pairwise")
+
+
 def test_fixed_estimator_needs_a_range():
     with pytest.raises(ValueError, match="act_fixed_range"):
         QConfig(act_range="fixed")

@@ -19,8 +19,14 @@ from qcompile.train.tiled import (NarrowAccOp, tiled_conv2d, tiled_conv2d_input_
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=40, deadline=None)
-MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap")])
+MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap"),
+                         (12, "pairwise"), (16, "pairwise")])
 TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
+
+
+def _tile(tile, overflow):
+    """The drawn tile, or 2 for "pairwise" (its tiles are pairs)."""
+    return 2 if overflow == "pairwise" else tile
 
 
 # ---- the plain integer loops the tiled ops must equal (forward loops: tests/integer_loops.py) ------
@@ -88,12 +94,13 @@ def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype, exact):
     """exact=False is the training op's path (no exact sum kept); per-output overflow flags checked too."""
     x, w, b, stride, pad, dil, groups = case
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     res = tiled_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), stride, pad, dil, groups,
                        acc_bits=acc_bits, tile=tile, overflow=overflow, exact=exact)
     ref, events, hit = loop_conv2d(x, w, b, stride, pad, dil, groups, acc_bits, tile, overflow, per_output=True)
     assert torch.equal(res.acc.to(torch.int64), ref)
     assert int(res.events) == events and torch.equal(res.overflowed, hit)
-    if exact and acc_bits is not None and overflow == "saturate":
+    if exact and acc_bits is not None and overflow != "wrap":
         assert bool(((res.acc - res.exact) != 0).le(res.overflowed).all())
 
 
@@ -102,6 +109,7 @@ def test_tiled_conv2d_equals_integer_loop(case, tile, mode, dtype, exact):
 def test_tiled_conv2d_backward_equals_integer_loops(case, tile, mode):
     x, w, _, stride, pad, dil, groups = case
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     H, W = x.shape[-2:]
     Ho = (H + 2 * pad - dil * (w.shape[2] - 1) - 1) // stride + 1
     Wo = (W + 2 * pad - dil * (w.shape[3] - 1) - 1) // stride + 1
@@ -138,6 +146,7 @@ def test_tiled_matmul_and_linear_equal_integer_loop(B, M, K, N, tile, mode, with
     b = torch.randint(-127, 128, (B, K, N), generator=gen)
     bias = torch.randint(-3000, 3000, (N,), generator=gen) if with_bias else None
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     res = tiled_matmul(a.double(), b.double(), None if bias is None else bias.double(),
                        acc_bits=acc_bits, tile=tile, overflow=overflow)
     ref, events = loop_matmul(a, b, bias, acc_bits, tile, overflow)
@@ -150,11 +159,15 @@ def test_tiled_matmul_and_linear_equal_integer_loop(B, M, K, N, tile, mode, with
     assert rows.acc.shape == (B, M, N) and torch.equal(rows.acc, per_row)
 
 
-def _scan_by_definition(ps, start, lo, hi):
-    """(acc, overflowed, events) of the clamp-scan written tile by tile on int64 copies."""
+def _scan_by_definition(ps, start, lo, hi, pairs=False):
+    """(acc, overflowed, events) of the clamp-scan written tile by tile on int64 copies (pairs: each
+    partial clamped first, an event where that changed it)."""
     acc = start.to(torch.int64).clone()
     hits = torch.zeros(acc.shape, dtype=torch.int64)
     for p in ps.to(torch.int64):
+        if pairs:
+            hits += (p.clamp(lo, hi) != p).to(torch.int64)
+            p = p.clamp(lo, hi)
         v = acc + p
         acc = v.clamp(lo, hi)
         hits += (acc != v).to(torch.int64)
@@ -181,7 +194,8 @@ SCAN_LAYOUTS = [  # (buffer shape, permutation giving (tiles, *tile shape)): the
 @pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("layout", SCAN_LAYOUTS + [((4, 3, 100_000), (0, 1, 2))])   # the last: >= 2^20, threaded
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, monkeypatch, two_threads):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype, pairs, monkeypatch, two_threads):
     from qcompile.train import tiled
     if kernel == "torch":
         monkeypatch.setenv("QCOMPILE_NATIVE", "0")
@@ -189,17 +203,19 @@ def test_clamp_scan_equals_its_definition_on_every_layout(kernel, layout, dtype,
         pytest.fail("the C clamp-scan kernel did not build")
     shape, perm = layout
     gen = torch.Generator().manual_seed(sum(shape))
-    buf = torch.randint(-900, 900, shape, generator=gen).to(dtype)
+    buf = torch.randint(-1300 if pairs else -900, 1300 if pairs else 900, shape, generator=gen).to(dtype)
     ps = buf.permute(*perm)
     start = torch.randint(-1000, 1000, ps.shape[1:], generator=gen).to(dtype)
-    want = _scan_by_definition(ps, start, -1024, 1023)
+    want = _scan_by_definition(ps, start, -1024, 1023, pairs)
     acc, overflowed = start.clone(), torch.ones(ps.shape[1:], dtype=torch.bool)    # first: overwritten
-    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=False, first=True)
+    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=False, first=True,
+                               pairs=pairs)
     assert torch.equal(acc.to(torch.int64), want[0])
     assert torch.equal(overflowed, want[1]) and events == want[2] and events > 0
     acc, before = torch.full(ps.shape[1:], float("nan"), dtype=dtype), overflowed.clone()   # from_zero: not read
-    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=True, first=False)
-    want = _scan_by_definition(ps, torch.zeros_like(start), -1024, 1023)
+    events = tiled._clamp_scan(buf.clone().permute(*perm), acc, -1024, 1023, overflowed, from_zero=True, first=False,
+                               pairs=pairs)
+    want = _scan_by_definition(ps, torch.zeros_like(start), -1024, 1023, pairs)
     assert torch.equal(acc.to(torch.int64), want[0]) and events == want[2]
     assert torch.equal(overflowed, before | want[1])                                 # not first: flags kept
 

@@ -97,12 +97,14 @@ def test_resnet18_within_one_lsb_per_op_without_pow2():
     assert_within_one_lsb(g, torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+@pytest.mark.parametrize("overflow", ["saturate", "wrap", "pairwise"])
 def test_narrow_accumulator_overflow_reproduced(overflow):
-    """LeNet trained with 12-bit accumulators (tiles of 16 products) overflows; onnxruntime's per-tile
-    ConvInteger/MatMulInteger + clamp/modulo graph gives the reference's codes, which equal qm.eval()."""
+    """LeNet trained with 12-bit accumulators (tiles of 16 products; pairwise: pairs, each saturated)
+    overflows; onnxruntime's per-tile ConvInteger/MatMulInteger + clamp/modulo graph gives the
+    reference's codes, which equal qm.eval()."""
     torch.manual_seed(0)
-    qm = trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), acc_bits=12, tile=16, overflow=overflow)
+    qm = trained(get("models:lenet5"), torch.randn(8, 1, 28, 28), acc_bits=12,
+                 tile=None if overflow == "pairwise" else 16, overflow=overflow)
     g = lower(qm)
     assert {op.attrs.acc_bits for op in g.ops if op.kind in ("conv2d", "linear")} == {12}
     x = torch.randn(8, 1, 28, 28)

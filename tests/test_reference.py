@@ -13,12 +13,18 @@ from hypothesis import strategies as st
 from integer_loops import loop_accumulate, loop_conv2d, loop_matmul
 from qcompile import ir
 from qcompile.backends import reference
-from qcompile.core.accumulator import accumulate_tiles, tile_plan
+from qcompile.core.accumulator import accumulate_tiles, pairs_saturation_free, tile_plan
 from qcompile.core.requant import quantize_multiplier, requantize
 
 SETTINGS = settings(max_examples=40, deadline=None)
-MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap")])
+MODES = st.sampled_from([(None, "saturate"), (10, "saturate"), (12, "saturate"), (14, "wrap"), (10, "wrap"),
+                         (12, "pairwise"), (16, "pairwise")])
 TILES = st.sampled_from([None, 1, 2, 3, 5, 8])
+
+
+def _tile(tile, overflow):
+    """The drawn tile, or 2 for "pairwise" (its tiles are pairs)."""
+    return 2 if overflow == "pairwise" else tile
 WIDE = 1 << 40                    # act_min/act_max that never clamp: the op's output is its accumulator
 IDENTITY = (1 << 30, 1)           # requantize(v, 2^30, 1) = v
 
@@ -95,6 +101,7 @@ def conv_case(draw):
 def test_conv2d_equals_integer_loop(case, tile, mode):
     x, zx, w, b, stride, pad, dil, groups = case
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     graph = conv_graph(w, b, x.shape[1:], zx, stride, pad, dil, groups, acc_bits, tile, overflow)
     ref, _ = loop_conv2d(x - zx, w, b, stride, pad, dil, groups, acc_bits, tile, overflow)
     np.testing.assert_array_equal(run_accumulator(graph, x), ref.numpy())
@@ -108,6 +115,7 @@ def test_linear_equals_integer_loop(batch, I, O, tile, mode, zx, seed):
     x = rng.integers(0, 256, (batch, I))
     w, b = rng.integers(-127, 128, (O, I)), rng.integers(-3000, 3000, O)
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     ref, _ = loop_matmul((x - zx)[None], w.T[None], b, acc_bits, tile, overflow)
     np.testing.assert_array_equal(run_accumulator(linear_graph(w, b, zx, acc_bits, tile, overflow), x), ref[0].numpy())
 
@@ -119,6 +127,7 @@ def test_matmul_equals_integer_loop(batch, M, K, N, tile, mode, za, zb, seed):
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, 256, (batch, M, K)), rng.integers(0, 256, (batch, K, N))
     acc_bits, overflow = mode
+    tile = _tile(tile, overflow)
     ref, _ = loop_matmul(a - za, b - zb, None, acc_bits, tile, overflow)
     out = run_accumulator(matmul_graph(M, K, N, za, zb, acc_bits, tile, overflow), a, b)
     np.testing.assert_array_equal(out, ref.numpy())
@@ -168,10 +177,11 @@ def test_requantization_and_relu_clamp_after_the_narrow_accumulator():
 
 
 @pytest.mark.parametrize("acc_bits,overflow", [(None, "saturate"), (9, "saturate"), (11, "saturate"), (9, "wrap"),
-                                               (16, "wrap")])
+                                               (16, "wrap"), (16, "pairwise"), (12, "pairwise")])
 @pytest.mark.parametrize("tile", [None, 1, 3, 7, 50])
 def test_accumulate_tiles_equals_loop_accumulate(acc_bits, overflow, tile):
     """The core helper on (tiles, outputs) partial sums, and on an iterator of tiles."""
+    tile = _tile(tile, overflow)
     rng = np.random.default_rng(2)
     products = rng.integers(-255 * 127, 255 * 127, (23, 10))          # (reduction, outputs)
     start = rng.integers(-300, 300, 10)
@@ -181,6 +191,25 @@ def test_accumulate_tiles_equals_loop_accumulate(acc_bits, overflow, tile):
     expected = [loop_accumulate(list(products[:, j]), start[j], acc_bits, tile, overflow)[0] for j in range(10)]
     np.testing.assert_array_equal(accumulate_tiles(partials, start, acc_bits, overflow), expected)
     np.testing.assert_array_equal(accumulate_tiles(iter(partials), start, acc_bits, overflow), expected)
+
+
+def test_pairwise_without_pair_saturation_is_saturate_with_tiles_of_two():
+    """7-bit unsigned inputs × 8-bit weights: no pair reaches 2^15 (2·127·128 = 32512), which
+    `pairs_saturation_free` proves, and "pairwise" then equals "saturate" with tile 2 (the plain tile
+    semantics), although the 16-bit accumulator saturates; 8-bit inputs do saturate pairs."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (6, 40))
+    w[:, :2] = -128                                              # the worst pair
+    for x_max, free in ((127, True), (255, False)):
+        assert pairs_saturation_free(np.abs(w), x_max, 16) == free
+        x = rng.integers(0, x_max + 1, (30, 40))
+        x[0, :2] = x_max
+        partials = (x[:, None, :] * w[None]).reshape(30, 6, 20, 2).sum(-1).transpose(2, 0, 1)   # (pairs, rows, outputs)
+        start = rng.integers(-3000, 3000, 6)
+        pair = accumulate_tiles(partials, start, 16, "pairwise")
+        plain = accumulate_tiles(partials, start, 16, "saturate")
+        assert np.array_equal(pair, plain) == free
+        assert (np.abs(plain) == 32767).any() or (plain == -32768).any()
 
 
 def test_reference_imports_nothing_of_training():

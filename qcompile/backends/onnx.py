@@ -24,7 +24,8 @@ In both forms:
   - reshape/transpose/slice/max-pool act on the codes directly (same grid);
   - narrow accumulators (acc_bits) are one ConvInteger/MatMulInteger per tile (uint8
     weights with zero point 128, exact int32 partial sums), accumulated in int64 with a
-    clamp after every tile (saturate) or one modulo (wrap), then requantized in integers;
+    clamp after every tile (saturate; pairwise: each pair's sum clamped too, unless no pair can
+    leave the range) or one modulo (wrap), then requantized in integers;
   - linear on per-sample rows (..., I) reshapes the codes to (batch·rows, I), writes the one-row
     form (Gemm takes a matrix), and reshapes the output codes back; a linear without weight_scale
     (hand-built graphs) is MatMulInteger in QDQ too. Batched matmul is one broadcasting MatMul;
@@ -59,7 +60,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile import ir
-from qcompile.core.accumulator import acc_range, max_l1_bounds
+from qcompile.core.accumulator import acc_range, max_l1_bounds, pairs_saturation_free
 from qcompile.core.requant import fits_int64, is_power_of_two, product_bound, requantized_bound
 from qcompile.core.rowwise import NORM_BITS, RECIP_BITS, layer_norm_bounds, layer_norm_span, softmax_visible
 from qcompile.errors import QCompileError
@@ -438,6 +439,7 @@ class _Builder:
         bits, mode = int(a.acc_bits), a.overflow
         lo, hi = acc_range(bits)
         per_tile = max_l1_bounds(w.reshape(w.shape[0], -1), x.magnitude, 0, tile)[1]
+        pair_free = mode == "pairwise" and pairs_saturation_free(w.reshape(w.shape[0], -1), x.magnitude, bits)
         if per_tile > acc_range(32)[1]:
             raise ExportError(f"op {op.name!r} ({op.kind}): one tile of {tile} products can reach {per_tile} >= 2^31; "
                               "ConvInteger/MatMulInteger sum a tile in int32. Use the C backend or shorter tiles")
@@ -476,9 +478,11 @@ class _Builder:
                                op.name + f"_x{t}")
                 wt_u8 = self.const(op.name + f"_w{t}", (w[:, k0:k1].T + 128).astype(np.uint8))
                 part = self.node("MatMulInteger", [xt, wt_u8, xz, wz], op.name + f"_p{t}")
-            acc = self.node("Add", [acc, self.node("Cast", [part], op.name + f"_p{t}_64", to=TensorProto.INT64)],
-                            op.name + f"_acc{t + 1}")
-            if mode == "saturate":
+            part = self.node("Cast", [part], op.name + f"_p{t}_64", to=TensorProto.INT64)
+            if mode == "pairwise" and not pair_free:         # the pair's own saturation
+                part = self.clamp64(part, lo, hi, op.name + f"_pair{t}")
+            acc = self.node("Add", [acc, part], op.name + f"_acc{t + 1}")
+            if mode in ("saturate", "pairwise"):
                 acc = self.clamp64(acc, lo, hi, op.name + f"_sat{t + 1}")
         if mode == "wrap":   # wrapping after every tile equals wrapping once (arithmetic mod 2^bits)
             shifted = self.node("Sub", [acc, self.const("acc_lo", np.int64(lo))], op.name + "_wrap0")

@@ -6,6 +6,12 @@ exact; acc_t = overflow(acc_(t-1) + p_t) with overflow = clamp to [-2^(b-1), 2^(
 ("saturate") or two's-complement wrap ("wrap"); acc_bits=None is an exact accumulator.
 Wrapping after each tile equals wrapping once at the end (arithmetic mod 2^b); saturation is
 order dependent: the clamp runs after every tile.
+
+"pairwise" is what x86's fast int8 dot product computes without VNNI (AVX2 vpmaddubsw, then
+vpaddsw): tiles of 2 products (tile = 2), each pair's sum itself saturated before it is added,
+acc_t = clamp(acc_(t-1) + clamp(p_t)). Where no pair can leave the range (`pairs_saturation_free`:
+e.g. 7-bit unsigned inputs × 8-bit weights, 2·127·128 = 32512 < 2^15) clamp(p_t) = p_t and the
+mode is "saturate" with tile 2, the plain tile semantics.
 Invariant: the training op (`qcompile.train.tiled`), the reference interpreter, the analyses,
 the log barrier and the C emitter take ranges, tile plans and bounds from here.
 """
@@ -19,7 +25,8 @@ import torch.nn.functional as F
 
 from qcompile.core.grids import bias_codes, quantize_codes
 
-OVERFLOW_MODES = ("saturate", "wrap")
+OVERFLOW_MODES = ("saturate", "wrap", "pairwise")
+PAIR = 2                 # products per tile of the "pairwise" mode
 
 
 def acc_range(acc_bits: int) -> tuple[int, int]:
@@ -45,6 +52,18 @@ def check_mode(acc_bits, tile, overflow) -> None:
         raise ValueError(f"tile={tile!r}: must be None (whole reduction) or a positive integer")
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW_MODES}")
+    if overflow == "pairwise" and acc_bits is not None and tile != PAIR:
+        raise ValueError(f"overflow='pairwise' sums pairs of products: tile must be {PAIR}, got {tile!r}")
+
+
+def pairs_saturation_free(w_abs, x_absmax, acc_bits: int) -> bool:
+    """True when no pair of consecutive products (in reduction order, weights |w| (O, K) against
+    inputs |x| <= x_absmax) can leave the signed acc_bits range: then "pairwise" equals "saturate"
+    with tile 2 (the module docstring)."""
+    w_abs = np.abs(np.asarray(w_abs, dtype=np.int64))
+    w_abs = np.pad(w_abs, ((0, 0), (0, w_abs.shape[1] % PAIR)))
+    worst = int(w_abs.reshape(w_abs.shape[0], -1, PAIR).sum(2).max(initial=0)) * int(x_absmax)
+    return worst <= acc_range(acc_bits)[1]
 
 
 def tile_plan(length: int, tile: int | None) -> tuple[int, int]:
@@ -69,16 +88,18 @@ def l1_bounds(w_abs: torch.Tensor, x_absmax, bias_abs: torch.Tensor | None, tile
 
 def accumulate_tiles(partials, start, acc_bits: int | None, overflow: str) -> np.ndarray:
     """The accumulator after the last tile, in numpy int64: acc = start, then for each tile's exact
-    partial sum p_t in order acc = overflow(acc + p_t) (the module docstring's semantics).
+    partial sum p_t in order acc = overflow(acc + p_t) ("pairwise": clamp(acc + clamp(p_t)); the module
+    docstring's semantics).
     `partials` is an int64 array with the tile axis first, or any iterable of per-tile arrays;
     `start` (e.g. the bias) broadcasts against one tile. Wrap is applied once at the end (modular:
     also right when an int64 sum itself wrapped, since 2^acc_bits divides 2^64)."""
-    check_mode(acc_bits, None, overflow)
-    saturate = acc_bits is not None and overflow == "saturate"
+    check_mode(acc_bits, PAIR if overflow == "pairwise" else None, overflow)
+    saturate = acc_bits is not None and overflow in ("saturate", "pairwise")
     lo, hi = acc_range(acc_bits) if acc_bits is not None else (None, None)
     acc = np.asarray(start, dtype=np.int64)
     for p in partials:
-        acc = acc + np.asarray(p, dtype=np.int64)
+        p = np.asarray(p, dtype=np.int64)
+        acc = acc + (np.clip(p, lo, hi) if saturate and overflow == "pairwise" else p)
         if saturate:
             np.clip(acc, lo, hi, out=acc)
     if acc_bits is not None and overflow == "wrap" and acc_bits < 64:

@@ -23,7 +23,7 @@ equal to the output tensor's qmin/qmax unless a ReLU was fused, then act_min = z
   conv2d (Conv2d)  inputs [x]; weight (O, I/groups, kh, kw) int8 (int16 for 9–16-bit weight grids),
            bias (O,) int32 (int64 where int32 cannot hold it; never saturated) at scale Sx·Sw[o],
            stride, padding, dilation (pairs), groups, multiplier/shift (O,) int arrays,
-           acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap").
+           acc_bits (int or None = exact), tile (int or None), overflow ("saturate"|"wrap"|"pairwise": tile 2).
            acc starts at bias[o]; the reduction over (c_in/groups, ky, kx), in that order, is
            cut into contiguous tiles of `tile` products; each tile's Σ (x − zx)·w is exact;
            after each tile acc = overflow(acc + partial) into acc_bits. Padding taps are

@@ -24,7 +24,7 @@ import numpy as np
 Pair = tuple[int, int]
 Ints = tuple[int, ...]
 Floats = tuple[float, ...]
-Overflow = Literal["saturate", "wrap"]
+Overflow = Literal["saturate", "wrap", "pairwise"]
 # integer numpy arrays; the Annotated metadata is the allowed number of dimensions
 Vector = Annotated[np.ndarray, 1]
 Matrix = Annotated[np.ndarray, 2]

@@ -145,7 +145,7 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             quantizers[1] = _make_overflow_free(gm, node, layer, cfg, sources, quantizers, bias)
         keep_exact = bool(cfg.log_barrier) and cfg.acc_bits is not None
         grad_q = _make("gradient", cfg, layer, generator=generator) if cfg.grad_bits is not None else None
-        op = NarrowAccOp(kind, layer, acc_bits=cfg.acc_bits, tile=cfg.tile, overflow=cfg.overflow,
+        op = NarrowAccOp(kind, layer, acc_bits=cfg.acc_bits, tile=cfg.acc_tile, overflow=cfg.overflow,
                          grad_acc_bits=cfg.grad_acc_bits if cfg.grad_acc_bits is not None else cfg.acc_bits,
                          acc_grad=cfg.acc_grad, a_qrange=quantizers[0].qrange, b_qrange=quantizers[1].qrange,
                          keep_exact=keep_exact, grad_output_quant=grad_q, **conv)
@@ -161,7 +161,7 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         new.meta.update(node.meta)
         new.meta["qc_module_type"] = "NarrowAccOp"
         new.meta["qc_accumulator"] = {
-            "kind": kind, "acc_bits": cfg.acc_bits, "tile": cfg.tile, "overflow": cfg.overflow,
+            "kind": kind, "acc_bits": cfg.acc_bits, "tile": cfg.acc_tile, "overflow": cfg.overflow,
             "grad_acc_bits": op.grad_acc_bits, "acc_grad": cfg.acc_grad, "keep_exact": keep_exact,
             "grids": tuple({"quantizer": src.target, "qrange": tuple(q.qrange), "symmetric": bool(q.symmetric),
                             "axis": q.axis, "estimator": q.estimator.name,

@@ -2,9 +2,10 @@
 (the reference interpreter has its own, in numpy; tests check both against plain integer loops).
 
 Semantics: `qcompile.core.accumulator` (tiles of `tile` products, each exact; after each
-tile the accumulator saturates or wraps into acc_bits; wrap is modular, so it is applied once).
+tile the accumulator saturates or wraps into acc_bits; wrap is modular, so it is applied once;
+"pairwise" saturates each pair's sum before adding it).
 Overflow statistics: with saturation an event is one tile update whose exact value
-acc_(t-1) + p_t left the range (it was clamped); with wrap, intermediate wraps that cancel
+acc_(t-1) + p_t left the range (it was clamped; "pairwise": also a pair sum p_t that was); with wrap, intermediate wraps that cancel
 leave the result exact, so an event is an output whose wrapped result differs from the exact
 sum. An output `overflowed` when it had at least one event.
 
@@ -88,7 +89,7 @@ def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Pl
     part = torch.float32 if tl * prod < FLOAT32_EXACT else torch.float64
     # float32 sums are exact below 2^24; with saturation the accumulator stays in range (acc_bits <= 24),
     # an out-of-range value is clamped whatever its rounding, and `exact` is then only used as a float
-    acc_ok = total < FLOAT32_EXACT or (overflow == "saturate" and acc_bits is not None and acc_bits <= 24
+    acc_ok = total < FLOAT32_EXACT or (overflow != "wrap" and acc_bits is not None and acc_bits <= 24
                                        and _absmax(bias) < FLOAT32_EXACT)
     acc = torch.float32 if part == torch.float32 and acc_ok else torch.float64
     return _Plan(tl, 1 if dense else T, part, acc, dense)
@@ -128,7 +129,7 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
     are requested in chunks of about CHUNK_ELEMENTS / per_tile. Saturation is a clamp-scan over the
     tile axis (_clamp_scan). exact=False skips the exact sum where the result does not need it."""
     chunk = max(1, min(tiles, CHUNK_ELEMENTS // max(per_tile, 1)))
-    saturate = acc_bits is not None and overflow == "saturate"
+    saturate = acc_bits is not None and overflow in ("saturate", "pairwise")
     lo, hi = acc_range(acc_bits) if saturate else (None, None)
     keep_exact = exact or not saturate
     exact = acc = overflowed = None
@@ -146,7 +147,8 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
             overflowed = torch.empty(ps.shape[1:], dtype=torch.bool, device=ps.device)
             if start is not None:
                 acc.copy_(start)
-        events += _clamp_scan(ps, acc, lo, hi, overflowed, from_zero=first and start is None, first=first)
+        events += _clamp_scan(ps, acc, lo, hi, overflowed, from_zero=first and start is None, first=first,
+                              pairs=overflow == "pairwise")
     if saturate:
         return AccResult(acc, exact, overflowed, torch.tensor(events, dtype=torch.int64, device=acc.device))
     if acc_bits is None:
@@ -158,23 +160,31 @@ def run_tiles(partials: Callable[[int, int], torch.Tensor], tiles: int, start, a
 
 
 def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowed: torch.Tensor,
-                from_zero: bool, first: bool) -> int:
+                from_zero: bool, first: bool, pairs: bool = False) -> int:
     """Saturate one chunk of partial sums ps (tiles, *shape) into acc (*shape, contiguous; from_zero:
-    uninitialized, the accumulator starts at 0): for each tile in order acc = clamp(acc + p_t, lo, hi);
-    sets `overflowed` (bool, like acc; first: uninitialized) where an update clamped and returns the
-    number of such events. ps may be overwritten. On the CPU the C kernel csrc/clamp_scan.c does it in
-    one pass over ps; elsewhere (or without a C compiler) torch ops."""
+    uninitialized, the accumulator starts at 0): for each tile in order acc = clamp(acc + p_t, lo, hi)
+    (pairs: clamp(acc + clamp(p_t, lo, hi), lo, hi), the "pairwise" mode); sets `overflowed` (bool, like
+    acc; first: uninitialized) where a clamp changed a value and returns the number of such events. ps
+    may be overwritten. On the CPU the C kernel csrc/clamp_scan.c does it in one pass over ps;
+    elsewhere (or without a C compiler) torch ops."""
     lib = native.library("clamp_scan") if ps.device.type == "cpu" and ps.dtype in _SCAN_KERNELS else None
     if lib is None:
         if from_zero:
             acc.zero_()
         if first:
             overflowed.zero_()
-        return _clamp_scan_torch(ps, acc, lo, hi, overflowed)
+        events = 0
+        if pairs:                                 # the pair sums' own clamps, then the plain scan
+            clamped = ps.clamp(lo, hi)
+            hit = clamped != ps
+            overflowed.logical_or_(hit.any(0))
+            events = int(hit.sum())
+            ps.copy_(clamped)
+        return events + _clamp_scan_torch(ps, acc, lo, hi, overflowed)
     fn = getattr(lib, _SCAN_KERNELS[ps.dtype][0])
     if fn.argtypes is None:
         c_t = _SCAN_KERNELS[ps.dtype][1]
-        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t] + [ctypes.c_int] * 2
+        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [c_t, c_t] + [ctypes.c_int] * 3
         fn.restype = ctypes.c_int64
     dims, inner = _outer_inner(ps.shape[1:], ps.stride()[1:])
     (outer, outer_stride), loops = (dims[-1], dims[:-1]) if dims else ((1, 0), [])
@@ -184,7 +194,7 @@ def _clamp_scan(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, overflowe
         off = sum(i * st for i, (_, st) in zip(index, loops))
         at = sum(i * math.prod(n for n, _ in loops[k + 1:]) for k, i in enumerate(index)) * outer * inner
         events += fn(ps.data_ptr() + off * size, ps.shape[0], ps.stride(0), outer, outer_stride, inner,
-                     acc.data_ptr() + at * size, overflowed.data_ptr() + at, lo, hi, from_zero, first)
+                     acc.data_ptr() + at * size, overflowed.data_ptr() + at, lo, hi, from_zero, first, pairs)
     return events
 
 

@@ -69,7 +69,7 @@ def accumulator_bounds(qm) -> list[dict]:
             continue
         qa, qb = qm.get_submodule(a_src.target), qm.get_submodule(b_src.target)
         layer = node.meta.get("qc_layer", node.name)
-        tile = op.tile if isinstance(op, NarrowAccOp) else qm.config.for_layer(layer).tile
+        tile = op.tile if isinstance(op, NarrowAccOp) else qm.config.for_layer(layer).acc_tile
         acc_bits = op.acc_bits if isinstance(op, NarrowAccOp) else None
         if qb.kind == "weight":
             w = _constant(node.args[1], qm)

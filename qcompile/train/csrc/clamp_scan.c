@@ -5,8 +5,9 @@
  *                                           t < tiles, i < outer, j < inner
  *   acc[i*inner + j]                        the accumulator, updated in place:
  *                                           acc <- clamp(acc + p_t, lo, hi) for t = 0, 1, ...
+ *                                           (pairs: acc <- clamp(acc + clamp(p_t, lo, hi), lo, hi))
  *                                           (from_zero: acc is not read, it starts at 0)
- *   overflowed[i*inner + j]                 set to 1 when an update clamped (an event), else
+ *   overflowed[i*inner + j]                 set to 1 when a clamp changed a value (an event), else
  *                                           left as it is (first: set to 0, it is not read)
  *
  * Returns the number of events. Exact whenever acc + p_t is exact in the element type (the
@@ -21,7 +22,8 @@
 
 #define QC_DEFINE_CLAMP_SCAN(name, T)                                                           \
 int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int64_t outer_stride, \
-             int64_t inner, T *acc, uint8_t *overflowed, T lo, T hi, int from_zero, int first)  \
+             int64_t inner, T *acc, uint8_t *overflowed, T lo, T hi, int from_zero, int first,  \
+             int pairs)                                                                         \
 {                                                                                               \
     int64_t events = 0;                                                                         \
     _Pragma("omp parallel for collapse(2) schedule(static) reduction(+:events) if(tiles * outer * inner >= 1048576)") \
@@ -39,9 +41,10 @@ int64_t name(const T *p, int64_t tiles, int64_t tile_stride, int64_t outer, int6
             for (int64_t t = 0; t < tiles; ++t) {                                               \
                 const T *pt = p + t * tile_stride + i * outer_stride + j0;                      \
                 for (int64_t j = 0; j < m; ++j) {                                               \
-                    const T v = block[j] + pt[j];                                               \
+                    const T q = pairs ? (pt[j] < lo ? lo : (pt[j] > hi ? hi : pt[j])) : pt[j];  \
+                    const T v = block[j] + q;                                                   \
                     const T s = v < lo ? lo : (v > hi ? hi : v);                                \
-                    hits[j] += v != s;                                                          \
+                    hits[j] += (q != pt[j]) + (v != s);                                         \
                     block[j] = s;                                                               \
                 }                                                                               \
             }                                                                                   \
