@@ -6,6 +6,9 @@ calibrated on random inputs, put in eval mode and lowered once per accumulator s
   exact           acc_bits=None (the static bound fits int32: 32-bit lanes, VNNI dot products)
   acc16 wrap      acc_bits=16, tile=64, wrap      (modular: 16-bit lanes)
   acc16 saturate  acc_bits=16, tile=64, saturate  (exact partial per tile, clamp after each)
+  acc16 pairwise  acc_bits=16, pairwise           (AVX2's vpmaddubsw + vpaddsw: pairs saturated, then added
+                                                   with saturation; the blocked-GEMM kernel where the input's
+                                                   zero point is its lowest code, tile_loop elsewhere)
   acc32 saturate  acc_bits=32, tile=64, saturate  (provably never overflows: compiled as exact)
 Each is emitted as C, built with gcc -O3 -march=native and timed by its own harness
 (`--bench`: one sample, one thread, median of REPEATS runs after one warm-up run). onnxruntime
@@ -43,6 +46,7 @@ VARIANTS = {
     "exact": {},
     "acc16 wrap": dict(acc_bits=16, tile=64, overflow="wrap"),
     "acc16 saturate": dict(acc_bits=16, tile=64, overflow="saturate"),
+    "acc16 pairwise": dict(acc_bits=16, overflow="pairwise"),
     "acc32 saturate": dict(acc_bits=32, tile=64, overflow="saturate"),
 }
 

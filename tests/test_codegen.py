@@ -167,6 +167,8 @@ PAIRWISE_CASES = [  # (kwargs, accumulator): "pairwise" layers; zp = 0 inputs (t
     (dict(groups=6, cin=6, cout=6), (16, 2, "pairwise")),           # depthwise
     (dict(wmax=64), (16, 2, "pairwise")),                           # no pair can saturate (2·64·255 < 2^15)
     (dict(), None),                                                 # exact, for the VNNI kernel at zp = 0
+    (dict(centered=True), (16, 2, "pairwise")),                     # x − zx signed: the int16 kernel
+    (dict(relu=True), (16, 2, "pairwise")),                         # zp 100 but codes >= 100 (a fused ReLU): uint8
 ]
 
 
@@ -182,6 +184,11 @@ def pairwise_graph(seed: int = 0) -> ir.Graph:
             src = f"s{i}"
             tensors[src] = _t(src, (cin, 9, 7), zp=0)
             ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, ir.Slice(axis=0, start=0, stop=cin)))
+        if kw.get("centered") or kw.get("relu"):      # x requantized onto a grid with zero point 100
+            src = f"r{i}"
+            tensors[src] = _t(src, (cin, 9, 7), zp=100)
+            ops.append(ir.Op("requantize", f"rq.{i}", ["x"], src, ir.Requantize(
+                multiplier=1 << 30, shift=1, act_min=100 if kw.get("relu") else 0, act_max=255)))
         oh, ow = (9 + 2 - 2 - 1) // st + 1, (7 + 2 - 2 - 1) // st + 1
         y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
         m, s = _mults(rng, cout, 2e-4, 3e-3)
@@ -396,7 +403,9 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     for name, graph in (("pairs", pairs), ("conv", conv_zoo_graph(seed=3))):
         module, got = check_bit_exact(graph, tmp_path / name, n=3, seed=3, opt=GEMM_BUILDS[path])
         source = (tmp_path / name / "net.c").read_text()
-        assert "qc_gemm_exact(" in source and (name == "conv" or "qc_gemm_pairwise(" in source)
+        assert "qc_gemm_exact(" in source
+        if name == "pairs":
+            assert source.count("qc_gemm_pairwise(col + ") == 5 and source.count("qc_gemm_pairwise_i16(col + ") == 1
         if name == "pairs":               # the pairwise layers saturate: an exact accumulator differs
             assert all(not np.array_equal(got[i], free[i]) for i, (kw, acc) in enumerate(PAIRWISE_CASES)
                        if acc is not None and acc[0] == 16 and "wmax" not in kw)

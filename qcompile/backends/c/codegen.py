@@ -278,7 +278,7 @@ GEMM_CHUNK_BYTES = 1 << 18   # column blocks laid out together: each weight pane
 GEMM_PANEL_BYTES = 1 << 15   # weights of one panel of output channels: stays in L1 over a chunk
 
 
-def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[str, Any] | None:
+def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: tuple[int, int]) -> dict[str, Any] | None:
     """The blocked-GEMM form of a conv2d (conv2d_gemm.c.j2) with weights `w` (O, I/g, kh, kw), or None
     where it does not apply and the tile_loop kernels run. Applies to 8-bit inputs and int8 weights, for
     exact: every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
@@ -286,12 +286,13 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[s
     reduction order is exact, so weight rows run (c / 4, ky, kx, c % 4) and the padded input is read in
     place from one plane per 4 channels and stride phase; `portable` is the tile_loop form of the same
     rows, for targets without AVX-512 VNNI);
-    pairwise (16 bits): u = x − zx itself must be 0..255 (zx is the grid's lowest code) and the bias
-    an int16, the accumulator's first value; im2col blocks in the IR's reduction order."""
+    pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
+    (its producer's clamp) keep them in 0..255 (vpmaddubsw), else int16; the bias must be an int16, the
+    accumulator's first value; im2col blocks in the IR's reduction order."""
     kernel = L["mode"]
     if kernel not in ("exact", "pairwise") or x.bits > 8 or w.size == 0 or w.min() < -128 or w.max() > 127:
         return None
-    if kernel == "pairwise" and (L["acc_bits"] != 16 or x.zero_point != x.qmin or not _fits(np.abs(bias).max(), 16)):
+    if kernel == "pairwise" and (L["acc_bits"] != 16 or not _fits(np.abs(bias).max(), 16)):
         return None
     O, cig, kh, kw = w.shape
     w2 = w.reshape(O, -1)
@@ -322,15 +323,27 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> dict[s
                                   dacc_t="int32_t", w_t="int8_t")
     else:
         pad_u, b = 0, bias
+        u8 = 0 <= x_range[0] - x.zero_point and x_range[1] - x.zero_point <= 255
+        plan.update(kernel="pairwise" if u8 else "pairwise_i16", col_bytes=1 if u8 else 2,
+                    col_t="uint8_t" if u8 else "int16_t", xlo=int(x.zero_point))
         kp = -(-w2.shape[1] // 2) * 2
+        if u8 and (L["sh"], L["sw"]) == (1, 1):      # columns copied from padded planes (conv2d_gemm.c.j2)
+            plane = L["hp"] * L["wp"] + GEMM_PIXELS + (kw - 1) * L["dw"]
+            koff = [c * plane + ky * L["dh"] * L["wp"] + kx * L["dw"] for c in range(cig) for ky in range(kh)
+                    for kx in range(kw)]
+            plan.update(implicit=True, plane=plane, koff=", ".join(map(str, koff + [cig * plane] * (kp - len(koff)))))
         wp = np.zeros((O, kp), np.int64)
         wp[:, :w2.shape[1]] = w2
-        plan.update(b_t="int16_t",
-                    rq_expr=f"{L['rq']}(acc[c * QC_PX + i], {sym}_m[co_abs], {sym}_s[co_abs])")
+        plan.update(b_t="int16_t", rq_expr=f"{L['rq']}(ab[c * QC_PX + i], {sym}_m[co_abs], {sym}_s[co_abs])")
     kp = wp.shape[1]
-    words, n = _packed_bytes(wp)
+    if plan["kernel"] == "pairwise_i16":       # one int32 word per pair: w_2j + 2^16 w_2j+1
+        pairs = wp.reshape(wp.shape[0], -1, 2)
+        w32 = ((pairs[..., 0] & 0xFFFF) | ((pairs[..., 1] & 0xFFFF) << 16)).astype(np.uint32).view(np.int32)
+        words, n = _c_array(w32), w32.size
+    else:
+        words, n = _packed_bytes(wp)
     plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n,
-                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp))),
+                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan.get("col_bytes", 1)))),
                 cb=min(L["cog"], max(12, min(96, GEMM_PANEL_BYTES // kp // 12 * 12))))
     return plan
 
@@ -368,12 +381,27 @@ def _weight_arrays(op: ir.Op, L: dict, w: np.ndarray, bias: np.ndarray, m, s) ->
 class _Emitter:
     def __init__(self, graph: ir.Graph, name: str):
         self.g = graph
+        self.producer = {op.output: op for op in graph.ops}
         self.name = name
         self.taken: set[str] = set()
         self.functions: list[str] = []
         self.weight_bytes = 0
         self.macs = 0
         self.gemm: set[str] = set()           # blocked-GEMM kernels some layer uses (gemm.c.j2)
+
+    RANGE_KEEPING = ("max_pool2d", "reshape", "transpose", "slice")   # outputs hold some of the input's codes
+
+    def value_range(self, name: str) -> tuple[int, int]:
+        """The codes tensor `name` can hold: its producer's clamp (a fused ReLU raises act_min to the
+        zero point) within what range-keeping ops pass on; the storage's qmin..qmax otherwise."""
+        t = self.t(name)
+        op = self.producer.get(name)
+        if op is None:
+            return t.qmin, t.qmax
+        lo, hi = self.value_range(op.inputs[0]) if op.kind in self.RANGE_KEEPING else (t.qmin, t.qmax)
+        if isinstance(op.attrs, ir.Clamp):
+            lo, hi = max(lo, int(op.attrs.act_min)), min(hi, int(op.attrs.act_max))
+        return lo, hi
 
     def t(self, name: str) -> ir.Tensor:
         try:
@@ -413,12 +441,13 @@ class _Emitter:
         col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
         if cig == 1 and O == groups:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
-        gemm = _gemm_plan(L, w, bias, x)
+        gemm = _gemm_plan(L, w, bias, x, self.value_range(op.inputs[0]))
         if gemm is not None:
             L.update(gemm)
             self.gemm.add(L["kernel"])
-            if L["kernel"] == "pairwise":
-                return "conv2d_gemm.c.j2", L, [L["nb"] * GEMM_PIXELS * L["kp"]]      # one chunk of column blocks
+            if L["kernel"] != "exact":
+                chunk = L["nb"] * GEMM_PIXELS * L["kp"] * L["col_bytes"]                  # a chunk of columns
+                return "conv2d_gemm.c.j2", L, [chunk + ((cig + 1) * L["plane"] if L.get("implicit") else 0)]
             L["portable"]["blocks"] = _blocks(OH * OW)
             L["vnni_scratch"] = [L["n4"] * sh * sw * L["plane"]]                    # the phase planes
             return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
