@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcompile.core.accumulator import OVERFLOW_MODES, PAIR
-
 ESTIMATORS = ("current", "running", "hindsight", "dsgc", "fixed")
 GRANULARITIES = ("per_channel", "per_tensor")
 NONFINITE_POLICIES = ("raise", "skip")
+OVERFLOW_MODES = ("saturate", "wrap", "pairwise")   # core.accumulator's modes (config imports nothing: a test
+PAIR = 2                                              # checks they agree); "pairwise" sums tiles of PAIR products
 ACC_GRAD_MODES = ("ste", "zero_saturated")
 
 

@@ -23,6 +23,9 @@ def test_pairwise_overflow_sums_pairs():
     assert QConfig(acc_bits=16, tile=8).acc_tile == 8
     with pytest.raises(ValueError, match="tile=8 with overflow='pairwise'"):
         QConfig(acc_bits=16, tile=8, overflow="pairwise")
+    from qcompile import config
+    from qcompile.core import accumulator
+    assert (config.OVERFLOW_MODES, config.PAIR) == (accumulator.OVERFLOW_MODES, accumulator.PAIR)
 
 
 def test_fixed_estimator_needs_a_range():

@@ -54,7 +54,7 @@ def _set(op, **values):
     (lambda g: setattr(_first(g, "mul"), "attrs", vars(_first(g, "mul").attrs)), r"\(mul\): attrs is a dict"),
     (lambda g: _set(_first(g, "conv2d"), stride=3), r"\(conv2d\): attribute 'stride'"),
     (lambda g: _set(_first(g, "conv2d"), overflow="clip"),
-     r"\(conv2d\): attribute 'overflow' = 'clip'.*one of \['saturate', 'wrap'\]"),
+     r"\(conv2d\): attribute 'overflow' = 'clip'.*one of \['saturate', 'wrap', 'pairwise'\]"),
     (lambda g: _set(_first(g, "avg_pool2d"), global_pool=1), r"\(avg_pool2d\): attribute 'global_pool'.*a bool"),
     (lambda g: _set(_first(g, "conv2d"), bias=_first(g, "conv2d").attrs.bias[:-1]), r"\(conv2d\): bias has shape"),
     (lambda g: _set(_first(g, "requantize"), multiplier=12345), r"\(requantize\): requantization multiplier 12345"),
