@@ -533,6 +533,9 @@ class _Emitter:
         wide = not (fits_int64(bound_a, L["ma"], L["ssa"]) and fits_int64(bound_b, L["mb"], L["ssb"])
                     and fits_int64(sum_bound, L["m"], L["s"]))
         L["rq"] = "qc_requantize_wide" if wide else "qc_requantize"
+        # 8-bit inputs: each input's requantized value is looked up in a table of its 256 codes,
+        # filled by the same helper at the start of the call (two requantizations per code, not per element)
+        L["tables"] = [(t.qmin, t.qmax - t.qmin + 1) if t.bits <= 8 else None for t in (a_t, b_t)]
         return "add.c.j2", L, []
 
     def op_mul(self, op, sym):
