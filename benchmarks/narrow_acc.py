@@ -2,14 +2,15 @@
 
 Each ResNet-18 (224×224 ImageNet) conv shape and its fc is compiled alone twice with qcompile
 (W8A8, 8-bit gradients): with exact accumulation (acc_bits=None, the plain quantized op) and
-with acc_bits=16, tile=64, overflow="saturate" (grad_acc_bits defaults to 16 as well). One
+with acc_bits=16, tile=64, overflow="saturate" (grad_acc_bits defaults to 16 as well;
+`--overflow pairwise`: the pairwise mode, tiles of 2). One
 timed step is forward + backward of the compiled layer (G_X and G_W; conv1, whose input is the
 image, only G_W), quantizers included in both. Inputs and weights are random, so most tiled
 outputs saturate (the slow case: the clamp runs tile by tile). The two take turns step by step;
 ratio of medians, one thread.
 Goal: <= 2×.
 
-    OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 5]
+    OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 5] [--overflow saturate|wrap|pairwise]
 """
 from __future__ import annotations
 
@@ -71,7 +72,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--overflow", default="saturate", choices=["saturate", "wrap", "pairwise"],
+                    help="the tiled op's mode (pairwise: tiles of 2, not 64)")
     args = ap.parse_args(argv)
+    tile = None if args.overflow == "pairwise" else 64
     print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(1)
     shapes = [(n, nn.Conv2d(ci, co, k, s, k // 2, bias=False), (args.batch, ci, hw, hw))
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
     for name, module, shape in shapes:
         x = torch.randn(shape)
         input_grad = name != "conv1"                # the image needs no gradient
-        models = [_compiled(module, x), _compiled(module, x, acc_bits=16, tile=64, overflow="saturate")]
+        models = [_compiled(module, x), _compiled(module, x, acc_bits=16, tile=tile, overflow=args.overflow)]
         exact, tiled = _step_seconds(models, x, args.repeats, input_grad)
         total_exact += exact
         total_tiled += tiled
