@@ -216,8 +216,8 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
 
     exact: lanes hold the whole bound, one tile; wrap: one tile (modular), the exact sum in int32
     lanes where the bound allows, else unsigned lanes of the accumulator width; saturate: tiles of
-    `tile`, lanes hold one tile's bound; pairwise: tiles of 2, each saturated before it is added. A narrow accumulator whose whole bound fits its range
-    never overflows for any input: compiled as exact.
+    `tile`, lanes hold one tile's bound; pairwise: tiles of 2, each saturated before it is added. A
+    narrow accumulator whose whole bound fits its range never overflows for any input: compiled as exact.
     """
     a = op.attrs
     K = w.shape[1]
@@ -296,11 +296,10 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         return None
     O, cig, kh, kw = w.shape
     w2 = w.reshape(O, -1)
-    xlo = int(x.qmin)
-    plan = dict(kernel=kernel, col_t="uint8_t", xlo=xlo)
+    plan = dict(kernel=kernel, col_t="uint8_t", xlo=int(x.qmin), col_bytes=1)
     sym = L["sym"]
     if kernel == "exact":
-        pad_u = int(x.zero_point) - xlo
+        pad_u = int(x.zero_point) - plan["xlo"]
         b = bias - pad_u * w2.sum(1)
         wsum = int(np.abs(w2).sum(1).max())
         if not (_fits(255 * wsum, 32) and _fits(L["acc_bound"], 32) and _fits(int(np.abs(b).max()) + 255 * wsum, 32)):
@@ -319,7 +318,7 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
                 for ky in range(kh) for kx in range(kw)]
         plan.update(b_t="int32_t", n4=n4, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
         plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4,
-                                  xoff=xlo, padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
+                                  xoff=plan["xlo"], padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
                                   dacc_t="int32_t", w_t="int8_t")
     else:
         pad_u, b = 0, bias
@@ -342,8 +341,9 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         words, n = _c_array(w32), w32.size
     else:
         words, n = _packed_bytes(wp)
-    plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n,
-                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan.get("col_bytes", 1)))),
+    weight_bytes = wp.size * (2 if plan["kernel"] == "pairwise_i16" else 1) + b.size * (4 if kernel == "exact" else 2)
+    plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n, weight_bytes=weight_bytes,
+                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan["col_bytes"]))),
                 cb=min(L["cog"], max(12, min(96, GEMM_PANEL_BYTES // kp // 12 * 12))))
     return plan
 
@@ -436,14 +436,18 @@ class _Emitter:
         L["lo"], L["hi"] = _act_range(op, y)
         L.update(_accumulator(op, w2, bias, x))
         L["rq"] = _rq(L["acc_bound"], m, s)
-        self.weight_bytes += _weight_arrays(op, L, w2, bias, m, s)
         self.macs += O * K * OH * OW
         col_bytes = np.dtype(L["col_t"].replace("_t", "")).itemsize
-        if cig == 1 and O == groups:
+        depthwise = cig == 1 and O == groups
+        gemm = None if depthwise else _gemm_plan(L, w, bias, x, self.value_range(op.inputs[0]))
+        if gemm is None:
+            self.weight_bytes += _weight_arrays(op, L, w2, bias, m, s)
+        if depthwise:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
-        gemm = _gemm_plan(L, w, bias, x, self.value_range(op.inputs[0]))
         if gemm is not None:
             L.update(gemm)
+            L["m_data"], L["s_data"] = _c_array(m), _c_array(s)
+            self.weight_bytes += gemm["weight_bytes"] + 8 * O
             self.gemm.add(L["kernel"])
             if L["kernel"] != "exact":
                 chunk = L["nb"] * GEMM_PIXELS * L["kp"] * L["col_bytes"]                  # a chunk of columns
