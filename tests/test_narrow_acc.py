@@ -237,6 +237,32 @@ def test_run_tiles_over_several_chunks_marks_each_overflowed_output(kernel, monk
     assert 0 < int(res.overflowed.sum()) < 20
 
 
+def test_pairwise_fused_kernel_equals_the_tile_path(monkeypatch):
+    """The "pairwise" ops through csrc/pair_matmul.c (no pair sum stored) give the accumulator, the exact
+    sum, the overflow flags and the event count of the tile-by-tile path (QCOMPILE_NATIVE=0), on a conv
+    with an odd reduction, groups and stride, its weight gradient over an odd number of rows, and a
+    batched matmul."""
+    from qcompile.train import tiled
+    if tiled._pair_kernel(torch.float32, "cpu") is None:
+        pytest.fail("the C pairwise kernel did not build")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (3, 4, 7, 7), generator=gen).float()
+    w = torch.randint(-128, 128, (6, 2, 3, 3), generator=gen).float()
+    b = torch.randint(-3000, 3000, (6,), generator=gen).float()
+    g = torch.randint(-128, 128, (3, 6, 5, 5), generator=gen).float()         # 3·25 rows: odd
+    a2, b2 = torch.randint(0, 256, (2, 5, 33), generator=gen).float(), torch.randint(-128, 128, (2, 33, 4), generator=gen).float()
+    mode = dict(acc_bits=16, tile=2, overflow="pairwise", exact=True)
+    ops = [lambda: tiled_conv2d(x, w, b, 2, 1, 1, 2, **mode),
+           lambda: tiled_conv2d_weight_grad(x, g, w.shape, 1, 0, 1, 2, **mode),
+           lambda: tiled_matmul(a2, b2, b[:4], **mode)]
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 200)       # several chunks: images, and rows carried over
+    fused = [op() for op in ops]
+    monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+    for got, want in zip(fused, (op() for op in ops)):
+        assert torch.equal(got.acc, want.acc) and torch.equal(got.exact, want.exact)
+        assert torch.equal(got.overflowed, want.overflowed) and int(got.events) == int(want.events) > 0
+
+
 def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
     from qcompile.train import native
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

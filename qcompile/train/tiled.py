@@ -259,6 +259,49 @@ def _clamp_scan_torch(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, ove
     return int(clamps.sum(dtype=torch.int64))
 
 
+_PAIR_KERNELS = {torch.float32: ("qc_pair_matmul_f32", ctypes.c_float),
+                 torch.float64: ("qc_pair_matmul_f64", ctypes.c_double)}
+
+
+def _pair_kernel(dtype: torch.dtype, device):
+    """The fused pairwise matmul of csrc/pair_matmul.c for `dtype`, or None (not on the CPU, disabled,
+    or no C compiler): then the pair sums are formed tile by tile and clamp-scanned (run_tiles)."""
+    lib = native.library("pair_matmul") if torch.device(device).type == "cpu" and dtype in _PAIR_KERNELS else None
+    if lib is None:
+        return None
+    name, c_t = _PAIR_KERNELS[dtype]
+    fn = getattr(lib, name)
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + \
+                      [ctypes.c_void_p, ctypes.c_void_p, c_t, c_t]
+        fn.restype = ctypes.c_int64
+    return fn
+
+
+def _pair_matmul(fn, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, overflowed: torch.Tensor,
+                 acc_bits: int) -> int:
+    """The "pairwise" accumulator of a (M, 2P) @ b (2P, N) (unit column strides) into acc (M, N, contiguous,
+    holding its start) in one pass, no pair sum stored; ORs the events into `overflowed` (bool, like acc)
+    and returns their number."""
+    lo, hi = acc_range(acc_bits)
+    assert a.stride(1) == 1 and b.stride(1) == 1 and acc.is_contiguous() and a.shape[1] % 2 == 0
+    return fn(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[0], a.shape[1] // 2, b.shape[1],
+              acc.data_ptr(), overflowed.data_ptr(), lo, hi)
+
+
+def _even(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` with a zero slice appended along `dim` when its size there is odd (a pair's missing product)."""
+    if t.shape[dim] % 2 == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, 1]
+    return F.pad(t, pad)
+
+
+def _pair_result(acc, overflowed, events, exact_fn, exact: bool) -> AccResult:
+    return AccResult(acc, exact_fn() if exact else None, overflowed,
+                     torch.tensor(events, dtype=torch.int64, device=acc.device))
+
+
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
     """The initial accumulator: the bias (shaped to broadcast to one tile) or None (0)."""
     return None if bias is None else bias.to(dtype)
@@ -291,6 +334,9 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     if b.shape[-2] != K:
         raise ValueError(f"tiled_matmul: inner dimensions differ ({tuple(a.shape)} @ {tuple(b.shape)})")
     plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
+    fn = _pair_kernel(plan.acc_dtype, a.device) if overflow == "pairwise" and not plan.dense else None
+    if fn is not None:
+        return _cast(_pairwise_matmul(fn, a, b, bias, acc_bits, plan.acc_dtype, exact), _out_dtype(a))
     tl, T = plan.tile, plan.tiles
     a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
     full = K // tl                                                          # tiles of tl products; then maybe a short one
@@ -310,6 +356,23 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     res = run_tiles(partials, T, _bias_start(bias, plan.acc_dtype), None if plan.dense else acc_bits, overflow,
                     per_tile=math.prod(shape), exact=exact)
     return _cast(res, _out_dtype(a))
+
+
+def _pairwise_matmul(fn, a, b, bias, acc_bits: int, dtype: torch.dtype, exact: bool) -> AccResult:
+    """tiled_matmul in the "pairwise" mode through the fused kernel, one batch element at a time."""
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, N = a.shape[-2], b.shape[-1]
+    a3 = _even(a.to(dtype).expand(*shape, M, a.shape[-1]).reshape(-1, M, a.shape[-1]), 2).contiguous()
+    b3 = _even(b.to(dtype).expand(*shape, *b.shape[-2:]).reshape(-1, *b.shape[-2:]), 1).contiguous()
+    acc = torch.zeros(*shape, M, N, dtype=dtype)
+    if bias is not None:
+        acc += bias.to(dtype)
+    acc3 = acc.view(-1, M, N)
+    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
+    events = sum(_pair_matmul(fn, a3[i], b3[i], acc3[i], overflowed.view(-1, M, N)[i], acc_bits)
+                 for i in range(a3.shape[0]))
+    return _pair_result(acc, overflowed, events,
+                        lambda: torch.matmul(a.to(dtype), b.to(dtype)) + (0 if bias is None else bias.to(dtype)), exact)
 
 
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -346,6 +409,11 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     ph, pw = _pair(padding)
+    fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" else None    # (plan not dense here)
+    if fn is not None:
+        xp = _padded(x, (ph, ph, pw, pw), plan.acc_dtype)
+        return _cast(_pairwise_conv2d(fn, xp, w, bias, (Ho, Wo), stride, dilation, groups, acc_bits, plan.acc_dtype,
+                                      exact), _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
     wt = F.pad(wt, (0, T * tl - K)) if T * tl > K else wt                                  # (G, og, T·tl)
@@ -364,6 +432,40 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     start = _bias_start(None if bias is None else bias.view(groups, og, 1), plan.acc_dtype)
     res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, tl) * N * L, exact=exact)
     return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
+
+
+def _pairwise_conv2d(fn, xp, w, bias, hw_out, stride, dilation, groups: int, acc_bits: int, dtype: torch.dtype,
+                     exact: bool) -> AccResult:
+    """tiled_conv2d in the "pairwise" mode through the fused kernel: chunks of whole images' im2col
+    columns (every reduction complete in a chunk), each group's weight rows against them."""
+    O, cin_g, kh, kw = w.shape
+    N, og, K = xp.shape[0], O // groups, cin_g * kh * kw
+    L = hw_out[0] * hw_out[1]
+    Kp = K + K % 2
+    wt = _even(w.to(dtype).reshape(groups, og, K), 2).contiguous()
+    acc = torch.zeros(groups, og, N * L, dtype=dtype)
+    if bias is not None:
+        acc += bias.to(dtype).view(groups, og, 1)
+    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
+    events = 0
+    per_image = groups * Kp * L
+    step = max(1, CHUNK_ELEMENTS // max(per_image, 1))
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        cols = _SCRATCH.empty("cols", (groups, Kp, (n1 - n0) * L), dtype, xp.device)
+        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)   # rows past K: 0
+        for g in range(groups):
+            part = acc[g, :, n0 * L:n1 * L].contiguous()
+            hit = overflowed[g, :, n0 * L:n1 * L].contiguous()
+            events += _pair_matmul(fn, wt[g], cols[g], part, hit, acc_bits)
+            acc[g, :, n0 * L:n1 * L], overflowed[g, :, n0 * L:n1 * L] = part, hit
+
+    def exact_sum():
+        y = F.conv2d(xp.to(torch.float64), w.to(torch.float64), None, stride, 0, dilation, groups)
+        return (y if bias is None else y + bias.to(torch.float64).view(-1, 1, 1)).to(dtype)
+    res = AccResult(acc, None, overflowed, torch.tensor(events, dtype=torch.int64))
+    res = _apply(res, lambda t: t.reshape(O, N, *hw_out).transpose(0, 1).contiguous())
+    return AccResult(res.acc, exact_sum() if exact else None, res.overflowed, res.events)
 
 
 def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
@@ -536,6 +638,10 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
     gt[..., N * L:].zero_()
+    fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" and not plan.dense else None
+    if fn is not None:
+        return _cast(_pairwise_weight_grad(fn, xp.to(plan.acc_dtype), gt.to(plan.acc_dtype), weight_shape, (Ho, Wo),
+                                           stride, dilation, groups, acc_bits, exact), _out_dtype(x))
 
     def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
         r0, r1 = t0 * tl, min(t1 * tl, N * L)
@@ -550,6 +656,44 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
 
     res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=max(O, tl) * K, exact=exact)
     return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
+
+
+def _pairwise_weight_grad(fn, xp, gt, weight_shape, hw_out, stride, dilation, groups: int, acc_bits: int,
+                          exact: bool) -> AccResult:
+    """tiled_conv2d_weight_grad in the "pairwise" mode through the fused kernel: the reduction over
+    (n, i, j) in chunks of an even number of rows (whole pairs; the accumulator carries over), each
+    chunk's im2col rows transposed to (rows, K); `gt` holds G_Y as (G, og, rows) with a zero column
+    past an odd count."""
+    O, cin_g, kh, kw = weight_shape
+    N, og, K, dtype = xp.shape[0], O // groups, cin_g * kh * kw, gt.dtype
+    L = hw_out[0] * hw_out[1]
+    R = N * L
+    acc = torch.zeros(groups, og, K, dtype=dtype)
+    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
+    events = 0
+    step = max(2, CHUNK_ELEMENTS // max(groups * K, 1) // 2 * 2)          # rows per chunk, even
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        n0, n1 = r0 // L, -(-r1 // L)
+        cols = _SCRATCH.empty("cols", (groups, K, (n1 - n0) * L), dtype, xp.device)
+        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)
+        rows = _even(cols[:, :, r0 - n0 * L:r1 - n0 * L].transpose(1, 2), 1).contiguous()     # (G, rows, K)
+        for g in range(groups):
+            events += _pair_matmul(fn, gt[g, :, r0:r0 + rows.shape[1]], rows[g], acc[g], overflowed[g], acc_bits)
+
+    def exact_sum():
+        return torch.matmul(gt[..., :R].to(torch.float64), _cols_t(xp, weight_shape, hw_out, stride, dilation, groups))
+    res = AccResult(acc, exact_sum().to(dtype) if exact else None, overflowed, torch.tensor(events, dtype=torch.int64))
+    return _apply(res, lambda t: t.reshape(weight_shape))
+
+
+def _cols_t(xp, weight_shape, hw_out, stride, dilation, groups: int) -> torch.Tensor:
+    """The whole im2col matrix transposed, (G, N·L, K) in float64 (for an exact sum)."""
+    O, cin_g, kh, kw = weight_shape
+    L = hw_out[0] * hw_out[1]
+    cols = torch.empty(groups, cin_g * kh * kw, xp.shape[0] * L, dtype=xp.dtype)
+    _im2col(cols, xp, 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)
+    return cols.transpose(1, 2).to(torch.float64)
 
 
 # ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----
