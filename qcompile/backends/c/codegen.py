@@ -274,6 +274,7 @@ def _accumulator(op: ir.Op, w: np.ndarray, bias: np.ndarray, x: ir.Tensor) -> di
 
 
 GEMM_PIXELS = 16         # output pixels per block of the blocked GEMM (QC_PX in gemm.c.j2)
+GEMM_BLOCKS = 2          # pixel blocks per exact-kernel call (QC_BLOCKS)
 GEMM_CHUNK_BYTES = 1 << 18   # column blocks laid out together: each weight panel is reused over them
 GEMM_PANEL_BYTES = 1 << 15   # weights of one panel of output channels: stays in L1 over a chunk
 
@@ -312,7 +313,7 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         (sh, sw), (dh, dw) = (L["sh"], L["sw"]), (L["dh"], L["dw"])
         hq, wq = -(-L["hp"] // sh), -(-L["wp"] // sw)       # one stride phase of the padded input
         reach = ((kh - 1) * dh // sh) * wq + (kw - 1) * dw // sw
-        step = GEMM_PIXELS                                  # pixels per kernel call (qc_gemm_exact)
+        step = GEMM_BLOCKS * GEMM_PIXELS                    # pixels per kernel call (qc_gemm_exact)
         plane = -(-max(hq * wq, -(-L["oh"] * wq // step) * step + reach) * 4 // 64) * 64
         taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
                 for ky in range(kh) for kx in range(kw)]
@@ -885,7 +886,7 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     params.append("uint8_t *arena")
     ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
-               functions=functions, calls=calls, gemm=sorted(em.gemm), vnni_calls=vnni_calls,
+               functions=functions, calls=calls, gemm=sorted(em.gemm), gemm_blocks=GEMM_BLOCKS, vnni_calls=vnni_calls,
                vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
              f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
