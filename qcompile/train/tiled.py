@@ -284,7 +284,7 @@ def _pair_matmul(fn, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, overfl
     holding its start) in one pass, no pair sum stored; ORs the events into `overflowed` (bool, like acc)
     and returns their number."""
     lo, hi = acc_range(acc_bits)
-    assert a.stride(1) == 1 and b.stride(1) == 1 and acc.is_contiguous() and a.shape[1] % 2 == 0
+    assert a.stride(1) == 1 and (b.shape[1] == 1 or b.stride(1) == 1) and acc.is_contiguous() and a.shape[1] % 2 == 0
     return fn(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[0], a.shape[1] // 2, b.shape[1],
               acc.data_ptr(), overflowed.data_ptr(), lo, hi)
 
