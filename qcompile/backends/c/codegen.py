@@ -344,7 +344,7 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         words, n = _packed_bytes(wp)
     weight_bytes = wp.size * (2 if plan["kernel"] == "pairwise_i16" else 1) + b.size * (4 if kernel == "exact" else 2)
     plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n, weight_bytes=weight_bytes,
-                nb=max(1, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan["col_bytes"]))),
+                nb=max(2, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan["col_bytes"])) // 2 * 2),  # even: pairs of blocks
                 cb=min(L["cog"], max(12, min(96, GEMM_PANEL_BYTES // kp // 12 * 12))))
     return plan
 
