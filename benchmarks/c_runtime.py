@@ -12,8 +12,9 @@ calibrated on random inputs, put in eval mode and lowered once per accumulator s
   acc32 saturate  acc_bits=32, tile=64, saturate  (provably never overflows: compiled as exact)
 Each is emitted as C, built with gcc -O3 -march=native and timed by its own harness
 (`--bench`: one sample, one thread, median of REPEATS runs after one warm-up run). onnxruntime
-runs qcompile's own QOperator export of the exact model (1 intra-op thread, same input),
-median of REPEATS runs. C variants and onnxruntime are timed in interleaved rounds (the
+runs qcompile's own QOperator export of the exact model, and its own `quantize_static` QDQ
+U8S8 model of the float network (onnx_latency.ort_quantize_static: its fastest int8 path),
+1 intra-op thread, same input, median of REPEATS runs. C variants and onnxruntime are timed in interleaved rounds (the
 machine is shared: each contender meets the same load) and the best round counts.
 GMAC/s = the graph's multiply-accumulates / latency. Before timing, each C output is checked
 byte for byte against the integer reference.
@@ -41,6 +42,7 @@ from qcompile.backends import reference
 from qcompile.backends.c.build import bench, build, run
 from qcompile.backends.c.codegen import emit
 from qcompile.tools.machine import cpu
+from onnx_latency import ort_quantize_static
 
 VARIANTS = {
     "exact": {},
@@ -105,31 +107,37 @@ def main() -> None:
                                  macs=module.macs, c_s=float("inf")))
                 if label == "exact":
                     onnx_path = Path(tmp) / f"{model}_{size}.onnx"
+                    static_dir = Path(tmp) / f"{model}_{size}_static"
+                    static_dir.mkdir()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         qcompile.export_onnx(graph, onnx_path, "qop")
+                        static_path = ort_quantize_static(get(f"torchvision:{model}").eval(), [x[:2], x[2:]], size,
+                                                          static_dir)
                     ort_x = x[:1].numpy()
             size_rows = rows[-len(prepared):]
-            ort_s = float("inf")
+            ort_s = static_s = float("inf")
             for _ in range(args.rounds):       # interleaved, so every contender meets the same machine load
                 for (label, module, out, exe, codes), row in zip(prepared, size_rows):
                     row["c_s"] = min(row["c_s"], bench(out, codes, repeats=args.repeats, exe=exe))
                 ort_s = min(ort_s, ort_latency(onnx_path, ort_x, args.repeats))
+                static_s = min(static_s, ort_latency(static_path, ort_x, args.repeats))
             for row in size_rows:
                 row.update(c_ms=1e3 * row["c_s"], c_gmacs=row["macs"] / row["c_s"] / 1e9, ort_ms=1e3 * ort_s,
-                           ort_gmacs=row["macs"] / ort_s / 1e9)
+                           ort_gmacs=row["macs"] / ort_s / 1e9, static_ms=1e3 * static_s)
                 print(f"  {model} {size}x{size} {row['variant']:<15} C {row['c_ms']:8.2f} ms {row['c_gmacs']:6.1f} GMAC/s "
                       f"(bit-exact {row['bit_exact']}, gcc {row['build_s']:.0f} s); onnxruntime {row['ort_ms']:.2f} ms "
-                      f"{row['ort_gmacs']:.1f} GMAC/s", file=sys.stderr, flush=True)
-    print(f"\n1 thread, gcc {args.opt}; onnxruntime on qcompile's QOperator export; "
-          f"best of {args.rounds} interleaved rounds of {args.repeats}-run medians\n")
-    print("| model | input | accumulator | C ms | C GMAC/s | ORT ms | ORT GMAC/s | C ÷ ORT time | bit-exact | arena KiB "
-          "(naive) | weights MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+                      f"{row['ort_gmacs']:.1f} GMAC/s, quantize_static {row['static_ms']:.2f} ms", file=sys.stderr, flush=True)
+    print(f"\n1 thread, gcc {args.opt}; onnxruntime on qcompile's QOperator export (ORT) and on its own quantize_static "
+          f"QDQ U8S8 model of the float network (static); best of {args.rounds} interleaved rounds of {args.repeats}-run "
+          "medians\n")
+    print("| model | input | accumulator | C ms | C GMAC/s | ORT ms | ORT GMAC/s | C ÷ ORT time | static ms | C ÷ static "
+          "| bit-exact | arena KiB (naive) | weights MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['size']}×{r['size']} | {r['variant']} | {r['c_ms']:.2f} | {r['c_gmacs']:.1f} | {r['ort_ms']:.2f} | "
-              f"{r['ort_gmacs']:.1f} | {r['c_ms'] / r['ort_ms']:.2f}× | {r['bit_exact']} | {r['arena'] / 1024:.0f} "
-              f"({r['naive'] / 1024:.0f}) | {r['weights'] / 2 ** 20:.1f} |")
+              f"{r['ort_gmacs']:.1f} | {r['c_ms'] / r['ort_ms']:.2f}× | {r['static_ms']:.2f} | {r['c_ms'] / r['static_ms']:.2f}× | "
+              f"{r['bit_exact']} | {r['arena'] / 1024:.0f} ({r['naive'] / 1024:.0f}) | {r['weights'] / 2 ** 20:.1f} |")
 
 
 if __name__ == "__main__":

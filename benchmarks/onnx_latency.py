@@ -46,7 +46,7 @@ def ort_quantize_static(model: torch.nn.Module, batches: list, size: int, out: P
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    float_path, pre_path = out / "resnet18_fp32.onnx", out / "resnet18_fp32_pre.onnx"
+    float_path, pre_path = out / "fp32.onnx", out / "fp32_pre.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(float_path), input_names=["input"],
                       output_names=["output"], opset_version=17, dynamo=False)
     quant_pre_process(str(float_path), str(pre_path))
@@ -58,7 +58,7 @@ def ort_quantize_static(model: torch.nn.Module, batches: list, size: int, out: P
         def get_next(self):
             return next(self.it, None)
 
-    path = out / "resnet18_ort_qdq.onnx"
+    path = out / "ort_qdq.onnx"
     quantize_static(str(pre_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return path
