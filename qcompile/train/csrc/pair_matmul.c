@@ -30,6 +30,15 @@
         block[j] = s;                                                                             \
     }
 
+/* every pair of the reduction for the first n outputs of a block (in scope: a, lda, b, ldb, i, j0, pairs) */
+#define QC_PAIR_RUN(T, n)                                                                       \
+    for (int64_t t = 0; t < pairs; ++t) {                                                       \
+        const T a0 = a[i * lda + 2 * t], a1 = a[i * lda + 2 * t + 1];                           \
+        const T *b0 = b + (2 * t) * ldb + j0, *b1 = b0 + ldb;                                   \
+        for (int64_t j = 0; j < (n); ++j)                                                       \
+            QC_PAIR_STEP(T)                                                                     \
+    }
+
 #define QC_DEFINE_PAIR_MATMUL(name, T)                                                            \
 int64_t name(const T *a, int64_t lda, const T *b, int64_t ldb, int64_t M, int64_t pairs,         \
              int64_t N, T *acc, uint8_t *overflowed, T lo, T hi)                                  \
@@ -49,20 +58,10 @@ int64_t name(const T *a, int64_t lda, const T *b, int64_t ldb, int64_t M, int64_
                 block[j] = c[j];                                                                  \
                 hits[j] = 0;                                                                      \
             }                                                                                     \
-            if (m == QC_PAIR_BLOCK)             /* a constant trip count: block and hits stay in registers */ \
-                for (int64_t t = 0; t < pairs; ++t) {                                             \
-                    const T a0 = a[i * lda + 2 * t], a1 = a[i * lda + 2 * t + 1];                 \
-                    const T *b0 = b + (2 * t) * ldb + j0, *b1 = b0 + ldb;                         \
-                    for (int64_t j = 0; j < QC_PAIR_BLOCK; ++j)                                   \
-                        QC_PAIR_STEP(T)                                                           \
-                }                                                                                 \
-            else                                                                                  \
-                for (int64_t t = 0; t < pairs; ++t) {                                             \
-                    const T a0 = a[i * lda + 2 * t], a1 = a[i * lda + 2 * t + 1];                 \
-                    const T *b0 = b + (2 * t) * ldb + j0, *b1 = b0 + ldb;                         \
-                    for (int64_t j = 0; j < m; ++j)                                               \
-                        QC_PAIR_STEP(T)                                                           \
-                }                                                                                 \
+            if (m == QC_PAIR_BLOCK)             /* a constant trip count: block and hits stay in registers */\
+                QC_PAIR_RUN(T, QC_PAIR_BLOCK)                                                   \
+            else                                                                                \
+                QC_PAIR_RUN(T, m)                                                               \
             for (int64_t j = 0; j < m; ++j) {                                                     \
                 c[j] = block[j];                                                                  \
                 o[j] = (uint8_t)(o[j] | (hits[j] != 0));                                          \
