@@ -5,8 +5,8 @@ Semantics: `qcompile.core.accumulator` (tiles of `tile` products, each exact; af
 tile the accumulator saturates or wraps into acc_bits; wrap is modular, so it is applied once;
 "pairwise" saturates each pair's sum before adding it).
 Overflow statistics: with saturation an event is one tile update whose exact value
-acc_(t-1) + p_t left the range (it was clamped; "pairwise": also a pair sum p_t that was); with wrap, intermediate wraps that cancel
-leave the result exact, so an event is an output whose wrapped result differs from the exact
+acc_(t-1) + p_t left the range (it was clamped; "pairwise": also a pair sum p_t that was); with
+wrap, intermediate wraps that cancel leave the result exact, so an event is an output whose wrapped result differs from the exact
 sum. An output `overflowed` when it had at least one event.
 
 Every function takes integer-valued tensors (int64, or float32/float64 holding integers) and
@@ -297,11 +297,6 @@ def _even(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
-def _pair_result(acc, overflowed, events, exact_fn, exact: bool) -> AccResult:
-    return AccResult(acc, exact_fn() if exact else None, overflowed,
-                     torch.tensor(events, dtype=torch.int64, device=acc.device))
-
-
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
     """The initial accumulator: the bias (shaped to broadcast to one tile) or None (0)."""
     return None if bias is None else bias.to(dtype)
@@ -371,8 +366,8 @@ def _pairwise_matmul(fn, a, b, bias, acc_bits: int, dtype: torch.dtype, exact: b
     overflowed = torch.zeros(acc.shape, dtype=torch.bool)
     events = sum(_pair_matmul(fn, a3[i], b3[i], acc3[i], overflowed.view(-1, M, N)[i], acc_bits)
                  for i in range(a3.shape[0]))
-    return _pair_result(acc, overflowed, events,
-                        lambda: torch.matmul(a.to(dtype), b.to(dtype)) + (0 if bias is None else bias.to(dtype)), exact)
+    exact_sum = torch.matmul(a.to(dtype), b.to(dtype)) + (0 if bias is None else bias.to(dtype)) if exact else None
+    return AccResult(acc, exact_sum, overflowed, torch.tensor(events, dtype=torch.int64))
 
 
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -460,12 +455,14 @@ def _pairwise_conv2d(fn, xp, w, bias, hw_out, stride, dilation, groups: int, acc
             events += _pair_matmul(fn, wt[g], cols[g], part, hit, acc_bits)
             acc[g, :, n0 * L:n1 * L], overflowed[g, :, n0 * L:n1 * L] = part, hit
 
-    def exact_sum():
-        y = F.conv2d(xp.to(torch.float64), w.to(torch.float64), None, stride, 0, dilation, groups)
-        return (y if bias is None else y + bias.to(torch.float64).view(-1, 1, 1)).to(dtype)
-    res = AccResult(acc, None, overflowed, torch.tensor(events, dtype=torch.int64))
-    res = _apply(res, lambda t: t.reshape(O, N, *hw_out).transpose(0, 1).contiguous())
-    return AccResult(res.acc, exact_sum() if exact else None, res.overflowed, res.events)
+    exact_sum = None
+    if exact:
+        exact_sum = F.conv2d(xp.to(torch.float64), w.to(torch.float64), None if bias is None else bias.to(torch.float64),
+                             stride, 0, dilation, groups).to(dtype)
+
+    def to_output(t):                                      # (G, og, N·L) → (N, O, Ho, Wo)
+        return t.reshape(O, N, *hw_out).transpose(0, 1).contiguous()
+    return AccResult(to_output(acc), exact_sum, to_output(overflowed), torch.tensor(events, dtype=torch.int64))
 
 
 def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
@@ -640,7 +637,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     gt[..., N * L:].zero_()
     fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" and not plan.dense else None
     if fn is not None:
-        return _cast(_pairwise_weight_grad(fn, xp.to(plan.acc_dtype), gt.to(plan.acc_dtype), weight_shape, (Ho, Wo),
+        return _cast(_pairwise_weight_grad(fn, xp.to(plan.acc_dtype), gt.to(plan.acc_dtype), g, weight_shape, (Ho, Wo),
                                            stride, dilation, groups, acc_bits, exact), _out_dtype(x))
 
     def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
@@ -658,12 +655,12 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
 
 
-def _pairwise_weight_grad(fn, xp, gt, weight_shape, hw_out, stride, dilation, groups: int, acc_bits: int,
+def _pairwise_weight_grad(fn, xp, gt, g, weight_shape, hw_out, stride, dilation, groups: int, acc_bits: int,
                           exact: bool) -> AccResult:
     """tiled_conv2d_weight_grad in the "pairwise" mode through the fused kernel: the reduction over
     (n, i, j) in chunks of an even number of rows (whole pairs; the accumulator carries over), each
-    chunk's im2col rows transposed to (rows, K); `gt` holds G_Y as (G, og, rows) with a zero column
-    past an odd count."""
+    chunk's im2col rows transposed to (rows, K); `gt` holds G_Y (`g`) as (G, og, rows) with a zero
+    column past an odd count."""
     O, cin_g, kh, kw = weight_shape
     N, og, K, dtype = xp.shape[0], O // groups, cin_g * kh * kw, gt.dtype
     L = hw_out[0] * hw_out[1]
@@ -678,22 +675,15 @@ def _pairwise_weight_grad(fn, xp, gt, weight_shape, hw_out, stride, dilation, gr
         cols = _SCRATCH.empty("cols", (groups, K, (n1 - n0) * L), dtype, xp.device)
         _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)
         rows = _even(cols[:, :, r0 - n0 * L:r1 - n0 * L].transpose(1, 2), 1).contiguous()     # (G, rows, K)
-        for g in range(groups):
-            events += _pair_matmul(fn, gt[g, :, r0:r0 + rows.shape[1]], rows[g], acc[g], overflowed[g], acc_bits)
+        for k in range(groups):
+            events += _pair_matmul(fn, gt[k, :, r0:r0 + rows.shape[1]], rows[k], acc[k], overflowed[k], acc_bits)
 
-    def exact_sum():
-        return torch.matmul(gt[..., :R].to(torch.float64), _cols_t(xp, weight_shape, hw_out, stride, dilation, groups))
-    res = AccResult(acc, exact_sum().to(dtype) if exact else None, overflowed, torch.tensor(events, dtype=torch.int64))
-    return _apply(res, lambda t: t.reshape(weight_shape))
-
-
-def _cols_t(xp, weight_shape, hw_out, stride, dilation, groups: int) -> torch.Tensor:
-    """The whole im2col matrix transposed, (G, N·L, K) in float64 (for an exact sum)."""
-    O, cin_g, kh, kw = weight_shape
-    L = hw_out[0] * hw_out[1]
-    cols = torch.empty(groups, cin_g * kh * kw, xp.shape[0] * L, dtype=xp.dtype)
-    _im2col(cols, xp, 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)
-    return cols.transpose(1, 2).to(torch.float64)
+    exact_sum = None
+    if exact:
+        exact_sum = torch.nn.grad.conv2d_weight(xp.to(torch.float64), weight_shape, g.to(torch.float64), stride, 0,
+                                                dilation, groups).to(dtype)
+    return AccResult(acc.reshape(weight_shape), exact_sum, overflowed.reshape(weight_shape),
+                     torch.tensor(events, dtype=torch.int64))
 
 
 # ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----
