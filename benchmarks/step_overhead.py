@@ -3,10 +3,12 @@
 In one run, on the same inputs: train-step time of torchvision resnet18 (64×64, batch 32)
 compiled W8A8G8 with in-hindsight ranges ÷ the FP32 step, and ÷ torch.ao's
 `prepare_qat_fx` QAT step (which quantizes no gradients); compile time of resnet50 ÷
-`prepare_qat_fx` time. Steps are interleaved round by round so load changes hit all
-three alike; the median is reported.
+`prepare_qat_fx` time. With `--compile`, the FP32 model and qcompile's graph also run under
+`torch.compile` (inductor): their step times, and the time their first two steps took (the
+compilation). Steps are interleaved round by round so load changes hit every run alike; the
+median is reported.
 
-    python benchmarks/step_overhead.py [--rounds 7] [--threads 2]
+    python benchmarks/step_overhead.py [--rounds 7] [--threads 2] [--compile]
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd FP32 and qcompile steps")
     args = ap.parse_args(argv)
     print(f"CPU: {cpu()}", flush=True)
     torch.set_num_threads(args.threads)
@@ -69,9 +72,12 @@ def main(argv=None):
         "qcompile W8A8G8 hindsight": qcompile.compile(model, (x[:2],), qcompile.QConfig(grad_bits=8, seed=0)).train(),
         "torch.ao QAT (prepare_qat_fx)": torch_ao_qat(model, x[:2]),
     }
+    if args.compile:
+        runs["fp32 torch.compile"] = torch.compile(copy.deepcopy(model).train())
+        runs["qcompile torch.compile"] = torch.compile(
+            qcompile.compile(model, (x[:2],), qcompile.QConfig(grad_bits=8, seed=0)).train())
     steps = {name: step_fn(m, x, y) for name, m in runs.items()}
-    for step in steps.values():          # warm-up (first step initializes the estimators)
-        step(), step()
+    warmup = {name: timed(lambda: (step(), step())) for name, step in steps.items()}   # first step initializes the estimators
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -89,6 +95,12 @@ def main(argv=None):
     q = med["qcompile W8A8G8 hindsight"]
     print(f"  qcompile / FP32                  {q / med['fp32']:.2f}x   (goal <= 1.5x)")
     print(f"  qcompile / torch.ao QAT          {q / med['torch.ao QAT (prepare_qat_fx)']:.2f}x")
+    if args.compile:
+        qc, fc = med["qcompile torch.compile"], med["fp32 torch.compile"]
+        print(f"  qcompile compiled / eager        {qc / q:.2f}x")
+        print(f"  qcompile compiled / FP32 compiled {qc / fc:.2f}x;  compiled / FP32 eager {qc / med['fp32']:.2f}x")
+        print(f"  first two steps (compilation): FP32 {warmup['fp32 torch.compile']:.0f} s, "
+              f"qcompile {warmup['qcompile torch.compile']:.0f} s")
     print(f"resnet50 compile: qcompile {compile_q:.2f} s, prepare_qat_fx {compile_ao:.2f} s, "
           f"ratio {compile_q / compile_ao:.2f}x (goal <= 1x)")
 

@@ -13,8 +13,6 @@ Invariant: every other layer rounds floats to codes through these functions only
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 SCALE_EPS = 1e-12
@@ -53,11 +51,18 @@ def broadcast_along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch
     return t.reshape(shape)
 
 
+def any_nonzero(zp: torch.Tensor) -> bool:
+    """Whether adding the zero point `zp` can change a code: False lets eager code skip a pass over
+    the tensor. Always True under torch.compile, where the test would be a data-dependent branch
+    (adding a zero point of 0 changes nothing)."""
+    return torch.compiler.is_compiling() or bool(zp.any())
+
+
 def unclamped_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
     """round_half_even(x · (1/scale)) + z, before the clamp: the grid's one rounding rule
     (the same as torch's fused fake-quantize kernels). `scale`, `zp` broadcast against x."""
     v = torch.mul(x, 1.0 / scale).round_()
-    return v.add_(zp) if bool(zp.any()) else v
+    return v.add_(zp) if any_nonzero(zp) else v
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -66,14 +71,47 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: t
     return unclamped_codes(x, broadcast_along(scale, x, axis), broadcast_along(zp, x, axis)).clamp_(*qr)
 
 
-def dither(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> torch.Tensor:
-    """u uniform on the 2^16 levels (k + ½)/2^16 of [0, 1): 16 random bits per element, four per
-    64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
-    n = math.prod(shape)
-    bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1,
-                                                                            generator=generator)
-    k = bits.view(torch.int16)[:n].to(dtype)                    # uniform on [−2^15, 2^15)
-    return k.mul_(2.0 ** -16).add_(0.5 + 2.0 ** -17).view(shape)
+def _draw_words(words: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    return torch.empty(words, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1, generator=generator)
+
+
+_GENERATORS: dict[int, torch.Generator] = {}   # the generators compiled graphs may draw from, by id
+
+
+def register_generator(generator: torch.Generator | None) -> None:
+    """Let compiled graphs draw from `generator` (see `random_words`); its owner registers it when it
+    is created or copied (compiled code cannot add it: a side effect inside a traced backward)."""
+    if generator is not None:
+        _GENERATORS[id(generator)] = generator
+
+
+@torch.library.custom_op("qcompile::random_words", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+def _random_words(like: torch.Tensor, words: int, generator_id: int) -> torch.Tensor:
+    return _draw_words(words, _GENERATORS.get(generator_id), like.device)
+
+
+@_random_words.register_fake
+def _(like, words, generator_id):
+    return like.new_empty(words, dtype=torch.int64)
+
+
+def random_words(words: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """`words` uniform int64 from `generator` (torch's default one when None), on `like`'s device.
+    Under torch.compile, which cannot trace a torch.Generator: the same draw from the same generator,
+    as an opaque op the compiled graph calls at run time (`like` orders it after its producer)."""
+    if not torch.compiler.is_compiling():
+        return _draw_words(words, generator, like.device)
+    if generator is not None and _GENERATORS.get(id(generator)) is not generator:
+        raise RuntimeError("random_words: the generator was not registered (register_generator) before compiling")
+    return _random_words(like, words, 0 if generator is None else id(generator))
+
+
+def dither(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """u uniform on the 2^16 levels (k + ½)/2^16 of [0, 1), shaped like `like`: 16 random bits per
+    element, four per 64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
+    n = like.numel()
+    k = random_words(-(-n // 4), generator, like).view(torch.int16)[:n].to(like.dtype)   # uniform on [−2^15, 2^15)
+    return k.mul_(2.0 ** -16).add_(0.5 + 2.0 ** -17).view(like.shape)
 
 
 def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -81,8 +119,8 @@ def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr:
     """clamp(floor(g/scale + u) + z) − z with u the dither (uniform on 2^16 levels): stochastically
     rounded codes minus the zero point (integer-valued floats), unbiased inside the range to within
     2^-17 of a step."""
-    u = dither(g.shape, generator, g.dtype, g.device)
-    z = float(zp)                      # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
+    u = dither(g, generator)
+    z = zp.to(g.dtype)                 # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
     return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z)
 
 

@@ -55,8 +55,22 @@ def _all_reduce_minmax(lo: torch.Tensor, hi: torch.Tensor) -> None:
         hi.copy_(both[lo.numel():].neg().view_as(hi))
 
 
+def require(ok: torch.Tensor, error: type[Exception], message: str) -> None:
+    """Raise `error(message)` unless the boolean tensor `ok` holds. Eager: at once. Under torch.compile,
+    where a data-dependent branch would break the graph: an assertion op in the graph, which raises a
+    RuntimeError with the same message when the step runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise error(message)
+
+
 class RangeEstimator(nn.Module):
-    """Base class. `static` is True when the range used at step t is known before step t."""
+    """Base class. `static` is True when the range used at step t is known before step t.
+
+    `forward` returns (lo, hi, finite) with `finite` a boolean tensor, and updates the state only
+    through `_set(lo, hi, finite)` (a select, not a branch): the running, in-hindsight, current and
+    fixed estimators have no data-dependent Python branch, so torch.compile traces them whole."""
 
     name = "base"
     static = False
@@ -73,30 +87,31 @@ class RangeEstimator(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.name}, {'static' if self.static else 'dynamic'}"
 
-    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(min, max, finite) of x; counts a non-finite batch in `nonfinite`."""
         lo, hi = minmax(x, self.axis)
         if self.sync:
             _all_reduce_minmax(lo, hi)
-        finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
-        if not finite:
-            self.nonfinite += 1
+        finite = torch.isfinite(lo).all() & torch.isfinite(hi).all()
+        self.nonfinite.add_(finite.logical_not())
         return lo, hi, finite
 
-    def stored(self, who: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(self.initialized):
-            raise CalibrationError(
+    def stored(self, who: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored range (finite); CalibrationError when there is none yet."""
+        require(self.initialized, CalibrationError,
                 f"{who or 'quantizer'}: the {self.name} estimator has no range yet; run "
                 "qm.calibrate(batches) or train a few steps before using it in eval mode")
-        return self.lo.clone(), self.hi.clone()
+        return self.lo.clone(), self.hi.clone(), self.initialized.clone()
 
-    def unset(self) -> bool:
-        """No state yet, or only [0, 0] (see the module docstring)."""
-        return not bool(self.initialized) or not bool((self.lo != 0).any() or (self.hi != 0).any())
+    def unset(self) -> torch.Tensor:
+        """No state yet, or only [0, 0] (see the module docstring): a boolean tensor."""
+        return self.initialized.logical_not() | ((self.lo == 0).all() & (self.hi == 0).all())
 
-    def _set(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        self.lo.copy_(lo)
-        self.hi.copy_(hi)
-        self.initialized.fill_(True)
+    def _set(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor) -> None:
+        """State ← [lo, hi] where `finite` holds; untouched where it does not."""
+        self.lo.copy_(torch.where(finite, lo, self.lo))
+        self.hi.copy_(torch.where(finite, hi, self.hi))
+        self.initialized.logical_or_(finite)
 
     def forward(self, x: torch.Tensor, update: bool, who: str = ""):
         raise NotImplementedError
@@ -109,8 +124,8 @@ class CurrentMinMax(RangeEstimator):
 
     def forward(self, x, update, who=""):
         lo, hi, finite = self.stats(x)
-        if finite and update:
-            self._set(lo, hi)
+        if update:
+            self._set(lo, hi, finite)
         return lo, hi, finite
 
 
@@ -125,15 +140,11 @@ class RunningMinMax(RangeEstimator):
 
     def forward(self, x, update, who=""):
         if not update:
-            return (*self.stored(who), True)
+            return self.stored(who)
         lo, hi, finite = self.stats(x)
-        if finite:
-            if not self.unset():
-                eta = self.momentum
-                lo, hi = (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi
-            self._set(lo, hi)
-        elif not bool(self.initialized):
-            return lo, hi, False
+        unset, eta = self.unset(), self.momentum
+        self._set(torch.where(unset, lo, (1 - eta) * lo + eta * self.lo),
+                  torch.where(unset, hi, (1 - eta) * hi + eta * self.hi), finite)
         return self.lo.clone(), self.hi.clone(), finite
 
 
@@ -152,17 +163,12 @@ class HindsightMinMax(RangeEstimator):
 
     def forward(self, x, update, who=""):
         if not update:
-            return (*self.stored(who), True)
-        if self.unset():
-            lo, hi, finite = self.stats(x)
-            if finite:
-                self._set(lo, hi)
-            return lo, hi, finite
-        use_lo, use_hi = self.lo.clone(), self.hi.clone()
+            return self.stored(who)
         lo, hi, finite = self.stats(x)
-        if finite:
-            eta = self.momentum
-            self._set((1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi)
+        unset, eta = self.unset(), self.momentum
+        use_lo, use_hi = torch.where(unset, lo, self.lo), torch.where(unset, hi, self.hi)
+        self._set(torch.where(unset, lo, (1 - eta) * lo + eta * self.lo),
+                  torch.where(unset, hi, (1 - eta) * hi + eta * self.hi), finite)
         return use_lo, use_hi, finite
 
 
@@ -206,17 +212,16 @@ class DSGC(RangeEstimator):
                 fd = self._cosine(x, d * lo, d * hi)
         return (a + b) / 2
 
+    @torch.compiler.disable   # the search is Python control flow on measured cosines: runs eagerly
     def forward(self, x, update, who=""):
         if not update:
-            return (*self.stored(who), True)
-        finite = True
+            return self.stored(who)
+        finite = self.initialized.new_ones(())
         if int(self.step) % self.interval == 0 or not bool(self.initialized):
             lo, hi, finite = self.stats(x)
-            if finite:
+            if bool(finite):
                 alpha = self.search(x, lo, hi)
-                self._set(alpha * lo, alpha * hi)
-            elif not bool(self.initialized):
-                return lo, hi, False
+                self._set(alpha * lo, alpha * hi, finite)
         self.step += 1
         return self.lo.clone(), self.hi.clone(), finite
 
@@ -229,10 +234,10 @@ class FixedRange(RangeEstimator):
 
     def __init__(self, lo: float, hi: float, **kw):
         super().__init__(**kw)
-        self._set(torch.full_like(self.lo, lo), torch.full_like(self.hi, hi))
+        self._set(torch.full_like(self.lo, lo), torch.full_like(self.hi, hi), torch.tensor(True))
 
     def forward(self, x, update, who=""):
-        return self.lo.clone(), self.hi.clone(), True
+        return self.lo.clone(), self.hi.clone(), self.initialized.clone()
 
 
 def make_estimator(kind: str, *, momentum: float, interval: int, fixed: tuple[float, float] | None,

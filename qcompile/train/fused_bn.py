@@ -50,8 +50,27 @@ from qcompile.train.estimators import distributed
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
 
+@torch.library.custom_op("qcompile::running_snapshot", mutates_args=())
+def _running_snapshot(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+@_running_snapshot.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def running(t: torch.Tensor) -> torch.Tensor:
+    """A running statistic as the arithmetic reads it. Under torch.compile, a copy the partitioner
+    saves for the backward pass and never recomputes from the buffer itself (an opaque op): the
+    same training forward updates that buffer in place, and a backward that re-read it would see the
+    new value (autograd's version check refuses it). Eager: the buffer itself."""
+    return _running_snapshot(t) if torch.compiler.is_compiling() else t
+
+
 def affine(gamma, beta, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of BatchNorm in eval mode from its tensors: BN(x) = x·scale + shift per channel."""
+    running_mean, running_var = running(running_mean), running(running_var)
     scale = bn_scale(gamma, running_var, eps)
     shift = -running_mean * scale
     return scale, shift if beta is None else shift + beta
@@ -82,7 +101,7 @@ def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: t
     """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see.
     γ enters as a constant: BatchNormFold divides the fold out again before normalizing, so γ's two
     paths through it cancel exactly and γ's gradient is BatchNorm's own."""
-    scale = bn_scale(None if gamma is None else gamma.detach(), running_var, eps)
+    scale = bn_scale(None if gamma is None else gamma.detach(), running(running_var), eps)
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
@@ -195,7 +214,7 @@ class BatchNormFold(nn.Module):
         if count < 2:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected more than 1 value per channel when "
                              f"training, got input of shape {tuple(y.shape)}")
-        fold = bn_scale(None if self.weight is None else self.weight.detach(), self.running_var, self.eps)  # γ/σ_r
+        fold = bn_scale(None if self.weight is None else self.weight.detach(), running(self.running_var), self.eps)  # γ/σ_r
         fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
         z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
         if layer_bias is not None:
@@ -243,17 +262,17 @@ class BatchNormFold(nn.Module):
     def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var: torch.Tensor, count: int | None) -> None:
         """Keep what this batch's per-channel noise gain² needs. It is computed here, differentiably,
         when the rectification loss uses it, and otherwise only when `gain_sq` is read."""
-        key = (tuple(x.shape[2:]), tuple(weight.shape))
-        if key not in self._coverage:
-            self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, x.shape, weight.shape)
-        self._gain_inputs = (var, weight, count, self._coverage[key])
+        self._gain_inputs = (var, weight, count, tuple(x.shape))
         self._gain = None
         if self.rectification > 0 and torch.is_grad_enabled():
             self._gain = self._compute_gain()
 
     def _compute_gain(self) -> torch.Tensor:
-        var, weight, count, coverage = self._gain_inputs
-        return channel_gain_sq(self.weight, var, self.eps, weight, count, coverage)
+        var, weight, count, input_shape = self._gain_inputs
+        key = (input_shape[2:], tuple(weight.shape))
+        if key not in self._coverage:
+            self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, input_shape, weight.shape)
+        return channel_gain_sq(self.weight, var, self.eps, weight, count, self._coverage[key])
 
     @property
     def gain_sq(self) -> torch.Tensor | None:

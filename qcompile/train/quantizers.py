@@ -3,8 +3,8 @@
 The grid and its rounding rules are written once, in `qcompile.core.grids`:
 code(x) = clamp(round_half_even(x · (1/scale)) + z, qmin, qmax); x̂ = (code − z)·scale.
 
-Forward quantizers use torch's fused fake-quantize kernels, whose rounding is exactly
-`code()` above, with the straight-through estimator: gradient 1 inside the grid, 0 where
+Forward quantizers use torch's fused fake-quantize kernel per tensor (eager) and `_FakeQuant`
+otherwise, whose rounding is exactly `code()` above, with the straight-through estimator: gradient 1 inside the grid, 0 where
 the input was clamped. Gradient quantizers are identity in the forward pass and quantize
 the incoming gradient in the backward pass, with stochastic rounding
 floor(g/scale + u) (u uniform on the 2^16 levels (k + ½)/2^16: unbiased to within 2^-17 of a
@@ -17,23 +17,26 @@ from torch import nn
 
 from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import (
+    any_nonzero,
     bias_codes,
     broadcast_along,
     max_code_magnitude,
     qparams,
     qrange,
+    register_generator,
     stochastic_codes,
     unclamped_codes,
 )
 from qcompile.errors import NonFiniteError
-from qcompile.train.estimators import CurrentMinMax, RangeEstimator
+from qcompile.train.estimators import CurrentMinMax, RangeEstimator, require
 
 KINDS = ("weight", "activation", "gradient")
 
 
-class _FakeQuantPerChannel(torch.autograd.Function):
-    """(code(x) - z)·scale per channel; gradient 1 where x was inside the grid, else 0.
-    (torch's per-channel fused kernel is not vectorized on CPU; this is, with equal results.)"""
+class _FakeQuant(torch.autograd.Function):
+    """(code(x) - z)·scale, `scale` and `zp` broadcast against x; gradient 1 where x was inside the
+    grid, else 0. (torch's per-channel fused kernel is not vectorized on CPU; this is, with equal
+    results. Its per-tensor kernel has no fake-tensor form, so torch.compile traces this one instead.)"""
 
     @staticmethod
     def forward(ctx, x, scale, zp, qr, can_clip):
@@ -42,7 +45,7 @@ class _FakeQuantPerChannel(torch.autograd.Function):
         if can_clip:
             ctx.save_for_backward((v >= qr[0]) & (v <= qr[1]))
         v.clamp_(*qr)
-        if zp.any():
+        if any_nonzero(zp):
             v.sub_(zp)
         return v.mul_(scale)
 
@@ -57,9 +60,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple
                axis: int | None = None, can_clip: bool = True) -> torch.Tensor:
     """x̂ = (code(x) - z)·scale with the straight-through estimator (clipped). `can_clip=False`
     promises the grid covers x (a min-max range of x itself), so the gradient mask is all ones."""
-    if axis is None:
+    if axis is None and not torch.compiler.is_compiling():
         return torch.fake_quantize_per_tensor_affine(x, scale.float(), zp.to(torch.int32), *qr)
-    return _FakeQuantPerChannel.apply(x, broadcast_along(scale, x, axis), broadcast_along(zp, x, axis), qr, can_clip)
+    return _FakeQuant.apply(x, broadcast_along(scale, x, axis), broadcast_along(zp, x, axis), qr, can_clip)
 
 
 def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -101,12 +104,14 @@ class BiasQuant(nn.Module):
 
 
 class _QuantizeGradient(torch.autograd.Function):
-    """Identity forward; the backward pass hands the incoming gradient to a Quantizer."""
+    """Identity forward; the backward pass hands the incoming gradient to a Quantizer. The output is
+    a view of x, except under torch.compile: there a view that leaves a compiled graph (at a graph
+    break) is rebuilt from its base outside the graph, which would bypass this backward; a copy is not."""
 
     @staticmethod
     def forward(ctx, x, quantizer):
         ctx.quantizer = quantizer
-        return x.view_as(x)
+        return x.clone() if torch.compiler.is_compiling() else x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
@@ -135,6 +140,7 @@ class Quantizer(nn.Module):
         self.pow2, self.stochastic, self.on_nonfinite = pow2, stochastic, on_nonfinite
         self.layer = layer
         self.generator = generator
+        register_generator(generator)
         self.estimator = estimator
         self.float_by_config = float_by_config
         self.enabled = not float_by_config
@@ -142,6 +148,10 @@ class Quantizer(nn.Module):
         shape = tuple(estimator.lo.shape)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_generator(self.generator)   # a copy's generator is a new object
 
     def extra_repr(self) -> str:
         grid = "symmetric" if self.symmetric else "asymmetric"
@@ -151,11 +161,21 @@ class Quantizer(nn.Module):
     def grid(self, lo: torch.Tensor, hi: torch.Tensor):
         return qparams(lo, hi, self.qrange, self.symmetric, self.pow2)
 
-    def _nonfinite(self, where: str) -> None:
+    def _check_finite(self, finite: torch.Tensor, where: str) -> None:
         if self.on_nonfinite == "raise":
-            raise NonFiniteError(
-                f"{self.kind} quantizer of layer {self.layer!r}: NaN or Inf in the {where}; "
-                "the range state was left untouched (set on_nonfinite='skip' to pass such tensors through)")
+            require(finite, NonFiniteError,
+                    f"{self.kind} quantizer of layer {self.layer!r}: NaN or Inf in the {where}; "
+                    "the range state was left untouched (set on_nonfinite='skip' to pass such tensors through)")
+
+    def _keep_grid(self, scale: torch.Tensor, zp: torch.Tensor, finite: torch.Tensor):
+        """The buffers ← (scale, zp) where `finite` holds (else they keep the last grid); returns the buffers' grid."""
+        self.scale.copy_(torch.where(finite, scale, self.scale))
+        self.zero_point.copy_(torch.where(finite, zp, self.zero_point))
+        return self.scale, self.zero_point
+
+    def _passed_through(self, q: torch.Tensor, x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """Q(x), or x itself where the tensor was not finite and on_nonfinite='skip'."""
+        return q if self.on_nonfinite == "raise" else torch.where(finite, q, x)
 
     def forward_grid(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *context):
         """(scale, zero_point) a forward tensor `x` with range [lo, hi] is quantized on: `grid(lo, hi)`."""
@@ -172,41 +192,37 @@ class Quantizer(nn.Module):
                 self.estimator(x, update=True, who=self.layer)
             return x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
-        if not finite:
-            self._nonfinite("forward tensor")
-            return x
-        scale, zp = self.forward_grid(x, lo, hi, *context)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zp)
-        return fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
+        self._check_finite(finite, "forward tensor")
+        scale, zp = self._keep_grid(*self.forward_grid(x, lo, hi, *context), finite)
+        q = fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
+        return self._passed_through(q, x, finite)
 
-    def _gradient_grid(self, g: torch.Tensor) -> bool:
-        """Set the grid from the incoming gradient's range; False when g is not finite (on_nonfinite='skip')."""
+    def _gradient_grid(self, g: torch.Tensor) -> torch.Tensor:
+        """Set the grid from the incoming gradient's range; returns whether g was finite (the grid is
+        kept when it was not, on_nonfinite='skip')."""
         lo, hi, finite = self.estimator(g, update=True, who=self.layer)
-        if not finite:
-            self._nonfinite("incoming gradient")
-            return False
-        scale, zp = self.grid(lo, hi)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zp)
-        return True
+        self._check_finite(finite, "incoming gradient")
+        self._keep_grid(*self.grid(lo, hi), finite)
+        return finite
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Q_G(g) on a grid set from g's range (g itself when it is not finite and on_nonfinite='skip')."""
-        if not self._gradient_grid(g):
-            return g
+        finite = self._gradient_grid(g)
         if self.stochastic:
-            return stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator)
-        return fake_quant(g, self.scale, self.zero_point, self.qrange)
+            q = stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator)
+        else:
+            q = fake_quant(g, self.scale, self.zero_point, self.qrange)
+        return self._passed_through(q, g, finite)
 
     def gradient_codes(self, g: torch.Tensor) -> torch.Tensor:
         """Q_G(g) / scale, the codes minus the zero point (integer-valued floats), without forming Q_G(g)
         (g / scale rounded when g is not finite and on_nonfinite='skip')."""
-        if not self._gradient_grid(g):
-            return torch.round(g / self.scale)
+        finite = self._gradient_grid(g)
         if self.stochastic:
-            return stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)
-        return torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)
+            codes = stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)
+        else:
+            codes = torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)
+        return self._passed_through(codes, torch.round(g / self.scale), finite)
 
 
 class OverflowFreeWeights(Quantizer):

@@ -952,6 +952,7 @@ class NarrowAccOp(nn.Module):
         return " | ".join(parts)
 
     # ---- forward --------------------------------------------------------------------
+    @torch.compiler.disable   # native kernels over raw pointers: under torch.compile the op runs eagerly
     def forward(self, a, b, bias=None, *, a_scale: torch.Tensor, a_zero_point: torch.Tensor,
                 b_scale: torch.Tensor, b_zero_point: torch.Tensor):
         if not self.enabled:
