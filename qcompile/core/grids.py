@@ -13,6 +13,8 @@ Invariant: every other layer rounds floats to codes through these functions only
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 SCALE_EPS = 1e-12
@@ -75,19 +77,29 @@ def _draw_words(words: int, generator: torch.Generator | None, device) -> torch.
     return torch.empty(words, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1, generator=generator)
 
 
-_GENERATORS: dict[int, torch.Generator] = {}   # the generators compiled graphs may draw from, by id
+_GENERATORS: dict[int, weakref.ref] = {}   # the generators compiled graphs may draw from, by id
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    if _GENERATORS.get(key) is ref:
+        del _GENERATORS[key]
+
+
+def _registered(generator: torch.Generator) -> bool:
+    ref = _GENERATORS.get(id(generator))
+    return ref is not None and ref() is generator
 
 
 def register_generator(generator: torch.Generator | None) -> None:
     """Let compiled graphs draw from `generator` (see `random_words`); its owner registers it when it
     is created or copied (compiled code cannot add it: a side effect inside a traced backward)."""
-    if generator is not None:
-        _GENERATORS[id(generator)] = generator
+    if generator is not None and not _registered(generator):
+        _GENERATORS[id(generator)] = weakref.ref(generator, lambda ref, key=id(generator): _forget(ref, key))
 
 
 @torch.library.custom_op("qcompile::random_words", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
 def _random_words(like: torch.Tensor, words: int, generator_id: int) -> torch.Tensor:
-    return _draw_words(words, _GENERATORS.get(generator_id), like.device)
+    return _draw_words(words, _GENERATORS[generator_id]() if generator_id else None, like.device)
 
 
 @_random_words.register_fake
@@ -101,7 +113,7 @@ def random_words(words: int, generator: torch.Generator | None, like: torch.Tens
     as an opaque op the compiled graph calls at run time (`like` orders it after its producer)."""
     if not torch.compiler.is_compiling():
         return _draw_words(words, generator, like.device)
-    if generator is not None and _GENERATORS.get(id(generator)) is not generator:
+    if generator is not None and not _registered(generator):
         raise RuntimeError("random_words: the generator was not registered (register_generator) before compiling")
     return _random_words(like, words, 0 if generator is None else id(generator))
 
