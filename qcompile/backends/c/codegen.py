@@ -389,6 +389,7 @@ class _Emitter:
         self.weight_bytes = 0
         self.macs = 0
         self.gemm: set[str] = set()           # blocked-GEMM kernels some layer uses (gemm.c.j2)
+        self.byte_luts = False                # some lut maps bytes to bytes (lut.c.j2's AVX-512 VBMI path)
 
     RANGE_KEEPING = ("max_pool2d", "reshape", "transpose", "slice")   # outputs hold some of the input's codes
 
@@ -631,8 +632,12 @@ class _Emitter:
                                 f"range {y.qmin}..{y.qmax}")
         n = int(np.prod(y.shape, dtype=np.int64))
         L = _Layer(op_name=op.name, sym=sym, n=n, qmin=x.qmin, size=table.size, table=_c_array(table), x_t=ctype(x),
-                   y_t=ctype(y))
+                   y_t=ctype(y), bytes=None)
         self.weight_bytes += table.size * np.dtype(ctype(y).replace("_t", "")).itemsize
+        if x.bits <= 8 and y.bits <= 8:        # bytes in, bytes out: the AVX-512 VBMI lookup (lut.c.j2)
+            padded = np.concatenate([table, np.full(256 - table.size, table[-1])])
+            L["bytes"] = _c_array(padded & 0xFF)
+            self.byte_luts = True
         return "lut.c.j2", L, []
 
     # ---- row-wise ops over the last axis (qcompile/core/rowwise.py; the C helpers are in common.c.j2) ----
@@ -886,7 +891,8 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     params.append("uint8_t *arena")
     ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
-               functions=functions, calls=calls, gemm=sorted(em.gemm), gemm_blocks=GEMM_BLOCKS, vnni_calls=vnni_calls,
+               functions=functions, calls=calls, gemm=sorted(em.gemm), byte_luts=em.byte_luts, gemm_blocks=GEMM_BLOCKS,
+               vnni_calls=vnni_calls,
                vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
              f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
