@@ -412,6 +412,52 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
         check_bit_exact(graph, tmp_path / f"{name}_asan", n=2, seed=4, opt=GEMM_BUILDS[path], sanitize=True)
 
 
+DEPTHWISE_CASES = [  # (kernel, stride, padding, dilation, x bits, y bits, accumulator)
+    (3, 1, 1, 1, 8, 8, None),                 # 16-pixel steps, a tail of 5
+    (3, 2, 1, 1, 8, 8, None),                 # stride 2: vpdpwssd reads every other value
+    (3, 1, 2, 2, 8, 8, None),                 # dilation
+    (5, 2, 2, 1, 8, 8, None),
+    (3, 2, 0, 1, 8, 16, None),                # 16-bit codes out: the scalar requantization
+    (3, 1, 1, 1, 16, 8, None),                # 16-bit input: int32 operands, the C loop
+    (3, 3, 1, 1, 8, 8, None),                 # stride 3: the C loop
+    (3, 1, 1, 1, 8, 8, (12, 4, "saturate")),  # a narrow accumulator: the tile loop
+]
+
+
+def depthwise_graph(seed: int = 0) -> ir.Graph:
+    """One depthwise conv2d per DEPTHWISE_CASES entry on 5 channels of 11 x 37 (zero point 17)."""
+    rng = np.random.default_rng(seed)
+    tensors, ops, outputs = {}, [], []
+    for i, (k, st, pad, dil, xb, yb, acc) in enumerate(DEPTHWISE_CASES):
+        x = tensors.setdefault(f"x{xb}", _t(f"x{xb}", (5, 11, 37), bits=xb, zp=17))
+        oh, ow = ((n + 2 * pad - dil * (k - 1) - 1) // st + 1 for n in (11, 37))
+        y = _t(f"y{i}", (5, oh, ow), bits=yb, signed=i % 2 == 1, zp=0 if i % 2 else 5)
+        m, s = _mults(rng, 5, 2e-4, 3e-3)
+        a, t, o = acc or (None, None, "saturate")
+        ops.append(ir.Op("conv2d", f"dw{i}", [x.name], y.name, ir.Conv2d(
+            weight=rng.integers(-127, 128, (5, 1, k, k)).astype(np.int8), bias=rng.integers(-3000, 3000, 5).astype(np.int32),
+            stride=(st, st), padding=(pad, pad), dilation=(dil, dil), groups=5, multiplier=m, shift=s, acc_bits=a, tile=t,
+            overflow=o, act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(sorted(n for n in tensors if n.startswith("x")), outputs, tensors, ops)
+
+
+@pytest.mark.parametrize("path", list(GEMM_BUILDS))
+def test_depthwise_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
+    """The depthwise conv's 16-pixel steps (AVX-512 vpdpwssd, AVX2 vpmaddwd, C99), strides 1-3, dilation,
+    5x5, tails, 16-bit codes in and out, and the tile loop of a narrow accumulator, equal the reference,
+    under AddressSanitizer + UndefinedBehaviorSanitizer too (the steps read past the row end into zeros)."""
+    if path != "portable" and not _cpu_has({"avx2": "avx2", "avx512-vnni": "avx512_vnni"}[path]):
+        pytest.skip(f"this CPU has no {path}: its kernels cannot run here")
+    graph = depthwise_graph(seed=7)
+    check_bit_exact(graph, tmp_path / "dw", n=3, seed=7, opt=GEMM_BUILDS[path])
+    source = (tmp_path / "dw" / "net.c").read_text()
+    assert source.count("_mm512_dpwssd_epi32(a, _mm512_loadu_si512") == 9 + 25 + 9   # the stride-2 taps: cases 1, 3, 4
+    assert source.count("int32_t *xp)") == 1                                          # the 16-bit input's operands
+    check_bit_exact(graph, tmp_path / "dw_asan", n=2, seed=8, opt=GEMM_BUILDS[path], sanitize=True)
+
+
 def lut_graph(seed: int = 0) -> ir.Graph:
     """Byte lookups from unsigned, signed and 7-bit signed codes (tables of 256 and 128 entries), over
     231 codes: three 64-byte steps and a tail."""

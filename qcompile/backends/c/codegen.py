@@ -445,7 +445,7 @@ class _Emitter:
         if gemm is None:
             self.weight_bytes += _weight_arrays(op, L, w2, bias, m, s)
         if depthwise:
-            return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
+            return self._depthwise(L, y, col_bytes)
         if gemm is not None:
             L.update(gemm)
             L["m_data"], L["s_data"] = _c_array(m), _c_array(s)
@@ -459,6 +459,24 @@ class _Emitter:
             return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
         L["blocks"] = _blocks(OH * OW)
         return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
+
+    def _depthwise(self, L: _Layer, y: ir.Tensor, col_bytes: int):
+        """conv2d_dw.c.j2: exact int32 sums go 16 output pixels at a time over column phase planes
+        (`lanes`), requantized 16 at once with AVX-512 when the codes are bytes and the 64-bit helper
+        is exact (`rq16`); other accumulators run the tile loop over one padded channel."""
+        L["lanes"] = L["mode"] == "exact" and L["dacc_t"] == "int32_t"
+        L["rq16"] = L["lanes"] and L["rq"] == "qc_requantize" and y.bits <= 8
+        if L["rq16"]:
+            self.gemm.add("requantize16")
+        L["simd"] = L["lanes"] and L["col_t"] == "int16_t" and L["sw"] <= 2   # the intrinsic forms
+        if L["simd"]:
+            self.gemm.add("depthwise")       # <name>.h defines the intrinsic paths, <name>.c includes them
+        if not L["lanes"]:
+            return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
+        L["taps"] = [(ky, kx) for ky in range(L["kh"]) for kx in range(L["kw"])]
+        # rows wide enough for the last 16-pixel step from the deepest tap (AVX-512 stride 2: 32 values)
+        L["wpp"] = max(L["wp"], L["sw"] * -(-L["ow"] // 16) * 16 + (L["kw"] - 1) * L["dw"] + 16)
+        return "conv2d_dw.c.j2", L, [L["hp"] * L["wpp"] * col_bytes]         # one padded channel
 
     def op_linear(self, op, sym):
         a = op.attrs
