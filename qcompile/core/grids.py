@@ -132,7 +132,9 @@ def stochastic_codes(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr:
     rounded codes minus the zero point (integer-valued floats), unbiased inside the range to within
     2^-17 of a step."""
     u = dither(g, generator)
-    z = zp.to(g.dtype)                 # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds
+    # clamp(floor(·) + z, qmin, qmax) − z, with z folded into the bounds: numbers in eager (a clamp to
+    # scalars is the faster kernel), a tensor under torch.compile (reading it out would break the graph)
+    z = zp.to(g.dtype) if torch.compiler.is_compiling() else float(zp)
     return u.addcdiv_(g, scale.to(g.dtype)).floor_().clamp_(qr[0] - z, qr[1] - z)
 
 
