@@ -65,12 +65,25 @@ def require(ok: torch.Tensor, error: type[Exception], message: str) -> None:
         raise error(message)
 
 
+def select(cond, if_true, if_false):
+    """if_true() where the 0-d boolean `cond` holds, else if_false() (tuples of tensors elementwise).
+    Eager: a branch, so only the chosen side is computed. Under torch.compile: torch.where of both
+    sides, no data-dependent branch in the graph. The one way state-dependent choices are made here."""
+    if not torch.compiler.is_compiling():
+        return if_true() if bool(cond) else if_false()
+    a, b = if_true(), if_false()
+    if isinstance(a, tuple):
+        return tuple(torch.where(cond, u, v) for u, v in zip(a, b))
+    return torch.where(cond, a, b)
+
+
 class RangeEstimator(nn.Module):
     """Base class. `static` is True when the range used at step t is known before step t.
 
     `forward` returns (lo, hi, finite) with `finite` a boolean tensor, and updates the state only
-    through `_set(lo, hi, finite)` (a select, not a branch): the running, in-hindsight, current and
-    fixed estimators have no data-dependent Python branch, so torch.compile traces them whole."""
+    through `_set(lo, hi, finite)`; its choices go through `select`: the running, in-hindsight,
+    current and fixed estimators have no data-dependent Python branch under torch.compile, which
+    traces them whole."""
 
     name = "base"
     static = False
@@ -109,8 +122,9 @@ class RangeEstimator(nn.Module):
 
     def _set(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor) -> None:
         """State ← [lo, hi] where `finite` holds; untouched where it does not."""
-        self.lo.copy_(torch.where(finite, lo, self.lo))
-        self.hi.copy_(torch.where(finite, hi, self.hi))
+        lo, hi = select(finite, lambda: (lo, hi), lambda: (self.lo, self.hi))
+        self.lo.copy_(lo)
+        self.hi.copy_(hi)
         self.initialized.logical_or_(finite)
 
     def forward(self, x: torch.Tensor, update: bool, who: str = ""):
@@ -142,9 +156,9 @@ class RunningMinMax(RangeEstimator):
         if not update:
             return self.stored(who)
         lo, hi, finite = self.stats(x)
-        unset, eta = self.unset(), self.momentum
-        self._set(torch.where(unset, lo, (1 - eta) * lo + eta * self.lo),
-                  torch.where(unset, hi, (1 - eta) * hi + eta * self.hi), finite)
+        eta = self.momentum
+        self._set(*select(self.unset(), lambda: (lo, hi),
+                          lambda: ((1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi)), finite)
         return self.lo.clone(), self.hi.clone(), finite
 
 
@@ -165,10 +179,11 @@ class HindsightMinMax(RangeEstimator):
         if not update:
             return self.stored(who)
         lo, hi, finite = self.stats(x)
-        unset, eta = self.unset(), self.momentum
-        use_lo, use_hi = torch.where(unset, lo, self.lo), torch.where(unset, hi, self.hi)
-        self._set(torch.where(unset, lo, (1 - eta) * lo + eta * self.lo),
-                  torch.where(unset, hi, (1 - eta) * hi + eta * self.hi), finite)
+        eta = self.momentum
+        use_lo, use_hi, new_lo, new_hi = select(
+            self.unset(), lambda: (lo, hi, lo, hi),
+            lambda: (self.lo.clone(), self.hi.clone(), (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi))
+        self._set(new_lo, new_hi, finite)
         return use_lo, use_hi, finite
 
 

@@ -28,7 +28,7 @@ from qcompile.core.grids import (
     unclamped_codes,
 )
 from qcompile.errors import NonFiniteError
-from qcompile.train.estimators import CurrentMinMax, RangeEstimator, require
+from qcompile.train.estimators import CurrentMinMax, RangeEstimator, require, select
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -169,13 +169,14 @@ class Quantizer(nn.Module):
 
     def _keep_grid(self, scale: torch.Tensor, zp: torch.Tensor, finite: torch.Tensor):
         """The buffers ← (scale, zp) where `finite` holds (else they keep the last grid); returns the buffers' grid."""
-        self.scale.copy_(torch.where(finite, scale, self.scale))
-        self.zero_point.copy_(torch.where(finite, zp, self.zero_point))
+        scale, zp = select(finite, lambda: (scale, zp), lambda: (self.scale, self.zero_point))
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
         return self.scale, self.zero_point
 
-    def _passed_through(self, q: torch.Tensor, x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-        """Q(x), or x itself where the tensor was not finite and on_nonfinite='skip'."""
-        return q if self.on_nonfinite == "raise" else torch.where(finite, q, x)
+    def _passed_through(self, q, x, finite: torch.Tensor) -> torch.Tensor:
+        """q(), or x() where the tensor was not finite and on_nonfinite='skip' (callables: eager computes one)."""
+        return q() if self.on_nonfinite == "raise" else select(finite, q, x)
 
     def forward_grid(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *context):
         """(scale, zero_point) a forward tensor `x` with range [lo, hi] is quantized on: `grid(lo, hi)`."""
@@ -194,8 +195,9 @@ class Quantizer(nn.Module):
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
         self._check_finite(finite, "forward tensor")
         scale, zp = self._keep_grid(*self.forward_grid(x, lo, hi, *context), finite)
-        q = fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax))
-        return self._passed_through(q, x, finite)
+        return self._passed_through(
+            lambda: fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax)),
+            lambda: x, finite)
 
     def _gradient_grid(self, g: torch.Tensor) -> torch.Tensor:
         """Set the grid from the incoming gradient's range; returns whether g was finite (the grid is
@@ -209,20 +211,19 @@ class Quantizer(nn.Module):
         """Q_G(g) on a grid set from g's range (g itself when it is not finite and on_nonfinite='skip')."""
         finite = self._gradient_grid(g)
         if self.stochastic:
-            q = stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator)
-        else:
-            q = fake_quant(g, self.scale, self.zero_point, self.qrange)
-        return self._passed_through(q, g, finite)
+            return self._passed_through(
+                lambda: stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator), lambda: g, finite)
+        return self._passed_through(lambda: fake_quant(g, self.scale, self.zero_point, self.qrange), lambda: g, finite)
 
     def gradient_codes(self, g: torch.Tensor) -> torch.Tensor:
         """Q_G(g) / scale, the codes minus the zero point (integer-valued floats), without forming Q_G(g)
         (g / scale rounded when g is not finite and on_nonfinite='skip')."""
         finite = self._gradient_grid(g)
         if self.stochastic:
-            codes = stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)
+            codes = lambda: stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)  # noqa: E731
         else:
-            codes = torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)
-        return self._passed_through(codes, torch.round(g / self.scale), finite)
+            codes = lambda: torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)  # noqa: E731
+        return self._passed_through(codes, lambda: torch.round(g / self.scale), finite)
 
 
 class OverflowFreeWeights(Quantizer):
