@@ -167,9 +167,10 @@ class Quantizer(nn.Module):
                     f"{self.kind} quantizer of layer {self.layer!r}: NaN or Inf in the {where}; "
                     "the range state was left untouched (set on_nonfinite='skip' to pass such tensors through)")
 
-    def _keep_grid(self, scale: torch.Tensor, zp: torch.Tensor, finite: torch.Tensor):
-        """The buffers ← (scale, zp) where `finite` holds (else they keep the last grid); returns the buffers' grid."""
-        scale, zp = select(finite, lambda: (scale, zp), lambda: (self.scale, self.zero_point))
+    def _keep_grid(self, grid, finite: torch.Tensor):
+        """The buffers ← grid() = (scale, zp) where `finite` holds (else they keep the last grid; eager does
+        not compute grid() then); returns the buffers' grid."""
+        scale, zp = select(finite, grid, lambda: (self.scale, self.zero_point))
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         return self.scale, self.zero_point
@@ -194,7 +195,7 @@ class Quantizer(nn.Module):
             return x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
         self._check_finite(finite, "forward tensor")
-        scale, zp = self._keep_grid(*self.forward_grid(x, lo, hi, *context), finite)
+        scale, zp = self._keep_grid(lambda: self.forward_grid(x, lo, hi, *context), finite)
         return self._passed_through(
             lambda: fake_quant(x, scale, zp, self.qrange, self.axis, can_clip=not isinstance(self.estimator, CurrentMinMax)),
             lambda: x, finite)
@@ -204,7 +205,7 @@ class Quantizer(nn.Module):
         kept when it was not, on_nonfinite='skip')."""
         lo, hi, finite = self.estimator(g, update=True, who=self.layer)
         self._check_finite(finite, "incoming gradient")
-        self._keep_grid(*self.grid(lo, hi), finite)
+        self._keep_grid(lambda: self.grid(lo, hi), finite)
         return finite
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
