@@ -388,7 +388,7 @@ class _Emitter:
         self.functions: list[str] = []
         self.weight_bytes = 0
         self.macs = 0
-        self.gemm: set[str] = set()           # blocked-GEMM kernels some layer uses (gemm.c.j2)
+        self.gemm: set[str] = set()           # parts of gemm.c.j2 some layer uses (kernels, requantize16), or its intrinsics
         self.byte_luts = False                # some lut maps bytes to bytes (lut.c.j2's AVX-512 VBMI path)
 
     RANGE_KEEPING = ("max_pool2d", "reshape", "transpose", "slice")   # outputs hold some of the input's codes
@@ -461,8 +461,9 @@ class _Emitter:
         return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
 
     def _depthwise(self, L: _Layer, y: ir.Tensor, col_bytes: int):
-        """conv2d_dw.c.j2: exact int32 sums go 16 output pixels at a time over column phase planes
-        (`lanes`), requantized 16 at once with AVX-512 when the codes are bytes and the 64-bit helper
+        """conv2d_dw.c.j2: exact int32 sums go 16 output pixels of a row at a time (`lanes`; with
+        intrinsics for int16 operands and strides 1-2, `simd`) over one padded channel whose rows are
+        `wpp` wide, requantized 16 at once with AVX-512 when the codes are bytes and the 64-bit helper
         is exact (`rq16`); other accumulators run the tile loop over one padded channel."""
         L["lanes"] = L["mode"] == "exact" and L["dacc_t"] == "int32_t"
         L["rq16"] = L["lanes"] and L["rq"] == "qc_requantize" and y.bits <= 8
