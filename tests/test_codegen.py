@@ -458,6 +458,37 @@ def test_depthwise_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     check_bit_exact(graph, tmp_path / "dw_asan", n=2, seed=8, opt=GEMM_BUILDS[path], sanitize=True)
 
 
+def wide_conv_graph(seed: int = 0) -> ir.Graph:
+    """Exact convs on rows of 40 columns (9 channels: two full groups of 4 and one of 1), unsigned input
+    with zero point 17 and signed input: the VNNI plane fill's 16-pixel steps, tails and padding."""
+    rng = np.random.default_rng(seed)
+    tensors = {"x": _t("x", (9, 5, 40), zp=17), "xs": _t("xs", (9, 5, 40), signed=True, zp=-3)}
+    ops, outputs = [], []
+    for i, (src, k, pad, dil) in enumerate([("x", 3, 1, 1), ("x", 1, 0, 1), ("x", 3, 2, 2), ("xs", 3, 1, 1)]):
+        y = _t(f"y{i}", (8, 5, 40), zp=5)
+        m, s = _mults(rng, 8, 2e-4, 3e-3)
+        ops.append(ir.Op("conv2d", f"wide{i}", [src], y.name, ir.Conv2d(
+            weight=rng.integers(-127, 128, (8, 9, k, k)).astype(np.int8), bias=rng.integers(-3000, 3000, 8).astype(np.int32),
+            stride=(1, 1), padding=(pad, pad), dilation=(dil, dil), groups=1, multiplier=m, shift=s, acc_bits=None,
+            tile=None, overflow="saturate", act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(["x", "xs"], outputs, tensors, ops)
+
+
+@pytest.mark.parametrize("path", list(GEMM_BUILDS))
+def test_exact_conv_on_wide_rows_bit_exact_and_sanitizer_clean(path, tmp_path):
+    """The exact blocked conv on rows wider than 16 pixels (the VNNI plane fill lays stride-1 rows of 4
+    channels 16 pixels at a time; a channel group past the input and the padding the old way) equals
+    the reference on every build, under AddressSanitizer + UndefinedBehaviorSanitizer too."""
+    if path != "portable" and not _cpu_has({"avx2": "avx2", "avx512-vnni": "avx512_vnni"}[path]):
+        pytest.skip(f"this CPU has no {path}: its kernels cannot run here")
+    graph = wide_conv_graph(seed=9)
+    check_bit_exact(graph, tmp_path / "wide", n=3, seed=9, opt=GEMM_BUILDS[path])
+    assert (tmp_path / "wide" / "net.c").read_text().count("_mm_unpacklo_epi16(p01l, p23l)") == 4
+    check_bit_exact(graph, tmp_path / "wide_asan", n=2, seed=10, opt=GEMM_BUILDS[path], sanitize=True)
+
+
 def lut_graph(seed: int = 0) -> ir.Graph:
     """Byte lookups from unsigned, signed and 7-bit signed codes (tables of 256 and 128 entries), over
     231 codes: three 64-byte steps and a tail."""
