@@ -388,8 +388,8 @@ class _Emitter:
         self.functions: list[str] = []
         self.weight_bytes = 0
         self.macs = 0
-        self.gemm: set[str] = set()           # parts of gemm.c.j2 some layer uses (kernels, requantize16), or its intrinsics
-        self.byte_luts = False                # some lut maps bytes to bytes (lut.c.j2's AVX-512 VBMI path)
+        self.gemm: set[str] = set()           # parts of gemm.c.j2 some layer uses (kernels, requantize16)
+        self.intrinsics = False               # some layer has an intrinsic path outside gemm.c.j2 (depthwise, lut)
 
     RANGE_KEEPING = ("max_pool2d", "reshape", "transpose", "slice")   # outputs hold some of the input's codes
 
@@ -471,7 +471,7 @@ class _Emitter:
             self.gemm.add("requantize16")
         L["simd"] = L["lanes"] and L["col_t"] == "int16_t" and L["sw"] <= 2   # the intrinsic forms
         if L["simd"]:
-            self.gemm.add("depthwise")       # <name>.h defines the intrinsic paths, <name>.c includes them
+            self.intrinsics = True
         if not L["lanes"]:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
         L["taps"] = [(ky, kx) for ky in range(L["kh"]) for kx in range(L["kw"])]
@@ -656,7 +656,7 @@ class _Emitter:
         if x.bits <= 8 and y.bits <= 8:        # bytes in, bytes out: the AVX-512 VBMI lookup (lut.c.j2)
             padded = np.concatenate([table, np.full(256 - table.size, table[-1])])
             L["bytes"] = _c_array(padded & 0xFF)
-            self.byte_luts = True
+            self.intrinsics = True
         return "lut.c.j2", L, []
 
     # ---- row-wise ops over the last axis (qcompile/core/rowwise.py; the C helpers are in common.c.j2) ----
@@ -910,8 +910,8 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     params.append("uint8_t *arena")
     ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
-               functions=functions, calls=calls, gemm=sorted(em.gemm), byte_luts=em.byte_luts, gemm_blocks=GEMM_BLOCKS,
-               vnni_calls=vnni_calls,
+               functions=functions, calls=calls, gemm=sorted(em.gemm), intrinsics=em.intrinsics or bool(em.gemm),
+               gemm_blocks=GEMM_BLOCKS, vnni_calls=vnni_calls,
                vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
              f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
