@@ -489,6 +489,71 @@ def test_exact_conv_on_wide_rows_bit_exact_and_sanitizer_clean(path, tmp_path):
     check_bit_exact(graph, tmp_path / "wide_asan", n=2, seed=10, opt=GEMM_BUILDS[path], sanitize=True)
 
 
+AMX_CASES = [  # (input, cin, groups, cout, kernel, stride, padding, dilation): exact convs on 4r channels a tile
+    ("x", 64, 1, 40, (3, 3), 1, 1, 1),      # r = 16; 40 rows: a panel's second 32-row step mostly padding
+    ("x", 64, 1, 48, (1, 1), 2, 0, 1),      # stride 2: four phase planes
+    ("s", 80, 2, 40, (3, 3), 2, 1, 1),      # groups of 40 channels (r = 10), 20 rows each; signed input
+    ("u", 16, 1, 33, (3, 3), 1, 2, 2),      # r = 4, dilation
+    ("u12", 12, 1, 8, (3, 3), 1, 1, 1),     # r = 3: the VNNI kernel on its own, weights in groups of 3
+    ("x24", 24, 1, 16, (3, 1), 1, (1, 0), 1),   # r = 6, a 3 x 1 kernel
+    ("w", 192, 1, 70, (3, 3), 1, 1, 1),     # three tiles of 16 groups per tap; panels of 32, 32 and 6 rows
+]
+
+
+def amx_conv_graph(seed: int = 0) -> ir.Graph:
+    """One exact conv2d per AMX_CASES entry: inputs of 64 (zero point 17), 80 (signed), 16 and 192 channels;
+    12 and 24 channels sliced off."""
+    rng = np.random.default_rng(seed)
+    tensors = {"x": _t("x", (64, 10, 21), zp=17), "s": _t("s", (80, 9, 13), signed=True, zp=-3),
+               "u": _t("u", (16, 8, 19)), "w": _t("w", (192, 6, 7), zp=9)}
+    ops = [ir.Op("slice", "slice.u12", ["u"], "u12", ir.Slice(axis=0, start=0, stop=12)),
+           ir.Op("slice", "slice.x24", ["x"], "x24", ir.Slice(axis=0, start=0, stop=24))]
+    tensors["u12"], tensors["x24"] = _t("u12", (12, 8, 19)), _t("x24", (24, 10, 21), zp=17)
+    outputs = []
+    for i, (src, cin, g, cout, (kh, kw), st, pad, dil) in enumerate(AMX_CASES):
+        (ph, pw), (_, h, w) = (pad if isinstance(pad, tuple) else (pad, pad)), tensors[src].shape
+        oh, ow = (h + 2 * ph - dil * (kh - 1) - 1) // st + 1, (w + 2 * pw - dil * (kw - 1) - 1) // st + 1
+        y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
+        m, s = _mults(rng, cout, 1e-5, 2e-4)
+        ops.append(ir.Op("conv2d", f"amx{i}.conv", [src], y.name, ir.Conv2d(
+            weight=rng.integers(-127, 128, (cout, cin // g, kh, kw)).astype(np.int8),
+            bias=rng.integers(-3000, 3000, cout).astype(np.int32), stride=(st, st), padding=(ph, pw),
+            dilation=(dil, dil), groups=g, multiplier=m, shift=s, acc_bits=None, tile=None, overflow="saturate",
+            act_min=y.qmin, act_max=y.qmax)))
+        tensors[y.name] = y
+        outputs.append(y.name)
+    return ir.Graph(["x", "s", "u", "w"], outputs, tensors, ops)
+
+
+def _amx_granted() -> bool:
+    """An AMX-INT8 CPU whose Linux grants tile data to a process that asks (arch_prctl
+    ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, as the generated code asks)."""
+    if not _cpu_has("amx_int8"):
+        return False
+    import ctypes
+    return ctypes.CDLL(None).syscall(158, 0x1023, 18) == 0     # SYS_arch_prctl on x86-64 Linux
+
+
+@pytest.mark.parametrize("path", ["portable", "avx512-vnni", "amx"])
+def test_amx_conv_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
+    """The exact conv whose weight rows run in groups of r = 3..16 channel quads (the AMX tiles' order):
+    AMX tdpbsud (panels of 32 rows, C tiles stored into the VNNI kernel's layout), the VNNI kernel and the
+    C99 path on the same rows equal the reference, under AddressSanitizer + UndefinedBehaviorSanitizer too
+    (which cannot see tile loads: the input tiles read the bytes the VNNI build's checked loads read)."""
+    flags = {"portable": GEMM_BUILDS["portable"], "avx512-vnni": GEMM_BUILDS["avx512-vnni"],
+             "amx": GEMM_BUILDS["avx512-vnni"] + " -mamx-tile -mamx-int8"}[path]
+    if path == "avx512-vnni" and not _cpu_has("avx512_vnni"):
+        pytest.skip("this CPU has no AVX-512 VNNI: its kernels cannot run here")
+    if path == "amx" and not _amx_granted():
+        pytest.skip("no AMX-INT8 here (or Linux refuses its tiles): its kernels cannot run here")
+    graph = amx_conv_graph(seed=11)
+    check_bit_exact(graph, tmp_path / "amx", n=3, seed=11, opt=flags)
+    source = (tmp_path / "amx" / "net.c").read_text()
+    assert source.count("qc_gemm_amx(xp") == 6 and source.count("qc_amx_begin(3)") == 0
+    assert [int(r) for r in re.findall(r"qc_amx_begin\((\d+)\)", source)] == [16, 16, 10, 4, 6, 16]
+    check_bit_exact(graph, tmp_path / "amx_asan", n=2, seed=12, opt=flags, sanitize=True)
+
+
 def lut_graph(seed: int = 0) -> ir.Graph:
     """Byte lookups from unsigned, signed and 7-bit signed codes (tables of 256 and 128 entries), over
     231 codes: three 64-byte steps and a tail."""

@@ -277,6 +277,9 @@ GEMM_PIXELS = 16         # output pixels per block of the blocked GEMM (QC_PX in
 GEMM_BLOCKS = 2          # pixel blocks per exact-kernel call (QC_BLOCKS)
 GEMM_CHUNK_BYTES = 1 << 18   # column blocks laid out together: each weight panel is reused over them
 GEMM_PANEL_BYTES = 1 << 15   # weights of one panel of output channels: stays in L1 over a chunk
+AMX_GROUPS = 16          # groups of 4 reduction bytes in one AMX tile row (64 bytes)
+AMX_MIN_GROUPS = 4       # fewer groups per tile: the VNNI kernel (an AMX step would be mostly padding)
+AMX_ROWS = 32            # output channels per AMX kernel step (two tiles of 16)
 
 
 def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: tuple[int, int]) -> dict[str, Any] | None:
@@ -284,9 +287,10 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     where it does not apply and the tile_loop kernels run. Applies to 8-bit inputs and int8 weights, for
     exact: every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
     kernel sums u = x − x_lo, 0..255, and the bias absorbs the offset: b' = bias − (zx − x_lo)·Σw; any
-    reduction order is exact, so weight rows run (c / 4, ky, kx, c % 4) and the padded input is read in
-    place from one plane per 4 channels and stride phase; `portable` is the tile_loop form of the same
-    rows, for targets without AVX-512 VNNI);
+    reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
+    (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
+    and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
+    `portable` is the tile_loop form of the same rows, for targets without AVX-512 VNNI);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), else int16; the bias must be an int16, the
     accumulator's first value; im2col blocks in the IR's reduction order."""
@@ -306,10 +310,13 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         if not (_fits(255 * wsum, 32) and _fits(L["acc_bound"], 32) and _fits(int(np.abs(b).max()) + 255 * wsum, 32)):
             return None
         n4, kk = -(-cig // 4), kh * kw
-        rows = -(-O // 4) * 4                               # the kernel reads panels of 4 rows: zero rows past O
-        wp = np.zeros((rows, n4 * 4, kh, kw), np.int64)     # rows in (c / 4, ky, kx, c % 4) order, channels past cig 0
-        wp[:O, :cig] = w
-        wp = wp.reshape(rows, n4, 4, kh, kw).transpose(0, 1, 3, 4, 2).reshape(rows, -1)
+        r = max(d for d in range(1, AMX_GROUPS + 1) if n4 % d == 0)     # groups of 4 channels per AMX tile
+        amx = r >= AMX_MIN_GROUPS
+        panel = AMX_ROWS if amx else 4                      # the kernels read whole panels of rows: zero rows past
+        rows = O - L["cog"] + -(-L["cog"] // panel) * panel   # the last group's (earlier groups read the next's)
+        wp = np.zeros((rows, n4 * 4, kh, kw), np.int64)     # rows in (c / 4r, ky, kx, c / 4 % r, c % 4) order,
+        wp[:O, :cig] = w                                    # channels past cig 0
+        wp = wp.reshape(rows, n4 // r, r, 4, kh, kw).transpose(0, 1, 4, 5, 2, 3).reshape(rows, -1)
         (sh, sw), (dh, dw) = (L["sh"], L["sw"]), (L["dh"], L["dw"])
         hq, wq = -(-L["hp"] // sh), -(-L["wp"] // sw)       # one stride phase of the padded input
         reach = ((kh - 1) * dh // sh) * wq + (kw - 1) * dw // sw
@@ -317,8 +324,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         plane = -(-max(hq * wq, -(-L["oh"] * wq // step) * step + reach) * 4 // 64) * 64
         taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
                 for ky in range(kh) for kx in range(kw)]
-        plan.update(b_t="int32_t", n4=n4, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
-        plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4,
+        plan.update(b_t="int32_t", n4=n4, r=r, amx=amx, panel=panel, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
+        plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4, r=r,
                                   xoff=plan["xlo"], padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
                                   dacc_t="int32_t", w_t="int8_t")
     else:
@@ -346,6 +353,10 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     plan.update(pad_u=pad_u, kp=kp, b_data=_c_array(b), w_data=words, w_words=n, weight_bytes=weight_bytes,
                 nb=max(2, min(8, GEMM_CHUNK_BYTES // (GEMM_PIXELS * kp * plan["col_bytes"])) // 2 * 2),  # even: pairs of blocks
                 cb=min(L["cog"], max(12, min(96, GEMM_PANEL_BYTES // kp // 12 * 12))))
+    if kernel == "exact":                      # AMX: panels of whole 32-row steps; acc holds a panel's last step
+        if plan["amx"]:
+            plan["cb"] = min(L["cog"], max(AMX_ROWS, min(96, GEMM_PANEL_BYTES // kp // AMX_ROWS * AMX_ROWS)))
+        plan["acc_rows"] = -(-plan["cb"] // plan["panel"]) * plan["panel"]
     return plan
 
 
@@ -911,6 +922,7 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
     ctx = dict(name=name, NAME=name.upper(), version=graph.meta.get("qcompile_version", "unknown"), inputs=ins, outputs=outs,
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
                functions=functions, calls=calls, gemm=sorted(em.gemm), intrinsics=em.intrinsics or bool(em.gemm),
+               amx=any(L.get("amx") for _, L, _, _ in rendered),
                gemm_blocks=GEMM_BLOCKS, vnni_calls=vnni_calls,
                vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
