@@ -169,6 +169,9 @@ PAIRWISE_CASES = [  # (kwargs, accumulator): "pairwise" layers; zp = 0 inputs (t
     (dict(), None),                                                 # exact, for the VNNI kernel at zp = 0
     (dict(centered=True), (16, 2, "pairwise")),                     # x − zx signed: the int16 kernel
     (dict(relu=True), (16, 2, "pairwise")),                         # zp 100 but codes >= 100 (a fused ReLU): uint8
+    (dict(zp=128), (16, 2, "pairwise")),                            # x − zx in -128..127: int8 (vpabsb, vpsignb)
+    (dict(zp=127, stride=2), (16, 2, "pairwise")),                  # x − zx in -127..128: int8, both negated
+    (dict(zp=128, w128=True), (16, 2, "pairwise")),                 # a weight of -128 (no int8 negation): int16
 ]
 
 
@@ -184,9 +187,9 @@ def pairwise_graph(seed: int = 0) -> ir.Graph:
             src = f"s{i}"
             tensors[src] = _t(src, (cin, 9, 7), zp=0)
             ops.append(ir.Op("slice", f"slice.{i}", ["x"], src, ir.Slice(axis=0, start=0, stop=cin)))
-        if kw.get("centered") or kw.get("relu"):      # x requantized onto a grid with zero point 100
+        if kw.get("centered") or kw.get("relu") or "zp" in kw:      # x requantized onto a grid with zero point 100 (or zp)
             src = f"r{i}"
-            tensors[src] = _t(src, (cin, 9, 7), zp=100)
+            tensors[src] = _t(src, (cin, 9, 7), zp=kw.get("zp", 100))
             ops.append(ir.Op("requantize", f"rq.{i}", ["x"], src, ir.Requantize(
                 multiplier=1 << 30, shift=1, act_min=100 if kw.get("relu") else 0, act_max=255)))
         oh, ow = (9 + 2 - 2 - 1) // st + 1, (7 + 2 - 2 - 1) // st + 1
@@ -194,8 +197,10 @@ def pairwise_graph(seed: int = 0) -> ir.Graph:
         m, s = _mults(rng, cout, 2e-4, 3e-3)
         a, t, o = acc or (None, None, "saturate")
         bias = rng.integers(-3000, 3000, cout) + (40000 if kw.get("big_bias") else 0)
+        weight = rng.integers(-wmax, wmax + 1, (cout, cin // g, 3, 3))
+        weight[0, 0, 0, 0] = -128 if kw.get("w128") else weight[0, 0, 0, 0]
         ops.append(ir.Op("conv2d", f"pair{i}.conv", [src], y.name, ir.Conv2d(
-            weight=rng.integers(-wmax, wmax + 1, (cout, cin // g, 3, 3)).astype(np.int8), bias=bias.astype(np.int32),
+            weight=weight.astype(np.int8), bias=bias.astype(np.int32),
             stride=(st, st), padding=(1, 1), dilation=(1, 1), groups=g, multiplier=m, shift=s, acc_bits=a, tile=t,
             overflow=o, act_min=y.qmin, act_max=y.qmax)))
         tensors[y.name] = y
@@ -405,7 +410,8 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
         source = (tmp_path / name / "net.c").read_text()
         assert "qc_gemm_exact(" in source
         if name == "pairs":
-            assert source.count("qc_gemm_pairwise(col + ") == 5 and source.count("qc_gemm_pairwise_i16(col + ") == 1
+            assert source.count("qc_gemm_pairwise(col + ") == 5 and source.count("qc_gemm_pairwise_i16(col + ") == 2
+            assert source.count("qc_gemm_pairwise_s8(col + ") == 2 and source.count("? (int8_t)(-((int)xc[") == 1
         if name == "pairs":               # the pairwise layers saturate: an exact accumulator differs
             assert all(not np.array_equal(got[i], free[i]) for i, (kw, acc) in enumerate(PAIRWISE_CASES)
                        if acc is not None and acc[0] == 16 and "wmax" not in kw)

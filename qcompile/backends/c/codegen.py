@@ -330,9 +330,14 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
                                   dacc_t="int32_t", w_t="int8_t")
     else:
         pad_u, b = 0, bias
-        u8 = 0 <= x_range[0] - x.zero_point and x_range[1] - x.zero_point <= 255
-        plan.update(kernel="pairwise" if u8 else "pairwise_i16", col_bytes=1 if u8 else 2,
-                    col_t="uint8_t" if u8 else "int16_t", xlo=int(x.zero_point))
+        lo, hi = x_range[0] - x.zero_point, x_range[1] - x.zero_point       # x - zx
+        u8 = 0 <= lo and hi <= 255
+        sign = -1 if hi > 127 else 1             # int8 operands: s (x - zx) and s w, s = -1 where x - zx reaches 128
+        s8 = not u8 and -128 <= sign * hi and sign * lo <= 127 and w.min() >= -127
+        kind = "pairwise" if u8 else ("pairwise_s8" if s8 else "pairwise_i16")
+        plan.update(kernel=kind, col_bytes=2 if kind == "pairwise_i16" else 1, xlo=int(x.zero_point),
+                    col_t={"pairwise": "uint8_t", "pairwise_s8": "int8_t", "pairwise_i16": "int16_t"}[kind],
+                    xsign="-" if s8 and sign < 0 else "")
         kp = -(-w2.shape[1] // 2) * 2
         if u8 and (L["sh"], L["sw"]) == (1, 1):      # columns copied from padded planes (conv2d_gemm.c.j2)
             plane = L["hp"] * L["wp"] + GEMM_PIXELS + (kw - 1) * L["dw"]
@@ -340,7 +345,7 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
                     for kx in range(kw)]
             plan.update(implicit=True, plane=plane, koff=", ".join(map(str, koff + [cig * plane] * (kp - len(koff)))))
         wp = np.zeros((O, kp), np.int64)
-        wp[:, :w2.shape[1]] = w2
+        wp[:, :w2.shape[1]] = -w2 if plan["xsign"] else w2
         plan.update(b_t="int16_t", rq_expr=f"{L['rq']}(ab[c * QC_PX + i], {sym}_m[co_abs], {sym}_s[co_abs])")
     kp = wp.shape[1]
     if plan["kernel"] == "pairwise_i16":       # one int32 word per pair: w_2j + 2^16 w_2j+1
