@@ -411,7 +411,7 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
         assert "qc_gemm_exact(" in source
         if name == "pairs":
             assert source.count("qc_gemm_pairwise(col + ") == 5 and source.count("qc_gemm_pairwise_i16(col + ") == 2
-            assert source.count("qc_gemm_pairwise_s8(col + ") == 2 and source.count("? (int8_t)(-((int)xc[") == 1
+            assert source.count("qc_gemm_pairwise_s8(col + ") == 2 and source.count("= (int8_t)(-((int)s[i] - (") == 1
         if name == "pairs":               # the pairwise layers saturate: an exact accumulator differs
             assert all(not np.array_equal(got[i], free[i]) for i, (kw, acc) in enumerate(PAIRWISE_CASES)
                        if acc is not None and acc[0] == 16 and "wmax" not in kw)

@@ -469,7 +469,8 @@ class _Emitter:
             self.gemm.add(L["kernel"])
             if L["kernel"] != "exact":
                 chunk = L["nb"] * GEMM_PIXELS * L["kp"] * L["col_bytes"]                  # a chunk of columns
-                return "conv2d_gemm.c.j2", L, [chunk + ((cig + 1) * L["plane"] if L.get("implicit") else 0)]
+                padded = (cig + 1) * L["plane"] if L.get("implicit") else cig * L["hp"] * L["wp"] * L["col_bytes"]
+                return "conv2d_gemm.c.j2", L, [chunk + padded]          # and the padded input
             L["portable"]["blocks"] = _blocks(OH * OW)
             L["vnni_scratch"] = [L["n4"] * sh * sw * L["plane"]]                    # the phase planes
             return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
