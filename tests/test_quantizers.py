@@ -88,3 +88,43 @@ def test_quantize_weights_and_activations_false_keep_the_forward_float():
     assert not torch.equal(acts_only(x), model(x))                 # activations are quantized
     with pytest.raises(ValueError, match="quantize_weights=False with acc_bits"):
         qcompile.QConfig(quantize_weights=False, acc_bits=16)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("zp", [0.0, 3.0])
+def test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit(zp):
+    """csrc/fake_quant.c (eager, float32 CPU tensors) gives exactly the bits of the torch operations it
+    replaces: the per-row fake quant of weights (ties to even, clamps both ways, NaN, the clipping mask,
+    zero points 0 and 3) and the stochastic codes with the same dither draw (times the scale or not)."""
+    from qcompile.core.grids import stochastic_codes, unclamped_codes
+    from qcompile.train import native
+    from qcompile.train.quantizers import _FakeQuant, _one_pass
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, 3, 3) * 2
+    x[0, :8] = torch.tensor([0.5, 1.5, -0.5, -2.5, 1e9, -1e9, float("nan"), -0.01]).view(8, 1, 1)
+    scale = torch.rand(64, 1, 1, 1) * 0.05 + 0.01
+    scale[0] = 1.0                                     # x · 1/scale lands on the ties above
+    z = torch.full((64, 1, 1, 1), zp)
+    qr = (-127, 127) if zp == 0 else (0, 255)
+    assert _one_pass(x) is not None or not native.enabled()
+    for can_clip in (True, False):
+        leaf = x.clone().requires_grad_()
+        got = _FakeQuant.apply(leaf, scale, z, qr, can_clip)
+        want = unclamped_codes(x, scale, z)
+        mask = (want >= qr[0]) & (want <= qr[1])
+        want = want.clamp_(*qr).sub_(z).mul_(scale) if zp else want.clamp_(*qr).mul_(scale)
+        assert torch.equal(_bits(got.detach()), _bits(want))
+        got.backward(torch.ones_like(got))
+        assert torch.equal(leaf.grad, mask.float() if can_clip else torch.ones_like(x))
+
+    g = torch.randn(32, 64, 16, 16) * 1e-3
+    g.view(-1)[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0])           # 1.0 and -1.0 clamp
+    s, zt = torch.tensor(2e-5), torch.tensor(zp)
+    for times_scale in (True, False):
+        got = stochastic_fake_quant(g, s, zt, (-128, 127), torch.Generator().manual_seed(7), times_scale=times_scale)
+        want = stochastic_codes(g, s, zt, (-128, 127), torch.Generator().manual_seed(7))
+        assert torch.equal(_bits(got), _bits(want.mul_(s) if times_scale else want))

@@ -118,11 +118,16 @@ def random_words(words: int, generator: torch.Generator | None, like: torch.Tens
     return _random_words(like, words, 0 if generator is None else id(generator))
 
 
-def dither(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """u uniform on the 2^16 levels (k + ½)/2^16 of [0, 1), shaped like `like`: 16 random bits per
-    element, four per 64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
+def dither_words(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """k: one int16 per element of `like` (flat), uniform on [−2^15, 2^15): 16 random bits per element,
+    four per 64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
     n = like.numel()
-    k = random_words(-(-n // 4), generator, like).view(torch.int16)[:n].to(like.dtype)   # uniform on [−2^15, 2^15)
+    return random_words(-(-n // 4), generator, like).view(torch.int16)[:n]
+
+
+def dither(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """u = k·2^-16 + ½ + 2^-17, uniform on the 2^16 levels (k + ½)/2^16 of [0, 1), shaped like `like`."""
+    k = dither_words(like, generator).to(like.dtype)
     return k.mul_(2.0 ** -16).add_(0.5 + 2.0 ** -17).view(like.shape)
 
 

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99", "-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}

@@ -8,9 +8,13 @@ otherwise, whose rounding is exactly `code()` above, with the straight-through e
 the input was clamped. Gradient quantizers are identity in the forward pass and quantize
 the incoming gradient in the backward pass, with stochastic rounding
 floor(g/scale + u) (u uniform on the 2^16 levels (k + ½)/2^16: unbiased to within 2^-17 of a
-step) or round-half-even.
+step) or round-half-even. In eager mode, per-row (dim 0) fake quant and the stochastic codes of
+float32 CPU tensors run in one pass of C (csrc/fake_quant.c) that gives the torch expressions'
+results bit for bit.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 from torch import nn
@@ -20,6 +24,7 @@ from qcompile.core.grids import (
     any_nonzero,
     bias_codes,
     broadcast_along,
+    dither_words,
     max_code_magnitude,
     qparams,
     qrange,
@@ -28,7 +33,23 @@ from qcompile.core.grids import (
     unclamped_codes,
 )
 from qcompile.errors import NonFiniteError
+from qcompile.train import native
 from qcompile.train.estimators import CurrentMinMax, RangeEstimator, require, select
+
+
+def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
+    """csrc/fake_quant.c where x is a contiguous float32 CPU tensor in eager mode (its kernels give
+    the torch expressions' results bit for bit, in one pass instead of one per operation); else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
+        return None
+    lib = native.library("fake_quant")
+    if lib is not None and lib.qc_stochastic_codes.argtypes is None:
+        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
+        lib.qc_fake_quant_rows.restype = None
+        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int]
+        lib.qc_stochastic_codes.restype = None
+    return lib
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -40,8 +61,22 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zp, qr, can_clip):
-        v = unclamped_codes(x, scale, zp)
         ctx.can_clip = can_clip
+        rows = (x.shape[0],) + (1,) * (x.dim() - 1) if x.dim() else None
+        lib = _one_pass(x) if scale.shape == rows and zp.shape == rows else None
+        if lib is not None:                      # per row of dim 0 (weights, axis 0): one pass
+            v = torch.empty_like(x)
+            mask = torch.empty(x.shape, dtype=torch.bool) if can_clip else None
+            s = scale.to(torch.float32).contiguous()
+            inv = 1.0 / s                        # held: the kernel reads it
+            z = zp.to(torch.float32).contiguous() if any_nonzero(zp) else None
+            lib.qc_fake_quant_rows(x.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(), x.shape[0],
+                                   x.numel() // max(x.shape[0], 1), inv.data_ptr(), s.data_ptr(),
+                                   None if z is None else z.data_ptr(), qr[0], qr[1])
+            if can_clip:
+                ctx.save_for_backward(mask)
+            return v
+        v = unclamped_codes(x, scale, zp)
         if can_clip:
             ctx.save_for_backward((v >= qr[0]) & (v <= qr[1]))
         v.clamp_(*qr)
@@ -66,9 +101,17 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple
 
 
 def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """(clamp(floor(g/scale + u) + z) - z)·scale: stochastic_codes on the grid."""
-    return stochastic_codes(g, scale, zp, qr, generator).mul_(scale)
+                          generator: torch.Generator | None = None, times_scale: bool = True) -> torch.Tensor:
+    """(clamp(floor(g/scale + u) + z) - z)·scale: stochastic_codes on the grid (times_scale=False: the
+    codes minus z, stochastic_codes itself). Per-tensor grids of float32 CPU tensors in one pass."""
+    lib = _one_pass(g) if scale.numel() == 1 else None
+    if lib is None:
+        codes = stochastic_codes(g, scale, zp, qr, generator)
+        return codes.mul_(scale) if times_scale else codes
+    k, z, out = dither_words(g, generator), float(zp), torch.empty_like(g)
+    lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), k.data_ptr(), float(scale), qr[0] - z, qr[1] - z,
+                            int(times_scale))
+    return out
 
 
 class _Replace(torch.autograd.Function):
@@ -221,7 +264,8 @@ class Quantizer(nn.Module):
         (g / scale rounded when g is not finite and on_nonfinite='skip')."""
         finite = self._gradient_grid(g)
         if self.stochastic:
-            codes = lambda: stochastic_codes(g, self.scale, self.zero_point, self.qrange, self.generator)  # noqa: E731
+            codes = lambda: stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator,  # noqa: E731
+                                                  times_scale=False)
         else:
             codes = lambda: torch.round(fake_quant(g, self.scale, self.zero_point, self.qrange) / self.scale)  # noqa: E731
         return self._passed_through(codes, lambda: torch.round(g / self.scale), finite)

@@ -1,0 +1,65 @@
+/* One-pass CPU kernels of the quantizers' float32 arithmetic (qcompile.train.quantizers calls them;
+ * each does, element by element, exactly the float32 operations of the torch expression it replaces,
+ * in the same order, so the results are bitwise equal):
+ *
+ *   qc_fake_quant_rows(x, out, mask, rows, cols, inv_scale, scale, zp, lo, hi)
+ *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
+ *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
+ *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
+ *   qc_stochastic_codes(g, out, n, k, scale, lo, hi, times_scale)
+ *       u = k * 2^-16 + (0.5 + 2^-17) (the dither from int16 words k), out = clamp(floor(u + g / scale),
+ *       lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus the
+ *       zero point), and stochastic_fake_quant.
+ *
+ * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
+ * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
+ * half to even in the default rounding mode. A NaN stays NaN through the clamps, as in torch.
+ * Calls of at least 2^16 values run on torch's OpenMP threads.
+ */
+#include <math.h>
+#include <stdint.h>
+
+void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t rows, int64_t cols,
+                        const float *inv_scale, const float *scale, const float *zp, float lo, float hi)
+{
+    #pragma omp parallel for schedule(static) if(rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float is = inv_scale[r], s = scale[r], z = zp ? zp[r] : 0.0f;
+        const float *xr = x + r * cols;
+        float *o = out + r * cols;
+        uint8_t *m = mask ? mask + r * cols : 0;
+        if (zp) {
+            for (int64_t i = 0; i < cols; ++i) {
+                float v = nearbyintf(xr[i] * is) + z;
+                if (m)
+                    m[i] = v >= lo && v <= hi;
+                v = v < lo ? lo : v;
+                v = v > hi ? hi : v;
+                o[i] = (v - z) * s;
+            }
+        } else {
+            for (int64_t i = 0; i < cols; ++i) {
+                float v = nearbyintf(xr[i] * is);
+                if (m)
+                    m[i] = v >= lo && v <= hi;
+                v = v < lo ? lo : v;
+                v = v > hi ? hi : v;
+                o[i] = v * s;
+            }
+        }
+    }
+}
+
+void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n, const int16_t *restrict k, float scale,
+                         float lo, float hi, int times_scale)
+{
+    const float step = 1.0f / 65536.0f, mid = 0.5f + 1.0f / 131072.0f, times = times_scale ? scale : 1.0f;
+    #pragma omp parallel for schedule(static) if(n >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const float u = (float)k[i] * step + mid;
+        float v = floorf(u + g[i] / scale);
+        v = v < lo ? lo : v;
+        v = v > hi ? hi : v;
+        out[i] = v * times;
+    }
+}
