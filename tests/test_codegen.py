@@ -499,9 +499,9 @@ AMX_CASES = [  # (input, cin, groups, cout, kernel, stride, padding, dilation): 
     ("x", 64, 1, 40, (3, 3), 1, 1, 1),      # r = 16; 40 rows: a panel's second 32-row step mostly padding
     ("x", 64, 1, 48, (1, 1), 2, 0, 1),      # stride 2: four phase planes
     ("s", 80, 2, 40, (3, 3), 2, 1, 1),      # groups of 40 channels (r = 10), 20 rows each; signed input
-    ("u", 16, 1, 33, (3, 3), 1, 2, 2),      # r = 4, dilation
+    ("u", 16, 1, 33, (3, 3), 1, 2, 2),      # r = 4, dilation; multipliers past 1 (qc_requantize16's int64 path)
     ("u12", 12, 1, 8, (3, 3), 1, 1, 1),     # r = 3: the VNNI kernel on its own, weights in groups of 3
-    ("x24", 24, 1, 16, (3, 1), 1, (1, 0), 1),   # r = 6, a 3 x 1 kernel
+    ("x24", 24, 1, 16, (3, 1), 1, (1, 0), 1),   # r = 6, a 3 x 1 kernel; multiplier 2^-10: exact ties
     ("w", 192, 1, 70, (3, 3), 1, 1, 1),     # three tiles of 16 groups per tap; panels of 32, 32 and 6 rows
 ]
 
@@ -520,7 +520,7 @@ def amx_conv_graph(seed: int = 0) -> ir.Graph:
         (ph, pw), (_, h, w) = (pad if isinstance(pad, tuple) else (pad, pad)), tensors[src].shape
         oh, ow = (h + 2 * ph - dil * (kh - 1) - 1) // st + 1, (w + 2 * pw - dil * (kw - 1) - 1) // st + 1
         y = _t(f"y{i}", (cout, oh, ow), signed=i % 2 == 1, zp=0 if i % 2 else 5)
-        m, s = _mults(rng, cout, 1e-5, 2e-4)
+        m, s = _mults(rng, cout, *{3: (1.0, 3.0), 5: (2.0 ** -10,) * 2}.get(i, (1e-5, 2e-4)))
         ops.append(ir.Op("conv2d", f"amx{i}.conv", [src], y.name, ir.Conv2d(
             weight=rng.integers(-127, 128, (cout, cin // g, kh, kw)).astype(np.int8),
             bias=rng.integers(-3000, 3000, cout).astype(np.int32), stride=(st, st), padding=(ph, pw),
@@ -545,7 +545,8 @@ def test_amx_conv_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     """The exact conv whose weight rows run in groups of r = 3..16 channel quads (the AMX tiles' order):
     AMX tdpbsud (panels of 32 rows, C tiles stored into the VNNI kernel's layout), the VNNI kernel and the
     C99 path on the same rows equal the reference, under AddressSanitizer + UndefinedBehaviorSanitizer too
-    (which cannot see tile loads: the input tiles read the bytes the VNNI build's checked loads read)."""
+    (which cannot see tile loads: the input tiles read the bytes the VNNI build's checked loads read);
+    qc_requantize16's 32-bit path on exact ties (a multiplier of 2^-10) and its int64 path (past 1)."""
     flags = {"portable": GEMM_BUILDS["portable"], "avx512-vnni": GEMM_BUILDS["avx512-vnni"],
              "amx": GEMM_BUILDS["avx512-vnni"] + " -mamx-tile -mamx-int8"}[path]
     if path == "avx512-vnni" and not _cpu_has("avx512_vnni"):
