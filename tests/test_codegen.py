@@ -459,8 +459,8 @@ def test_depthwise_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     graph = depthwise_graph(seed=7)
     check_bit_exact(graph, tmp_path / "dw", n=3, seed=7, opt=GEMM_BUILDS[path])
     source = (tmp_path / "dw" / "net.c").read_text()
-    assert source.count("_mm512_dpwssd_epi32(a, _mm512_loadu_si512") == 9 + 25 + 9   # the stride-2 taps: cases 1, 3, 4
-    assert source.count("int32_t *xp)") == 1                                          # the 16-bit input's operands
+    assert source.count("_mm512_dpwssd_epi32(a, _mm512_loadu_si512") == 9 + 9 + 9 + 25 + 9   # cases 0-4: strides 1, 2
+    assert source.count("int32_t *xp)") == 3            # stride 1: int32 operands (and the 16-bit input, the C loop)
     check_bit_exact(graph, tmp_path / "dw_asan", n=2, seed=8, opt=GEMM_BUILDS[path], sanitize=True)
 
 

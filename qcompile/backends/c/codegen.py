@@ -479,7 +479,8 @@ class _Emitter:
 
     def _depthwise(self, L: _Layer, y: ir.Tensor, col_bytes: int):
         """conv2d_dw.c.j2: exact int32 sums go 16 output pixels of a row at a time (`lanes`; with
-        intrinsics for int16 operands and strides 1-2, `simd`) over one padded channel whose rows are
+        intrinsics for 16-bit operands and strides 1-2, `simd`: stored as int32 at stride 1, int16 at
+        stride 2, where (x, next) pairs are the lanes) over one padded channel whose rows are
         `wpp` wide, requantized 16 at once with AVX-512 when the codes are bytes and the 64-bit helper
         is exact (`rq16`); other accumulators run the tile loop over one padded channel."""
         L["lanes"] = L["mode"] == "exact" and L["dacc_t"] == "int32_t"
@@ -489,6 +490,8 @@ class _Emitter:
         L["simd"] = L["lanes"] and L["col_t"] == "int16_t" and L["sw"] <= 2   # the intrinsic forms
         if L["simd"]:
             self.intrinsics = True
+            if L["sw"] == 1:       # operands sign-extended once: a stride-1 tap loads its 16 lanes as they are
+                L["col_t"], col_bytes = "int32_t", 4
         if not L["lanes"]:
             return "conv2d_dw.c.j2", L, [L["hp"] * L["wp"] * col_bytes]       # one padded channel
         L["taps"] = [(ky, kx) for ky in range(L["kh"]) for kx in range(L["kw"])]
