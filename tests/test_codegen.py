@@ -561,6 +561,43 @@ def test_amx_conv_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     check_bit_exact(graph, tmp_path / "amx_asan", n=2, seed=12, opt=flags, sanitize=True)
 
 
+ADD_CASES = [  # (a, b, output, output signed, output zero point, left shift, real multipliers (a, b, sum))
+    ("u", "s", (5, 7, 9), False, 30, 20, (0.4, 0.5, 0.9)),     # 315 elements: 19 steps of 16 and a tail of 11
+    ("s", "u", (5, 7, 9), True, 0, 0, (0.7, 0.2, 2.5)),        # signed out; a sum multiplier past 1: int64 lanes
+    ("u", "t", (5, 7, 9), False, 3, 20, (0.4, 0.5, 0.9)),      # a 16-bit input: no table, the loops
+    ("u", "c", (5, 7, 9), False, 3, 20, (0.4, 0.5, 0.9)),      # a broadcast (5, 1, 1) input: the loops
+    ("s", "s", (5, 7, 9), False, 9, 4, (2 ** -5, 2 ** -6, 2 ** -1)),   # power-of-two multipliers: exact ties
+]
+
+
+def add_graph(seed: int = 0) -> ir.Graph:
+    """One add per ADD_CASES entry on uint8 (zero point 17), int8, int16 and broadcast inputs."""
+    tensors = {"u": _t("u", (5, 7, 9), zp=17), "s": _t("s", (5, 7, 9), signed=True, zp=-3),
+               "t": _t("t", (5, 7, 9), bits=16, signed=True), "c": _t("c", (5, 1, 1), zp=200)}
+    ops, outputs = [], []
+    for i, (a, b, shape, signed, zp, left, (ra, rb, rs)) in enumerate(ADD_CASES):
+        y = tensors.setdefault(f"y{i}", _t(f"y{i}", shape, signed=signed, zp=zp))
+        (ma, sa), (mb, sb), (m, s) = (quantize_multiplier(r) for r in (ra, rb, rs / 2 ** left))
+        ops.append(ir.Op("add", f"add{i}", [a, b], y.name, ir.Add(
+            left_shift=left, multiplier_a=ma, shift_a=sa, multiplier_b=mb, shift_b=sb, multiplier=m, shift=s,
+            act_min=y.qmin, act_max=y.qmax)))
+        outputs.append(y.name)
+    return ir.Graph(["u", "s", "t", "c"], outputs, tensors, ops)
+
+
+@pytest.mark.parametrize("path", ["portable", "avx512-vnni"])
+def test_add_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
+    """The add of two 8-bit tensors of the output's shape (AVX-512: both tables gathered 16 at a time, the
+    sums requantized at once, a scalar tail) and the loops it leaves to others (a 16-bit input, a
+    broadcast) equal the reference, under AddressSanitizer + UndefinedBehaviorSanitizer too."""
+    if path != "portable" and not _cpu_has("avx512_vnni"):
+        pytest.skip("this CPU has no AVX-512 VNNI: its kernels cannot run here")
+    graph = add_graph(seed=13)
+    check_bit_exact(graph, tmp_path / "add", n=3, seed=13, opt=GEMM_BUILDS[path])
+    assert (tmp_path / "add" / "net.c").read_text().count("_mm512_i32gather_epi32(ia, ra_of, 4)") == 3
+    check_bit_exact(graph, tmp_path / "add_asan", n=2, seed=14, opt=GEMM_BUILDS[path], sanitize=True)
+
+
 def lut_graph(seed: int = 0) -> ir.Graph:
     """Byte lookups from unsigned, signed and 7-bit signed codes (tables of 256 and 128 entries), over
     231 codes: three 64-byte steps and a tail."""

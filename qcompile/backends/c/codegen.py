@@ -581,6 +581,16 @@ class _Emitter:
         # 8-bit inputs: each input's requantized value is looked up in a table of its 256 codes,
         # filled by the same helper at the start of the call (two requantizations per code, not per element)
         L["tables"] = [(t.qmin, t.qmax - t.qmin + 1) if t.bits <= 8 else None for t in (a_t, b_t)]
+        # ... as int32 where their sum fits; then, with no broadcast and byte outputs, AVX-512 gathers 16
+        # of each and requantizes the 16 sums at once
+        L["table_t"] = "int32_t" if _fits(sum_bound, 32) else "int64_t"
+        y = self.t(op.output)
+        L["simd16"] = (all(L["tables"]) and L["table_t"] == "int32_t" and not wide and y.bits <= 8
+                       and tuple(a_t.shape) == tuple(b_t.shape) == tuple(y.shape))
+        if L["simd16"]:
+            L["size"] = int(np.prod(y.shape, dtype=np.int64))
+            self.gemm.add("requantize16")
+            self.intrinsics = True
         return "add.c.j2", L, []
 
     def op_mul(self, op, sym):
