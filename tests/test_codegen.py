@@ -598,6 +598,39 @@ def test_add_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     check_bit_exact(graph, tmp_path / "add_asan", n=2, seed=14, opt=GEMM_BUILDS[path], sanitize=True)
 
 
+POOL_CASES = [  # (input, kernel, stride, padding, ceil_mode)
+    ("u", 3, 2, 1, False), ("u", 2, 2, 0, False), ("s", 3, 1, 1, False), ("s", 3, 2, 1, True), ("u", 3, 2, 0, True),
+    ("t", 3, 2, 1, False),
+]
+
+
+def max_pool_graph() -> ir.Graph:
+    """One max_pool2d per POOL_CASES entry on 3 channels of 9 x 11: uint8 (zero point 17), int8 and int16 codes."""
+    tensors = {"u": _t("u", (3, 9, 11), zp=17), "s": _t("s", (3, 9, 11), signed=True, zp=-3),
+               "t": _t("t", (3, 9, 11), bits=16, signed=True)}
+    ops, outputs = [], []
+    for i, (src, k, st, pad, ceil) in enumerate(POOL_CASES):
+        x = tensors[src]
+        oh, ow = (torch.nn.functional.max_pool2d(torch.zeros(1, 1, 9, 11), k, st, pad, ceil_mode=ceil).shape[2:])
+        y = tensors.setdefault(f"y{i}", _t(f"y{i}", (3, oh, ow), bits=x.bits, signed=x.signed, zp=x.zero_point))
+        ops.append(ir.Op("max_pool2d", f"pool{i}", [src], y.name, ir.MaxPool2d(
+            kernel=(k, k), stride=(st, st), padding=(pad, pad), ceil_mode=ceil)))
+        outputs.append(y.name)
+    return ir.Graph(["u", "s", "t"], outputs, tensors, ops)
+
+
+def test_max_pool_rows_bit_exact_and_sanitizer_clean(tmp_path):
+    """max_pool2d through a padded row of each output row's window maximum: padding, strides 1-2, ceil
+    mode (windows past the input), uint8 / int8 / int16 codes equal the reference, under ASan + UBSan
+    too; padding past half the kernel (a window of padding only) is refused by name."""
+    graph = max_pool_graph()
+    check_bit_exact(graph, tmp_path / "pool", n=3, seed=15)
+    check_bit_exact(graph, tmp_path / "pool_asan", n=2, seed=16, sanitize=True)
+    bad = dataclasses.replace(graph.ops[0], attrs=dataclasses.replace(graph.ops[0].attrs, kernel=(1, 1), padding=(1, 1)))
+    with pytest.raises(QCompileError, match="pool0.*more than half the kernel"):
+        generate(ir.Graph(["u", "s", "t"], ["y0"], graph.tensors, [bad]), "net")
+
+
 def lut_graph(seed: int = 0) -> ir.Graph:
     """Byte lookups from unsigned, signed and 7-bit signed codes (tables of 256 and 128 entries), over
     231 codes: three 64-byte steps and a tail."""

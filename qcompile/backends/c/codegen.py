@@ -647,7 +647,13 @@ class _Emitter:
         return L
 
     def op_max_pool2d(self, op, sym):
-        return "max_pool2d.c.j2", self._pool(op, sym), []
+        L = self._pool(op, sym)
+        if 2 * L["ph"] > L["kh"] or 2 * L["pw"] > L["kw"]:
+            raise QCompileError(f"op {op.name!r} (max_pool2d): padding {L['ph']}x{L['pw']} is more than half the kernel "
+                                f"{L['kh']}x{L['kw']} (as torch requires), so a window could hold padding only")
+        L["xmin"] = self.t(op.inputs[0]).qmin       # the padding: no code is below it, so it never wins
+        L["rw"] = L["w"] + 2 * L["pw"] + L["sw"] + (L["kw"] - 1) * L["dw"]      # the padded row, with room
+        return "max_pool2d.c.j2", L, []
 
     def op_avg_pool2d(self, op, sym):
         L = self._pool(op, sym)
