@@ -292,8 +292,9 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
     `portable` is the tile_loop form of the same rows, for targets without AVX-512 VNNI);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
-    (its producer's clamp) keep them in 0..255 (vpmaddubsw), else int16; the bias must be an int16, the
-    accumulator's first value; im2col blocks in the IR's reduction order."""
+    (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
+    (or, both operands and weights negated, in −127..128; weights in −127..127), else int16; the bias
+    must be an int16, the accumulator's first value; im2col blocks in the IR's reduction order."""
     kernel = L["mode"]
     if kernel not in ("exact", "pairwise") or x.bits > 8 or w.size == 0 or w.min() < -128 or w.max() > 127:
         return None
