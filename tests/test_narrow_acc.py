@@ -1,5 +1,6 @@
 """Tiled narrow accumulators: exactness against plain integer loops, the narrow_acc pass,
 overflow statistics, gradients through the accumulator, accumulator bounds."""
+import ctypes
 import itertools
 
 import pytest
@@ -14,6 +15,7 @@ from qcompile.tools.analysis import accumulator_bounds
 from qcompile.errors import UnsupportedOpError
 from qcompile.core.accumulator import acc_range, min_acc_bits
 from integer_loops import loop_accumulate, loop_conv2d, loop_matmul
+from qcompile.train.tiled import _fused_gemm as FUSED
 from qcompile.train.tiled import (NarrowAccOp, tiled_conv2d, tiled_conv2d_input_grad,
                             tiled_conv2d_weight_grad, tiled_linear, tiled_matmul)
 
@@ -263,6 +265,85 @@ def test_pairwise_fused_kernel_equals_the_tile_path(monkeypatch):
         assert torch.equal(got.overflowed, want.overflowed) and int(got.events) == int(want.events) > 0
 
 
+def _fused_cases(x, w, b, g, stride, pad, dil, groups, mode):
+    """The ops that go through csrc/tiled_gemm.c on float32 plans: conv, both conv gradients, a batched
+    matmul with a broadcast operand, a linear layer with its bias (per column)."""
+    xf, wf, bf, gf = (t.float() for t in (x, w, b, g))
+    gen = torch.Generator().manual_seed(5)
+    right = torch.randint(-128, 128, (x.shape[2] * x.shape[3], 5), generator=gen).float()
+    w_lin, b_lin = torch.randint(-127, 128, (7, x.shape[3]), generator=gen).float(), bf[:1].expand(7)
+    return [lambda: tiled_conv2d(xf, wf, bf, stride, pad, dil, groups, **mode),
+            lambda: tiled_conv2d_input_grad(gf, wf, x.shape[-2:], stride, pad, dil, groups, **mode),
+            lambda: tiled_conv2d_weight_grad(xf, gf, w.shape, stride, pad, dil, groups, **mode),
+            lambda: tiled_matmul(xf.flatten(2), right.expand(x.shape[0], -1, -1), **mode),
+            lambda: tiled_linear(xf, w_lin, b_lin, **mode)]
+
+
+def _equal_results(got, want) -> bool:
+    return (torch.equal(got.acc, want.acc) and torch.equal(got.overflowed, want.overflowed)
+            and int(got.events) == int(want.events)
+            and (want.exact is None or torch.equal(got.exact, want.exact)))
+
+
+@SETTINGS
+@given(conv_case(), st.sampled_from([1, 2, 3, 5, 8, 64, 300]), st.sampled_from([10, 12, 16]), st.booleans())
+def test_fused_gemm_equals_the_torch_path(case, tile, acc_bits, exact):
+    """csrc/tiled_gemm.c (operands read in place through offset tables, partial sums never stored)
+    gives the accumulator, flags, events and exact sum of the torch ops (QCOMPILE_NATIVE=0) on every op
+    it serves; the spy checks that the fused kernel ran."""
+    from qcompile.train import tiled
+    x, w, b, stride, pad, dil, groups = case
+    y = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
+    g = torch.randint(-128, 128, y.shape, generator=torch.Generator().manual_seed(3))
+    ops = _fused_cases(x, w, b, g, stride, pad, dil, groups, dict(acc_bits=acc_bits, tile=tile, overflow="saturate",
+                                                                  exact=exact))
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiled, "_fused_gemm", lambda *a, **k: calls.append(1) or FUSED(*a, **k))
+        fused = [op() for op in ops]
+        mp.setenv("QCOMPILE_NATIVE", "0")
+        for got, want in zip(fused, (op() for op in ops)):
+            assert _equal_results(got, want)
+    if tile < w[0].numel() and tile <= 8:          # the conv reduction spans several float32 tiles
+        assert calls
+
+
+def _fused_build_case():
+    """A conv whose products span several column blocks and register panels, 20 output channels (not a
+    multiple of the panel rows), 288-product reductions: enough work for the kernel's OpenMP loop."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(-128, 128, (2, 32, 24, 24), generator=gen)
+    w = torch.randint(-127, 128, (20, 32, 3, 3), generator=gen)
+    b = torch.randint(-3000, 3000, (20,), generator=gen)
+    g = torch.randint(-128, 128, (2, 20, 12, 12), generator=gen)
+    return x, w, b, g, 2, 1, 1, 1
+
+
+@pytest.mark.parametrize("march, columns", [("native", None), ("haswell", 16), ("x86-64", 8)])
+def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, tmp_path, two_threads):
+    """The kernel built for AVX-512, AVX2 and the portable vector width (SSE) gives the torch path's
+    results, with tiles shorter and longer than its reduction block, on two threads."""
+    from qcompile.train import native
+    if march == "haswell" and "avx2" not in native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    if march != "native":
+        monkeypatch.setattr(native, "CFLAGS", [f"-march={march}" if f.startswith("-march=") else f for f in native.CFLAGS])
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    lib = native.library("tiled_gemm")
+    block = (ctypes.c_int64 * 2)()
+    lib.qc_tiled_gemm_block(block)
+    assert columns is None or block[1] == columns
+    for tile in (64, 300):
+        ops = _fused_cases(*_fused_build_case(), dict(acc_bits=16, tile=tile, overflow="saturate", exact=True))
+        fused = [op() for op in ops]
+        monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+        wanted = [op() for op in ops]
+        monkeypatch.setenv("QCOMPILE_NATIVE", "1")
+        for got, want in zip(fused, wanted):
+            assert _equal_results(got, want) and 0 < int(want.overflowed.sum()) < want.overflowed.numel()
+
+
 def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
     from qcompile.train import native
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -270,8 +351,10 @@ def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", {})
     x = torch.randint(0, 256, (1, 3, 5, 5))
     w = torch.randint(-127, 128, (2, 3, 3, 3))
-    with pytest.warns(native.NativeBuildWarning, match="clamp_scan.*no-such-compiler"):
+    with pytest.warns(native.NativeBuildWarning) as warned:
         res = tiled_conv2d(x, w, None, 1, 1, acc_bits=12, tile=5, overflow="saturate")
+    assert {"tiled_gemm", "clamp_scan"} == {k for k in ("tiled_gemm", "clamp_scan") for m in warned
+                                            if k in str(m.message) and "no-such-compiler" in str(m.message)}
     ref, events = loop_conv2d(x, w, None, 1, 1, 1, 1, 12, 5, "saturate")
     assert torch.equal(res.acc, ref) and int(res.events) == events > 0
 

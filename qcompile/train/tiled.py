@@ -289,6 +289,89 @@ def _pair_matmul(fn, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, overfl
               acc.data_ptr(), overflowed.data_ptr(), lo, hi)
 
 
+class _Operand(ctypes.Structure):
+    """csrc/tiled_gemm.c's qc_operand: element [g, r, c] at base[group[g] + row[r] + col[c]]."""
+    _fields_ = [("base", ctypes.c_void_p), ("group", ctypes.c_void_p), ("row", ctypes.c_void_p),
+                ("col", ctypes.c_void_p)]
+
+
+def _gemm_kernel(plan: _Plan, overflow: str, device):
+    """The library of the fused tiled GEMM (csrc/tiled_gemm.c), or None: it serves saturating float32 plans of more
+    than one tile on the CPU (elsewhere the partial sums are materialized and clamp-scanned: run_tiles)."""
+    if (torch.device(device).type != "cpu" or overflow != "saturate" or plan.dense or plan.tiles < 2
+            or plan.part_dtype != torch.float32 or plan.acc_dtype != torch.float32):
+        return None
+    lib = native.library("tiled_gemm")
+    if lib is not None and lib.qc_tiled_gemm_f32.argtypes is None:
+        lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
+            [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2
+        lib.qc_tiled_gemm_f32.restype = ctypes.c_int64
+    return lib
+
+
+def _steps(n: int, step: int, first: int = 0) -> torch.Tensor:
+    """first, first + step, ... (n values, int64): one axis of an offset table."""
+    return first + torch.arange(n, dtype=torch.int64) * step
+
+
+def _outer_sum(*axes: torch.Tensor) -> torch.Tensor:
+    """Σ_d axes[d][i_d] over every index (i_0, i_1, ...) in row-major order, flattened: the offsets of
+    a multi-dimensional index walked in that order."""
+    out = torch.zeros((), dtype=torch.int64)
+    for ax in axes:
+        out = out.unsqueeze(-1) + ax
+    return out.reshape(-1)
+
+
+def _fused_gemm(lib, tile: int, acc_bits: int, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab, out: AccResult,
+                out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
+    """The saturating tiled accumulator of C[g] = A[g] B[g] (+ start) through the fused kernel (`lib`),
+    each operand read through its offset tables (group, row, col) relative to its first element (A's
+    col and B's row walk the reduction, in its order); writes out.acc / out.overflowed (/ out.exact,
+    when not None) at out_tab's offsets and returns the number of events. Float32 operands."""
+    lo, hi = acc_range(acc_bits)
+    M, N = len(a_tab[1]), len(b_tab[2])
+    block = (ctypes.c_int64 * 2)()
+    lib.qc_tiled_gemm_block(block)                             # the register block (rows, columns) of this build
+    mr, nr = block
+    if _padded_ratio(N, nr) > 1.1 * _padded_ratio(M, mr):     # Cᵀ = Bᵀ Aᵀ: the short side as rows
+        a, a_tab, b, b_tab = b, (b_tab[0], b_tab[2], b_tab[1]), a, (a_tab[0], a_tab[2], a_tab[1])
+        out_tab = (out_tab[0], out_tab[2], out_tab[1])
+        start_tab = None if start_tab is None else (start_tab[0], start_tab[2], start_tab[1])
+    tabs = [t.contiguous() for t in (*a_tab, *b_tab, *out_tab, *(start_tab or ()))]
+
+    def operand(base, group, row, col):
+        return _Operand(base, group.data_ptr(), row.data_ptr(), col.data_ptr())
+    ops = [operand(a.data_ptr(), *tabs[0:3]), operand(b.data_ptr(), *tabs[3:6]),
+           operand(start.data_ptr() if start is not None else None, *(tabs[9:12] if start is not None else tabs[6:9])),
+           operand(None, *tabs[6:9])]
+    events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile, *map(ctypes.byref, ops),
+                out.acc.data_ptr(), None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
+                lo, hi)
+    if events < 0:
+        raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
+    return events
+
+
+def _matrix_tables(t: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offset tables (batch index, row, column) of a matrix or batch of matrices `t` broadcast to the
+    batch shape `batch` (broadcast dimensions: offset 0)."""
+    t = t.expand(*batch, *t.shape[-2:])
+    st = t.stride()
+    return (_outer_sum(*(_steps(n, s) for n, s in zip(batch, st[:-2]))), _steps(t.shape[-2], st[-2]),
+            _steps(t.shape[-1], st[-1]))
+
+
+def _padded_ratio(n: int, block: int) -> float:
+    return -(-n // block) * block / n
+
+
+def _outputs(shape, exact: bool) -> AccResult:
+    """Zeroed float32 accumulator (and exact sum) and overflow flags of `shape`, for _fused_gemm."""
+    return AccResult(torch.zeros(shape), torch.zeros(shape) if exact else None,
+                     torch.zeros(shape, dtype=torch.bool), torch.zeros((), dtype=torch.int64))
+
+
 def _even(t: torch.Tensor, dim: int) -> torch.Tensor:
     """`t` with a zero slice appended along `dim` when its size there is odd (a pair's missing product)."""
     if t.shape[dim] % 2 == 0:
@@ -333,6 +416,17 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     if fn is not None:
         return _cast(_pairwise_matmul(fn, a, b, bias, acc_bits, plan.acc_dtype, exact), _out_dtype(a))
     tl, T = plan.tile, plan.tiles
+    fused = _gemm_kernel(plan, overflow, a.device)
+    if fused is not None:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        M, N = a.shape[-2], b.shape[-1]
+        out = _outputs((*batch, M, N), exact)
+        start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
+        a_, b_ = a.to(torch.float32), b.to(torch.float32)
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, a_, _matrix_tables(a_, batch), b_, _matrix_tables(b_, batch),
+                                     out, _matrix_tables(out.acc, batch), start,
+                                     None if start is None else _matrix_tables(start, batch)))
+        return _cast(out, _out_dtype(a))
     a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
     full = K // tl                                                          # tiles of tl products; then maybe a short one
     a_t = a_[..., :full * tl].unflatten(-1, (full, tl)).movedim(-2, 0)      # (full, ..., M, tl): views
@@ -404,6 +498,20 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     ph, pw = _pair(padding)
+    fused = _gemm_kernel(plan, overflow, x.device)
+    if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
+        xp = _padded(x, (ph, ph, pw, pw), torch.float32)
+        sN, sC, sH, sW = xp.stride()
+        (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+        out = _outputs((N, O, Ho, Wo), exact)
+        a_tab = (_steps(groups, og * K), _steps(og, K), _steps(K, 1))
+        b_tab = (_steps(groups, cin_g * sC), _outer_sum(_steps(cin_g, sC), _steps(kh, dh * sH), _steps(kw, dw * sW)),
+                 _outer_sum(_steps(N, sN), _steps(Ho, sh * sH), _steps(Wo, sw * sW)))
+        out_tab = (_steps(groups, og * L), _steps(og, L), _outer_sum(_steps(N, O * L), _steps(L, 1)))
+        start = None if bias is None else bias.to(torch.float32).contiguous()
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, w.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
+                                     out_tab, start, (_steps(groups, og), _steps(og, 1), torch.zeros(N * L, dtype=torch.int64))))
+        return _cast(out, _out_dtype(x))
     fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" else None    # (plan not dense here)
     if fn is not None:
         xp = _padded(x, (ph, ph, pw, pw), plan.acc_dtype)
@@ -515,6 +623,11 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
+    fused = _gemm_kernel(plan, overflow, g.device)
+    if fused is not None:
+        return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, plan.tile,
+                                       exact), _out_dtype(g))
     if (sh, sw) != (1, 1):
         return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
                                    overflow=overflow, absmax=absmax, exact=exact)
@@ -545,6 +658,48 @@ def _phase_taps(r: int, k: int, s: int, d: int, lead: int, n_in: int, n_out: int
     return taps, q0, q_step, (max(0, -q0), max(0, n_out - 1 + q1 - (n_in - 1)))
 
 
+def _phase_pads(kernel, stride, dilation, padding, grad_hw, input_hw):
+    """Per axis, _phase_taps of every phase (outputs y ≡ r mod s), and the padding of G_Y that serves all
+    phases' reads: ((rows' taps, cols' taps), (top, bottom, left, right))."""
+    axes = [[_phase_taps(r, k, s, d, d * (k - 1) - p, n_in, -(-n // s)) for r in range(s)]
+            for k, s, d, p, n_in, n in zip(kernel, stride, dilation, padding, grad_hw, input_hw)]
+    return axes, tuple(max(t[3][e] for t in axis) for axis in axes for e in (0, 1))
+
+
+def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, tile: int,
+                      exact: bool) -> AccResult:
+    """tiled_conv2d_input_grad through the fused kernel, phase by phase (see _strided_input_grad; stride 1
+    is one phase with every tap): A = the flipped kernel's taps of the phase, read in place from w;
+    B = G_Y (padded) at those taps, C written at the phase's outputs. An output no tap reaches stays 0."""
+    N, O, Ho, Wo = g.shape
+    _, cin_g, kh, kw = w.shape
+    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+    H, W = input_hw
+    og, C = O // groups, groups * cin_g
+    (rows, cols), pads = _phase_pads((kh, kw), (sh, sw), (dh, dw), _pair(padding), (Ho, Wo), (H, W))
+    gp = _padded(g, pads, torch.float32)
+    top, left = pads[0], pads[2]
+    sN, sC, sH, sW = gp.stride()
+    wf = w.to(torch.float32).contiguous()
+    out = _outputs((N, C, H, W), exact)
+    events = 0
+    for (ry, (ta, qa, sa, _)), (rx, (tb, qb, sb, _)) in itertools.product(enumerate(rows), enumerate(cols)):
+        mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)                  # the phase's outputs per axis
+        if not ta or not tb or mh <= 0 or mw <= 0:
+            continue
+        flipped = (torch.tensor([(kh - 1 - a) * kw for a in ta]), torch.tensor([kw - 1 - b for b in tb]))
+        a_tab = (_steps(groups, og * cin_g * kh * kw), _steps(cin_g, kh * kw),
+                 _outer_sum(_steps(og, cin_g * kh * kw), *flipped))
+        b_tab = (_steps(groups, og * sC),
+                 _outer_sum(_steps(og, sC), _steps(len(ta), sa * sH, (qa + top) * sH), _steps(len(tb), sb * sW, (qb + left) * sW)),
+                 _outer_sum(_steps(N, sN), _steps(mh, sH), _steps(mw, sW)))
+        out_tab = (_steps(groups, cin_g * H * W), _steps(cin_g, H * W),
+                   _outer_sum(_steps(N, C * H * W), _steps(mh, sh * W, ry * W), _steps(mw, sw, rx)))
+        events += _fused_gemm(lib, tile, acc_bits, wf, a_tab, gp, b_tab, out, out_tab)
+    out.events.fill_(events)
+    return out
+
+
 @torch.no_grad()
 def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, acc_bits, tile, overflow,
                         absmax, exact) -> AccResult:
@@ -566,10 +721,9 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
         return _cast(run_tiles(lambda t0, t1: y.unsqueeze(0), 1, None, None, overflow, per_tile=y.numel()),
                      _out_dtype(g))
     Mh, Mw = -(-H // sh), -(-W // sw)                     # outputs per phase (padded to the largest phase)
-    rows = [_phase_taps(r, kh, sh, dh, dh * (kh - 1) - ph, Ho, Mh) for r in range(sh)]
-    cols_ = [_phase_taps(r, kw, sw, dw, dw * (kw - 1) - pw, Wo, Mw) for r in range(sw)]
-    top, left = max(t[3][0] for t in rows), max(t[3][0] for t in cols_)
-    gp = _padded(g, (top, max(t[3][1] for t in rows), left, max(t[3][1] for t in cols_)), plan.part_dtype)
+    (rows, cols_), pads = _phase_pads((kh, kw), (sh, sw), (dh, dw), (ph, pw), (Ho, Wo), (H, W))
+    top, left = pads[0], pads[2]
+    gp = _padded(g, pads, plan.part_dtype)
     sN, sC, sH, sW = gp.stride()
     wg = w.to(plan.part_dtype).reshape(groups, og, cin_g, kh, kw)
     Q = N * Mh * Mw
@@ -632,6 +786,18 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
+    fused = _gemm_kernel(plan, overflow, x.device)
+    if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
+        sN, sC, sH, sW = xp.stride()
+        (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+        out = _outputs(weight_shape, exact)
+        a_tab = (_steps(groups, og * L), _steps(og, L), _outer_sum(_steps(N, O * L), _steps(L, 1)))
+        b_tab = (_steps(groups, cin_g * sC), _outer_sum(_steps(N, sN), _steps(Ho, sh * sH), _steps(Wo, sw * sW)),
+                 _outer_sum(_steps(cin_g, sC), _steps(kh, dh * sH), _steps(kw, dw * sW)))
+        out_tab = (_steps(groups, og * K), _steps(og, K), _steps(K, 1))
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, g.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
+                                     out_tab))
+        return _cast(out, _out_dtype(x))
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
     gt[..., N * L:].zero_()

@@ -1,0 +1,291 @@
+/* The saturating tiled accumulator of qcompile.tiled over a matmul, fused: each tile's partial sums
+ * stay in registers and go into the accumulator at the tile's end; none is stored (the semantics
+ * are in that module's docstring; this is its CPU kernel for float32 plans).
+ *
+ * The operands are read through offset tables, so a conv's im2col matrix, a transposed or strided
+ * matrix and a flipped kernel are all read in place. For group g < groups, i < M, k < K, j < N:
+ *
+ *   A[g, i, k] = a.base[a.group[g] + a.row[i] + a.col[k]]      rows of the reduction, in its order
+ *   B[g, k, j] = b.base[b.group[g] + b.row[k] + b.col[j]]
+ *   start      = s.base[s.group[g] + s.row[i] + s.col[j]]      (s.base NULL: 0)
+ *   output o   = out.group[g] + out.row[i] + out.col[j]   (out.base is not read):
+ *     acc[o]         for each tile t (tile products k in [t*tile, (t+1)*tile), the last one shorter),
+ *                    in order: acc <- clamp(acc + Σ_tile A[g,i,k] B[g,k,j], lo, hi), from the start
+ *     overflowed[o]  1 where a clamp changed a value (an event), else 0
+ *     exact[o]       (exact non-NULL) start + every tile's partial sum
+ *
+ * Returns the number of events, or -1 when scratch memory could not be allocated (nothing written
+ * then is meaningful). Exact whenever every tile's Σ|products| and |acc| + |partial| stay below
+ * 2^24 or the value is clamped anyway (the caller's plan guarantees it): integers below 2^24 add
+ * and multiply exactly in float, in any order, so fused multiply-adds change nothing.
+ *
+ * Layout (the usual GEMM blocking): A is packed once into panels of QC_MR rows; for each block of
+ * columns, the reduction runs in blocks of whole tiles (about QC_KC products), each packing its
+ * slice of B into panels of QC_NR columns; a QC_MR x QC_NR block of partial sums lives in vector
+ * registers for one tile. The accumulators of a column block stay in a scratch block (in cache)
+ * until its reduction ends, and are then written through the output table. Column blocks run on the
+ * OpenMP threads (torch's own pool, as in clamp_scan.c) when the work is large.
+ */
+#define _POSIX_C_SOURCE 200112L     /* posix_memalign */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define QC_VL 16
+#elif defined(__AVX__)
+#define QC_VL 8
+#else
+#define QC_VL 4
+#endif
+#define QC_MR 14                       /* rows of a register block */
+#define QC_NV 2                       /* vectors per row of a register block */
+#define QC_NR (QC_NV * QC_VL)         /* columns of a register block */
+#define QC_KC 256                     /* products per reduction block, rounded down to whole tiles */
+#define QC_B_FLOATS (1 << 16)         /* packed B per block (256 KiB): sets a column block's width */
+
+typedef float qc_vf __attribute__((vector_size(QC_VL * 4)));
+typedef int32_t qc_vi __attribute__((vector_size(QC_VL * 4)));
+
+typedef struct {
+    const float *base;
+    const int64_t *group, *row, *col;
+} qc_operand;
+
+static int64_t qc_roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+static void *qc_alloc(int64_t floats)
+{
+    void *p = NULL;
+    return posix_memalign(&p, 64, (size_t)qc_roundup(floats > 0 ? floats : 1, 16) * 4) ? NULL : p;
+}
+
+/* max(lo, min(s, hi)), lanewise */
+static inline qc_vf qc_clamp(qc_vf s, qc_vf lo, qc_vf hi)
+{
+#if defined(__AVX512F__)
+    return _mm512_max_ps(lo, _mm512_min_ps(s, hi));
+#elif defined(__AVX__)
+    return _mm256_max_ps(lo, _mm256_min_ps(s, hi));
+#else
+    const qc_vi below = s < lo, above = s > hi;
+    return (qc_vf)(((qc_vi)s & ~(below | above)) | ((qc_vi)lo & below) | ((qc_vi)hi & above));
+#endif
+}
+
+/* One QC_MR x QC_NR block over kc products, tile by tile (tiles of tl products from the block's start,
+ * the last one shorter): A packed in ap (kc x QC_MR); B's row k at bp + k * QC_NR (brow NULL: packed)
+ * or at bp + brow[k] (QC_NR contiguous values read in place). acc, hits, exact: the block's rows, ld
+ * elements apart; hits counts the clamps that changed a value. */
+__attribute__((optimize("fp-contract=fast")))
+static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, const int64_t *brow, float *acc,
+                     int32_t *hits, float *exact, int64_t ld, float lo, float hi)
+{
+    const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
+    for (int64_t k0 = 0; k0 < kc; k0 += tl) {
+        const int64_t n = kc - k0 < tl ? kc - k0 : tl;
+        qc_vf p[QC_MR][QC_NV];
+#pragma GCC unroll 16
+        for (int r = 0; r < QC_MR; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < QC_NV; ++v)
+                p[r][v] = (qc_vf){0};
+        for (int64_t k = 0; k < n; ++k) {
+            const float *bk = brow ? bp + brow[k0 + k] : bp + (k0 + k) * QC_NR;
+            qc_vf b[QC_NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < QC_NV; ++v)
+                memcpy(&b[v], bk + v * QC_VL, sizeof b[v]);
+#pragma GCC unroll 16
+            for (int r = 0; r < QC_MR; ++r) {
+                const qc_vf a = ap[r] - (qc_vf){0};
+#pragma GCC unroll 4
+                for (int v = 0; v < QC_NV; ++v)
+                    p[r][v] += a * b[v];
+            }
+            ap += QC_MR;
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < QC_MR; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < QC_NV; ++v) {
+                qc_vf *c = (qc_vf *)(acc + r * ld + v * QC_VL);
+                qc_vi *h = (qc_vi *)(hits + r * ld + v * QC_VL);
+                const qc_vf s = *c + p[r][v], clamped = qc_clamp(s, lov, hiv);
+                *c = clamped;
+                *h -= (qc_vi)(s != clamped);
+                if (exact)
+                    *(qc_vf *)(exact + r * ld + v * QC_VL) += p[r][v];
+            }
+    }
+}
+
+/* Columns in panel jp of a block of n columns. */
+static int64_t qc_panel_width(int64_t n, int64_t jp)
+{
+    return n - jp * QC_NR < QC_NR ? n - jp * QC_NR : QC_NR;
+}
+
+/* A panel of m <= QC_NR columns at offsets col[0..m): delta[j] = col[j] - col[0] (0 past m, so a panel
+ * read through delta reads a valid element for the columns it does not have). Returns whether the
+ * panel is QC_NR columns adjacent in memory. Offsets within one tensor: the caller keeps them below
+ * 2^31. */
+static int qc_panel(const int64_t *col, int64_t m, int32_t *delta)
+{
+    int adjacent = m == QC_NR;
+    for (int64_t j = 0; j < QC_NR; ++j) {
+        delta[j] = j < m ? (int32_t)(col[j] - col[0]) : 0;
+        adjacent &= delta[j] == j;
+    }
+    return adjacent;
+}
+
+/* dst[j] = src[delta[j]] for the QC_NR columns of a panel */
+static void qc_gather(float *dst, const float *src, const int32_t *delta)
+{
+#if defined(__AVX512F__)
+    for (int j = 0; j < QC_NR; j += 16)
+        _mm512_store_ps(dst + j, _mm512_i32gather_ps(_mm512_loadu_si512(delta + j), src, 4));
+#elif defined(__AVX2__)
+    for (int j = 0; j < QC_NR; j += 8)
+        _mm256_store_ps(dst + j, _mm256_i32gather_ps(src, _mm256_loadu_si256((const __m256i *)(delta + j)), 4));
+#else
+    for (int j = 0; j < QC_NR; ++j)
+        dst[j] = src[delta[j]];
+#endif
+}
+
+/* n adjacent results out of a scratch block: accumulators, overflow flags (any event), exact sums
+ * (exact NULL: none); returns their events. */
+static int64_t qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
+                        uint8_t *overflowed, float *exact)
+{
+    int64_t events = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        acc[j] = cb[j];
+        overflowed[j] = hb[j] != 0;
+        events += hb[j];
+    }
+    if (exact)
+        memcpy(exact, eb, (size_t)n * sizeof(float));
+    return events;
+}
+
+/* The register block's shape (rows, columns) of this build: the caller orients the product to waste
+ * the least padding. */
+void qc_tiled_gemm_block(int64_t *shape)
+{
+    shape[0] = QC_MR;
+    shape[1] = QC_NR;
+}
+
+int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
+                          const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
+                          float *exact, uint8_t *overflowed, float lo, float hi)
+{
+    const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
+    const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
+    int64_t nc = QC_B_FLOATS / kc_max / QC_NR * QC_NR;
+    if (nc < QC_NR)
+        nc = QC_NR;
+    if (nc > qc_roundup(N, QC_NR))
+        nc = qc_roundup(N, QC_NR);
+    const int64_t jblocks = (N + nc - 1) / nc;
+
+    float *ap = qc_alloc(groups * Mp * K);             /* [g][panel][k][r] */
+    if (!ap)
+        return -1;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t ip = 0; ip < panels; ++ip) {
+            float *dst = ap + (g * panels + ip) * K * QC_MR;
+            const float *src[QC_MR];
+            for (int r = 0; r < QC_MR; ++r)
+                src[r] = ip * QC_MR + r < M ? a->base + a->group[g] + a->row[ip * QC_MR + r] : NULL;
+            for (int64_t k = 0; k < K; ++k)
+                for (int r = 0; r < QC_MR; ++r)
+                    *dst++ = src[r] ? src[r][a->col[k]] : 0.0f;
+        }
+
+    int64_t events = 0;
+    int failed = 0;
+#pragma omp parallel reduction(+:events) if(groups * M * N * K >= (1 << 22))
+    {
+        float *bp = qc_alloc(kc_max * nc), *cb = qc_alloc(Mp * nc), *eb = exact ? qc_alloc(Mp * nc) : NULL;
+        int32_t *hb = qc_alloc(Mp * nc);
+        const int ok = bp && cb && hb && (eb || !exact);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t jb = 0; jb < jblocks; ++jb) {
+                if (!ok)
+                    continue;
+                const int64_t j0 = jb * nc, n = N - j0 < nc ? N - j0 : nc, npanels = (n + QC_NR - 1) / QC_NR;
+                int32_t delta[QC_NR];
+                for (int64_t jp = 0; jp < npanels; ++jp) {           /* the accumulators start */
+                    const int64_t m = qc_panel_width(n, jp);
+                    if (start->base)
+                        qc_panel(start->col + j0 + jp * QC_NR, m, delta);
+                    for (int64_t i = 0; i < Mp; ++i) {
+                        float *c = cb + i * nc + jp * QC_NR;
+                        const float *s = i < M && start->base
+                            ? start->base + start->group[g] + start->row[i] + start->col[j0 + jp * QC_NR] : NULL;
+                        for (int j = 0; j < QC_NR; ++j)
+                            c[j] = s ? s[delta[j]] : 0.0f;
+                        memset(hb + i * nc + jp * QC_NR, 0, QC_NR * sizeof(int32_t));
+                        if (eb)
+                            memcpy(eb + i * nc + jp * QC_NR, c, QC_NR * sizeof(float));
+                    }
+                }
+                for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+                    const int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
+                    for (int64_t jp = 0; jp < npanels; ++jp) {
+                        /* a panel of QC_NR columns adjacent in memory is read in place, any other is packed */
+                        const int64_t *col = b->col + j0 + jp * QC_NR;
+                        const float *panel = b->base + b->group[g] + col[0];
+                        const int64_t *brow = b->row + k0;
+                        float *dst = bp + jp * kc * QC_NR;
+                        if (qc_panel(col, qc_panel_width(n, jp), delta))
+                            for (int64_t k = 0; k < kc; ++k, dst += QC_NR)
+                                memcpy(dst, panel + brow[k], QC_NR * sizeof(float));
+                        else
+                            for (int64_t k = 0; k < kc; ++k, dst += QC_NR)
+                                qc_gather(dst, panel + brow[k], delta);
+                        panel = bp + jp * kc * QC_NR;
+                        brow = NULL;
+                        for (int64_t ip = 0; ip < panels; ++ip) {
+                            const int64_t at = ip * QC_MR * nc + jp * QC_NR;
+                            qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, panel, brow,
+                                     cb + at, hb + at, eb ? eb + at : NULL, nc, lo, hi);
+                        }
+                    }
+                }
+                for (int64_t jp = 0; jp < npanels; ++jp) {           /* the results, through the output table */
+                    const int64_t m = qc_panel_width(n, jp);
+                    const int adjacent = qc_panel(out->col + j0 + jp * QC_NR, m, delta);
+                    for (int64_t i = 0; i < M; ++i) {
+                        const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
+                        if (adjacent)
+                            events += qc_store(QC_NR, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
+                                               exact ? exact + o : NULL);
+                        else
+                            for (int64_t j = 0; j < m; ++j)
+                                events += qc_store(1, cb + at + j, hb + at + j, eb ? eb + at + j : NULL,
+                                                   acc + o + delta[j], overflowed + o + delta[j],
+                                                   exact ? exact + o + delta[j] : NULL);
+                    }
+                }
+            }
+        free(bp);
+        free(cb);
+        free(eb);
+        free(hb);
+    }
+    free(ap);
+    return failed ? -1 : events;
+}
