@@ -23,6 +23,7 @@ torch ops elsewhere). Chunks bound the memory whatever the number of tiles.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import math
 import threading
@@ -309,17 +310,13 @@ def _gemm_kernel(plan: _Plan, overflow: str, device):
     return lib
 
 
-def _steps(n: int, step: int, first: int = 0) -> torch.Tensor:
-    """first, first + step, ... (n values, int64): one axis of an offset table."""
-    return first + torch.arange(n, dtype=torch.int64) * step
-
-
-def _outer_sum(*axes: torch.Tensor) -> torch.Tensor:
-    """Σ_d axes[d][i_d] over every index (i_0, i_1, ...) in row-major order, flattened: the offsets of
-    a multi-dimensional index walked in that order."""
+@functools.lru_cache(maxsize=1024)
+def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
+    """An offset table: for axes (n, step) or (n, step, first), first + i·step summed over the axes for
+    every index (i_0, i_1, ...) in row-major order, flattened (int64; cached by geometry, never written)."""
     out = torch.zeros((), dtype=torch.int64)
-    for ax in axes:
-        out = out.unsqueeze(-1) + ax
+    for n, step, *first in axes:
+        out = out.unsqueeze(-1) + (sum(first) + torch.arange(n, dtype=torch.int64) * step)
     return out.reshape(-1)
 
 
@@ -329,6 +326,9 @@ def _fused_gemm(lib, tile: int, acc_bits: int, a: torch.Tensor, a_tab, b: torch.
     each operand read through its offset tables (group, row, col) relative to its first element (A's
     col and B's row walk the reduction, in its order); writes out.acc / out.overflowed (/ out.exact,
     when not None) at out_tab's offsets and returns the number of events. Float32 operands."""
+    if max(t.numel() for t in (a, b, out.acc)) >= 2 ** 31:
+        raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
+                         f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
     lo, hi = acc_range(acc_bits)
     M, N = len(a_tab[1]), len(b_tab[2])
     block = (ctypes.c_int64 * 2)()
@@ -358,18 +358,19 @@ def _matrix_tables(t: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, 
     batch shape `batch` (broadcast dimensions: offset 0)."""
     t = t.expand(*batch, *t.shape[-2:])
     st = t.stride()
-    return (_outer_sum(*(_steps(n, s) for n, s in zip(batch, st[:-2]))), _steps(t.shape[-2], st[-2]),
-            _steps(t.shape[-1], st[-1]))
+    return _offsets(*zip(batch, st[:-2])), _offsets((t.shape[-2], st[-2])), _offsets((t.shape[-1], st[-1]))
 
 
 def _padded_ratio(n: int, block: int) -> float:
     return -(-n // block) * block / n
 
 
-def _outputs(shape, exact: bool) -> AccResult:
-    """Zeroed float32 accumulator (and exact sum) and overflow flags of `shape`, for _fused_gemm."""
-    return AccResult(torch.zeros(shape), torch.zeros(shape) if exact else None,
-                     torch.zeros(shape, dtype=torch.bool), torch.zeros((), dtype=torch.int64))
+def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
+    """Float32 accumulator (and exact sum) and overflow flags of `shape` for _fused_gemm to write:
+    uninitialized, or zeroed where some outputs get no product (then 0, no overflow)."""
+    new = torch.zeros if zeroed else torch.empty
+    return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool),
+                     torch.zeros((), dtype=torch.int64))
 
 
 def _even(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -504,13 +505,13 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
         out = _outputs((N, O, Ho, Wo), exact)
-        a_tab = (_steps(groups, og * K), _steps(og, K), _steps(K, 1))
-        b_tab = (_steps(groups, cin_g * sC), _outer_sum(_steps(cin_g, sC), _steps(kh, dh * sH), _steps(kw, dw * sW)),
-                 _outer_sum(_steps(N, sN), _steps(Ho, sh * sH), _steps(Wo, sw * sW)))
-        out_tab = (_steps(groups, og * L), _steps(og, L), _outer_sum(_steps(N, O * L), _steps(L, 1)))
+        a_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
+        b_tab = (_offsets((groups, cin_g * sC)), _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)),
+                 _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)))
+        out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
         out.events.fill_(_fused_gemm(fused, tl, acc_bits, w.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
-                                     out_tab, start, (_steps(groups, og), _steps(og, 1), torch.zeros(N * L, dtype=torch.int64))))
+                                     out_tab, start, (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))))
         return _cast(out, _out_dtype(x))
     fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" else None    # (plan not dense here)
     if fn is not None:
@@ -681,20 +682,20 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
     top, left = pads[0], pads[2]
     sN, sC, sH, sW = gp.stride()
     wf = w.to(torch.float32).contiguous()
-    out = _outputs((N, C, H, W), exact)
+    out = _outputs((N, C, H, W), exact, zeroed=(sh, sw) != (1, 1))      # stride 1: one phase, every output
     events = 0
     for (ry, (ta, qa, sa, _)), (rx, (tb, qb, sb, _)) in itertools.product(enumerate(rows), enumerate(cols)):
         mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)                  # the phase's outputs per axis
         if not ta or not tb or mh <= 0 or mw <= 0:
             continue
-        flipped = (torch.tensor([(kh - 1 - a) * kw for a in ta]), torch.tensor([kw - 1 - b for b in tb]))
-        a_tab = (_steps(groups, og * cin_g * kh * kw), _steps(cin_g, kh * kw),
-                 _outer_sum(_steps(og, cin_g * kh * kw), *flipped))
-        b_tab = (_steps(groups, og * sC),
-                 _outer_sum(_steps(og, sC), _steps(len(ta), sa * sH, (qa + top) * sH), _steps(len(tb), sb * sW, (qb + left) * sW)),
-                 _outer_sum(_steps(N, sN), _steps(mh, sH), _steps(mw, sW)))
-        out_tab = (_steps(groups, cin_g * H * W), _steps(cin_g, H * W),
-                   _outer_sum(_steps(N, C * H * W), _steps(mh, sh * W, ry * W), _steps(mw, sw, rx)))
+        da, db = (t[1] - t[0] if len(t) > 1 else 0 for t in (ta, tb))            # the taps step evenly
+        a_tab = (_offsets((groups, og * cin_g * kh * kw)), _offsets((cin_g, kh * kw)),
+                 _offsets((og, cin_g * kh * kw), (len(ta), -da * kw, (kh - 1 - ta[0]) * kw), (len(tb), -db, kw - 1 - tb[0])))
+        b_tab = (_offsets((groups, og * sC)),
+                 _offsets((og, sC), (len(ta), sa * sH, (qa + top) * sH), (len(tb), sb * sW, (qb + left) * sW)),
+                 _offsets((N, sN), (mh, sH), (mw, sW)))
+        out_tab = (_offsets((groups, cin_g * H * W)), _offsets((cin_g, H * W)),
+                   _offsets((N, C * H * W), (mh, sh * W, ry * W), (mw, sw, rx)))
         events += _fused_gemm(lib, tile, acc_bits, wf, a_tab, gp, b_tab, out, out_tab)
     out.events.fill_(events)
     return out
@@ -791,10 +792,10 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
         out = _outputs(weight_shape, exact)
-        a_tab = (_steps(groups, og * L), _steps(og, L), _outer_sum(_steps(N, O * L), _steps(L, 1)))
-        b_tab = (_steps(groups, cin_g * sC), _outer_sum(_steps(N, sN), _steps(Ho, sh * sH), _steps(Wo, sw * sW)),
-                 _outer_sum(_steps(cin_g, sC), _steps(kh, dh * sH), _steps(kw, dw * sW)))
-        out_tab = (_steps(groups, og * K), _steps(og, K), _steps(K, 1))
+        a_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
+        b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
+                 _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
+        out_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
         out.events.fill_(_fused_gemm(fused, tl, acc_bits, g.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
                                      out_tab))
         return _cast(out, _out_dtype(x))
@@ -901,6 +902,7 @@ class _NarrowAccFunction(torch.autograd.Function):
         y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_int, b_int, res.overflowed)
         ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
+        ctx.set_materialize_grads(False)              # an unused output's gradient arrives as None, not zeros
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
         acc = res.acc.clone() if res.acc is res.exact else res.acc          # scaled in place: a fresh tensor
         return acc.mul_(y_scale).to(a.dtype), exact
@@ -909,7 +911,7 @@ class _NarrowAccFunction(torch.autograd.Function):
     def backward(ctx, gy, gexact):
         a_int, b_int, overflowed = ctx.saved_tensors
         op, sa, sb = ctx.op, ctx.sa, ctx.sb
-        g = gy
+        g = torch.zeros_like(overflowed, dtype=a_int.dtype) if gy is None else gy
         if op.acc_grad == "zero_saturated":
             g = g.masked_fill(overflowed, 0.0)
         if gexact is not None:
