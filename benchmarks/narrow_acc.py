@@ -8,7 +8,9 @@ timed step is forward + backward of the compiled layer (G_X and G_W; conv1, whos
 image, only G_W), quantizers included in both. Inputs and weights are random, so most tiled
 outputs saturate (the slow case: the clamp runs tile by tile). The two take turns step by step;
 ratio of medians, one thread.
-Goal: <= 2×.
+Goal: <= 1.3×. The tiled op quantizes its gradient operand (u = G_Y·s_w, stochastic rounding) itself;
+the exact layer, whose input is the graph input, has no gradient quantizer here (in a network both
+also quantize the gradient leaving the layer).
 
     OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 5] [--overflow saturate|wrap|pairwise]
 """
@@ -92,7 +94,7 @@ def main(argv=None) -> None:
         total_tiled += tiled
         print(f"{name:<20} {1e3 * exact:>9.2f} {1e3 * tiled:>9.2f} {tiled / exact:>6.2f}", flush=True)
     print(f"{'all layers':<20} {1e3 * total_exact:>9.2f} {1e3 * total_tiled:>9.2f} {total_tiled / total_exact:>6.2f}"
-          "  (goal <= 2.00)")
+          "  (goal <= 1.30)")
 
 
 if __name__ == "__main__":
