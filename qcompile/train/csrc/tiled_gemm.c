@@ -36,12 +36,14 @@
 
 #if defined(__AVX512F__)
 #define QC_VL 16
+#define QC_MR 14                      /* rows of a register block: 28 accumulators of 32 registers */
 #elif defined(__AVX__)
 #define QC_VL 8
+#define QC_MR 6                       /* 12 accumulators of 16 registers */
 #else
 #define QC_VL 4
+#define QC_MR 6
 #endif
-#define QC_MR 14                       /* rows of a register block */
 #define QC_NV 2                       /* vectors per row of a register block */
 #define QC_NR (QC_NV * QC_VL)         /* columns of a register block */
 #define QC_KC 256                     /* products per reduction block, rounded down to whole tiles */
