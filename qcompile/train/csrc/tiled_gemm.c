@@ -78,13 +78,12 @@ static inline qc_vf qc_clamp(qc_vf s, qc_vf lo, qc_vf hi)
 #endif
 }
 
-/* One QC_MR x QC_NR block over kc products, tile by tile (tiles of tl products from the block's start,
- * the last one shorter): A packed in ap (kc x QC_MR); B's row k at bp + k * QC_NR (brow NULL: packed)
- * or at bp + brow[k] (QC_NR contiguous values read in place). acc, hits, exact: the block's rows, ld
- * elements apart; hits counts the clamps that changed a value. */
+/* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
+ * (tiles of tl products from the block's start, the last one shorter). acc, hits, exact: the block's
+ * rows, ld elements apart; hits counts the clamps that changed a value. */
 __attribute__((optimize("fp-contract=fast")))
-static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, const int64_t *brow, float *acc,
-                     int32_t *hits, float *exact, int64_t ld, float lo, float hi)
+static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
+                     float *exact, int64_t ld, float lo, float hi)
 {
     const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
     for (int64_t k0 = 0; k0 < kc; k0 += tl) {
@@ -96,11 +95,10 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, c
             for (int v = 0; v < QC_NV; ++v)
                 p[r][v] = (qc_vf){0};
         for (int64_t k = 0; k < n; ++k) {
-            const float *bk = brow ? bp + brow[k0 + k] : bp + (k0 + k) * QC_NR;
             qc_vf b[QC_NV];
 #pragma GCC unroll 4
             for (int v = 0; v < QC_NV; ++v)
-                memcpy(&b[v], bk + v * QC_VL, sizeof b[v]);
+                memcpy(&b[v], bp + v * QC_VL, sizeof b[v]);
 #pragma GCC unroll 16
             for (int r = 0; r < QC_MR; ++r) {
                 const qc_vf a = ap[r] - (qc_vf){0};
@@ -109,6 +107,7 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, c
                     p[r][v] += a * b[v];
             }
             ap += QC_MR;
+            bp += QC_NR;
         }
 #pragma GCC unroll 16
         for (int r = 0; r < QC_MR; ++r)
@@ -247,23 +246,21 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                 for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
                     const int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
                     for (int64_t jp = 0; jp < npanels; ++jp) {
-                        /* a panel of QC_NR columns adjacent in memory is read in place, any other is packed */
+                        /* the panel's slice of B, packed: row copies where its columns are adjacent in memory */
                         const int64_t *col = b->col + j0 + jp * QC_NR;
-                        const float *panel = b->base + b->group[g] + col[0];
+                        const float *src = b->base + b->group[g] + col[0];
                         const int64_t *brow = b->row + k0;
                         float *dst = bp + jp * kc * QC_NR;
                         if (qc_panel(col, qc_panel_width(n, jp), delta))
-                            for (int64_t k = 0; k < kc; ++k, dst += QC_NR)
-                                memcpy(dst, panel + brow[k], QC_NR * sizeof(float));
+                            for (int64_t k = 0; k < kc; ++k)
+                                memcpy(dst + k * QC_NR, src + brow[k], QC_NR * sizeof(float));
                         else
-                            for (int64_t k = 0; k < kc; ++k, dst += QC_NR)
-                                qc_gather(dst, panel + brow[k], delta);
-                        panel = bp + jp * kc * QC_NR;
-                        brow = NULL;
+                            for (int64_t k = 0; k < kc; ++k)
+                                qc_gather(dst + k * QC_NR, src + brow[k], delta);
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
-                            qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, panel, brow,
-                                     cb + at, hb + at, eb ? eb + at : NULL, nc, lo, hi);
+                            qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
+                                     eb ? eb + at : NULL, nc, lo, hi);
                         }
                     }
                 }
