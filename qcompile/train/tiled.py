@@ -290,24 +290,42 @@ def _pair_matmul(fn, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, overfl
               acc.data_ptr(), overflowed.data_ptr(), lo, hi)
 
 
+FUSED_MIN_FILL = 1 / 16           # roughly where the torch ops get faster: a depthwise conv's weight gradient
+                                  # (1 x 9 per group) fills 1/50 of the blocks and took 1.4-1.7x their time
+                                  # (2 x 32 x 56², 2 x 96 x 28²); its forward, 1/14, 0.75-1x
+
+
 class _Operand(ctypes.Structure):
     """csrc/tiled_gemm.c's qc_operand: element [g, r, c] at base[group[g] + row[r] + col[c]]."""
     _fields_ = [("base", ctypes.c_void_p), ("group", ctypes.c_void_p), ("row", ctypes.c_void_p),
                 ("col", ctypes.c_void_p)]
 
 
-def _gemm_kernel(plan: _Plan, overflow: str, device):
+def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int):
     """The library of the fused tiled GEMM (csrc/tiled_gemm.c), or None: it serves saturating float32 plans of more
-    than one tile on the CPU (elsewhere the partial sums are materialized and clamp-scanned: run_tiles)."""
+    than one tile on the CPU whose product (about rows x cols per group) fills at least FUSED_MIN_FILL of its
+    register blocks; elsewhere the partial sums are materialized and clamp-scanned (run_tiles)."""
     if (torch.device(device).type != "cpu" or overflow != "saturate" or plan.dense or plan.tiles < 2
             or plan.part_dtype != torch.float32 or plan.acc_dtype != torch.float32):
         return None
     lib = native.library("tiled_gemm")
-    if lib is not None and lib.qc_tiled_gemm_f32.argtypes is None:
-        lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
-            [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2
-        lib.qc_tiled_gemm_f32.restype = ctypes.c_int64
+    if lib is None:
+        return None
+    mr, nr = _block_shape(lib)
+    if min(_rounded_up(rows, mr) * _rounded_up(cols, nr), _rounded_up(cols, mr) * _rounded_up(rows, nr)) * FUSED_MIN_FILL > rows * cols:
+        return None
     return lib
+
+
+@functools.cache
+def _block_shape(lib) -> tuple[int, int]:
+    """The register block (rows, columns) of the kernel's build; sets the kernel's ctypes signature."""
+    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
+        [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2
+    lib.qc_tiled_gemm_f32.restype = ctypes.c_int64
+    block = (ctypes.c_int64 * 2)()
+    lib.qc_tiled_gemm_block(block)
+    return block[0], block[1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -331,10 +349,8 @@ def _fused_gemm(lib, tile: int, acc_bits: int, a: torch.Tensor, a_tab, b: torch.
                          f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
     lo, hi = acc_range(acc_bits)
     M, N = len(a_tab[1]), len(b_tab[2])
-    block = (ctypes.c_int64 * 2)()
-    lib.qc_tiled_gemm_block(block)                             # the register block (rows, columns) of this build
-    mr, nr = block
-    if _padded_ratio(N, nr) > 1.1 * _padded_ratio(M, mr):     # Cᵀ = Bᵀ Aᵀ: the short side as rows
+    mr, nr = _block_shape(lib)
+    if _rounded_up(N, nr) / N > 1.1 * _rounded_up(M, mr) / M:     # Cᵀ = Bᵀ Aᵀ: the short side as rows
         a, a_tab, b, b_tab = b, (b_tab[0], b_tab[2], b_tab[1]), a, (a_tab[0], a_tab[2], a_tab[1])
         out_tab = (out_tab[0], out_tab[2], out_tab[1])
         start_tab = None if start_tab is None else (start_tab[0], start_tab[2], start_tab[1])
@@ -361,8 +377,8 @@ def _matrix_tables(t: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, 
     return _offsets(*zip(batch, st[:-2])), _offsets((t.shape[-2], st[-2])), _offsets((t.shape[-1], st[-1]))
 
 
-def _padded_ratio(n: int, block: int) -> float:
-    return -(-n // block) * block / n
+def _rounded_up(n: int, block: int) -> int:
+    return -(-n // block) * block
 
 
 def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
@@ -417,10 +433,10 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     if fn is not None:
         return _cast(_pairwise_matmul(fn, a, b, bias, acc_bits, plan.acc_dtype, exact), _out_dtype(a))
     tl, T = plan.tile, plan.tiles
-    fused = _gemm_kernel(plan, overflow, a.device)
+    M, N = a.shape[-2], b.shape[-1]
+    fused = _gemm_kernel(plan, overflow, a.device, M, N)
     if fused is not None:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        M, N = a.shape[-2], b.shape[-1]
         out = _outputs((*batch, M, N), exact)
         start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
         a_, b_ = a.to(torch.float32), b.to(torch.float32)
@@ -499,7 +515,7 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     ph, pw = _pair(padding)
-    fused = _gemm_kernel(plan, overflow, x.device)
+    fused = _gemm_kernel(plan, overflow, x.device, og, N * L)
     if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
         xp = _padded(x, (ph, ph, pw, pw), torch.float32)
         sN, sC, sH, sW = xp.stride()
@@ -625,7 +641,7 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
-    fused = _gemm_kernel(plan, overflow, g.device)
+    fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw))
     if fused is not None:
         return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, plan.tile,
                                        exact), _out_dtype(g))
@@ -787,7 +803,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
-    fused = _gemm_kernel(plan, overflow, x.device)
+    fused = _gemm_kernel(plan, overflow, x.device, og, K)
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
