@@ -33,6 +33,9 @@
 #if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__)
 #define QC_VL 16
@@ -124,6 +127,16 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, f
     }
 }
 
+/* The OpenMP threads a parallel region gets (1 without OpenMP). */
+static int64_t qc_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Columns in panel jp of a block of n columns. */
 static int64_t qc_panel_width(int64_t n, int64_t jp)
 {
@@ -189,7 +202,12 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
+    const int parallel = groups * M * N * K >= (1 << 22);
     int64_t nc = QC_B_FLOATS / kc_max / QC_NR * QC_NR;
+    if (parallel) {                 /* at least 4 column blocks a thread, so the threads' shares even out */
+        const int64_t share = qc_roundup((N + 4 * qc_threads() - 1) / (4 * qc_threads()), QC_NR);
+        nc = groups < 4 * qc_threads() && share < nc ? share : nc;
+    }
     if (nc < QC_NR)
         nc = QC_NR;
     if (nc > qc_roundup(N, QC_NR))
@@ -199,6 +217,7 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
     float *ap = qc_alloc(groups * Mp * K);             /* [g][panel][k][r] */
     if (!ap)
         return -1;
+#pragma omp parallel for collapse(2) schedule(static) if(parallel)
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t ip = 0; ip < panels; ++ip) {
             float *dst = ap + (g * panels + ip) * K * QC_MR;
@@ -212,7 +231,7 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
 
     int64_t events = 0;
     int failed = 0;
-#pragma omp parallel reduction(+:events) if(groups * M * N * K >= (1 << 22))
+#pragma omp parallel reduction(+:events) if(parallel)
     {
         float *bp = qc_alloc(kc_max * nc), *cb = qc_alloc(Mp * nc), *eb = exact ? qc_alloc(Mp * nc) : NULL;
         int32_t *hb = qc_alloc(Mp * nc);
