@@ -240,13 +240,11 @@ def test_run_tiles_over_several_chunks_marks_each_overflowed_output(kernel, monk
 
 
 def test_pairwise_fused_kernel_equals_the_tile_path(monkeypatch):
-    """The "pairwise" ops through csrc/pair_matmul.c (no pair sum stored) give the accumulator, the exact
-    sum, the overflow flags and the event count of the tile-by-tile path (QCOMPILE_NATIVE=0), on a conv
-    with an odd reduction, groups and stride, its weight gradient over an odd number of rows, and a
-    batched matmul."""
+    """The "pairwise" ops through csrc/tiled_gemm.c (each pair's sum clamped in registers, none stored)
+    give the accumulator, the exact sum, the overflow flags and the event count of the tile-by-tile
+    path (QCOMPILE_NATIVE=0), on a conv with an odd reduction, groups and stride, its weight gradient
+    over an odd number of rows, and a batched matmul."""
     from qcompile.train import tiled
-    if tiled._pair_kernel(torch.float32, "cpu") is None:
-        pytest.fail("the C pairwise kernel did not build")
     gen = torch.Generator().manual_seed(7)
     x = torch.randint(0, 256, (3, 4, 7, 7), generator=gen).float()
     w = torch.randint(-128, 128, (6, 2, 3, 3), generator=gen).float()
@@ -257,8 +255,11 @@ def test_pairwise_fused_kernel_equals_the_tile_path(monkeypatch):
     ops = [lambda: tiled_conv2d(x, w, b, 2, 1, 1, 2, **mode),
            lambda: tiled_conv2d_weight_grad(x, g, w.shape, 1, 0, 1, 2, **mode),
            lambda: tiled_matmul(a2, b2, b[:4], **mode)]
-    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 200)       # several chunks: images, and rows carried over
+    calls = []
+    monkeypatch.setattr(tiled, "FUSED_MIN_FILL", 0.0)
+    monkeypatch.setattr(tiled, "_fused_gemm", lambda *a, **k: calls.append(a[3]) or FUSED(*a, **k))
     fused = [op() for op in ops]
+    assert calls == ["pairwise"] * 3
     monkeypatch.setenv("QCOMPILE_NATIVE", "0")
     for got, want in zip(fused, (op() for op in ops)):
         assert torch.equal(got.acc, want.acc) and torch.equal(got.exact, want.exact)
@@ -286,7 +287,7 @@ def _equal_results(got, want) -> bool:
 
 
 @SETTINGS
-@given(conv_case(), st.sampled_from([1, 2, 3, 5, 8, 64, 300]), st.sampled_from([10, 12, 16]), st.booleans())
+@given(conv_case(), st.sampled_from([1, 2, 3, 5, 8, 64, 300, "pairwise"]), st.sampled_from([10, 12, 16]), st.booleans())
 def test_fused_gemm_equals_the_torch_path(case, tile, acc_bits, exact):
     """csrc/tiled_gemm.c (operands read in place through offset tables, partial sums never stored)
     gives the accumulator, flags, events and exact sum of the torch ops (QCOMPILE_NATIVE=0) on every op
@@ -295,7 +296,8 @@ def test_fused_gemm_equals_the_torch_path(case, tile, acc_bits, exact):
     x, w, b, stride, pad, dil, groups = case
     y = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
     g = torch.randint(-128, 128, y.shape, generator=torch.Generator().manual_seed(3))
-    ops = _fused_cases(x, w, b, g, stride, pad, dil, groups, dict(acc_bits=acc_bits, tile=tile, overflow="saturate",
+    overflow, tile = ("pairwise", 2) if tile == "pairwise" else ("saturate", tile)
+    ops = _fused_cases(x, w, b, g, stride, pad, dil, groups, dict(acc_bits=acc_bits, tile=tile, overflow=overflow,
                                                                   exact=exact))
     calls = []
     with pytest.MonkeyPatch.context() as mp:
@@ -323,7 +325,8 @@ def _fused_build_case():
 @pytest.mark.parametrize("march, columns", [("native", None), ("haswell", 16), ("x86-64", 8)])
 def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, tmp_path, two_threads):
     """The kernel built for AVX-512, AVX2 and the portable vector width (SSE) gives the torch path's
-    results, with tiles shorter and longer than its reduction block, on two threads."""
+    results, with tiles shorter and longer than its reduction block and in the "pairwise" mode, on two
+    threads."""
     from qcompile.train import native
     if march == "haswell" and "avx2" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
@@ -335,14 +338,15 @@ def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, t
     block = (ctypes.c_int64 * 2)()
     lib.qc_tiled_gemm_block(block)
     assert columns is None or block[1] == columns
-    for tile in (64, 300):
-        ops = _fused_cases(*_fused_build_case(), dict(acc_bits=16, tile=tile, overflow="saturate", exact=True))
+    for tile, overflow in ((64, "saturate"), (300, "saturate"), (2, "pairwise")):
+        ops = _fused_cases(*_fused_build_case(), dict(acc_bits=16, tile=tile, overflow=overflow, exact=True))
         fused = [op() for op in ops]
         monkeypatch.setenv("QCOMPILE_NATIVE", "0")
         wanted = [op() for op in ops]
         monkeypatch.setenv("QCOMPILE_NATIVE", "1")
         for got, want in zip(fused, wanted):
-            assert _equal_results(got, want) and 0 < int(want.overflowed.sum()) < want.overflowed.numel()
+            assert _equal_results(got, want) and int(want.events) > 0
+            assert overflow == "pairwise" or int(want.overflowed.sum()) < want.overflowed.numel()
 
 
 def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):

@@ -260,36 +260,6 @@ def _clamp_scan_torch(ps: torch.Tensor, acc: torch.Tensor, lo: int, hi: int, ove
     return int(clamps.sum(dtype=torch.int64))
 
 
-_PAIR_KERNELS = {torch.float32: ("qc_pair_matmul_f32", ctypes.c_float),
-                 torch.float64: ("qc_pair_matmul_f64", ctypes.c_double)}
-
-
-def _pair_kernel(dtype: torch.dtype, device):
-    """The fused pairwise matmul of csrc/pair_matmul.c for `dtype`, or None (not on the CPU, disabled,
-    or no C compiler): then the pair sums are formed tile by tile and clamp-scanned (run_tiles)."""
-    lib = native.library("pair_matmul") if torch.device(device).type == "cpu" and dtype in _PAIR_KERNELS else None
-    if lib is None:
-        return None
-    name, c_t = _PAIR_KERNELS[dtype]
-    fn = getattr(lib, name)
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + \
-                      [ctypes.c_void_p, ctypes.c_void_p, c_t, c_t]
-        fn.restype = ctypes.c_int64
-    return fn
-
-
-def _pair_matmul(fn, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor, overflowed: torch.Tensor,
-                 acc_bits: int) -> int:
-    """The "pairwise" accumulator of a (M, 2P) @ b (2P, N) (unit column strides) into acc (M, N, contiguous,
-    holding its start) in one pass, no pair sum stored; ORs the events into `overflowed` (bool, like acc)
-    and returns their number."""
-    lo, hi = acc_range(acc_bits)
-    assert a.stride(1) == 1 and (b.shape[1] == 1 or b.stride(1) == 1) and acc.is_contiguous() and a.shape[1] % 2 == 0
-    return fn(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[0], a.shape[1] // 2, b.shape[1],
-              acc.data_ptr(), overflowed.data_ptr(), lo, hi)
-
-
 FUSED_MIN_FILL = 1 / 16           # roughly where the torch ops get faster: a depthwise conv's weight gradient
                                   # (1 x 9 per group) fills 1/50 of the blocks and took 1.4-1.7x their time
                                   # (2 x 32 x 56², 2 x 96 x 28²); its forward, 1/14, 0.75-1x
@@ -305,7 +275,7 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int):
     """The library of the fused tiled GEMM (csrc/tiled_gemm.c), or None: it serves saturating float32 plans of more
     than one tile on the CPU whose product (about rows x cols per group) fills at least FUSED_MIN_FILL of its
     register blocks; elsewhere the partial sums are materialized and clamp-scanned (run_tiles)."""
-    if (torch.device(device).type != "cpu" or overflow != "saturate" or plan.dense or plan.tiles < 2
+    if (torch.device(device).type != "cpu" or overflow == "wrap" or plan.dense or plan.tiles < 2
             or plan.part_dtype != torch.float32 or plan.acc_dtype != torch.float32):
         return None
     lib = native.library("tiled_gemm")
@@ -321,7 +291,7 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int):
 def _block_shape(lib) -> tuple[int, int]:
     """The register block (rows, columns) of the kernel's build; sets the kernel's ctypes signature."""
     lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
-        [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2
+        [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int]
     lib.qc_tiled_gemm_f32.restype = ctypes.c_int64
     block = (ctypes.c_int64 * 2)()
     lib.qc_tiled_gemm_block(block)
@@ -338,9 +308,10 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(-1)
 
 
-def _fused_gemm(lib, tile: int, acc_bits: int, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab, out: AccResult,
-                out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
-    """The saturating tiled accumulator of C[g] = A[g] B[g] (+ start) through the fused kernel (`lib`),
+def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
+                out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
+    """The saturating ("saturate" or "pairwise") tiled accumulator of C[g] = A[g] B[g] (+ start) through the
+    fused kernel (`lib`),
     each operand read through its offset tables (group, row, col) relative to its first element (A's
     col and B's row walk the reduction, in its order); writes out.acc / out.overflowed (/ out.exact,
     when not None) at out_tab's offsets and returns the number of events. Float32 operands."""
@@ -363,7 +334,7 @@ def _fused_gemm(lib, tile: int, acc_bits: int, a: torch.Tensor, a_tab, b: torch.
            operand(None, *tabs[6:9])]
     events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile, *map(ctypes.byref, ops),
                 out.acc.data_ptr(), None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
-                lo, hi)
+                lo, hi, overflow == "pairwise")
     if events < 0:
         raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
     return events
@@ -387,14 +358,6 @@ def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
     new = torch.zeros if zeroed else torch.empty
     return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool),
                      torch.zeros((), dtype=torch.int64))
-
-
-def _even(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """`t` with a zero slice appended along `dim` when its size there is odd (a pair's missing product)."""
-    if t.shape[dim] % 2 == 0:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, 1]
-    return F.pad(t, pad)
 
 
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
@@ -429,9 +392,6 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     if b.shape[-2] != K:
         raise ValueError(f"tiled_matmul: inner dimensions differ ({tuple(a.shape)} @ {tuple(b.shape)})")
     plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
-    fn = _pair_kernel(plan.acc_dtype, a.device) if overflow == "pairwise" and not plan.dense else None
-    if fn is not None:
-        return _cast(_pairwise_matmul(fn, a, b, bias, acc_bits, plan.acc_dtype, exact), _out_dtype(a))
     tl, T = plan.tile, plan.tiles
     M, N = a.shape[-2], b.shape[-1]
     fused = _gemm_kernel(plan, overflow, a.device, M, N)
@@ -440,7 +400,7 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
         out = _outputs((*batch, M, N), exact)
         start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
         a_, b_ = a.to(torch.float32), b.to(torch.float32)
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, a_, _matrix_tables(a_, batch), b_, _matrix_tables(b_, batch),
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_, _matrix_tables(b_, batch),
                                      out, _matrix_tables(out.acc, batch), start,
                                      None if start is None else _matrix_tables(start, batch)))
         return _cast(out, _out_dtype(a))
@@ -462,23 +422,6 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     res = run_tiles(partials, T, _bias_start(bias, plan.acc_dtype), None if plan.dense else acc_bits, overflow,
                     per_tile=math.prod(shape), exact=exact)
     return _cast(res, _out_dtype(a))
-
-
-def _pairwise_matmul(fn, a, b, bias, acc_bits: int, dtype: torch.dtype, exact: bool) -> AccResult:
-    """tiled_matmul in the "pairwise" mode through the fused kernel, one batch element at a time."""
-    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    M, N = a.shape[-2], b.shape[-1]
-    a3 = _even(a.to(dtype).expand(*shape, M, a.shape[-1]).reshape(-1, M, a.shape[-1]), 2).contiguous()
-    b3 = _even(b.to(dtype).expand(*shape, *b.shape[-2:]).reshape(-1, *b.shape[-2:]), 1).contiguous()
-    acc = torch.zeros(*shape, M, N, dtype=dtype)
-    if bias is not None:
-        acc += bias.to(dtype)
-    acc3 = acc.view(-1, M, N)
-    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
-    events = sum(_pair_matmul(fn, a3[i], b3[i], acc3[i], overflowed.view(-1, M, N)[i], acc_bits)
-                 for i in range(a3.shape[0]))
-    exact_sum = torch.matmul(a.to(dtype), b.to(dtype)) + (0 if bias is None else bias.to(dtype)) if exact else None
-    return AccResult(acc, exact_sum, overflowed, torch.tensor(events, dtype=torch.int64))
 
 
 def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -526,14 +469,9 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
                  _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)))
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, w.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
                                      out_tab, start, (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))))
         return _cast(out, _out_dtype(x))
-    fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" else None    # (plan not dense here)
-    if fn is not None:
-        xp = _padded(x, (ph, ph, pw, pw), plan.acc_dtype)
-        return _cast(_pairwise_conv2d(fn, xp, w, bias, (Ho, Wo), stride, dilation, groups, acc_bits, plan.acc_dtype,
-                                      exact), _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
     wt = F.pad(wt, (0, T * tl - K)) if T * tl > K else wt                                  # (G, og, T·tl)
@@ -552,42 +490,6 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     start = _bias_start(None if bias is None else bias.view(groups, og, 1), plan.acc_dtype)
     res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, tl) * N * L, exact=exact)
     return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
-
-
-def _pairwise_conv2d(fn, xp, w, bias, hw_out, stride, dilation, groups: int, acc_bits: int, dtype: torch.dtype,
-                     exact: bool) -> AccResult:
-    """tiled_conv2d in the "pairwise" mode through the fused kernel: chunks of whole images' im2col
-    columns (every reduction complete in a chunk), each group's weight rows against them."""
-    O, cin_g, kh, kw = w.shape
-    N, og, K = xp.shape[0], O // groups, cin_g * kh * kw
-    L = hw_out[0] * hw_out[1]
-    Kp = K + K % 2
-    wt = _even(w.to(dtype).reshape(groups, og, K), 2).contiguous()
-    acc = torch.zeros(groups, og, N * L, dtype=dtype)
-    if bias is not None:
-        acc += bias.to(dtype).view(groups, og, 1)
-    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
-    events = 0
-    per_image = groups * Kp * L
-    step = max(1, CHUNK_ELEMENTS // max(per_image, 1))
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
-        cols = _SCRATCH.empty("cols", (groups, Kp, (n1 - n0) * L), dtype, xp.device)
-        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)   # rows past K: 0
-        for g in range(groups):
-            part = acc[g, :, n0 * L:n1 * L].contiguous()
-            hit = overflowed[g, :, n0 * L:n1 * L].contiguous()
-            events += _pair_matmul(fn, wt[g], cols[g], part, hit, acc_bits)
-            acc[g, :, n0 * L:n1 * L], overflowed[g, :, n0 * L:n1 * L] = part, hit
-
-    exact_sum = None
-    if exact:
-        exact_sum = F.conv2d(xp.to(torch.float64), w.to(torch.float64), None if bias is None else bias.to(torch.float64),
-                             stride, 0, dilation, groups).to(dtype)
-
-    def to_output(t):                                      # (G, og, N·L) → (N, O, Ho, Wo)
-        return t.reshape(O, N, *hw_out).transpose(0, 1).contiguous()
-    return AccResult(to_output(acc), exact_sum, to_output(overflowed), torch.tensor(events, dtype=torch.int64))
 
 
 def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
@@ -643,8 +545,8 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
     fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw))
     if fused is not None:
-        return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, plan.tile,
-                                       exact), _out_dtype(g))
+        return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
+                                       plan.tile, exact), _out_dtype(g))
     if (sh, sw) != (1, 1):
         return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
                                    overflow=overflow, absmax=absmax, exact=exact)
@@ -683,8 +585,8 @@ def _phase_pads(kernel, stride, dilation, padding, grad_hw, input_hw):
     return axes, tuple(max(t[3][e] for t in axis) for axis in axes for e in (0, 1))
 
 
-def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, tile: int,
-                      exact: bool) -> AccResult:
+def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, overflow: str,
+                      tile: int, exact: bool) -> AccResult:
     """tiled_conv2d_input_grad through the fused kernel, phase by phase (see _strided_input_grad; stride 1
     is one phase with every tap): A = the flipped kernel's taps of the phase, read in place from w;
     B = G_Y (padded) at those taps, C written at the phase's outputs. An output no tap reaches stays 0."""
@@ -712,7 +614,7 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
                  _offsets((N, sN), (mh, sH), (mw, sW)))
         out_tab = (_offsets((groups, cin_g * H * W)), _offsets((cin_g, H * W)),
                    _offsets((N, C * H * W), (mh, sh * W, ry * W), (mw, sw, rx)))
-        events += _fused_gemm(lib, tile, acc_bits, wf, a_tab, gp, b_tab, out, out_tab)
+        events += _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab)
     out.events.fill_(events)
     return out
 
@@ -812,16 +714,12 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
                  _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
         out_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, g.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
+        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, g.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
                                      out_tab))
         return _cast(out, _out_dtype(x))
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
     gt[..., N * L:].zero_()
-    fn = _pair_kernel(plan.acc_dtype, x.device) if overflow == "pairwise" and not plan.dense else None
-    if fn is not None:
-        return _cast(_pairwise_weight_grad(fn, xp.to(plan.acc_dtype), gt.to(plan.acc_dtype), g, weight_shape, (Ho, Wo),
-                                           stride, dilation, groups, acc_bits, exact), _out_dtype(x))
 
     def partials(t0, t1):                                  # tiles t0..t1−1: (t1−t0, G, og, K)
         r0, r1 = t0 * tl, min(t1 * tl, N * L)
@@ -836,37 +734,6 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
 
     res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=max(O, tl) * K, exact=exact)
     return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
-
-
-def _pairwise_weight_grad(fn, xp, gt, g, weight_shape, hw_out, stride, dilation, groups: int, acc_bits: int,
-                          exact: bool) -> AccResult:
-    """tiled_conv2d_weight_grad in the "pairwise" mode through the fused kernel: the reduction over
-    (n, i, j) in chunks of an even number of rows (whole pairs; the accumulator carries over), each
-    chunk's im2col rows transposed to (rows, K); `gt` holds G_Y (`g`) as (G, og, rows) with a zero
-    column past an odd count."""
-    O, cin_g, kh, kw = weight_shape
-    N, og, K, dtype = xp.shape[0], O // groups, cin_g * kh * kw, gt.dtype
-    L = hw_out[0] * hw_out[1]
-    R = N * L
-    acc = torch.zeros(groups, og, K, dtype=dtype)
-    overflowed = torch.zeros(acc.shape, dtype=torch.bool)
-    events = 0
-    step = max(2, CHUNK_ELEMENTS // max(groups * K, 1) // 2 * 2)          # rows per chunk, even
-    for r0 in range(0, R, step):
-        r1 = min(R, r0 + step)
-        n0, n1 = r0 // L, -(-r1 // L)
-        cols = _SCRATCH.empty("cols", (groups, K, (n1 - n0) * L), dtype, xp.device)
-        _im2col(cols, xp[n0:n1], 0, cin_g, cin_g, (kh, kw), hw_out, stride, dilation)
-        rows = _even(cols[:, :, r0 - n0 * L:r1 - n0 * L].transpose(1, 2), 1).contiguous()     # (G, rows, K)
-        for k in range(groups):
-            events += _pair_matmul(fn, gt[k, :, r0:r0 + rows.shape[1]], rows[k], acc[k], overflowed[k], acc_bits)
-
-    exact_sum = None
-    if exact:
-        exact_sum = torch.nn.grad.conv2d_weight(xp.to(torch.float64), weight_shape, g.to(torch.float64), stride, 0,
-                                                dilation, groups).to(dtype)
-    return AccResult(acc.reshape(weight_shape), exact_sum, overflowed.reshape(weight_shape),
-                     torch.tensor(events, dtype=torch.int64))
 
 
 # ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----

@@ -10,9 +10,11 @@
  *   start      = s.base[s.group[g] + s.row[i] + s.col[j]]      (s.base NULL: 0)
  *   output o   = out.group[g] + out.row[i] + out.col[j]   (out.base is not read):
  *     acc[o]         for each tile t (tile products k in [t*tile, (t+1)*tile), the last one shorter),
- *                    in order: acc <- clamp(acc + Σ_tile A[g,i,k] B[g,k,j], lo, hi), from the start
+ *                    in order: acc <- clamp(acc + p_t, lo, hi) with p_t = Σ_tile A[g,i,k] B[g,k,j]
+ *                    (pairs: with clamp(p_t, lo, hi) in place of p_t, the "pairwise" mode; tile 2),
+ *                    from the start
  *     overflowed[o]  1 where a clamp changed a value (an event), else 0
- *     exact[o]       (exact non-NULL) start + every tile's partial sum
+ *     exact[o]       (exact non-NULL) start + every tile's partial sum p_t
  *
  * Returns the number of events, or -1 when scratch memory could not be allocated (nothing written
  * then is meaningful). Exact whenever every tile's Σ|products| and |acc| + |partial| stay below
@@ -82,11 +84,12 @@ static inline qc_vf qc_clamp(qc_vf s, qc_vf lo, qc_vf hi)
 }
 
 /* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
- * (tiles of tl products from the block's start, the last one shorter). acc, hits, exact: the block's
- * rows, ld elements apart; hits counts the clamps that changed a value. */
+ * (tiles of tl products from the block's start, the last one shorter; pairs: each tile's sum clamped
+ * first). acc, hits, exact: the block's rows, ld elements apart; hits counts the clamps that changed a
+ * value. */
 __attribute__((optimize("fp-contract=fast")))
 static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
-                     float *exact, int64_t ld, float lo, float hi)
+                     float *exact, int64_t ld, float lo, float hi, int pairs)
 {
     const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
     for (int64_t k0 = 0; k0 < kc; k0 += tl) {
@@ -118,7 +121,12 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, f
             for (int v = 0; v < QC_NV; ++v) {
                 qc_vf *c = (qc_vf *)(acc + r * ld + v * QC_VL);
                 qc_vi *h = (qc_vi *)(hits + r * ld + v * QC_VL);
-                const qc_vf s = *c + p[r][v], clamped = qc_clamp(s, lov, hiv);
+                qc_vf q = p[r][v];
+                if (pairs) {
+                    q = qc_clamp(q, lov, hiv);
+                    *h -= (qc_vi)(q != p[r][v]);
+                }
+                const qc_vf s = *c + q, clamped = qc_clamp(s, lov, hiv);
                 *c = clamped;
                 *h -= (qc_vi)(s != clamped);
                 if (exact)
@@ -198,7 +206,7 @@ void qc_tiled_gemm_block(int64_t *shape)
 
 int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
                           const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
-                          float *exact, uint8_t *overflowed, float lo, float hi)
+                          float *exact, uint8_t *overflowed, float lo, float hi, int pairs)
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
@@ -279,7 +287,7 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
                             qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
-                                     eb ? eb + at : NULL, nc, lo, hi);
+                                     eb ? eb + at : NULL, nc, lo, hi, pairs);
                         }
                     }
                 }
