@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.core.accumulator import (
+    OVERFLOW_MODES,
     acc_range,
     check_mode,
     l1_bounds,
@@ -75,6 +76,10 @@ class _Plan:
     part_dtype: torch.dtype
     acc_dtype: torch.dtype
     dense: bool                 # no overflow possible: compute the whole reduction at once
+    fused_tile: int | None      # the tile length the fused kernel (float32) runs it with, or None: it cannot
+
+
+WRAP_EXACT = 2 ** 22              # the fused kernel's wrap: |partial sum|, |bias| below it, acc_bits <= 23 keep it exact
 
 
 def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Plan:
@@ -93,7 +98,14 @@ def _plan(a, b, bias, length: int, acc_bits, tile, overflow, absmax=None) -> _Pl
     acc_ok = total < FLOAT32_EXACT or (overflow != "wrap" and acc_bits is not None and acc_bits <= 24
                                        and _absmax(bias) < FLOAT32_EXACT)
     acc = torch.float32 if part == torch.float32 and acc_ok else torch.float64
-    return _Plan(tl, 1 if dense else T, part, acc, dense)
+    if dense:
+        fused = None
+    elif overflow == "wrap":    # modular: any tile that keeps the sums exact gives the same result
+        exact_wrap = acc_bits <= 23 and prod < WRAP_EXACT and _absmax(bias) < WRAP_EXACT
+        fused = int((WRAP_EXACT - 1) // max(prod, 1)) if exact_wrap else None
+    else:
+        fused = tl if T >= 2 and acc == torch.float32 else None
+    return _Plan(tl, 1 if dense else T, part, acc, dense, fused)
 
 
 CHUNK_ELEMENTS = 1 << 21          # partial sums materialized at once (~8 MB of float32): still in the last-level cache
@@ -271,12 +283,13 @@ class _Operand(ctypes.Structure):
                 ("col", ctypes.c_void_p)]
 
 
-def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int):
-    """The library of the fused tiled GEMM (csrc/tiled_gemm.c), or None: it serves saturating float32 plans of more
-    than one tile on the CPU whose product (about rows x cols per group) fills at least FUSED_MIN_FILL of its
-    register blocks; elsewhere the partial sums are materialized and clamp-scanned (run_tiles)."""
-    if (torch.device(device).type != "cpu" or overflow == "wrap" or plan.dense or plan.tiles < 2
-            or plan.part_dtype != torch.float32 or plan.acc_dtype != torch.float32):
+def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact: bool):
+    """The library of the fused tiled GEMM (csrc/tiled_gemm.c), or None: it serves the plans it can run
+    exactly in float32 (`plan.fused_tile`; wrap with the exact sum asked for: only below 2^24) on the CPU
+    whose product (about rows x cols per group) fills at least FUSED_MIN_FILL of its register blocks;
+    elsewhere the partial sums are materialized and clamp-scanned or summed (run_tiles)."""
+    if (torch.device(device).type != "cpu" or plan.fused_tile is None
+            or (overflow == "wrap" and exact and plan.acc_dtype != torch.float32)):
         return None
     lib = native.library("tiled_gemm")
     if lib is None:
@@ -310,8 +323,8 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
 
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
                 out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
-    """The saturating ("saturate" or "pairwise") tiled accumulator of C[g] = A[g] B[g] (+ start) through the
-    fused kernel (`lib`),
+    """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused kernel
+    (`lib`),
     each operand read through its offset tables (group, row, col) relative to its first element (A's
     col and B's row walk the reduction, in its order); writes out.acc / out.overflowed (/ out.exact,
     when not None) at out_tab's offsets and returns the number of events. Float32 operands."""
@@ -334,7 +347,7 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
            operand(None, *tabs[6:9])]
     events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile, *map(ctypes.byref, ops),
                 out.acc.data_ptr(), None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
-                lo, hi, overflow == "pairwise")
+                lo, hi, OVERFLOW_MODES.index(overflow))
     if events < 0:
         raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
     return events
@@ -394,14 +407,14 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     plan = _plan(a, b, bias, K, acc_bits, tile, overflow, absmax)
     tl, T = plan.tile, plan.tiles
     M, N = a.shape[-2], b.shape[-1]
-    fused = _gemm_kernel(plan, overflow, a.device, M, N)
+    fused = _gemm_kernel(plan, overflow, a.device, M, N, exact)
     if fused is not None:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         out = _outputs((*batch, M, N), exact)
         start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
         a_, b_ = a.to(torch.float32), b.to(torch.float32)
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_, _matrix_tables(b_, batch),
-                                     out, _matrix_tables(out.acc, batch), start,
+        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_,
+                                     _matrix_tables(b_, batch), out, _matrix_tables(out.acc, batch), start,
                                      None if start is None else _matrix_tables(start, batch)))
         return _cast(out, _out_dtype(a))
     a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
@@ -458,7 +471,7 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     ph, pw = _pair(padding)
-    fused = _gemm_kernel(plan, overflow, x.device, og, N * L)
+    fused = _gemm_kernel(plan, overflow, x.device, og, N * L, exact)
     if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
         xp = _padded(x, (ph, ph, pw, pw), torch.float32)
         sN, sC, sH, sW = xp.stride()
@@ -469,8 +482,8 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
                  _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)))
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
-                                     out_tab, start, (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))))
+        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(),
+                                     a_tab, xp, b_tab, out, out_tab, start, (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))))
         return _cast(out, _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
@@ -543,10 +556,10 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
-    fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw))
+    fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw), exact)
     if fused is not None:
         return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
-                                       plan.tile, exact), _out_dtype(g))
+                                       plan.fused_tile, exact), _out_dtype(g))
     if (sh, sw) != (1, 1):
         return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
                                    overflow=overflow, absmax=absmax, exact=exact)
@@ -705,7 +718,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
-    fused = _gemm_kernel(plan, overflow, x.device, og, K)
+    fused = _gemm_kernel(plan, overflow, x.device, og, K, exact)
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
@@ -714,8 +727,8 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
                  _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
         out_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
-        out.events.fill_(_fused_gemm(fused, tl, acc_bits, overflow, g.to(torch.float32).contiguous(), a_tab, xp, b_tab, out,
-                                     out_tab))
+        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, g.to(torch.float32).contiguous(),
+                                     a_tab, xp, b_tab, out, out_tab))
         return _cast(out, _out_dtype(x))
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))

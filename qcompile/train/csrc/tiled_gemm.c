@@ -10,16 +10,20 @@
  *   start      = s.base[s.group[g] + s.row[i] + s.col[j]]      (s.base NULL: 0)
  *   output o   = out.group[g] + out.row[i] + out.col[j]   (out.base is not read):
  *     acc[o]         for each tile t (tile products k in [t*tile, (t+1)*tile), the last one shorter),
- *                    in order: acc <- clamp(acc + p_t, lo, hi) with p_t = Σ_tile A[g,i,k] B[g,k,j]
- *                    (pairs: with clamp(p_t, lo, hi) in place of p_t, the "pairwise" mode; tile 2),
- *                    from the start
- *     overflowed[o]  1 where a clamp changed a value (an event), else 0
+ *                    in order, from the start, with p_t = Σ_tile A[g,i,k] B[g,k,j]:
+ *                      QC_SATURATE  acc <- clamp(acc + p_t, lo, hi)
+ *                      QC_PAIRWISE  acc <- clamp(acc + clamp(p_t, lo, hi), lo, hi)   (tile 2)
+ *                      QC_WRAP      acc <- acc + p_t wrapped into [lo, hi] (two's complement; wrapping
+ *                                   is modular, so the tile is any length that keeps the sums exact)
+ *     overflowed[o]  saturation: 1 where a clamp changed a value (an event); wrap: 1 where the result
+ *                    differs from the exact sum (the wraps did not cancel); else 0
  *     exact[o]       (exact non-NULL) start + every tile's partial sum p_t
  *
- * Returns the number of events, or -1 when scratch memory could not be allocated (nothing written
- * then is meaningful). Exact whenever every tile's Σ|products| and |acc| + |partial| stay below
- * 2^24 or the value is clamped anyway (the caller's plan guarantees it): integers below 2^24 add
- * and multiply exactly in float, in any order, so fused multiply-adds change nothing.
+ * Returns the number of events (wrap: of outputs that differ), or -1 when scratch memory could not
+ * be allocated (nothing written then is meaningful). Exact whenever every tile's Σ|products| and
+ * |acc| + |partial| stay below 2^24, or the value is clamped anyway (wrap: |p_t|, |start| < 2^22
+ * and hi - lo < 2^23) -- the caller's plan guarantees it: integers below 2^24 add and multiply
+ * exactly in float, in any order, so fused multiply-adds change nothing.
  *
  * Layout (the usual GEMM blocking): A is packed once into panels of QC_MR rows; for each block of
  * columns, the reduction runs in blocks of whole tiles (about QC_KC products), each packing its
@@ -54,6 +58,8 @@
 #define QC_KC 256                     /* products per reduction block, rounded down to whole tiles */
 #define QC_B_FLOATS (1 << 16)         /* packed B per block (256 KiB): sets a column block's width */
 
+enum { QC_SATURATE, QC_WRAP, QC_PAIRWISE };       /* overflow modes, in accumulator.OVERFLOW_MODES' order */
+
 typedef float qc_vf __attribute__((vector_size(QC_VL * 4)));
 typedef int32_t qc_vi __attribute__((vector_size(QC_VL * 4)));
 
@@ -83,15 +89,29 @@ static inline qc_vf qc_clamp(qc_vf s, qc_vf lo, qc_vf hi)
 #endif
 }
 
+/* floor(s), lanewise */
+static inline qc_vf qc_floor(qc_vf s)
+{
+#if defined(__AVX512F__)
+    return _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#elif defined(__AVX__)
+    return _mm256_floor_ps(s);
+#else
+    const qc_vf t = __builtin_convertvector(__builtin_convertvector(s, qc_vi), qc_vf);   /* toward zero */
+    return t + __builtin_convertvector(s < t, qc_vf);                                    /* -1 where s < t */
+#endif
+}
+
 /* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
- * (tiles of tl products from the block's start, the last one shorter; pairs: each tile's sum clamped
- * first). acc, hits, exact: the block's rows, ld elements apart; hits counts the clamps that changed a
- * value. */
+ * (tiles of tl products from the block's start, the last one shorter), in `mode`. acc, hits, exact:
+ * the block's rows, ld elements apart; hits counts the clamps that changed a value (wrap: the net
+ * number of wraps). */
 __attribute__((optimize("fp-contract=fast")))
 static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
-                     float *exact, int64_t ld, float lo, float hi, int pairs)
+                     float *exact, int64_t ld, float lo, float hi, int mode)
 {
     const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
+    const qc_vf span = (hi - lo + 1.0f) - (qc_vf){0}, inv = 1.0f / (hi - lo + 1.0f) - (qc_vf){0};   /* 2^b, 2^-b */
     for (int64_t k0 = 0; k0 < kc; k0 += tl) {
         const int64_t n = kc - k0 < tl ? kc - k0 : tl;
         qc_vf p[QC_MR][QC_NV];
@@ -121,14 +141,20 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, f
             for (int v = 0; v < QC_NV; ++v) {
                 qc_vf *c = (qc_vf *)(acc + r * ld + v * QC_VL);
                 qc_vi *h = (qc_vi *)(hits + r * ld + v * QC_VL);
-                qc_vf q = p[r][v];
-                if (pairs) {
-                    q = qc_clamp(q, lov, hiv);
-                    *h -= (qc_vi)(q != p[r][v]);
+                if (mode == QC_WRAP) {
+                    const qc_vf s = *c + p[r][v], k = qc_floor((s - lov) * inv);
+                    *c = s - k * span;
+                    *h += __builtin_convertvector(k, qc_vi);
+                } else {
+                    qc_vf q = p[r][v];
+                    if (mode == QC_PAIRWISE) {
+                        q = qc_clamp(q, lov, hiv);
+                        *h -= (qc_vi)(q != p[r][v]);
+                    }
+                    const qc_vf s = *c + q, clamped = qc_clamp(s, lov, hiv);
+                    *c = clamped;
+                    *h -= (qc_vi)(s != clamped);
                 }
-                const qc_vf s = *c + q, clamped = qc_clamp(s, lov, hiv);
-                *c = clamped;
-                *h -= (qc_vi)(s != clamped);
                 if (exact)
                     *(qc_vf *)(exact + r * ld + v * QC_VL) += p[r][v];
             }
@@ -180,16 +206,16 @@ static void qc_gather(float *dst, const float *src, const int32_t *delta)
 #endif
 }
 
-/* n adjacent results out of a scratch block: accumulators, overflow flags (any event), exact sums
- * (exact NULL: none); returns their events. */
+/* n adjacent results out of a scratch block: accumulators, overflow flags (any event; wrap: net wraps),
+ * exact sums (exact NULL: none); returns their events (wrap: outputs with net wraps). */
 static int64_t qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
-                        uint8_t *overflowed, float *exact)
+                        uint8_t *overflowed, float *exact, int mode)
 {
     int64_t events = 0;
     for (int64_t j = 0; j < n; ++j) {
         acc[j] = cb[j];
         overflowed[j] = hb[j] != 0;
-        events += hb[j];
+        events += mode == QC_WRAP ? hb[j] != 0 : hb[j];
     }
     if (exact)
         memcpy(exact, eb, (size_t)n * sizeof(float));
@@ -206,7 +232,7 @@ void qc_tiled_gemm_block(int64_t *shape)
 
 int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
                           const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
-                          float *exact, uint8_t *overflowed, float lo, float hi, int pairs)
+                          float *exact, uint8_t *overflowed, float lo, float hi, int mode)
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
@@ -287,7 +313,7 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
                             qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
-                                     eb ? eb + at : NULL, nc, lo, hi, pairs);
+                                     eb ? eb + at : NULL, nc, lo, hi, mode);
                         }
                     }
                 }
@@ -298,12 +324,12 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
                         if (adjacent)
                             events += qc_store(QC_NR, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
-                                               exact ? exact + o : NULL);
+                                               exact ? exact + o : NULL, mode);
                         else
                             for (int64_t j = 0; j < m; ++j)
                                 events += qc_store(1, cb + at + j, hb + at + j, eb ? eb + at + j : NULL,
                                                    acc + o + delta[j], overflowed + o + delta[j],
-                                                   exact ? exact + o + delta[j] : NULL);
+                                                   exact ? exact + o + delta[j] : NULL, mode);
                     }
                 }
             }
