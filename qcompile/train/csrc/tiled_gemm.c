@@ -1,6 +1,6 @@
-/* The saturating tiled accumulator of qcompile.tiled over a matmul, fused: each tile's partial sums
- * stay in registers and go into the accumulator at the tile's end; none is stored (the semantics
- * are in that module's docstring; this is its CPU kernel for float32 plans).
+/* The tiled accumulator of qcompile.tiled over a matmul, fused: each tile's partial sums stay in
+ * registers and go into the accumulator at the tile's end; none is stored (the semantics are in that
+ * module's docstring; this is its CPU kernel for the plans float32 keeps exact).
  *
  * The operands are read through offset tables, so a conv's im2col matrix, a transposed or strided
  * matrix and a flipped kernel are all read in place. For group g < groups, i < M, k < K, j < N:
@@ -29,8 +29,9 @@
  * columns, the reduction runs in blocks of whole tiles (about QC_KC products), each packing its
  * slice of B into panels of QC_NR columns; a QC_MR x QC_NR block of partial sums lives in vector
  * registers for one tile. The accumulators of a column block stay in a scratch block (in cache)
- * until its reduction ends, and are then written through the output table. Column blocks run on the
- * OpenMP threads (torch's own pool, as in clamp_scan.c) when the work is large.
+ * until its reduction ends, and are then written through the output table. When the work is large,
+ * column blocks (at least four a thread) and A's panels run on the OpenMP threads (torch's own pool,
+ * as in clamp_scan.c).
  */
 #define _POSIX_C_SOURCE 200112L     /* posix_memalign */
 #include <stdint.h>
