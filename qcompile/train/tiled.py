@@ -15,10 +15,13 @@ results; float operands give the accumulator in the float dtype used (float32 or
 Partial sums are computed in float32 when every tile's Σ|products| < 2^24 (float32 holds every
 integer below 2^24, so any summation order is exact) and in float64 (exact below 2^53)
 otherwise. When the worst case |bias| + Σ|products| cannot leave the range, the whole
-reduction is one exact op. Otherwise one batched GEMM (over the im2col matrix for a conv)
+reduction is one exact op. Otherwise, on the CPU, a plan float32 keeps exact runs in the fused
+kernel csrc/tiled_gemm.c (`_fused_gemm`: operands read in place through offset tables, each tile's
+partial sums in registers). Elsewhere one batched GEMM (over the im2col matrix for a conv)
 computes a chunk of tiles' partial sums at once, a (tiles, outputs) tensor; a clamp-scan over its
 tile axis folds them into the accumulator (on the CPU in one pass, the C kernel csrc/clamp_scan.c;
-torch ops elsewhere). Chunks bound the memory whatever the number of tiles.
+torch ops elsewhere). Chunks bound the memory whatever the number of tiles. Both paths reduce in
+the same order and give the same bits.
 """
 from __future__ import annotations
 
