@@ -356,6 +356,29 @@ def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, t
             assert overflow != "saturate" or int(want.overflowed.sum()) < want.overflowed.numel()
 
 
+def test_fused_wrap_runs_in_exact_chunks_past_a_float64_tile(monkeypatch):
+    """A wrap tile too long for exact float32 partial sums (its plan: float64 partials) still runs fused,
+    in chunks that keep float32 exact, and gives the torch path's float64 results (G_W over 1152 rows of
+    a padded input, a matmul over 2000)."""
+    from qcompile.train import tiled
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-128, 128, (2, 4, 24, 24), generator=gen).float()
+    w = torch.randint(-127, 128, (20, 4, 3, 3), generator=gen).float()
+    g = torch.randint(-128, 128, (2, 20, 24, 24), generator=gen).float()
+    a, b = torch.randint(-128, 128, (32, 2000), generator=gen).float(), torch.randint(-127, 128, (2000, 32), generator=gen).float()
+    mode = dict(acc_bits=12, overflow="wrap", exact=False)
+    ops = [lambda: tiled_conv2d_weight_grad(x, g, w.shape, 1, 1, tile=1152, **mode),
+           lambda: tiled_matmul(a, b, tile=2000, **mode)]
+    assert tiled._plan(x, g, None, 1152, 12, 1152, "wrap").part_dtype == torch.float64
+    calls = []
+    monkeypatch.setattr(tiled, "_fused_gemm", lambda *a, **k: calls.append(a[1]) or FUSED(*a, **k))
+    fused = [op() for op in ops]
+    assert len(calls) == 2 and max(calls) < 1152
+    monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+    for got, want in zip(fused, (op() for op in ops)):
+        assert _equal_results(got, want) and int(want.events) > 0
+
+
 def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
     from qcompile.train import native
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

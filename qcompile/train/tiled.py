@@ -298,9 +298,8 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact
     if lib is None:
         return None
     mr, nr = _block_shape(lib)
-    if min(_rounded_up(rows, mr) * _rounded_up(cols, nr), _rounded_up(cols, mr) * _rounded_up(rows, nr)) * FUSED_MIN_FILL > rows * cols:
-        return None
-    return lib
+    blocks = min(_rounded_up(rows, mr) * _rounded_up(cols, nr), _rounded_up(cols, mr) * _rounded_up(rows, nr))
+    return None if blocks * FUSED_MIN_FILL > rows * cols else lib
 
 
 @functools.cache
@@ -326,11 +325,11 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
 
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
                 out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
-    """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused kernel
-    (`lib`),
-    each operand read through its offset tables (group, row, col) relative to its first element (A's
-    col and B's row walk the reduction, in its order); writes out.acc / out.overflowed (/ out.exact,
-    when not None) at out_tab's offsets and returns the number of events. Float32 operands."""
+    """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused
+    kernel (`lib`), each operand read through its offset tables (group, row, col) relative to its first
+    element (A's col and B's row walk the reduction, in its order); writes out.acc / out.overflowed
+    (/ out.exact, when not None) at out_tab's offsets and returns the number of events. Float32
+    operands."""
     if max(t.numel() for t in (a, b, out.acc)) >= 2 ** 31:
         raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
                          f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
@@ -346,11 +345,12 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
     def operand(base, group, row, col):
         return _Operand(base, group.data_ptr(), row.data_ptr(), col.data_ptr())
     ops = [operand(a.data_ptr(), *tabs[0:3]), operand(b.data_ptr(), *tabs[3:6]),
-           operand(start.data_ptr() if start is not None else None, *(tabs[9:12] if start is not None else tabs[6:9])),
+           operand(None, *tabs[6:9]) if start is None else operand(start.data_ptr(), *tabs[9:12]),
            operand(None, *tabs[6:9])]
-    events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile, *map(ctypes.byref, ops),
-                out.acc.data_ptr(), None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
-                lo, hi, OVERFLOW_MODES.index(overflow))
+    events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile,
+                                   *map(ctypes.byref, ops), out.acc.data_ptr(),
+                                   None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
+                                   lo, hi, OVERFLOW_MODES.index(overflow))
     if events < 0:
         raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
     return events
@@ -485,8 +485,9 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
                  _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)))
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
+        start_tab = (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))      # the bias: per row
         out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(),
-                                     a_tab, xp, b_tab, out, out_tab, start, (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))))
+                                     a_tab, xp, b_tab, out, out_tab, start, start_tab))
         return _cast(out, _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
@@ -624,7 +625,8 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
             continue
         da, db = (t[1] - t[0] if len(t) > 1 else 0 for t in (ta, tb))            # the taps step evenly
         a_tab = (_offsets((groups, og * cin_g * kh * kw)), _offsets((cin_g, kh * kw)),
-                 _offsets((og, cin_g * kh * kw), (len(ta), -da * kw, (kh - 1 - ta[0]) * kw), (len(tb), -db, kw - 1 - tb[0])))
+                 _offsets((og, cin_g * kh * kw), (len(ta), -da * kw, (kh - 1 - ta[0]) * kw),
+                          (len(tb), -db, kw - 1 - tb[0])))
         b_tab = (_offsets((groups, og * sC)),
                  _offsets((og, sC), (len(ta), sa * sH, (qa + top) * sH), (len(tb), sb * sW, (qb + left) * sW)),
                  _offsets((N, sN), (mh, sH), (mw, sW)))
@@ -720,8 +722,8 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     plan = _plan(g, x, None, N * L, acc_bits, tile, overflow, None if absmax is None else (absmax[1], absmax[0]))
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
-    xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     fused = _gemm_kernel(plan, overflow, x.device, og, K, exact)
+    xp = _padded(x, (ph, ph, pw, pw), torch.float32 if fused is not None else plan.part_dtype)
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
