@@ -61,6 +61,7 @@ class AccResult:
     exact: torch.Tensor | None  # exact as an integer type or below 2^24 (float32) / 2^53 (float64)
     overflowed: torch.Tensor    # bool, per output: at least one overflow event
     events: torch.Tensor        # int64 scalar: number of overflow events
+    overflowed_count: int | None = None     # outputs that overflowed, where the fused kernel counted them
 
 
 def _absmax(t: torch.Tensor | None) -> float:
@@ -306,8 +307,8 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact
 def _block_shape(lib) -> tuple[int, int]:
     """The register block (rows, columns) of the kernel's build; sets the kernel's ctypes signature."""
     lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
-        [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int]
-    lib.qc_tiled_gemm_f32.restype = ctypes.c_int64
+        [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int, ctypes.c_void_p]
+    lib.qc_tiled_gemm_f32.restype = ctypes.c_int
     block = (ctypes.c_int64 * 2)()
     lib.qc_tiled_gemm_block(block)
     return block[0], block[1]
@@ -324,11 +325,12 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
 
 
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
-                out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> int:
+                out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> None:
     """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused
     kernel (`lib`), each operand read through its offset tables (group, row, col) relative to its first
     element (A's col and B's row walk the reduction, in its order); writes out.acc / out.overflowed
-    (/ out.exact, when not None) at out_tab's offsets and returns the number of events. Float32
+    (/ out.exact, when not None) at out_tab's offsets and adds the events and the outputs that
+    overflowed to out.events and out.overflowed_count (each output written by one call). Float32
     operands."""
     if max(t.numel() for t in (a, b, out.acc)) >= 2 ** 31:
         raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
@@ -347,13 +349,14 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
     ops = [operand(a.data_ptr(), *tabs[0:3]), operand(b.data_ptr(), *tabs[3:6]),
            operand(None, *tabs[6:9]) if start is None else operand(start.data_ptr(), *tabs[9:12]),
            operand(None, *tabs[6:9])]
-    events = lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile,
-                                   *map(ctypes.byref, ops), out.acc.data_ptr(),
-                                   None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
-                                   lo, hi, OVERFLOW_MODES.index(overflow))
-    if events < 0:
+    counts = (ctypes.c_int64 * 2)()
+    if lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile,
+                             *map(ctypes.byref, ops), out.acc.data_ptr(),
+                             None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
+                             lo, hi, OVERFLOW_MODES.index(overflow), counts) < 0:
         raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
-    return events
+    out.events.add_(counts[0])
+    out.overflowed_count += counts[1]
 
 
 def _matrix_tables(t: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -370,10 +373,10 @@ def _rounded_up(n: int, block: int) -> int:
 
 def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
     """Float32 accumulator (and exact sum) and overflow flags of `shape` for _fused_gemm to write:
-    uninitialized, or zeroed where some outputs get no product (then 0, no overflow)."""
+    uninitialized, or zeroed where some outputs get no product (then 0, no overflow); no events yet."""
     new = torch.zeros if zeroed else torch.empty
     return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool),
-                     torch.zeros((), dtype=torch.int64))
+                     torch.zeros((), dtype=torch.int64), 0)
 
 
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
@@ -383,7 +386,8 @@ def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
 
 def _apply(res: AccResult, fn) -> AccResult:
     """`fn` (a reshape / permutation) applied to every per-output tensor of `res`."""
-    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact), fn(res.overflowed), res.events)
+    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact), fn(res.overflowed), res.events,
+                     res.overflowed_count)
 
 
 def _out_dtype(ref: torch.Tensor) -> torch.dtype | None:
@@ -416,9 +420,9 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
         out = _outputs((*batch, M, N), exact)
         start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
         a_, b_ = a.to(torch.float32), b.to(torch.float32)
-        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_,
-                                     _matrix_tables(b_, batch), out, _matrix_tables(out.acc, batch), start,
-                                     None if start is None else _matrix_tables(start, batch)))
+        _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_,
+                    _matrix_tables(b_, batch), out, _matrix_tables(out.acc, batch), start,
+                    None if start is None else _matrix_tables(start, batch))
         return _cast(out, _out_dtype(a))
     a_, b_ = a.to(plan.part_dtype), b.to(plan.part_dtype)
     full = K // tl                                                          # tiles of tl products; then maybe a short one
@@ -486,8 +490,8 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
         start_tab = (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))      # the bias: per row
-        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(),
-                                     a_tab, xp, b_tab, out, out_tab, start, start_tab))
+        _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab,
+                    out, out_tab, start, start_tab)
         return _cast(out, _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
@@ -516,10 +520,7 @@ def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
     if not any(pads) and x.dtype == dtype and x.is_contiguous():
         return x
     xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
-    xp[:, :, :ph0].zero_()
-    xp[:, :, ph0 + H:].zero_()
-    xp[:, :, ph0:ph0 + H, :pw0].zero_()
-    xp[:, :, ph0:ph0 + H, pw0 + W:].zero_()
+    xp.zero_()                  # one contiguous fill: faster than the border's strips (one element wide)
     xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
     return xp
 
@@ -618,7 +619,6 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
     sN, sC, sH, sW = gp.stride()
     wf = w.to(torch.float32).contiguous()
     out = _outputs((N, C, H, W), exact, zeroed=(sh, sw) != (1, 1))      # stride 1: one phase, every output
-    events = 0
     for (ry, (ta, qa, sa, _)), (rx, (tb, qb, sb, _)) in itertools.product(enumerate(rows), enumerate(cols)):
         mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)                  # the phase's outputs per axis
         if not ta or not tb or mh <= 0 or mw <= 0:
@@ -632,8 +632,7 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
                  _offsets((N, sN), (mh, sH), (mw, sW)))
         out_tab = (_offsets((groups, cin_g * H * W)), _offsets((cin_g, H * W)),
                    _offsets((N, C * H * W), (mh, sh * W, ry * W), (mw, sw, rx)))
-        events += _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab)
-    out.events.fill_(events)
+        _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab)
     return out
 
 
@@ -732,8 +731,8 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
                  _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
         out_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
-        out.events.fill_(_fused_gemm(fused, plan.fused_tile, acc_bits, overflow, g.to(torch.float32).contiguous(),
-                                     a_tab, xp, b_tab, out, out_tab))
+        _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, g.to(torch.float32).contiguous(), a_tab, xp, b_tab,
+                    out, out_tab)
         return _cast(out, _out_dtype(x))
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
@@ -984,7 +983,8 @@ class NarrowAccOp(nn.Module):
     @torch.no_grad()
     def record(self, phase: str, res: AccResult) -> None:
         getattr(self, f"events_{phase}").add_(res.events)
-        getattr(self, f"overflowed_{phase}").add_(torch.count_nonzero(res.overflowed))
+        n = res.overflowed_count
+        getattr(self, f"overflowed_{phase}").add_(torch.count_nonzero(res.overflowed) if n is None else n)
         getattr(self, f"outputs_{phase}").add_(res.overflowed.numel())
 
     def reset_overflow_stats(self) -> None:

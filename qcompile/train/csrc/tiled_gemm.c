@@ -19,8 +19,9 @@
  *                    differs from the exact sum (the wraps did not cancel); else 0
  *     exact[o]       (exact non-NULL) start + every tile's partial sum p_t
  *
- * Returns the number of events (wrap: of outputs that differ), or -1 when scratch memory could not
- * be allocated (nothing written then is meaningful). Exact whenever every tile's Σ|products| and
+ * counts[0] <- the number of events (wrap: of outputs that differ), counts[1] <- the number of
+ * outputs that overflowed. Returns 0, or -1 when scratch memory could not be allocated (nothing
+ * written then is meaningful). Exact whenever every tile's Σ|products| and
  * |acc| + |partial| stay below 2^24, or the value is clamped anyway (wrap: |p_t|, |start| < 2^22
  * and hi - lo < 2^23) -- the caller's plan guarantees it: integers below 2^24 add and multiply
  * exactly in float, in any order, so fused multiply-adds change nothing.
@@ -71,10 +72,27 @@ typedef struct {
 
 static int64_t qc_roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-static void *qc_alloc(int64_t floats)
+/* The calling thread's scratch buffer `slot` (QC_SLOTS of them), at least `floats` floats, 64-byte aligned,
+ * or NULL when it cannot grow. Each thread keeps its buffers from call to call (they grow to the largest
+ * call's needs and are never freed): fresh multi-megabyte blocks would pay their page faults on every
+ * call. */
+enum { QC_SLOT_A, QC_SLOT_B, QC_SLOT_C, QC_SLOT_E, QC_SLOT_H, QC_SLOTS };
+static __thread struct { void *p; int64_t floats; } qc_scratch_buf[QC_SLOTS];
+
+static void *qc_scratch(int slot, int64_t floats)
 {
-    void *p = NULL;
-    return posix_memalign(&p, 64, (size_t)qc_roundup(floats > 0 ? floats : 1, 16) * 4) ? NULL : p;
+    floats = qc_roundup(floats > 0 ? floats : 1, 16);
+    if (qc_scratch_buf[slot].floats < floats) {
+        void *p = NULL;
+        free(qc_scratch_buf[slot].p);
+        qc_scratch_buf[slot].p = NULL;
+        qc_scratch_buf[slot].floats = 0;
+        if (posix_memalign(&p, 64, (size_t)floats * 4))
+            return NULL;
+        qc_scratch_buf[slot].p = p;
+        qc_scratch_buf[slot].floats = floats;
+    }
+    return qc_scratch_buf[slot].p;
 }
 
 /* max(lo, min(s, hi)), lanewise */
@@ -208,19 +226,22 @@ static void qc_gather(float *dst, const float *src, const int32_t *delta)
 }
 
 /* n adjacent results out of a scratch block: accumulators, overflow flags (any event; wrap: net wraps),
- * exact sums (exact NULL: none); returns their events (wrap: outputs with net wraps). */
-static int64_t qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
-                        uint8_t *overflowed, float *exact, int mode)
+ * exact sums (exact NULL: none); adds their events (wrap: outputs with net wraps) to counts[0] and the
+ * outputs that overflowed to counts[1]. */
+static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
+                     uint8_t *overflowed, float *exact, int mode, int64_t *counts)
 {
-    int64_t events = 0;
+    int64_t events = 0, hit = 0;
     for (int64_t j = 0; j < n; ++j) {
         acc[j] = cb[j];
         overflowed[j] = hb[j] != 0;
-        events += mode == QC_WRAP ? hb[j] != 0 : hb[j];
+        hit += hb[j] != 0;
+        events += hb[j];
     }
     if (exact)
         memcpy(exact, eb, (size_t)n * sizeof(float));
-    return events;
+    counts[0] += mode == QC_WRAP ? hit : events;
+    counts[1] += hit;
 }
 
 /* The register block's shape (rows, columns) of this build: the caller orients the product to waste
@@ -231,9 +252,9 @@ void qc_tiled_gemm_block(int64_t *shape)
     shape[1] = QC_NR;
 }
 
-int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
-                          const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
-                          float *exact, uint8_t *overflowed, float lo, float hi, int mode)
+int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
+                      const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
+                      float *exact, uint8_t *overflowed, float lo, float hi, int mode, int64_t *counts)
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
@@ -249,7 +270,7 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
         nc = qc_roundup(N, QC_NR);
     const int64_t jblocks = (N + nc - 1) / nc;
 
-    float *ap = qc_alloc(groups * Mp * K);             /* [g][panel][k][r] */
+    float *ap = qc_scratch(QC_SLOT_A, groups * Mp * K);             /* [g][panel][k][r] */
     if (!ap)
         return -1;
 #pragma omp parallel for collapse(2) schedule(static) if(parallel)
@@ -264,12 +285,14 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                     *dst++ = src[r] ? src[r][a->col[k]] : 0.0f;
         }
 
-    int64_t events = 0;
+    int64_t events = 0, hit = 0;
     int failed = 0;
-#pragma omp parallel reduction(+:events) if(parallel)
+#pragma omp parallel reduction(+:events, hit) if(parallel)
     {
-        float *bp = qc_alloc(kc_max * nc), *cb = qc_alloc(Mp * nc), *eb = exact ? qc_alloc(Mp * nc) : NULL;
-        int32_t *hb = qc_alloc(Mp * nc);
+        int64_t mine[2] = {0, 0};
+        float *bp = qc_scratch(QC_SLOT_B, kc_max * nc), *cb = qc_scratch(QC_SLOT_C, Mp * nc);
+        float *eb = exact ? qc_scratch(QC_SLOT_E, Mp * nc) : NULL;
+        int32_t *hb = qc_scratch(QC_SLOT_H, Mp * nc);
         const int ok = bp && cb && hb && (eb || !exact);
         if (!ok) {
 #pragma omp atomic write
@@ -324,21 +347,19 @@ int64_t qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64
                     for (int64_t i = 0; i < M; ++i) {
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
                         if (adjacent)
-                            events += qc_store(QC_NR, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
-                                               exact ? exact + o : NULL, mode);
+                            qc_store(QC_NR, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
+                                     exact ? exact + o : NULL, mode, mine);
                         else
                             for (int64_t j = 0; j < m; ++j)
-                                events += qc_store(1, cb + at + j, hb + at + j, eb ? eb + at + j : NULL,
-                                                   acc + o + delta[j], overflowed + o + delta[j],
-                                                   exact ? exact + o + delta[j] : NULL, mode);
+                                qc_store(1, cb + at + j, hb + at + j, eb ? eb + at + j : NULL, acc + o + delta[j],
+                                         overflowed + o + delta[j], exact ? exact + o + delta[j] : NULL, mode, mine);
                     }
                 }
             }
-        free(bp);
-        free(cb);
-        free(eb);
-        free(hb);
+        events += mine[0];
+        hit += mine[1];
     }
-    free(ap);
-    return failed ? -1 : events;
+    counts[0] = events;
+    counts[1] = hit;
+    return failed ? -1 : 0;
 }
