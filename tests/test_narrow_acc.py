@@ -319,6 +319,48 @@ def test_fused_gemm_equals_the_torch_path(case, mode, acc_bits, exact):
         assert calls
 
 
+@SETTINGS
+@given(conv_case(), FUSED_MODES, st.sampled_from([10, 16]), st.integers(0, 2 ** 16))
+def test_convs_read_the_codes_of_real_operands(case, mode, acc_bits, seed):
+    """A conv, its input and weight gradients given real operands on their grids with multipliers
+    1/scale (mults / w_mult / x_mult: the fused kernel rounds x·(1/scale) as it packs, per output channel
+    for the weight) give what they give on the codes themselves, fused and on the torch path alike; on
+    the grid, _codes gives back the codes exactly."""
+    from qcompile.train import tiled
+    x, w, b, stride, pad, dil, groups = case
+    gen = torch.Generator().manual_seed(seed)
+    sx = torch.rand((), generator=gen) * 0.1 + 1e-3
+    sw = torch.rand(w.shape[0], generator=gen) * 0.01 + 1e-4
+    x_real, w_real = x.float() * sx, w.float() * sw.view(-1, 1, 1, 1)
+    inv_x, inv_w = torch.reciprocal(sx), torch.reciprocal(sw)
+    assert torch.equal(tiled._codes(x_real, inv_x), x.float()) and torch.equal(tiled._codes(w_real, inv_w, 0), w.float())
+    y = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
+    g = torch.randint(-128, 128, y.shape, generator=gen).float()
+    overflow, tile = mode
+    m = dict(acc_bits=acc_bits, tile=tile, overflow=overflow, exact=False)
+    amax = (float(x.abs().max()), float(w.abs().max()), 128.0)
+    conv = (x.float(), w.float(), b.float(), stride, pad, dil, groups)
+    pairs = [(lambda: tiled_conv2d(x_real, w_real, *conv[2:], **m, absmax=amax[:2], mults=(inv_x, inv_w)),
+              lambda: tiled_conv2d(*conv, **m, absmax=amax[:2])),
+             (lambda: tiled_conv2d_input_grad(g, w_real, x.shape[-2:], *conv[3:], **m, absmax=amax[2:0:-1],
+                                              w_mult=inv_w),
+              lambda: tiled_conv2d_input_grad(g, conv[1], x.shape[-2:], *conv[3:], **m, absmax=amax[2:0:-1])),
+             (lambda: tiled_conv2d_weight_grad(x_real, g, w.shape, *conv[3:], **m, absmax=amax[::2], x_mult=inv_x),
+              lambda: tiled_conv2d_weight_grad(conv[0], g, w.shape, *conv[3:], **m, absmax=amax[::2]))]
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiled, "FUSED_MIN_FILL", 0.0)
+        mp.setattr(tiled, "_fused_gemm", lambda *a, **k: calls.append(1) or FUSED(*a, **k))
+        fused = [real() for real, _ in pairs]
+        on_codes = [codes() for _, codes in pairs]
+        mp.setenv("QCOMPILE_NATIVE", "0")
+        torch_path = [real() for real, _ in pairs]
+    for got, want, plain in zip(fused, on_codes, torch_path):
+        assert _equal_results(got, want) and _equal_results(plain, want)
+    if tile < w[0].numel() and tile <= 8:
+        assert calls
+
+
 def _fused_build_case():
     """A conv whose products span several column blocks and register panels, 20 output channels (not a
     multiple of the panel rows), 288-product reductions: enough work for the kernel's OpenMP loop."""

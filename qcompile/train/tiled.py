@@ -306,7 +306,7 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact
 @functools.cache
 def _block_shape(lib) -> tuple[int, int]:
     """The register block (rows, columns) of the kernel's build; sets the kernel's ctypes signature."""
-    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 4 + \
+    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 6 + \
         [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int, ctypes.c_void_p]
     lib.qc_tiled_gemm_f32.restype = ctypes.c_int
     block = (ctypes.c_int64 * 2)()
@@ -325,13 +325,15 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
 
 
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
-                out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None) -> None:
+                out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None, a_mult=None,
+                b_mult=None) -> None:
     """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused
     kernel (`lib`), each operand read through its offset tables (group, row, col) relative to its first
     element (A's col and B's row walk the reduction, in its order); writes out.acc / out.overflowed
     (/ out.exact, when not None) at out_tab's offsets and adds the events and the outputs that
     overflowed to out.events and out.overflowed_count (each output written by one call). Float32
-    operands."""
+    operands; a_mult / b_mult (None, or (multipliers, their tables) shaped like the operand's): the
+    operand holds real values whose codes are rint(value·multiplier) (_codes)."""
     if max(t.numel() for t in (a, b, out.acc)) >= 2 ** 31:
         raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
                          f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
@@ -339,18 +341,22 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
     M, N = len(a_tab[1]), len(b_tab[2])
     mr, nr = _block_shape(lib)
     if _rounded_up(N, nr) / N > 1.1 * _rounded_up(M, mr) / M:     # Cᵀ = Bᵀ Aᵀ: the short side as rows
-        a, a_tab, b, b_tab = b, (b_tab[0], b_tab[2], b_tab[1]), a, (a_tab[0], a_tab[2], a_tab[1])
-        out_tab = (out_tab[0], out_tab[2], out_tab[1])
-        start_tab = None if start_tab is None else (start_tab[0], start_tab[2], start_tab[1])
-    tabs = [t.contiguous() for t in (*a_tab, *b_tab, *out_tab, *(start_tab or ()))]
+        def flip(tab):
+            return None if tab is None else (tab[0], tab[2], tab[1])
+        a, a_tab, b, b_tab = b, flip(b_tab), a, flip(a_tab)
+        a_mult, b_mult = (None if m is None else (m[0], flip(m[1])) for m in (b_mult, a_mult))
+        out_tab, start_tab = flip(out_tab), flip(start_tab)
 
-    def operand(base, group, row, col):
-        return _Operand(base, group.data_ptr(), row.data_ptr(), col.data_ptr())
-    ops = [operand(a.data_ptr(), *tabs[0:3]), operand(b.data_ptr(), *tabs[3:6]),
-           operand(None, *tabs[6:9]) if start is None else operand(start.data_ptr(), *tabs[9:12]),
-           operand(None, *tabs[6:9])]
+    def operand(base: torch.Tensor | None, tab):
+        tab = tuple(t.contiguous() for t in tab)
+        keep.extend(tab)
+        return _Operand(None if base is None else base.data_ptr(), *(t.data_ptr() for t in tab))
+    keep = []
+    ops = [operand(a, a_tab), operand(b, b_tab), *(operand(None, out_tab) if m is None else operand(*m)
+                                                  for m in (a_mult, b_mult)),
+           operand(start, start_tab or out_tab), operand(None, out_tab)]
     counts = (ctypes.c_int64 * 2)()
-    if lib.qc_tiled_gemm_f32(len(tabs[0]), len(tabs[1]), len(tabs[5]), len(tabs[2]), tile,
+    if lib.qc_tiled_gemm_f32(len(a_tab[0]), len(a_tab[1]), len(b_tab[2]), len(a_tab[2]), tile,
                              *map(ctypes.byref, ops), out.acc.data_ptr(),
                              None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
                              lo, hi, OVERFLOW_MODES.index(overflow), counts) < 0:
@@ -377,6 +383,19 @@ def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
     new = torch.zeros if zeroed else torch.empty
     return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool),
                      torch.zeros((), dtype=torch.int64), 0)
+
+
+def _codes(t: torch.Tensor, mult: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """The integer codes of real values `t` on a grid: rint(t·mult), mult = 1/scale (a 0-d tensor, or one
+    per index of `axis`), the product in float32 and rounded half to even: the fused kernel's arithmetic
+    (csrc/tiled_gemm.c, multiplier operands). On the grid, t·(1/scale) is within a few ulps of its code."""
+    m = mult.to(torch.float32)
+    return torch.mul(t.to(torch.float32), m if axis is None or m.dim() == 0 else _channel_view(m, t.dim(), axis)).round_()
+
+
+def _per_channel(mult: torch.Tensor, n: int) -> torch.Tensor:
+    """A multiplier (0-d, or one per channel) as n float32 values, one per channel."""
+    return mult.to(torch.float32).reshape(-1).expand(n).contiguous()
 
 
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
@@ -457,15 +476,26 @@ def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 @torch.no_grad()
 def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                 overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+                 overflow: str = "saturate", absmax=None, exact: bool = True, mults=None) -> AccResult:
     """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
     w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
-    The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order."""
+    The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order.
+    mults = (x_mult, w_mult): x and w hold real values on grids and the operands are their codes,
+    _codes(x, x_mult) and _codes(w, w_mult per output channel); `absmax` (the codes' bounds) is then
+    required. The fused kernel reads the codes from the real values; elsewhere they are formed first."""
     if x.dim() != 4 or w.dim() != 4:
         raise ValueError(f"tiled_conv2d: expects 4-d x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     O, cin_g, kh, kw = w.shape
     N, K = x.shape[0], cin_g * kh * kw
+    if mults is not None and absmax is None:
+        raise ValueError("tiled_conv2d: operands given as real values (mults) need their codes' bounds (absmax)")
     plan = _plan(x, w, bias, K, acc_bits, tile, overflow, absmax)
+    og, kk = O // groups, kh * kw
+    Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
+    L = Ho * Wo
+    fused = None if plan.tiles == 1 else _gemm_kernel(plan, overflow, x.device, og, N * L, exact)
+    if mults is not None and fused is None:
+        x, w = _codes(x, mults[0]), _codes(w, mults[1], 0)
     if plan.tiles == 1:
         y = F.conv2d(x.to(plan.part_dtype), w.to(plan.part_dtype), None, stride, padding, dilation, groups)
         y = y.to(plan.acc_dtype)
@@ -474,13 +504,9 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
                         per_tile=y.numel(), exact=exact)
         return _cast(res, _out_dtype(x))
     tl, T = plan.tile, plan.tiles
-    og, kk = O // groups, kh * kw
-    Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
-    L = Ho * Wo
     ph, pw = _pair(padding)
-    fused = _gemm_kernel(plan, overflow, x.device, og, N * L, exact)
     if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
-        xp = _padded(x, (ph, ph, pw, pw), torch.float32)
+        xp = _padded(x, (ph, ph, pw, pw), torch.float32, None if mults is None else mults[0])
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
         out = _outputs((N, O, Ho, Wo), exact)
@@ -490,8 +516,10 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
         start_tab = (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))      # the bias: per row
+        a_mult = None if mults is None else (              # per output channel (row); xp holds the input's codes
+            _per_channel(mults[1], O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((K, 0))))
         _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab,
-                    out, out_tab, start, start_tab)
+                    out, out_tab, start, start_tab, a_mult)
         return _cast(out, _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
@@ -513,15 +541,19 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
 
 
-def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
-    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer
-    (x itself when there is nothing to pad or convert)."""
+def _padded(x: torch.Tensor, pads, dtype: torch.dtype, mult: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, C, H, W) in `dtype` (mult: its codes, _codes(x, mult), in float32), zero-padded by
+    pads = (top, bottom, left, right): a scratch buffer (x itself when there is nothing to pad or convert)."""
     (ph0, ph1, pw0, pw1), (N, C, H, W) = pads, x.shape
-    if not any(pads) and x.dtype == dtype and x.is_contiguous():
+    if not any(pads) and x.dtype == dtype and x.is_contiguous() and mult is None:
         return x
     xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
     xp.zero_()                  # one contiguous fill: faster than the border's strips (one element wide)
-    xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
+    inner = xp[:, :, ph0:ph0 + H, pw0:pw0 + W]
+    if mult is None:
+        inner.copy_(x)
+    else:                       # _codes' arithmetic, written in place
+        torch.mul(x, mult.to(torch.float32), out=inner).round_()
     return xp
 
 
@@ -551,20 +583,27 @@ def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
 @torch.no_grad()
 def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                            overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+                            overflow: str = "saturate", absmax=None, exact: bool = True,
+                            w_mult: torch.Tensor | None = None) -> AccResult:
     """G_X = G_Y·Wᵀ of conv2d, for stride 1: the conv2d of G_Y padded by dilation·(k−1) − padding on
     each side with the spatially flipped, in/out-transposed kernel. Its reduction runs over
     (c_out/groups, ky', kx') of the flipped kernel (padding contributes 0) and is tiled like any conv.
     With stride > 1 (G_Y with stride − 1 zeros inserted between its rows and columns) the inserted
-    zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad)."""
+    zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad).
+    w_mult: w holds real values, the operand is _codes(w, w_mult per output channel) (absmax required)."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    if w_mult is not None and absmax is None:
+        raise ValueError("tiled_conv2d_input_grad: a weight given as real values (w_mult) needs its codes' bounds "
+                         "(absmax)")
     plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
     fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw), exact)
     if fused is not None:
         return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
-                                       plan.fused_tile, exact), _out_dtype(g))
+                                       plan.fused_tile, exact, w_mult), _out_dtype(g))
+    if w_mult is not None:
+        w = _codes(w, w_mult, 0)
     if (sh, sw) != (1, 1):
         return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
                                    overflow=overflow, absmax=absmax, exact=exact)
@@ -604,7 +643,7 @@ def _phase_pads(kernel, stride, dilation, padding, grad_hw, input_hw):
 
 
 def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, overflow: str,
-                      tile: int, exact: bool) -> AccResult:
+                      tile: int, exact: bool, w_mult: torch.Tensor | None) -> AccResult:
     """tiled_conv2d_input_grad through the fused kernel, phase by phase (see _strided_input_grad; stride 1
     is one phase with every tap): A = the flipped kernel's taps of the phase, read in place from w;
     B = G_Y (padded) at those taps, C written at the phase's outputs. An output no tap reaches stays 0."""
@@ -632,7 +671,10 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
                  _offsets((N, sN), (mh, sH), (mw, sW)))
         out_tab = (_offsets((groups, cin_g * H * W)), _offsets((cin_g, H * W)),
                    _offsets((N, C * H * W), (mh, sh * W, ry * W), (mw, sw, rx)))
-        _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab)
+        a_mult = None if w_mult is None else (      # per output channel o: along the reduction (o, taps)
+            _per_channel(w_mult, O), (_offsets((groups, og)), _offsets((cin_g, 0)),
+                                      _offsets((og, 1), (len(ta), 0), (len(tb), 0))))
+        _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab, a_mult=a_mult)
     return out
 
 
@@ -710,9 +752,14 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
 @torch.no_grad()
 def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
                              groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+                             overflow: str = "saturate", absmax=None, exact: bool = True,
+                             x_mult: torch.Tensor | None = None) -> AccResult:
     """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
-    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight."""
+    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight. x_mult: x holds real
+    values, the operand is _codes(x, x_mult) (absmax required)."""
+    if x_mult is not None and absmax is None:
+        raise ValueError("tiled_conv2d_weight_grad: an input given as real values (x_mult) needs its codes' bounds "
+                         "(absmax)")
     O, cin_g, kh, kw = weight_shape
     N, K = x.shape[0], cin_g * kh * kw
     og = O // groups
@@ -722,7 +769,8 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     fused = _gemm_kernel(plan, overflow, x.device, og, K, exact)
-    xp = _padded(x, (ph, ph, pw, pw), torch.float32 if fused is not None else plan.part_dtype)
+    xp = _padded(x, (ph, ph, pw, pw), torch.float32, x_mult) if fused is not None else \
+        _padded(x if x_mult is None else _codes(x, x_mult), (ph, ph, pw, pw), plan.part_dtype)
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
@@ -784,7 +832,8 @@ def worst_case(kind: str, b_int, bias_int, a_absmax: float, b_absmax: float | No
 
 
 class _NarrowAccFunction(torch.autograd.Function):
-    """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands a/s_a, b/s_b;
+    """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands, the codes of a and b
+    (_codes with 1/s_a, 1/s_b; a conv passes a and b themselves with those multipliers);
     also returns the exact accumulator (integer units; a 0-d zero unless op.keep_exact).
     `grid` = (s_a, s_b, (max|a_int|, max|b_int|)): the operands' grids as the op's graph inputs
     gave them at this forward; the backward uses the same. Backward: see NarrowAccOp."""
@@ -792,15 +841,19 @@ class _NarrowAccFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, grid, op):
         sa, sb, absmax = grid
-        a_int = torch.div(a, sa).round_()
-        b_int = torch.div(b, _channel_view(sb, b.dim(), 0) if op.kind != "matmul" else sb).round_()
+        mults = (torch.reciprocal(sa), torch.reciprocal(sb))
+        if op.kind in ("conv2d", "conv1d"):        # the tiled convs read the codes from a and b: no copy of them
+            a_op, b_op = a.detach(), b.detach()
+        else:
+            a_op, b_op, mults = _codes(a, mults[0]), _codes(b, mults[1], 0 if op.kind != "matmul" else None), None
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
-        res = op.forward_int(a_int, b_int, bias_int, absmax)
+        res = op.forward_int(a_op, b_op, bias_int, absmax, mults)
         op.record("train" if op.training else "eval", res)
-        op.last_operands = (b_int, bias_int, absmax)
+        op.last_operands = (b_op, None if mults is None else mults[1], bias_int, absmax)
         y_scale = op.out_view(out_scale, res.acc.dim())
-        ctx.save_for_backward(a_int, b_int, res.overflowed)
+        ctx.save_for_backward(a_op, b_op, res.overflowed)
+        ctx.mults = mults
         ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
         ctx.set_materialize_grads(False)              # an unused output's gradient arrives as None, not zeros
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
@@ -809,9 +862,9 @@ class _NarrowAccFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gexact):
-        a_int, b_int, overflowed = ctx.saved_tensors
-        op, sa, sb = ctx.op, ctx.sa, ctx.sb
-        g = torch.zeros_like(overflowed, dtype=a_int.dtype) if gy is None else gy
+        a_op, b_op, overflowed = ctx.saved_tensors
+        op, sa, sb, mults = ctx.op, ctx.sa, ctx.sb, ctx.mults
+        g = torch.zeros_like(overflowed, dtype=a_op.dtype) if gy is None else gy
         if op.acc_grad == "zero_saturated":
             g = g.masked_fill(overflowed, 0.0)
         if gexact is not None:
@@ -828,7 +881,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             u = g * op.out_view(sb, g.dim()) if fold else g
             u_int = gq.gradient_codes(u)
             su = gq.scale.clone()
-            ga, gb = op.backward_int(a_int, b_int, u_int, need_a, need_b, ctx.absmax)
+            ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, mults)
             grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
             if need_b:
                 b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
@@ -836,6 +889,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             else:
                 grad_b = None
         else:
+            a_int, b_int = (a_op, b_op) if mults is None else (_codes(a_op, mults[0]), _codes(b_op, mults[1], 0))
             a_hat = a_int * sa
             b_hat = b_int * (_channel_view(sb, b_int.dim(), 0) if op.kind != "matmul" else sb)
             grad_a, grad_b = op.backward_float(a_hat, b_hat, g, need_a, need_b)
@@ -853,7 +907,8 @@ class NarrowAccOp(nn.Module):
     and whether the op keeps its exact accumulator (`keep_exact`, set by `narrow_acc` from the
     layer's `log_barrier`).
 
-    Computes in the integer domain (a/s_a, b/s_b, bias/(s_a·s_b) rounded, never saturated) and
+    Computes in the integer domain (the codes a·(1/s_a), b·(1/s_b) rounded, `_codes`: a conv's fused
+    kernel reads them from a and b; bias/(s_a·s_b) rounded; never saturated) and
     rescales. Returns y, or (y, exact) when `keep_exact`: exact = bias_int + Σ products without
     overflow (integer units, what the log barrier reads through the graph; the tail term's
     gradient reaches a and b through the op's backward). Backward, with a gradient quantizer:
@@ -888,7 +943,8 @@ class NarrowAccOp(nn.Module):
         if kind == "conv1d":
             stride, padding, dilation = (1, _pair1(stride)), (0, _pair1(padding)), (1, _pair1(dilation))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.last_operands = None              # (b_int, bias_int, absmax) of the last forward, for the summary
+        self.last_operands = None              # (b, b_mult, bias_int, absmax) of the last forward, for the summary:
+                                               # the weight operand (its codes _codes(b, b_mult), or b itself: None)
         for phase in self.PHASES:
             for what in ("events", "overflowed", "outputs"):
                 self.register_buffer(f"{what}_{phase}", torch.zeros((), dtype=torch.int64))
@@ -909,21 +965,24 @@ class NarrowAccOp(nn.Module):
     def _conv_args(self):
         return self.stride, self.padding, self.dilation, self.groups
 
-    def forward_int(self, a, b, bias, absmax) -> AccResult:
-        """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids."""
+    def forward_int(self, a, b, bias, absmax, mults=None) -> AccResult:
+        """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids.
+        mults = (1/s_a, 1/s_b) (convs only): a and b are real values on their grids, the operands their
+        codes (_codes)."""
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
                     absmax=tuple(absmax), exact=self.keep_exact)
         if self.kind == "conv2d":
-            return tiled_conv2d(a, b, bias, *self._conv_args(), **mode)
+            return tiled_conv2d(a, b, bias, *self._conv_args(), **mode, mults=mults)
         if self.kind == "conv1d":
-            return _squeeze2(tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode))
+            return _squeeze2(tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode,
+                                          mults=mults))
         if self.kind == "linear":
             return tiled_linear(a, b, bias, **mode)
         return tiled_matmul(a, b, None, **mode)
 
-    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax):
+    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax, mults=None):
         """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits;
-        absmax = (max|a_int|, max|b_int|) as in the forward."""
+        absmax = (max|a_int|, max|b_int|) and mults as in the forward (forward_int)."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
         umax = float(max_code_magnitude(q.qrange, q.zero_point))
@@ -932,10 +991,13 @@ class NarrowAccOp(nn.Module):
         if self.kind in ("conv2d", "conv1d"):
             sq = self.kind == "conv1d"
             a4, b4, u4 = (t.unsqueeze(2) for t in (a, b, u)) if sq else (a, b, u)
+            a_mult, b_mult = (None, None) if mults is None else mults
             if need_a:
-                ga = tiled_conv2d_input_grad(u4, b4, a4.shape[-2:], *self._conv_args(), **mode, absmax=(umax, bmax))
+                ga = tiled_conv2d_input_grad(u4, b4, a4.shape[-2:], *self._conv_args(), **mode, absmax=(umax, bmax),
+                                             w_mult=b_mult)
             if need_b:
-                gb = tiled_conv2d_weight_grad(a4, u4, b4.shape, *self._conv_args(), **mode, absmax=(amax, umax))
+                gb = tiled_conv2d_weight_grad(a4, u4, b4.shape, *self._conv_args(), **mode, absmax=(amax, umax),
+                                              x_mult=a_mult)
             ga, gb = (_squeeze2(r) if sq and r is not None else r for r in (ga, gb))
         elif self.kind == "linear":
             u2, a2 = u.reshape(-1, u.shape[-1]), a.reshape(-1, a.shape[-1])
@@ -1013,8 +1075,10 @@ class NarrowAccOp(nn.Module):
             if s["outputs"]:
                 parts.append(f"{phase}: {s['events']} events, {100 * s['rate']:.3g}% outputs overflowed")
         if self.acc_bits is not None and self.last_operands is not None:
+            b, b_mult, bias_int, absmax = self.last_operands
             with torch.no_grad():
-                worst = float(self.worst_case(*self.last_operands)[0].max())
+                b_int = b if b_mult is None else _codes(b, b_mult, 0)
+                worst = float(self.worst_case(b_int, bias_int, absmax)[0].max())
             hi = acc_range(self.acc_bits)[1]
             parts.append(f"overflow-free margin {hi - worst:+.0f} ({self.acc_bits - min_acc_bits(worst):+d} bits; "
                          f"worst case {worst:.0f} vs {hi})")

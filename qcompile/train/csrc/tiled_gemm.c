@@ -7,6 +7,9 @@
  *
  *   A[g, i, k] = a.base[a.group[g] + a.row[i] + a.col[k]]      rows of the reduction, in its order
  *   B[g, k, j] = b.base[b.group[g] + b.row[k] + b.col[j]]
+ *   where a multiplier operand is given (am.base / bm.base non-NULL, tables like the operand's), the
+ *   element is rint(A[g, i, k] * am[g, i, k]) (float32 product, rounded half to even; so B): real
+ *   values on a grid read as its integer codes, x * (1 / scale), without a copy of the codes
  *   start      = s.base[s.group[g] + s.row[i] + s.col[j]]      (s.base NULL: 0)
  *   output o   = out.group[g] + out.row[i] + out.col[j]   (out.base is not read):
  *     acc[o]         for each tile t (tile products k in [t*tile, (t+1)*tile), the last one shorter),
@@ -93,6 +96,12 @@ static void *qc_scratch(int slot, int64_t floats)
         qc_scratch_buf[slot].floats = floats;
     }
     return qc_scratch_buf[slot].p;
+}
+
+/* x rounded to the nearest integer, ties to even (the default rounding mode; one instruction from SSE4.1 on) */
+static inline float qc_rint(float x)
+{
+    return __builtin_rintf(x);
 }
 
 /* max(lo, min(s, hi)), lanewise */
@@ -252,9 +261,23 @@ void qc_tiled_gemm_block(int64_t *shape)
     shape[1] = QC_NR;
 }
 
+/* The packed panel row dst[0..QC_NR) times its multipliers m[delta[j]] (delta: the panel's column deltas
+ * in the multiplier table; m_constant: all 0, one multiplier), rounded (qc_rint). */
+static void qc_round_row(float *dst, const float *m, const int32_t *delta, int m_constant)
+{
+    if (m_constant) {
+        for (int j = 0; j < QC_NR; ++j)
+            dst[j] = qc_rint(dst[j] * m[0]);
+    } else {
+        for (int j = 0; j < QC_NR; ++j)
+            dst[j] = qc_rint(dst[j] * m[delta[j]]);
+    }
+}
+
 int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
-                      const qc_operand *b, const qc_operand *start, const qc_operand *out, float *acc,
-                      float *exact, uint8_t *overflowed, float lo, float hi, int mode, int64_t *counts)
+                      const qc_operand *b, const qc_operand *am, const qc_operand *bm, const qc_operand *start,
+                      const qc_operand *out, float *acc, float *exact, uint8_t *overflowed, float lo, float hi,
+                      int mode, int64_t *counts)
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
@@ -277,12 +300,16 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t ip = 0; ip < panels; ++ip) {
             float *dst = ap + (g * panels + ip) * K * QC_MR;
-            const float *src[QC_MR];
-            for (int r = 0; r < QC_MR; ++r)
-                src[r] = ip * QC_MR + r < M ? a->base + a->group[g] + a->row[ip * QC_MR + r] : NULL;
+            const float *src[QC_MR], *mul[QC_MR];
+            for (int r = 0; r < QC_MR; ++r) {
+                const int in = ip * QC_MR + r < M;
+                src[r] = in ? a->base + a->group[g] + a->row[ip * QC_MR + r] : NULL;
+                mul[r] = in && am->base ? am->base + am->group[g] + am->row[ip * QC_MR + r] : NULL;
+            }
             for (int64_t k = 0; k < K; ++k)
                 for (int r = 0; r < QC_MR; ++r)
-                    *dst++ = src[r] ? src[r][a->col[k]] : 0.0f;
+                    *dst++ = !src[r] ? 0.0f : mul[r] ? qc_rint(src[r][a->col[k]] * mul[r][am->col[k]])
+                                                     : src[r][a->col[k]];
         }
 
     int64_t events = 0, hit = 0;
@@ -334,6 +361,17 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                         else
                             for (int64_t k = 0; k < kc; ++k)
                                 qc_gather(dst + k * QC_NR, src + brow[k], delta);
+                        if (bm->base) {                              /* the codes of real values */
+                            int32_t mdelta[QC_NR];
+                            const int64_t *mcol = bm->col + j0 + jp * QC_NR;
+                            qc_panel(mcol, qc_panel_width(n, jp), mdelta);
+                            int constant = 1;
+                            for (int j = 0; j < QC_NR; ++j)
+                                constant &= mdelta[j] == 0;
+                            for (int64_t k = 0; k < kc; ++k)
+                                qc_round_row(dst + k * QC_NR, bm->base + bm->group[g] + bm->row[k0 + k] + mcol[0],
+                                             mdelta, constant);
+                        }
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
                             qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
