@@ -219,6 +219,48 @@ static int qc_panel(const int64_t *col, int64_t m, int32_t *delta)
     return adjacent;
 }
 
+#if defined(__AVX512F__)
+#define QC_RUNS 3                     /* the most runs of adjacent columns per vector read with masked loads */
+
+/* A panel's columns as runs of adjacent elements: vector v's lanes in run r read
+ * src + off[v][r] + lane under mask[v][r] (lanes past the panel's m columns: none). */
+typedef struct {
+    int n[QC_NV];
+    int32_t off[QC_NV][QC_RUNS];
+    __mmask16 mask[QC_NV][QC_RUNS];
+} qc_runs;
+
+/* The runs of a panel of m columns at deltas delta; 0 when some vector has more than QC_RUNS. */
+static int qc_make_runs(const int32_t *delta, int64_t m, qc_runs *runs)
+{
+    for (int v = 0; v < QC_NV; ++v) {
+        runs->n[v] = 0;
+        for (int t = 0; t < QC_VL && v * QC_VL + t < m; ++t) {
+            const int j = v * QC_VL + t;
+            if (t == 0 || delta[j] != delta[j - 1] + 1) {
+                if (runs->n[v] == QC_RUNS)
+                    return 0;
+                runs->off[v][runs->n[v]] = delta[j] - t;
+                runs->mask[v][runs->n[v]++] = 0;
+            }
+            runs->mask[v][runs->n[v] - 1] |= (__mmask16)(1u << t);
+        }
+    }
+    return 1;
+}
+
+/* dst[j] = src[delta[j]] for the QC_NR columns of a panel, through its runs (0 past its columns) */
+static void qc_load_runs(float *dst, const float *src, const qc_runs *runs)
+{
+    for (int v = 0; v < QC_NV; ++v) {
+        __m512 x = _mm512_setzero_ps();
+        for (int r = 0; r < runs->n[v]; ++r)        /* masked lanes are not read: no fault past the tensor */
+            x = _mm512_mask_loadu_ps(x, runs->mask[v][r], src + runs->off[v][r]);
+        _mm512_store_ps(dst + v * QC_VL, x);
+    }
+}
+#endif
+
 /* dst[j] = src[delta[j]] for the QC_NR columns of a panel */
 static void qc_gather(float *dst, const float *src, const int32_t *delta)
 {
@@ -261,16 +303,30 @@ void qc_tiled_gemm_block(int64_t *shape)
     shape[1] = QC_NR;
 }
 
-/* The packed panel row dst[0..QC_NR) times its multipliers m[delta[j]] (delta: the panel's column deltas
- * in the multiplier table; m_constant: all 0, one multiplier), rounded (qc_rint). */
-static void qc_round_row(float *dst, const float *m, const int32_t *delta, int m_constant)
+/* A packed panel of A (K x QC_MR) times its multipliers, rounded (qc_rint): row r's multiplier at product k
+ * is mul[r][mcol[k]] (mul[r] NULL: a padding row, left 0). per_row: mcol[k] is one value; per_col: the
+ * rows' mul[r] are one pointer (then vector loops). */
+static void qc_round_panel(float *dst, int64_t K, const float *const *mul, const int64_t *mcol, int per_row,
+                           int per_col)
 {
-    if (m_constant) {
-        for (int j = 0; j < QC_NR; ++j)
-            dst[j] = qc_rint(dst[j] * m[0]);
+    if (per_row) {
+        float m[QC_MR];
+        for (int r = 0; r < QC_MR; ++r)
+            m[r] = mul[r] ? mul[r][mcol[0]] : 0.0f;
+        for (int64_t k = 0; k < K; ++k)
+            for (int r = 0; r < QC_MR; ++r)
+                dst[k * QC_MR + r] = qc_rint(dst[k * QC_MR + r] * m[r]);
+    } else if (per_col) {                              /* padding rows hold 0: rint(0 * m) is 0 */
+        for (int64_t k = 0; k < K; ++k) {
+            const float m = mul[0][mcol[k]];
+            for (int r = 0; r < QC_MR; ++r)
+                dst[k * QC_MR + r] = qc_rint(dst[k * QC_MR + r] * m);
+        }
     } else {
-        for (int j = 0; j < QC_NR; ++j)
-            dst[j] = qc_rint(dst[j] * m[delta[j]]);
+        for (int64_t k = 0; k < K; ++k)
+            for (int r = 0; r < QC_MR; ++r)
+                if (mul[r])
+                    dst[k * QC_MR + r] = qc_rint(dst[k * QC_MR + r] * mul[r][mcol[k]]);
     }
 }
 
@@ -296,6 +352,11 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
     float *ap = qc_scratch(QC_SLOT_A, groups * Mp * K);             /* [g][panel][k][r] */
     if (!ap)
         return -1;
+    int m_per_row = 1, m_per_col = 1;                   /* A's multipliers: one per row / one per product */
+    for (int64_t k = 1; am->base && k < K; ++k)
+        m_per_row &= am->col[k] == am->col[0];
+    for (int64_t i = 1; am->base && i < M; ++i)
+        m_per_col &= am->row[i] == am->row[0];
 #pragma omp parallel for collapse(2) schedule(static) if(parallel)
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t ip = 0; ip < panels; ++ip) {
@@ -306,10 +367,14 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                 src[r] = in ? a->base + a->group[g] + a->row[ip * QC_MR + r] : NULL;
                 mul[r] = in && am->base ? am->base + am->group[g] + am->row[ip * QC_MR + r] : NULL;
             }
-            for (int64_t k = 0; k < K; ++k)
-                for (int r = 0; r < QC_MR; ++r)
-                    *dst++ = !src[r] ? 0.0f : mul[r] ? qc_rint(src[r][a->col[k]] * mul[r][am->col[k]])
-                                                     : src[r][a->col[k]];
+            for (int64_t k0 = 0; k0 < K; k0 += QC_KC) {      /* rounded while a block of the panel is in cache */
+                const int64_t k1 = K - k0 < QC_KC ? K : k0 + QC_KC;
+                for (int64_t k = k0; k < k1; ++k)
+                    for (int r = 0; r < QC_MR; ++r)
+                        dst[k * QC_MR + r] = src[r] ? src[r][a->col[k]] : 0.0f;
+                if (am->base)
+                    qc_round_panel(dst + k0 * QC_MR, k1 - k0, mul, am->col + k0, m_per_row, m_per_col);
+            }
         }
 
     int64_t events = 0, hit = 0;
@@ -355,22 +420,36 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                         const float *src = b->base + b->group[g] + col[0];
                         const int64_t *brow = b->row + k0;
                         float *dst = bp + jp * kc * QC_NR;
+#if defined(__AVX512F__)
+                        qc_runs runs;
+#endif
                         if (qc_panel(col, qc_panel_width(n, jp), delta))
                             for (int64_t k = 0; k < kc; ++k)
                                 memcpy(dst + k * QC_NR, src + brow[k], QC_NR * sizeof(float));
+#if defined(__AVX512F__)
+                        else if (qc_make_runs(delta, qc_panel_width(n, jp), &runs))     /* e.g. rows shorter than a panel */
+                            for (int64_t k = 0; k < kc; ++k)
+                                qc_load_runs(dst + k * QC_NR, src + brow[k], &runs);
+#endif
                         else
                             for (int64_t k = 0; k < kc; ++k)
                                 qc_gather(dst + k * QC_NR, src + brow[k], delta);
-                        if (bm->base) {                              /* the codes of real values */
+                        if (bm->base) {     /* the codes of real values: the panel times its multipliers, rounded */
                             int32_t mdelta[QC_NR];
-                            const int64_t *mcol = bm->col + j0 + jp * QC_NR;
+                            const int64_t *mcol = bm->col + j0 + jp * QC_NR, *mrow = bm->row + k0;
+                            const float *mbase = bm->base + bm->group[g] + mcol[0];
                             qc_panel(mcol, qc_panel_width(n, jp), mdelta);
-                            int constant = 1;
-                            for (int j = 0; j < QC_NR; ++j)
-                                constant &= mdelta[j] == 0;
-                            for (int64_t k = 0; k < kc; ++k)
-                                qc_round_row(dst + k * QC_NR, bm->base + bm->group[g] + bm->row[k0 + k] + mcol[0],
-                                             mdelta, constant);
+                            int same_rows = 1;                       /* one multiplier row for the block */
+                            for (int64_t k = 1; k < kc; ++k)
+                                same_rows &= mrow[k] == mrow[0];
+                            float mv[QC_NR];
+                            for (int64_t k = 0; k < kc; ++k) {
+                                if (k == 0 || !same_rows)
+                                    for (int j = 0; j < QC_NR; ++j)
+                                        mv[j] = mbase[mrow[k] + mdelta[j]];
+                                for (int j = 0; j < QC_NR; ++j)
+                                    dst[k * QC_NR + j] = qc_rint(dst[k * QC_NR + j] * mv[j]);
+                            }
                         }
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
