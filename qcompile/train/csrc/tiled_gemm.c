@@ -3,7 +3,7 @@
  * module's docstring; this is its CPU kernel for the plans float32 keeps exact).
  *
  * The operands are read through offset tables, so a conv's im2col matrix, a transposed or strided
- * matrix and a flipped kernel are all read in place. For group g < groups, i < M, k < K, j < N:
+ * matrix and a flipped kernel are all read in place. For group g < groups, i < M, k < K (K >= 1), j < N:
  *
  *   A[g, i, k] = a.base[a.group[g] + a.row[i] + a.col[k]]      rows of the reduction, in its order
  *   B[g, k, j] = b.base[b.group[g] + b.row[k] + b.col[j]]
@@ -64,6 +64,7 @@
 #define QC_B_FLOATS (1 << 16)         /* packed B per block (256 KiB): sets a column block's width */
 
 enum { QC_SATURATE, QC_WRAP, QC_PAIRWISE };       /* overflow modes, in accumulator.OVERFLOW_MODES' order */
+enum { QC_CONTINUE, QC_FRESH, QC_FRESH_ZERO };     /* qc_micro's `fresh` */
 
 typedef float qc_vf __attribute__((vector_size(QC_VL * 4)));
 typedef int32_t qc_vi __attribute__((vector_size(QC_VL * 4)));
@@ -133,15 +134,18 @@ static inline qc_vf qc_floor(qc_vf s)
 /* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
  * (tiles of tl products from the block's start, the last one shorter), in `mode`. acc, hits, exact:
  * the block's rows, ld elements apart; hits counts the clamps that changed a value (wrap: the net
- * number of wraps). */
+ * number of wraps). fresh: the first tile of the reduction, whose hits and exact sums are not set yet
+ * (QC_FRESH: they start at 0 and the accumulators at acc; QC_FRESH_ZERO: the accumulators at 0 too,
+ * acc not set either). */
 __attribute__((optimize("fp-contract=fast")))
 static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
-                     float *exact, int64_t ld, float lo, float hi, int mode)
+                     float *exact, int64_t ld, float lo, float hi, int mode, int fresh)
 {
     const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
     const qc_vf span = (hi - lo + 1.0f) - (qc_vf){0}, inv = 1.0f / (hi - lo + 1.0f) - (qc_vf){0};   /* 2^b, 2^-b */
     for (int64_t k0 = 0; k0 < kc; k0 += tl) {
         const int64_t n = kc - k0 < tl ? kc - k0 : tl;
+        const int init = k0 == 0 ? fresh : 0;
         qc_vf p[QC_MR][QC_NV];
 #pragma GCC unroll 16
         for (int r = 0; r < QC_MR; ++r)
@@ -167,24 +171,26 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, f
         for (int r = 0; r < QC_MR; ++r)
 #pragma GCC unroll 4
             for (int v = 0; v < QC_NV; ++v) {
-                qc_vf *c = (qc_vf *)(acc + r * ld + v * QC_VL);
+                qc_vf *c = (qc_vf *)(acc + r * ld + v * QC_VL), *e = (qc_vf *)(exact + r * ld + v * QC_VL);
                 qc_vi *h = (qc_vi *)(hits + r * ld + v * QC_VL);
+                const qc_vf c0 = init == QC_FRESH_ZERO ? (qc_vf){0} : *c;
+                qc_vi h0 = init ? (qc_vi){0} : *h;
+                if (exact)
+                    *e = (init ? c0 : *e) + p[r][v];
                 if (mode == QC_WRAP) {
-                    const qc_vf s = *c + p[r][v], k = qc_floor((s - lov) * inv);
+                    const qc_vf s = c0 + p[r][v], k = qc_floor((s - lov) * inv);
                     *c = s - k * span;
-                    *h += __builtin_convertvector(k, qc_vi);
+                    *h = h0 + __builtin_convertvector(k, qc_vi);
                 } else {
                     qc_vf q = p[r][v];
                     if (mode == QC_PAIRWISE) {
                         q = qc_clamp(q, lov, hiv);
-                        *h -= (qc_vi)(q != p[r][v]);
+                        h0 -= (qc_vi)(q != p[r][v]);
                     }
-                    const qc_vf s = *c + q, clamped = qc_clamp(s, lov, hiv);
+                    const qc_vf s = c0 + q, clamped = qc_clamp(s, lov, hiv);
                     *c = clamped;
-                    *h -= (qc_vi)(s != clamped);
+                    *h = h0 - (qc_vi)(s != clamped);
                 }
-                if (exact)
-                    *(qc_vf *)(exact + r * ld + v * QC_VL) += p[r][v];
             }
     }
 }
@@ -220,31 +226,44 @@ static int qc_panel(const int64_t *col, int64_t m, int32_t *delta)
 }
 
 #if defined(__AVX512F__)
-#define QC_RUNS 3                     /* the most runs of adjacent columns per vector read with masked loads */
+#define QC_RUNS 3                     /* the most runs per vector read with masked loads */
 
-/* A panel's columns as runs of adjacent elements: vector v's lanes in run r read
- * src + off[v][r] + lane under mask[v][r] (lanes past the panel's m columns: none). */
+/* A panel's columns as runs of evenly spaced elements, 1 or 2 apart (a row of a conv's input at stride 1
+ * or 2): in vector v, the lanes of run r (mask[v][r]) read src + off[v][r] + step·lane; a run 2 apart
+ * reads the 32 elements from off (lo / hi: those its lanes need) and keeps the even ones. Lanes past the
+ * panel's m columns belong to no run. */
 typedef struct {
     int n[QC_NV];
     int32_t off[QC_NV][QC_RUNS];
-    __mmask16 mask[QC_NV][QC_RUNS];
+    int step[QC_NV][QC_RUNS];
+    __mmask16 mask[QC_NV][QC_RUNS], lo[QC_NV][QC_RUNS], hi[QC_NV][QC_RUNS];
 } qc_runs;
 
 /* The runs of a panel of m columns at deltas delta; 0 when some vector has more than QC_RUNS. */
 static int qc_make_runs(const int32_t *delta, int64_t m, qc_runs *runs)
 {
     for (int v = 0; v < QC_NV; ++v) {
-        runs->n[v] = 0;
-        for (int t = 0; t < QC_VL && v * QC_VL + t < m; ++t) {
+        int n = 0;
+        for (int t = 0; t < QC_VL && v * QC_VL + t < m;) {
             const int j = v * QC_VL + t;
-            if (t == 0 || delta[j] != delta[j - 1] + 1) {
-                if (runs->n[v] == QC_RUNS)
-                    return 0;
-                runs->off[v][runs->n[v]] = delta[j] - t;
-                runs->mask[v][runs->n[v]++] = 0;
-            }
-            runs->mask[v][runs->n[v] - 1] |= (__mmask16)(1u << t);
+            const int32_t next = t + 1 < QC_VL && j + 1 < m ? delta[j + 1] - delta[j] : 1;
+            const int step = next == 2 ? 2 : 1;
+            if (n == QC_RUNS)
+                return 0;
+            runs->off[v][n] = delta[j] - step * t;
+            runs->step[v][n] = step;
+            runs->mask[v][n] = runs->lo[v][n] = runs->hi[v][n] = 0;
+            do {
+                runs->mask[v][n] |= (__mmask16)(1u << t);
+                if (step * t < QC_VL)
+                    runs->lo[v][n] |= (__mmask16)(1u << (step * t));
+                else
+                    runs->hi[v][n] |= (__mmask16)(1u << (step * t - QC_VL));
+                ++t;
+            } while (t < QC_VL && v * QC_VL + t < m && delta[v * QC_VL + t] == delta[v * QC_VL + t - 1] + step);
+            ++n;
         }
+        runs->n[v] = n;
     }
     return 1;
 }
@@ -252,10 +271,17 @@ static int qc_make_runs(const int32_t *delta, int64_t m, qc_runs *runs)
 /* dst[j] = src[delta[j]] for the QC_NR columns of a panel, through its runs (0 past its columns) */
 static void qc_load_runs(float *dst, const float *src, const qc_runs *runs)
 {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int v = 0; v < QC_NV; ++v) {
         __m512 x = _mm512_setzero_ps();
-        for (int r = 0; r < runs->n[v]; ++r)        /* masked lanes are not read: no fault past the tensor */
-            x = _mm512_mask_loadu_ps(x, runs->mask[v][r], src + runs->off[v][r]);
+        for (int r = 0; r < runs->n[v]; ++r) {      /* masked lanes are not read: no fault past the tensor */
+            const float *at = src + runs->off[v][r];
+            if (runs->step[v][r] == 1)
+                x = _mm512_mask_loadu_ps(x, runs->mask[v][r], at);
+            else
+                x = _mm512_mask_mov_ps(x, runs->mask[v][r], _mm512_permutex2var_ps(
+                    _mm512_maskz_loadu_ps(runs->lo[v][r], at), even, _mm512_maskz_loadu_ps(runs->hi[v][r], at + QC_VL)));
+        }
         _mm512_store_ps(dst + v * QC_VL, x);
     }
 }
@@ -397,19 +423,14 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                     continue;
                 const int64_t j0 = jb * nc, n = N - j0 < nc ? N - j0 : nc, npanels = (n + QC_NR - 1) / QC_NR;
                 int32_t delta[QC_NR];
-                for (int64_t jp = 0; jp < npanels; ++jp) {           /* the accumulators start */
-                    const int64_t m = qc_panel_width(n, jp);
-                    if (start->base)
-                        qc_panel(start->col + j0 + jp * QC_NR, m, delta);
+                for (int64_t jp = 0; start->base && jp < npanels; ++jp) {     /* the accumulators start */
+                    qc_panel(start->col + j0 + jp * QC_NR, qc_panel_width(n, jp), delta);
                     for (int64_t i = 0; i < Mp; ++i) {
                         float *c = cb + i * nc + jp * QC_NR;
-                        const float *s = i < M && start->base
-                            ? start->base + start->group[g] + start->row[i] + start->col[j0 + jp * QC_NR] : NULL;
+                        const float *s = i < M ? start->base + start->group[g] + start->row[i]
+                                                     + start->col[j0 + jp * QC_NR] : NULL;
                         for (int j = 0; j < QC_NR; ++j)
                             c[j] = s ? s[delta[j]] : 0.0f;
-                        memset(hb + i * nc + jp * QC_NR, 0, QC_NR * sizeof(int32_t));
-                        if (eb)
-                            memcpy(eb + i * nc + jp * QC_NR, c, QC_NR * sizeof(float));
                     }
                 }
                 for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
@@ -427,7 +448,7 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                             for (int64_t k = 0; k < kc; ++k)
                                 memcpy(dst + k * QC_NR, src + brow[k], QC_NR * sizeof(float));
 #if defined(__AVX512F__)
-                        else if (qc_make_runs(delta, qc_panel_width(n, jp), &runs))     /* e.g. rows shorter than a panel */
+                        else if (qc_make_runs(delta, qc_panel_width(n, jp), &runs))  /* rows shorter than a panel, stride 2 */
                             for (int64_t k = 0; k < kc; ++k)
                                 qc_load_runs(dst + k * QC_NR, src + brow[k], &runs);
 #endif
@@ -454,7 +475,8 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
                             qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
-                                     eb ? eb + at : NULL, nc, lo, hi, mode);
+                                     eb ? eb + at : NULL, nc, lo, hi, mode,
+                                     k0 ? QC_CONTINUE : start->base ? QC_FRESH : QC_FRESH_ZERO);
                         }
                     }
                 }
