@@ -536,8 +536,8 @@ def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
     gq = op.grad_output_quant
     orig = gq.gradient_codes
 
-    def spy(g):
-        saved["u_int"], saved["su"] = orig(g), gq.scale.clone()
+    def spy(g, *mult):
+        saved["u_int"], saved["su"] = orig(g, *mult), gq.scale.clone()
         return saved["u_int"]
 
     gq.gradient_codes = spy

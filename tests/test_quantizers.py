@@ -128,3 +128,55 @@ def test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit(zp):
         got = stochastic_fake_quant(g, s, zt, (-128, 127), torch.Generator().manual_seed(7), times_scale=times_scale)
         want = stochastic_codes(g, s, zt, (-128, 127), torch.Generator().manual_seed(7))
         assert torch.equal(_bits(got), _bits(want.mul_(s) if times_scale else want))
+
+
+def _hindsight_gradient_quantizer(on_nonfinite="raise", seed=3):
+    from qcompile.train.estimators import HindsightMinMax
+    from qcompile.train.quantizers import Quantizer
+    return Quantizer("gradient", 8, False, HindsightMinMax(0.9), stochastic=True, on_nonfinite=on_nonfinite,
+                     layer="conv", generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("channels", [False, True])
+def test_one_pass_gradient_codes_equal_two_passes(channels, monkeypatch):
+    """A hindsight gradient quantizer past its first batch quantizes in one pass over the gradient
+    (csrc/fake_quant.c: the codes on the stored range's grid, the batch's min and max in the same
+    pass; with a channel multiplier, of g·mult formed there too): the codes, the estimator's state,
+    the grid buffers and the generator equal those of two passes (range first, then codes), batch
+    after batch; a batch with an Inf raises with the state and the generator untouched, or (skip)
+    passes through, counted."""
+    from qcompile.errors import NonFiniteError
+    from qcompile.train.quantizers import Quantizer
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 7, 3, generator=gen) * (1 + i) for i in range(4)]
+    mult = torch.rand(5, generator=gen) + 0.5 if channels else None
+    one, two = _hindsight_gradient_quantizer(), _hindsight_gradient_quantizer()
+    calls, passes = [], []
+    orig = Quantizer._gradient_one_pass
+    for g in batches:
+        with monkeypatch.context() as mp:
+            mp.setattr(Quantizer, "_gradient_one_pass", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
+            got = one.gradient_codes(g, mult, 1) if channels else one.quantize_gradient(g)
+        with monkeypatch.context() as mp:
+            mp.setattr(Quantizer, "_gradient_one_pass", lambda *a, **k: calls.append(1) and None)
+            x = g * mult.view(1, -1, 1, 1) if channels else g
+            want = two.gradient_codes(x) if channels else two.quantize_gradient(x)
+        assert torch.equal(got, want)
+        for name in ("lo", "hi", "initialized", "nonfinite"):
+            assert torch.equal(getattr(one.estimator, name), getattr(two.estimator, name))
+        assert torch.equal(one.scale, two.scale) and torch.equal(one.zero_point, two.zero_point)
+        assert torch.equal(one.generator.get_state(), two.generator.get_state())
+    assert len(calls) == len(batches) and [p is None for p in passes] == [True] + [False] * (len(batches) - 1)
+    bad = batches[0].clone()
+    bad[1, 2, 3, 1] = float("inf")
+    state, lo = one.generator.get_state(), one.estimator.lo.clone()
+    with pytest.raises(NonFiniteError, match="incoming gradient"):
+        one.gradient_codes(bad, mult, 1) if channels else one.quantize_gradient(bad)
+    assert torch.equal(one.generator.get_state(), state) and torch.equal(one.estimator.lo, lo)
+    skip = _hindsight_gradient_quantizer("skip")
+    skip.quantize_gradient(batches[0])
+    state = skip.generator.get_state()
+    out = skip.gradient_codes(bad, mult, 1) if channels else skip.quantize_gradient(bad)
+    x = bad * mult.view(1, -1, 1, 1) if channels else bad
+    assert torch.equal(out, torch.round(x / skip.scale) if channels else bad)
+    assert torch.equal(skip.generator.get_state(), state) and int(skip.estimator.nonfinite) == 1

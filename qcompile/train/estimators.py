@@ -102,7 +102,11 @@ class RangeEstimator(nn.Module):
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(min, max, finite) of x; counts a non-finite batch in `nonfinite`."""
-        lo, hi = minmax(x, self.axis)
+        return self.range_stats(*minmax(x, self.axis))
+
+    def range_stats(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`stats` from a batch's min and max (as `minmax` gives them): reduced over ranks, and whether
+        they are finite (a batch that is not is counted in `nonfinite`)."""
         if self.sync:
             _all_reduce_minmax(lo, hi)
         finite = torch.isfinite(lo).all() & torch.isfinite(hi).all()
@@ -178,7 +182,11 @@ class HindsightMinMax(RangeEstimator):
     def forward(self, x, update, who=""):
         if not update:
             return self.stored(who)
-        lo, hi, finite = self.stats(x)
+        return self.advance(*self.stats(x))
+
+    def advance(self, lo, hi, finite):
+        """One training step from the batch's `stats`: returns the range to quantize it with (the stored
+        one, or its own for the first batch) and `finite`, and updates the state for the next step."""
         eta = self.momentum
         use_lo, use_hi, new_lo, new_hi = select(
             self.unset(), lambda: (lo, hi, lo, hi),

@@ -15,6 +15,7 @@ results bit for bit.
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from qcompile.core.grids import (
 )
 from qcompile.errors import NonFiniteError
 from qcompile.train import native
-from qcompile.train.estimators import CurrentMinMax, RangeEstimator, require, select
+from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, require, select
 
 
 def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
@@ -47,7 +48,7 @@ def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
         lib.qc_fake_quant_rows.restype = None
-        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int]
+        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
     return lib
 
@@ -108,10 +109,21 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     if lib is None:
         codes = stochastic_codes(g, scale, zp, qr, generator)
         return codes.mul_(scale) if times_scale else codes
-    k, z, out = dither_words(g, generator), float(zp), torch.empty_like(g)
+    return _stochastic_one_pass(lib, g, scale, zp, qr, generator, times_scale)[0]
+
+
+def _stochastic_one_pass(lib: ctypes.CDLL, g: torch.Tensor, scale, zp, qr, generator, times_scale: bool,
+                         mult: torch.Tensor | None = None, axis: int | None = None):
+    """stochastic_fake_quant of x = g (or g·mult, one multiplier per index of `axis`, as torch multiplies)
+    through csrc/fake_quant.c, with x's min and max (as `minmax`) from the same pass: (out, lo, hi)."""
+    k, z, out, rng = dither_words(g, generator), float(zp), torch.empty_like(g), torch.empty(2)
+    m, inner, channels = None, 0, 1
+    if mult is not None:
+        channels, inner = g.shape[axis], math.prod(g.shape[axis + 1:])
+        m = mult.to(torch.float32).reshape(-1).expand(channels).contiguous()
     lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), k.data_ptr(), float(scale), qr[0] - z, qr[1] - z,
-                            int(times_scale))
-    return out
+                            int(times_scale), None if m is None else m.data_ptr(), inner, channels, rng.data_ptr())
+    return out, rng[0], rng[1]
 
 
 class _Replace(torch.autograd.Function):
@@ -251,17 +263,51 @@ class Quantizer(nn.Module):
         self._keep_grid(lambda: self.grid(lo, hi), finite)
         return finite
 
+    def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
+        """Stochastic codes of x = g (or g·mult along `axis`) in one pass over g where the grid is known
+        before x is seen (a per-tensor hindsight range past its first batch; float32 CPU, eager): the
+        codes on the stored range's grid, and x's min and max, which then advance the estimator as its
+        forward would (the same state, grid and codes as _gradient_grid and two passes). (out, finite),
+        or None where it does not apply. A batch that is not finite leaves the generator as it was."""
+        est = self.estimator
+        if not (self.stochastic and type(est) is HindsightMinMax and est.axis is None and g.numel()):
+            return None
+        lib = _one_pass(g)
+        if lib is None or bool(est.unset()):
+            return None
+        scale, zp = self.grid(est.lo, est.hi)
+        gen = self.generator if self.generator is not None else torch.default_generator
+        state = gen.get_state()
+        out, lo, hi = _stochastic_one_pass(lib, g, scale, zp, self.qrange, self.generator, times_scale, mult, axis)
+        finite = est.advance(*est.range_stats(lo, hi))[2]
+        if not bool(finite):
+            gen.set_state(state)
+        self._check_finite(finite, "incoming gradient")
+        self._keep_grid(lambda: (scale, zp), finite)
+        return out, finite
+
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Q_G(g) on a grid set from g's range (g itself when it is not finite and on_nonfinite='skip')."""
+        one = self._gradient_one_pass(g, times_scale=True)
+        if one is not None:
+            return one[0] if bool(one[1]) else g
         finite = self._gradient_grid(g)
         if self.stochastic:
             return self._passed_through(
                 lambda: stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator), lambda: g, finite)
         return self._passed_through(lambda: fake_quant(g, self.scale, self.zero_point, self.qrange), lambda: g, finite)
 
-    def gradient_codes(self, g: torch.Tensor) -> torch.Tensor:
-        """Q_G(g) / scale, the codes minus the zero point (integer-valued floats), without forming Q_G(g)
-        (g / scale rounded when g is not finite and on_nonfinite='skip')."""
+    def gradient_codes(self, g: torch.Tensor, mult: torch.Tensor | None = None, axis: int | None = None) -> torch.Tensor:
+        """Q_G(x) / scale for x = g, or g·mult (one multiplier per index of `axis`; formed in the same pass
+        as the codes where _gradient_one_pass applies): the codes minus the zero point (integer-valued
+        floats), without forming Q_G(x) (x / scale rounded when x is not finite and on_nonfinite='skip')."""
+        one = self._gradient_one_pass(g, False, mult, axis)
+        if one is not None and bool(one[1]):
+            return one[0]
+        if mult is not None:
+            g = g * broadcast_along(mult, g, axis)
+        if one is not None:                   # not finite, passed through: the grid was kept
+            return torch.round(g / self.scale)
         finite = self._gradient_grid(g)
         if self.stochastic:
             codes = lambda: stochastic_fake_quant(g, self.scale, self.zero_point, self.qrange, self.generator,  # noqa: E731

@@ -878,8 +878,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             # one quantized gradient operand for both backward matmuls: u = G_Y·s_w (per output channel
             # for weights, so G_X's reduction over channels has one scale), u_int = û/s_u
             fold = op.kind != "matmul"
-            u = g * op.out_view(sb, g.dim()) if fold else g
-            u_int = gq.gradient_codes(u)
+            u_int = gq.gradient_codes(g, sb, op.channel_axis(g.dim())) if fold else gq.gradient_codes(g)
             su = gq.scale.clone()
             ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, mults)
             grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None

@@ -6,14 +6,19 @@
  *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
  *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
  *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
- *   qc_stochastic_codes(g, out, n, k, scale, lo, hi, times_scale)
- *       u = k * 2^-16 + (0.5 + 2^-17) (the dither from int16 words k), out = clamp(floor(u + g / scale),
- *       lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus the
- *       zero point), and stochastic_fake_quant.
+ *   qc_stochastic_codes(g, out, n, k, scale, lo, hi, times_scale, mult, inner, channels, range)
+ *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither from int16 words k), out = clamp(floor(u + x /
+ *       scale), lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus
+ *       the zero point), and stochastic_fake_quant. m: 1, or (mult non-NULL) one multiplier per channel
+ *       of a channel axis, x = g·mult[c] as torch multiplies (runs of `inner` elements share a channel,
+ *       run b is channel b % channels). range (non-NULL) <- min and max of x, as torch.aminmax (NaN
+ *       where x holds one): the statistics of the tensor quantized, in the same pass.
  *
  * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
  * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
- * half to even in the default rounding mode. A NaN stays NaN through the clamps, as in torch.
+ * half to even in the default rounding mode. A NaN stays NaN through the clamps, as in torch. The min
+ * and max are `omp simd` reductions: which of two equal values (-0, +0) they keep is unspecified, as in
+ * torch.aminmax.
  * Calls of at least 2^16 values run on torch's OpenMP threads.
  */
 #include <math.h>
@@ -51,15 +56,36 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
 }
 
 void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n, const int16_t *restrict k, float scale,
-                         float lo, float hi, int times_scale)
+                         float lo, float hi, int times_scale, const float *restrict mult, int64_t inner,
+                         int64_t channels, float *range)
 {
     const float step = 1.0f / 65536.0f, mid = 0.5f + 1.0f / 131072.0f, times = times_scale ? scale : 1.0f;
-    #pragma omp parallel for schedule(static) if(n >= 65536)
-    for (int64_t i = 0; i < n; ++i) {
-        const float u = (float)k[i] * step + mid;
-        float v = floorf(u + g[i] / scale);
-        v = v < lo ? lo : v;
-        v = v > hi ? hi : v;
-        out[i] = v * times;
+    const int64_t run = mult ? inner : 16384, runs = run > 0 ? (n + run - 1) / run : 0;
+    float mn = INFINITY, mx = -INFINITY;
+    int nan = 0;
+    #pragma omp parallel for schedule(static) reduction(min:mn) reduction(max:mx) reduction(|:nan) if(n >= 65536)
+    for (int64_t b = 0; b < runs; ++b) {
+        const float m = mult ? mult[b % channels] : 1.0f;                  /* g * 1 is g, bit for bit */
+        const int64_t end = (b + 1) * run < n ? (b + 1) * run : n;
+        float rmn = INFINITY, rmx = -INFINITY;                             /* the run's, then the thread's */
+        int rnan = 0;
+        #pragma omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan)
+        for (int64_t i = b * run; i < end; ++i) {
+            const float x = g[i] * m, u = (float)k[i] * step + mid;
+            float v = floorf(u + x / scale);
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            out[i] = v * times;
+            rmn = x < rmn ? x : rmn;
+            rmx = x > rmx ? x : rmx;
+            rnan |= x != x;
+        }
+        mn = rmn < mn ? rmn : mn;
+        mx = rmx > mx ? rmx : mx;
+        nan |= rnan;
+    }
+    if (range) {
+        range[0] = nan ? NAN : mn;
+        range[1] = nan ? NAN : mx;
     }
 }
