@@ -321,32 +321,28 @@ def test_fused_gemm_equals_the_torch_path(case, mode, acc_bits, exact):
 
 @SETTINGS
 @given(conv_case(), FUSED_MODES, st.sampled_from([10, 16]), st.integers(0, 2 ** 16))
-def test_convs_read_the_codes_of_real_operands(case, mode, acc_bits, seed):
-    """A conv, its input and weight gradients given real operands on their grids with multipliers
-    1/scale (mults / w_mult / x_mult: the fused kernel rounds x·(1/scale) as it packs, per output channel
-    for the weight) give what they give on the codes themselves, fused and on the torch path alike; on
-    the grid, _codes gives back the codes exactly."""
+def test_convs_read_the_weight_codes_of_real_weights(case, mode, acc_bits, seed):
+    """A conv and its input gradient given the weight's real values on its per-channel grid with the
+    multipliers 1/scale (w_mult: the fused kernel rounds w·(1/scale) as it packs the weight) give what
+    they give on the codes themselves, fused and on the torch path alike; on the grid, _codes gives the
+    codes back exactly."""
     from qcompile.train import tiled
     x, w, b, stride, pad, dil, groups = case
     gen = torch.Generator().manual_seed(seed)
-    sx = torch.rand((), generator=gen) * 0.1 + 1e-3
     sw = torch.rand(w.shape[0], generator=gen) * 0.01 + 1e-4
-    x_real, w_real = x.float() * sx, w.float() * sw.view(-1, 1, 1, 1)
-    inv_x, inv_w = torch.reciprocal(sx), torch.reciprocal(sw)
-    assert torch.equal(tiled._codes(x_real, inv_x), x.float()) and torch.equal(tiled._codes(w_real, inv_w, 0), w.float())
+    w_real, inv_w = w.float() * sw.view(-1, 1, 1, 1), torch.reciprocal(sw)
+    assert torch.equal(tiled._codes(w_real, inv_w, 0), w.float())
     y = F.conv2d(x.double(), w.double(), None, stride, pad, dil, groups)
     g = torch.randint(-128, 128, y.shape, generator=gen).float()
     overflow, tile = mode
     m = dict(acc_bits=acc_bits, tile=tile, overflow=overflow, exact=False)
     amax = (float(x.abs().max()), float(w.abs().max()), 128.0)
-    conv = (x.float(), w.float(), b.float(), stride, pad, dil, groups)
-    pairs = [(lambda: tiled_conv2d(x_real, w_real, *conv[2:], **m, absmax=amax[:2], mults=(inv_x, inv_w)),
-              lambda: tiled_conv2d(*conv, **m, absmax=amax[:2])),
-             (lambda: tiled_conv2d_input_grad(g, w_real, x.shape[-2:], *conv[3:], **m, absmax=amax[2:0:-1],
+    xf, wf, geometry = x.float(), w.float(), (stride, pad, dil, groups)
+    pairs = [(lambda: tiled_conv2d(xf, w_real, b.float(), *geometry, **m, absmax=amax[:2], w_mult=inv_w),
+              lambda: tiled_conv2d(xf, wf, b.float(), *geometry, **m, absmax=amax[:2])),
+             (lambda: tiled_conv2d_input_grad(g, w_real, x.shape[-2:], *geometry, **m, absmax=amax[2:0:-1],
                                               w_mult=inv_w),
-              lambda: tiled_conv2d_input_grad(g, conv[1], x.shape[-2:], *conv[3:], **m, absmax=amax[2:0:-1])),
-             (lambda: tiled_conv2d_weight_grad(x_real, g, w.shape, *conv[3:], **m, absmax=amax[::2], x_mult=inv_x),
-              lambda: tiled_conv2d_weight_grad(conv[0], g, w.shape, *conv[3:], **m, absmax=amax[::2]))]
+              lambda: tiled_conv2d_input_grad(g, wf, x.shape[-2:], *geometry, **m, absmax=amax[2:0:-1]))]
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tiled, "FUSED_MIN_FILL", 0.0)
@@ -558,6 +554,38 @@ def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
     ref_w = tiled_matmul(u_int.t().double(), x_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
     torch.testing.assert_close(a_grad["w"], (ref_w * su * sx / sw.view(-1, 1)).float(), rtol=1e-6, atol=0)
     assert op.outputs_grad == a_grad["g"].numel() + a_grad["w"].numel()
+
+
+def test_conv_gradients_read_the_padded_input_codes_and_the_weight_through_its_grid():
+    """A conv op forms its input's codes zero-padded once (NarrowAccOp.padded_codes), which its forward and
+    its weight gradient both read, and reads its weight's codes through the kernel's multipliers: its
+    input and weight gradients equal the tiled references on the codes and the quantized u."""
+    qm, x = _compiled(acc_bits=12, tile=4, grad_bits=8, grad_acc_bits=12)
+    op = qm.get_submodule("conv.accumulator")
+    saved, a_in, grads = {}, {}, {}
+    gq = op.grad_output_quant
+    orig = gq.gradient_codes
+
+    def spy(g, *mult):
+        saved["u_int"], saved["su"] = orig(g, *mult), gq.scale.clone()
+        return saved["u_int"]
+
+    gq.gradient_codes = spy
+    op.register_forward_pre_hook(lambda m, args: a_in.update(a=args[0], w=args[1]))
+    qm(x)  # initialize the estimators
+    y = qm(x.clone().requires_grad_(True))
+    a_in["a"].register_hook(lambda g: grads.update(a=g))
+    a_in["w"].register_hook(lambda g: grads.update(w=g))
+    y.square().sum().backward()
+    (sx, sw), su, u = (q.scale for q in _grid_quantizers(qm, "conv.accumulator")), saved["su"], saved["u_int"]
+    x_int = torch.round(a_in["a"].detach() / sx).double()
+    w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1, 1, 1)).double()
+    mode = dict(acc_bits=12, tile=4, overflow="saturate")
+    ref_a = tiled_conv2d_input_grad(u.double(), w_int, x_int.shape[-2:], 1, 1, **mode).acc
+    torch.testing.assert_close(grads["a"], (ref_a * su).float(), rtol=1e-6, atol=0)
+    ref_w = tiled_conv2d_weight_grad(x_int, u.double(), w_int.shape, 1, 1, **mode).acc
+    torch.testing.assert_close(grads["w"], (ref_w * su * sx / sw.view(-1, 1, 1, 1)).float(), rtol=1e-6, atol=0)
+    assert op.events_grad > 0
 
 
 @pytest.mark.parametrize("acc_grad", ["ste", "zero_saturated"])

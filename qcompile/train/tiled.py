@@ -476,26 +476,27 @@ def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 @torch.no_grad()
 def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                 overflow: str = "saturate", absmax=None, exact: bool = True, mults=None) -> AccResult:
+                 overflow: str = "saturate", absmax=None, exact: bool = True,
+                 w_mult: torch.Tensor | None = None) -> AccResult:
     """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
     w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
     The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order.
-    mults = (x_mult, w_mult): x and w hold real values on grids and the operands are their codes,
-    _codes(x, x_mult) and _codes(w, w_mult per output channel); `absmax` (the codes' bounds) is then
-    required. The fused kernel reads the codes from the real values; elsewhere they are formed first."""
+    w_mult: w holds real values on a grid and the operand is its codes, _codes(w, w_mult per output
+    channel); `absmax` (the codes' bounds) is then required. The fused kernel reads the codes from the
+    real values as it packs them; elsewhere they are formed first."""
     if x.dim() != 4 or w.dim() != 4:
         raise ValueError(f"tiled_conv2d: expects 4-d x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     O, cin_g, kh, kw = w.shape
     N, K = x.shape[0], cin_g * kh * kw
-    if mults is not None and absmax is None:
-        raise ValueError("tiled_conv2d: operands given as real values (mults) need their codes' bounds (absmax)")
+    if w_mult is not None and absmax is None:
+        raise ValueError("tiled_conv2d: a weight given as real values (w_mult) needs its codes' bounds (absmax)")
     plan = _plan(x, w, bias, K, acc_bits, tile, overflow, absmax)
     og, kk = O // groups, kh * kw
     Ho, Wo = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     fused = None if plan.tiles == 1 else _gemm_kernel(plan, overflow, x.device, og, N * L, exact)
-    if mults is not None and fused is None:
-        x, w = _codes(x, mults[0]), _codes(w, mults[1], 0)
+    if w_mult is not None and fused is None:
+        w = _codes(w, w_mult, 0)
     if plan.tiles == 1:
         y = F.conv2d(x.to(plan.part_dtype), w.to(plan.part_dtype), None, stride, padding, dilation, groups)
         y = y.to(plan.acc_dtype)
@@ -506,7 +507,7 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
-        xp = _padded(x, (ph, ph, pw, pw), torch.float32, None if mults is None else mults[0])
+        xp = _padded(x, (ph, ph, pw, pw), torch.float32)
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
         out = _outputs((N, O, Ho, Wo), exact)
@@ -516,8 +517,8 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         out_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         start = None if bias is None else bias.to(torch.float32).contiguous()
         start_tab = (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))      # the bias: per row
-        a_mult = None if mults is None else (              # per output channel (row); xp holds the input's codes
-            _per_channel(mults[1], O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((K, 0))))
+        a_mult = None if w_mult is None else (             # per output channel: per row
+            _per_channel(w_mult, O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((K, 0))))
         _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab,
                     out, out_tab, start, start_tab, a_mult)
         return _cast(out, _out_dtype(x))
@@ -541,19 +542,15 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
 
 
-def _padded(x: torch.Tensor, pads, dtype: torch.dtype, mult: torch.Tensor | None = None) -> torch.Tensor:
-    """x (N, C, H, W) in `dtype` (mult: its codes, _codes(x, mult), in float32), zero-padded by
-    pads = (top, bottom, left, right): a scratch buffer (x itself when there is nothing to pad or convert)."""
+def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
+    """x (N, C, H, W) in `dtype`, zero-padded by pads = (top, bottom, left, right): a scratch buffer
+    (x itself when there is nothing to pad or convert)."""
     (ph0, ph1, pw0, pw1), (N, C, H, W) = pads, x.shape
-    if not any(pads) and x.dtype == dtype and x.is_contiguous() and mult is None:
+    if not any(pads) and x.dtype == dtype and x.is_contiguous():
         return x
     xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
     xp.zero_()                  # one contiguous fill: faster than the border's strips (one element wide)
-    inner = xp[:, :, ph0:ph0 + H, pw0:pw0 + W]
-    if mult is None:
-        inner.copy_(x)
-    else:                       # _codes' arithmetic, written in place
-        torch.mul(x, mult.to(torch.float32), out=inner).round_()
+    xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
     return xp
 
 
@@ -752,14 +749,9 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
 @torch.no_grad()
 def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
                              groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                             overflow: str = "saturate", absmax=None, exact: bool = True,
-                             x_mult: torch.Tensor | None = None) -> AccResult:
+                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
     """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
-    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight. x_mult: x holds real
-    values, the operand is _codes(x, x_mult) (absmax required)."""
-    if x_mult is not None and absmax is None:
-        raise ValueError("tiled_conv2d_weight_grad: an input given as real values (x_mult) needs its codes' bounds "
-                         "(absmax)")
+    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight."""
     O, cin_g, kh, kw = weight_shape
     N, K = x.shape[0], cin_g * kh * kw
     og = O // groups
@@ -769,8 +761,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     fused = _gemm_kernel(plan, overflow, x.device, og, K, exact)
-    xp = _padded(x, (ph, ph, pw, pw), torch.float32, x_mult) if fused is not None else \
-        _padded(x if x_mult is None else _codes(x, x_mult), (ph, ph, pw, pw), plan.part_dtype)
+    xp = _padded(x, (ph, ph, pw, pw), torch.float32 if fused is not None else plan.part_dtype)
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
@@ -833,7 +824,8 @@ def worst_case(kind: str, b_int, bias_int, a_absmax: float, b_absmax: float | No
 
 class _NarrowAccFunction(torch.autograd.Function):
     """y = acc·(s_a·s_b) with acc the tiled accumulator over the integer operands, the codes of a and b
-    (_codes with 1/s_a, 1/s_b; a conv passes a and b themselves with those multipliers);
+    (_codes with 1/s_a, 1/s_b; a conv forms a's codes zero-padded, NarrowAccOp.padded_codes, which its
+    weight gradient reads again, and passes b itself with its multipliers);
     also returns the exact accumulator (integer units; a 0-d zero unless op.keep_exact).
     `grid` = (s_a, s_b, (max|a_int|, max|b_int|)): the operands' grids as the op's graph inputs
     gave them at this forward; the backward uses the same. Backward: see NarrowAccOp."""
@@ -841,19 +833,19 @@ class _NarrowAccFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, grid, op):
         sa, sb, absmax = grid
-        mults = (torch.reciprocal(sa), torch.reciprocal(sb))
-        if op.kind in ("conv2d", "conv1d"):        # the tiled convs read the codes from a and b: no copy of them
-            a_op, b_op = a.detach(), b.detach()
+        a_mult, b_mult = torch.reciprocal(sa), torch.reciprocal(sb)
+        if op.kind in ("conv2d", "conv1d"):        # the kernel reads the weight's codes from b: no copy of them
+            a_op, b_op = op.padded_codes(a, a_mult), b.detach()
         else:
-            a_op, b_op, mults = _codes(a, mults[0]), _codes(b, mults[1], 0 if op.kind != "matmul" else None), None
+            a_op, b_op, b_mult = _codes(a, a_mult), _codes(b, b_mult, 0 if op.kind != "matmul" else None), None
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
-        res = op.forward_int(a_op, b_op, bias_int, absmax, mults)
+        res = op.forward_int(a_op, b_op, bias_int, absmax, b_mult)
         op.record("train" if op.training else "eval", res)
-        op.last_operands = (b_op, None if mults is None else mults[1], bias_int, absmax)
+        op.last_operands = (b_op, b_mult, bias_int, absmax)
         y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_op, b_op, res.overflowed)
-        ctx.mults = mults
+        ctx.b_mult, ctx.a_shape = b_mult, a.shape
         ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
         ctx.set_materialize_grads(False)              # an unused output's gradient arrives as None, not zeros
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
@@ -863,7 +855,7 @@ class _NarrowAccFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gexact):
         a_op, b_op, overflowed = ctx.saved_tensors
-        op, sa, sb, mults = ctx.op, ctx.sa, ctx.sb, ctx.mults
+        op, sa, sb, b_mult = ctx.op, ctx.sa, ctx.sb, ctx.b_mult
         g = torch.zeros_like(overflowed, dtype=a_op.dtype) if gy is None else gy
         if op.acc_grad == "zero_saturated":
             g = g.masked_fill(overflowed, 0.0)
@@ -880,7 +872,7 @@ class _NarrowAccFunction(torch.autograd.Function):
             fold = op.kind != "matmul"
             u_int = gq.gradient_codes(g, sb, op.channel_axis(g.dim())) if fold else gq.gradient_codes(g)
             su = gq.scale.clone()
-            ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, mults)
+            ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, b_mult, ctx.a_shape)
             grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
             if need_b:
                 b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
@@ -888,7 +880,8 @@ class _NarrowAccFunction(torch.autograd.Function):
             else:
                 grad_b = None
         else:
-            a_int, b_int = (a_op, b_op) if mults is None else (_codes(a_op, mults[0]), _codes(b_op, mults[1], 0))
+            a_int = op.unpadded(a_op, ctx.a_shape)
+            b_int = b_op if b_mult is None else _codes(b_op, b_mult, 0)
             a_hat = a_int * sa
             b_hat = b_int * (_channel_view(sb, b_int.dim(), 0) if op.kind != "matmul" else sb)
             grad_a, grad_b = op.backward_float(a_hat, b_hat, g, need_a, need_b)
@@ -906,8 +899,9 @@ class NarrowAccOp(nn.Module):
     and whether the op keeps its exact accumulator (`keep_exact`, set by `narrow_acc` from the
     layer's `log_barrier`).
 
-    Computes in the integer domain (the codes a·(1/s_a), b·(1/s_b) rounded, `_codes`: a conv's fused
-    kernel reads them from a and b; bias/(s_a·s_b) rounded; never saturated) and
+    Computes in the integer domain (the codes a·(1/s_a), b·(1/s_b) rounded, `_codes`: a conv's input
+    codes zero-padded once, `padded_codes`, and its fused kernel reads the weight's codes from b;
+    bias/(s_a·s_b) rounded; never saturated) and
     rescales. Returns y, or (y, exact) when `keep_exact`: exact = bias_int + Σ products without
     overflow (integer units, what the log barrier reads through the graph; the tail term's
     gradient reaches a and b through the op's backward). Backward, with a gradient quantizer:
@@ -964,24 +958,42 @@ class NarrowAccOp(nn.Module):
     def _conv_args(self):
         return self.stride, self.padding, self.dilation, self.groups
 
-    def forward_int(self, a, b, bias, absmax, mults=None) -> AccResult:
+    def padded_codes(self, a: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+        """A conv's input operand: a's codes (_codes(a, mult)) zero-padded by the op's padding, 4-d (a
+        conv1d's input with a unit height); a fresh tensor, read by the forward and the weight gradient."""
+        a4 = a.detach().unsqueeze(2) if self.kind == "conv1d" else a.detach()
+        (ph, pw), (N, C, H, W) = _pair(self.padding), a4.shape
+        xp = torch.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=torch.float32, device=a.device)
+        torch.mul(a4.to(torch.float32), mult.to(torch.float32), out=xp[:, :, ph:ph + H, pw:pw + W]).round_()
+        return xp
+
+    def unpadded(self, a_op: torch.Tensor, a_shape) -> torch.Tensor:
+        """The input's codes shaped like the input (`a_shape`): padded_codes' interior (other kinds: a_op)."""
+        if self.kind not in ("conv2d", "conv1d"):
+            return a_op
+        ph, pw = _pair(self.padding)
+        return a_op[:, :, ph:a_op.shape[-2] - ph, pw:a_op.shape[-1] - pw].reshape(a_shape)
+
+    def forward_int(self, a, b, bias, absmax, b_mult=None) -> AccResult:
         """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids.
-        mults = (1/s_a, 1/s_b) (convs only): a and b are real values on their grids, the operands their
-        codes (_codes)."""
+        Convs: a is `padded_codes` (the padding done), b the weight's real values with b_mult = 1/s_b (its
+        codes read by the kernel) or its codes (b_mult None)."""
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
                     absmax=tuple(absmax), exact=self.keep_exact)
-        if self.kind == "conv2d":
-            return tiled_conv2d(a, b, bias, *self._conv_args(), **mode, mults=mults)
-        if self.kind == "conv1d":
-            return _squeeze2(tiled_conv2d(a.unsqueeze(2), b.unsqueeze(2), bias, *self._conv_args(), **mode,
-                                          mults=mults))
+        if self.kind in ("conv2d", "conv1d"):
+            stride, _, dilation, groups = self._conv_args()
+            sq = self.kind == "conv1d"
+            res = tiled_conv2d(a, b.unsqueeze(2) if sq else b, bias, stride, 0, dilation, groups, **mode,
+                               w_mult=b_mult)
+            return _squeeze2(res) if sq else res
         if self.kind == "linear":
             return tiled_linear(a, b, bias, **mode)
         return tiled_matmul(a, b, None, **mode)
 
-    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax, mults=None):
+    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax, b_mult=None, a_shape=None):
         """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits;
-        absmax = (max|a_int|, max|b_int|) and mults as in the forward (forward_int)."""
+        absmax = (max|a_int|, max|b_int|), a and b_mult as in the forward (forward_int); a_shape: the
+        input's shape (a conv's G_a)."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
         umax = float(max_code_magnitude(q.qrange, q.zero_point))
@@ -989,14 +1001,13 @@ class NarrowAccOp(nn.Module):
         ga = gb = None
         if self.kind in ("conv2d", "conv1d"):
             sq = self.kind == "conv1d"
-            a4, b4, u4 = (t.unsqueeze(2) for t in (a, b, u)) if sq else (a, b, u)
-            a_mult, b_mult = (None, None) if mults is None else mults
+            b4, u4 = (t.unsqueeze(2) for t in (b, u)) if sq else (b, u)
+            stride, padding, dilation, groups = self._conv_args()
             if need_a:
-                ga = tiled_conv2d_input_grad(u4, b4, a4.shape[-2:], *self._conv_args(), **mode, absmax=(umax, bmax),
-                                             w_mult=b_mult)
-            if need_b:
-                gb = tiled_conv2d_weight_grad(a4, u4, b4.shape, *self._conv_args(), **mode, absmax=(amax, umax),
-                                              x_mult=a_mult)
+                ga = tiled_conv2d_input_grad(u4, b4, (1, a_shape[-1]) if sq else a_shape[-2:], stride, padding,
+                                             dilation, groups, **mode, absmax=(umax, bmax), w_mult=b_mult)
+            if need_b:              # a: the input's padded codes
+                gb = tiled_conv2d_weight_grad(a, u4, b4.shape, stride, 0, dilation, groups, **mode, absmax=(amax, umax))
             ga, gb = (_squeeze2(r) if sq and r is not None else r for r in (ga, gb))
         elif self.kind == "linear":
             u2, a2 = u.reshape(-1, u.shape[-1]), a.reshape(-1, a.shape[-1])
