@@ -371,8 +371,8 @@ def _fused_build_case():
 @pytest.mark.parametrize("march, columns", [("native", None), ("haswell", 16), ("x86-64", 8)])
 def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, tmp_path, two_threads):
     """The kernel built for AVX-512, AVX2 and the portable vector width (SSE) gives the torch path's
-    results, with tiles shorter and longer than its reduction block and in the "pairwise" and "wrap"
-    modes, on two threads."""
+    results with each of its register block shapes, with tiles shorter and longer than its reduction
+    block and in the "pairwise" and "wrap" modes, on two threads."""
     from qcompile.train import native
     if march == "haswell" and "avx2" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX2")
@@ -380,19 +380,24 @@ def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, t
         monkeypatch.setattr(native, "CFLAGS", [f"-march={march}" if f.startswith("-march=") else f for f in native.CFLAGS])
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", {})
+    from qcompile.train import tiled
     lib = native.library("tiled_gemm")
-    block = (ctypes.c_int64 * 2)()
-    lib.qc_tiled_gemm_block(block)
-    assert columns is None or block[1] == columns
-    for tile, overflow in ((64, "saturate"), (300, "saturate"), (2, "pairwise"), (8, "wrap")):
-        ops = _fused_cases(*_fused_build_case(), dict(acc_bits=16, tile=tile, overflow=overflow, exact=True))
-        fused = [op() for op in ops]
-        monkeypatch.setenv("QCOMPILE_NATIVE", "0")
-        wanted = [op() for op in ops]
-        monkeypatch.setenv("QCOMPILE_NATIVE", "1")
-        for got, want in zip(fused, wanted):
-            assert _equal_results(got, want) and int(want.events) > 0
-            assert overflow != "saturate" or int(want.overflowed.sum()) < want.overflowed.numel()
+    shapes = tiled._block_shapes(lib)
+    if columns is not None:
+        assert shapes == ((6, columns),)
+    elif "avx512f" in native._cpu_flags().split():
+        assert shapes == ((14, 32), (8, 48))
+    for shape in range(len(shapes)):                  # every register block shape (AVX-512: 14 x 32 and 8 x 48)
+        monkeypatch.setattr(tiled, "_block_plan", lambda lib, M, N, shape=shape: (shape, False))
+        for tile, overflow in ((64, "saturate"), (300, "saturate"), (2, "pairwise"), (8, "wrap")):
+            ops = _fused_cases(*_fused_build_case(), dict(acc_bits=16, tile=tile, overflow=overflow, exact=True))
+            fused = [op() for op in ops]
+            monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+            wanted = [op() for op in ops]
+            monkeypatch.setenv("QCOMPILE_NATIVE", "1")
+            for got, want in zip(fused, wanted):
+                assert _equal_results(got, want) and int(want.events) > 0
+                assert overflow != "saturate" or int(want.overflowed.sum()) < want.overflowed.numel()
 
 
 def test_fused_wrap_runs_in_exact_chunks_past_a_float64_tile(monkeypatch):

@@ -298,20 +298,39 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact
     lib = native.library("tiled_gemm")
     if lib is None:
         return None
-    mr, nr = _block_shape(lib)
-    blocks = min(_rounded_up(rows, mr) * _rounded_up(cols, nr), _rounded_up(cols, mr) * _rounded_up(rows, nr))
+    blocks = min(min(_rounded_up(rows, mr) * _rounded_up(cols, nr), _rounded_up(cols, mr) * _rounded_up(rows, nr))
+                 for mr, nr in _block_shapes(lib))
     return None if blocks * FUSED_MIN_FILL > rows * cols else lib
 
 
 @functools.cache
-def _block_shape(lib) -> tuple[int, int]:
-    """The register block (rows, columns) of the kernel's build; sets the kernel's ctypes signature."""
-    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 6 + \
+def _block_shapes(lib) -> tuple[tuple[int, int], ...]:
+    """The register block shapes (rows, columns) of the kernel's build, in its index order; sets the
+    kernel's ctypes signature."""
+    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 6 + \
         [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int, ctypes.c_void_p]
     lib.qc_tiled_gemm_f32.restype = ctypes.c_int
-    block = (ctypes.c_int64 * 2)()
-    lib.qc_tiled_gemm_block(block)
-    return block[0], block[1]
+    shapes = (ctypes.c_int64 * 5)()
+    lib.qc_tiled_gemm_shapes(shapes)
+    return tuple((shapes[1 + 2 * i], shapes[2 + 2 * i]) for i in range(shapes[0]))
+
+
+SHAPE_COST = (1.0, 1.05)          # a padded block's relative time by shape: 8 x 48 (AVX-512's second) does 24
+                                  # multiply-adds a step to 14 x 32's 28 (measured about 5% slower unpadded)
+
+
+def _block_plan(lib, M: int, N: int) -> tuple[int, bool]:
+    """(shape index, swap) for C (M x N): the register block shape and orientation (swap: Cᵀ = Bᵀ Aᵀ,
+    the short side as rows) that pad the product least, by SHAPE_COST; a shape's orientation swaps
+    only where N's padding is over 1.1 times M's (a large operand packed as A costs more)."""
+    best = None
+    for i, (mr, nr) in enumerate(_block_shapes(lib)):
+        swap = _rounded_up(N, nr) / N > 1.1 * _rounded_up(M, mr) / M
+        rows, cols = (N, M) if swap else (M, N)
+        cost = _rounded_up(rows, mr) * _rounded_up(cols, nr) * SHAPE_COST[i]
+        if best is None or cost < best[0]:
+            best = (cost, i, swap)
+    return best[1], best[2]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -338,9 +357,8 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
         raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
                          f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
     lo, hi = acc_range(acc_bits)
-    M, N = len(a_tab[1]), len(b_tab[2])
-    mr, nr = _block_shape(lib)
-    if _rounded_up(N, nr) / N > 1.1 * _rounded_up(M, mr) / M:     # Cᵀ = Bᵀ Aᵀ: the short side as rows
+    shape, swap = _block_plan(lib, len(a_tab[1]), len(b_tab[2]))
+    if swap:                                                        # Cᵀ = Bᵀ Aᵀ
         def flip(tab):
             return None if tab is None else (tab[0], tab[2], tab[1])
         a, a_tab, b, b_tab = b, flip(b_tab), a, flip(a_tab)
@@ -356,7 +374,7 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
                                                   for m in (a_mult, b_mult)),
            operand(start, start_tab or out_tab), operand(None, out_tab)]
     counts = (ctypes.c_int64 * 2)()
-    if lib.qc_tiled_gemm_f32(len(a_tab[0]), len(a_tab[1]), len(b_tab[2]), len(a_tab[2]), tile,
+    if lib.qc_tiled_gemm_f32(shape, len(a_tab[0]), len(a_tab[1]), len(b_tab[2]), len(a_tab[2]), tile,
                              *map(ctypes.byref, ops), out.acc.data_ptr(),
                              None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
                              lo, hi, OVERFLOW_MODES.index(overflow), counts) < 0:

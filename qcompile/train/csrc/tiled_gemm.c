@@ -37,6 +37,7 @@
  * column blocks (at least four a thread) and A's panels run on the OpenMP threads (torch's own pool,
  * as in clamp_scan.c).
  */
+#ifndef QC_MR                         /* the first pass: what every register block shape shares */
 #define _POSIX_C_SOURCE 200112L     /* posix_memalign */
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,16 +51,11 @@
 
 #if defined(__AVX512F__)
 #define QC_VL 16
-#define QC_MR 14                      /* rows of a register block: 28 accumulators of 32 registers */
 #elif defined(__AVX__)
 #define QC_VL 8
-#define QC_MR 6                       /* 12 accumulators of 16 registers */
 #else
 #define QC_VL 4
-#define QC_MR 6
 #endif
-#define QC_NV 2                       /* vectors per row of a register block */
-#define QC_NR (QC_NV * QC_VL)         /* columns of a register block */
 #define QC_KC 256                     /* products per reduction block, rounded down to whole tiles */
 #define QC_B_FLOATS (1 << 16)         /* packed B per block (256 KiB): sets a column block's width */
 
@@ -131,6 +127,97 @@ static inline qc_vf qc_floor(qc_vf s)
 #endif
 }
 
+/* The OpenMP threads a parallel region gets (1 without OpenMP). */
+static int64_t qc_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* n adjacent results out of a scratch block: accumulators, overflow flags (any event; wrap: net wraps),
+ * exact sums (exact NULL: none); adds their events (wrap: outputs with net wraps) to counts[0] and the
+ * outputs that overflowed to counts[1]. */
+static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
+                     uint8_t *overflowed, float *exact, int mode, int64_t *counts)
+{
+    int64_t events = 0, hit = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        acc[j] = cb[j];
+        overflowed[j] = hb[j] != 0;
+        hit += hb[j] != 0;
+        events += hb[j];
+    }
+    if (exact)
+        memcpy(exact, eb, (size_t)n * sizeof(float));
+    counts[0] += mode == QC_WRAP ? hit : events;
+    counts[1] += hit;
+}
+
+#if defined(__AVX512F__)
+#define QC_RUNS 3                     /* the most runs per vector read with masked loads */
+#endif
+
+/* The register block shapes: QC_MR rows x QC_NV vectors of partial sums (28 or 24 of AVX-512's 32
+ * registers; 12 of 16 with AVX). Each shape's kernel is this file's second pass, its names suffixed. */
+#if defined(__AVX512F__)
+#define QC_MR 14
+#define QC_SHAPE(name) name##_14x2
+#else
+#define QC_MR 6
+#define QC_SHAPE(name) name##_6x2
+#endif
+#define QC_NV 2
+#include "tiled_gemm.c"               /* this file, its second pass */
+#undef QC_MR
+#undef QC_NV
+#undef QC_SHAPE
+#if defined(__AVX512F__)
+#define QC_MR 8                       /* no rows of padding for 8k rows (64, 128 channels; 14 pads them 9%) */
+#define QC_NV 3
+#define QC_SHAPE(name) name##_8x3
+#include "tiled_gemm.c"
+#undef QC_MR
+#undef QC_NV
+#undef QC_SHAPE
+#define QC_SHAPES 2
+#else
+#define QC_SHAPES 1
+#endif
+
+/* The register block shapes (rows, columns) of this build: shapes[0] <- their number, then the pairs;
+ * the caller picks a shape and orients the product to waste the least padding. */
+void qc_tiled_gemm_shapes(int64_t *shapes)
+{
+    shapes[0] = QC_SHAPES;
+#if defined(__AVX512F__)
+    shapes[1] = 14, shapes[2] = 2 * QC_VL, shapes[3] = 8, shapes[4] = 3 * QC_VL;
+#else
+    shapes[1] = 6, shapes[2] = 2 * QC_VL;
+#endif
+}
+
+/* The tiled GEMM with register block shape `shape` (an index into qc_tiled_gemm_shapes). */
+int qc_tiled_gemm_f32(int shape, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
+                      const qc_operand *b, const qc_operand *am, const qc_operand *bm, const qc_operand *start,
+                      const qc_operand *out, float *acc, float *exact, uint8_t *overflowed, float lo, float hi,
+                      int mode, int64_t *counts)
+{
+#if defined(__AVX512F__)
+    if (shape == 1)
+        return qc_gemm_8x3(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
+    return qc_gemm_14x2(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
+#else
+    (void)shape;
+    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
+#endif
+}
+
+#else                                 /* the second pass: one register block shape (QC_MR, QC_NV, QC_SHAPE) */
+#define QC_NR (QC_NV * QC_VL)         /* columns of a register block */
+
 /* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
  * (tiles of tl products from the block's start, the last one shorter), in `mode`. acc, hits, exact:
  * the block's rows, ld elements apart; hits counts the clamps that changed a value (wrap: the net
@@ -138,7 +225,7 @@ static inline qc_vf qc_floor(qc_vf s)
  * (QC_FRESH: they start at 0 and the accumulators at acc; QC_FRESH_ZERO: the accumulators at 0 too,
  * acc not set either). */
 __attribute__((optimize("fp-contract=fast")))
-static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
+static void QC_SHAPE(qc_micro)(int64_t kc, int64_t tl, const float *ap, const float *bp, float *acc, int32_t *hits,
                      float *exact, int64_t ld, float lo, float hi, int mode, int fresh)
 {
     const qc_vf lov = lo - (qc_vf){0}, hiv = hi - (qc_vf){0};    /* x - (+0) is x: a broadcast */
@@ -195,18 +282,8 @@ static void qc_micro(int64_t kc, int64_t tl, const float *ap, const float *bp, f
     }
 }
 
-/* The OpenMP threads a parallel region gets (1 without OpenMP). */
-static int64_t qc_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 /* Columns in panel jp of a block of n columns. */
-static int64_t qc_panel_width(int64_t n, int64_t jp)
+static int64_t QC_SHAPE(qc_panel_width)(int64_t n, int64_t jp)
 {
     return n - jp * QC_NR < QC_NR ? n - jp * QC_NR : QC_NR;
 }
@@ -215,7 +292,7 @@ static int64_t qc_panel_width(int64_t n, int64_t jp)
  * read through delta reads a valid element for the columns it does not have). Returns whether the
  * panel is QC_NR columns adjacent in memory. Offsets within one tensor: the caller keeps them below
  * 2^31. */
-static int qc_panel(const int64_t *col, int64_t m, int32_t *delta)
+static int QC_SHAPE(qc_panel)(const int64_t *col, int64_t m, int32_t *delta)
 {
     int adjacent = m == QC_NR;
     for (int64_t j = 0; j < QC_NR; ++j) {
@@ -226,7 +303,6 @@ static int qc_panel(const int64_t *col, int64_t m, int32_t *delta)
 }
 
 #if defined(__AVX512F__)
-#define QC_RUNS 3                     /* the most runs per vector read with masked loads */
 
 /* A panel's columns as runs of evenly spaced elements, 1 or 2 apart (a row of a conv's input at stride 1
  * or 2): in vector v, the lanes of run r (mask[v][r]) read src + off[v][r] + step·lane; a run 2 apart
@@ -237,10 +313,10 @@ typedef struct {
     int32_t off[QC_NV][QC_RUNS];
     int step[QC_NV][QC_RUNS];
     __mmask16 mask[QC_NV][QC_RUNS], lo[QC_NV][QC_RUNS], hi[QC_NV][QC_RUNS];
-} qc_runs;
+} QC_SHAPE(qc_runs);
 
 /* The runs of a panel of m columns at deltas delta; 0 when some vector has more than QC_RUNS. */
-static int qc_make_runs(const int32_t *delta, int64_t m, qc_runs *runs)
+static int QC_SHAPE(qc_make_runs)(const int32_t *delta, int64_t m, QC_SHAPE(qc_runs) *runs)
 {
     for (int v = 0; v < QC_NV; ++v) {
         int n = 0;
@@ -269,7 +345,7 @@ static int qc_make_runs(const int32_t *delta, int64_t m, qc_runs *runs)
 }
 
 /* dst[j] = src[delta[j]] for the QC_NR columns of a panel, through its runs (0 past its columns) */
-static void qc_load_runs(float *dst, const float *src, const qc_runs *runs)
+static void QC_SHAPE(qc_load_runs)(float *dst, const float *src, const QC_SHAPE(qc_runs) *runs)
 {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int v = 0; v < QC_NV; ++v) {
@@ -288,7 +364,7 @@ static void qc_load_runs(float *dst, const float *src, const qc_runs *runs)
 #endif
 
 /* dst[j] = src[delta[j]] for the QC_NR columns of a panel */
-static void qc_gather(float *dst, const float *src, const int32_t *delta)
+static void QC_SHAPE(qc_gather)(float *dst, const float *src, const int32_t *delta)
 {
 #if defined(__AVX512F__)
     for (int j = 0; j < QC_NR; j += 16)
@@ -302,37 +378,10 @@ static void qc_gather(float *dst, const float *src, const int32_t *delta)
 #endif
 }
 
-/* n adjacent results out of a scratch block: accumulators, overflow flags (any event; wrap: net wraps),
- * exact sums (exact NULL: none); adds their events (wrap: outputs with net wraps) to counts[0] and the
- * outputs that overflowed to counts[1]. */
-static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
-                     uint8_t *overflowed, float *exact, int mode, int64_t *counts)
-{
-    int64_t events = 0, hit = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        acc[j] = cb[j];
-        overflowed[j] = hb[j] != 0;
-        hit += hb[j] != 0;
-        events += hb[j];
-    }
-    if (exact)
-        memcpy(exact, eb, (size_t)n * sizeof(float));
-    counts[0] += mode == QC_WRAP ? hit : events;
-    counts[1] += hit;
-}
-
-/* The register block's shape (rows, columns) of this build: the caller orients the product to waste
- * the least padding. */
-void qc_tiled_gemm_block(int64_t *shape)
-{
-    shape[0] = QC_MR;
-    shape[1] = QC_NR;
-}
-
 /* A packed panel of A (K x QC_MR) times its multipliers, rounded (qc_rint): row r's multiplier at product k
  * is mul[r][mcol[k]] (mul[r] NULL: a padding row, left 0). per_row: mcol[k] is one value; per_col: the
  * rows' mul[r] are one pointer (then vector loops). */
-static void qc_round_panel(float *dst, int64_t K, const float *const *mul, const int64_t *mcol, int per_row,
+static void QC_SHAPE(qc_round_panel)(float *dst, int64_t K, const float *const *mul, const int64_t *mcol, int per_row,
                            int per_col)
 {
     if (per_row) {
@@ -356,7 +405,7 @@ static void qc_round_panel(float *dst, int64_t K, const float *const *mul, const
     }
 }
 
-int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
+static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
                       const qc_operand *b, const qc_operand *am, const qc_operand *bm, const qc_operand *start,
                       const qc_operand *out, float *acc, float *exact, uint8_t *overflowed, float lo, float hi,
                       int mode, int64_t *counts)
@@ -399,7 +448,7 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                     for (int r = 0; r < QC_MR; ++r)
                         dst[k * QC_MR + r] = src[r] ? src[r][a->col[k]] : 0.0f;
                 if (am->base)
-                    qc_round_panel(dst + k0 * QC_MR, k1 - k0, mul, am->col + k0, m_per_row, m_per_col);
+                    QC_SHAPE(qc_round_panel)(dst + k0 * QC_MR, k1 - k0, mul, am->col + k0, m_per_row, m_per_col);
             }
         }
 
@@ -424,7 +473,7 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                 const int64_t j0 = jb * nc, n = N - j0 < nc ? N - j0 : nc, npanels = (n + QC_NR - 1) / QC_NR;
                 int32_t delta[QC_NR];
                 for (int64_t jp = 0; start->base && jp < npanels; ++jp) {     /* the accumulators start */
-                    qc_panel(start->col + j0 + jp * QC_NR, qc_panel_width(n, jp), delta);
+                    QC_SHAPE(qc_panel)(start->col + j0 + jp * QC_NR, QC_SHAPE(qc_panel_width)(n, jp), delta);
                     for (int64_t i = 0; i < Mp; ++i) {
                         float *c = cb + i * nc + jp * QC_NR;
                         const float *s = i < M ? start->base + start->group[g] + start->row[i]
@@ -442,28 +491,28 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                         const int64_t *brow = b->row + k0;
                         float *dst = bp + jp * kc * QC_NR;
 #if defined(__AVX512F__)
-                        qc_runs runs;
+                        QC_SHAPE(qc_runs) runs;
 #endif
-                        if (qc_panel(col, qc_panel_width(n, jp), delta))
+                        if (QC_SHAPE(qc_panel)(col, QC_SHAPE(qc_panel_width)(n, jp), delta))
                             for (int64_t k = 0; k < kc; ++k)
                                 memcpy(dst + k * QC_NR, src + brow[k], QC_NR * sizeof(float));
 #if defined(__AVX512F__)
-                        else if (qc_make_runs(delta, qc_panel_width(n, jp), &runs))  /* rows shorter than a panel, stride 2 */
+                        else if (QC_SHAPE(qc_make_runs)(delta, QC_SHAPE(qc_panel_width)(n, jp), &runs))  /* rows shorter than a panel, stride 2 */
                             for (int64_t k = 0; k < kc; ++k)
-                                qc_load_runs(dst + k * QC_NR, src + brow[k], &runs);
+                                QC_SHAPE(qc_load_runs)(dst + k * QC_NR, src + brow[k], &runs);
 #endif
                         else
                             for (int64_t k = 0; k < kc; ++k)
-                                qc_gather(dst + k * QC_NR, src + brow[k], delta);
+                                QC_SHAPE(qc_gather)(dst + k * QC_NR, src + brow[k], delta);
                         if (bm->base) {     /* the codes of real values: the panel times its multipliers, rounded */
                             int32_t mdelta[QC_NR];
                             const int64_t *mcol = bm->col + j0 + jp * QC_NR, *mrow = bm->row + k0;
                             const float *mbase = bm->base + bm->group[g] + mcol[0];
-                            qc_panel(mcol, qc_panel_width(n, jp), mdelta);
+                            QC_SHAPE(qc_panel)(mcol, QC_SHAPE(qc_panel_width)(n, jp), mdelta);
                             int same_rows = 1;                       /* one multiplier row for the block */
                             for (int64_t k = 1; k < kc; ++k)
                                 same_rows &= mrow[k] == mrow[0];
-                            float mv[QC_NR];
+                            float mv[QC_NR] = {0};
                             for (int64_t k = 0; k < kc; ++k) {
                                 if (k == 0 || !same_rows)
                                     for (int j = 0; j < QC_NR; ++j)
@@ -474,15 +523,15 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
                         }
                         for (int64_t ip = 0; ip < panels; ++ip) {
                             const int64_t at = ip * QC_MR * nc + jp * QC_NR;
-                            qc_micro(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
+                            QC_SHAPE(qc_micro)(kc, tl, ap + ((g * panels + ip) * K + k0) * QC_MR, dst, cb + at, hb + at,
                                      eb ? eb + at : NULL, nc, lo, hi, mode,
                                      k0 ? QC_CONTINUE : start->base ? QC_FRESH : QC_FRESH_ZERO);
                         }
                     }
                 }
                 for (int64_t jp = 0; jp < npanels; ++jp) {           /* the results, through the output table */
-                    const int64_t m = qc_panel_width(n, jp);
-                    const int adjacent = qc_panel(out->col + j0 + jp * QC_NR, m, delta);
+                    const int64_t m = QC_SHAPE(qc_panel_width)(n, jp);
+                    const int adjacent = QC_SHAPE(qc_panel)(out->col + j0 + jp * QC_NR, m, delta);
                     for (int64_t i = 0; i < M; ++i) {
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
                         if (adjacent)
@@ -502,3 +551,6 @@ int qc_tiled_gemm_f32(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t t
     counts[1] = hit;
     return failed ? -1 : 0;
 }
+
+#undef QC_NR
+#endif
