@@ -137,21 +137,32 @@ static int64_t qc_threads(void)
 #endif
 }
 
-/* n adjacent results out of a scratch block: accumulators, overflow flags (any event; wrap: net wraps),
- * exact sums (exact NULL: none); adds their events (wrap: outputs with net wraps) to counts[0] and the
- * outputs that overflowed to counts[1]. */
+/* n results out of a scratch block, to outputs j (delta NULL: adjacent) or delta[j]: accumulators, overflow
+ * flags (any event; wrap: net wraps), exact sums (exact NULL: none); adds their events (wrap: outputs
+ * with net wraps) to counts[0] and the outputs that overflowed to counts[1]. */
 static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
-                     uint8_t *overflowed, float *exact, int mode, int64_t *counts)
+                     uint8_t *overflowed, float *exact, const int32_t *delta, int mode, int64_t *counts)
 {
     int64_t events = 0, hit = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        acc[j] = cb[j];
-        overflowed[j] = hb[j] != 0;
-        hit += hb[j] != 0;
-        events += hb[j];
+    if (delta) {
+        for (int64_t j = 0; j < n; ++j) {
+            acc[delta[j]] = cb[j];
+            overflowed[delta[j]] = hb[j] != 0;
+            hit += hb[j] != 0;
+            events += hb[j];
+        }
+        for (int64_t j = 0; exact && j < n; ++j)
+            exact[delta[j]] = eb[j];
+    } else {
+        for (int64_t j = 0; j < n; ++j) {
+            acc[j] = cb[j];
+            overflowed[j] = hb[j] != 0;
+            hit += hb[j] != 0;
+            events += hb[j];
+        }
+        if (exact)
+            memcpy(exact, eb, (size_t)n * sizeof(float));
     }
-    if (exact)
-        memcpy(exact, eb, (size_t)n * sizeof(float));
     counts[0] += mode == QC_WRAP ? hit : events;
     counts[1] += hit;
 }
@@ -534,13 +545,8 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
                     const int adjacent = QC_SHAPE(qc_panel)(out->col + j0 + jp * QC_NR, m, delta);
                     for (int64_t i = 0; i < M; ++i) {
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
-                        if (adjacent)
-                            qc_store(QC_NR, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
-                                     exact ? exact + o : NULL, mode, mine);
-                        else
-                            for (int64_t j = 0; j < m; ++j)
-                                qc_store(1, cb + at + j, hb + at + j, eb ? eb + at + j : NULL, acc + o + delta[j],
-                                         overflowed + o + delta[j], exact ? exact + o + delta[j] : NULL, mode, mine);
+                        qc_store(adjacent ? QC_NR : m, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
+                                 exact ? exact + o : NULL, adjacent ? NULL : delta, mode, mine);
                     }
                 }
             }
