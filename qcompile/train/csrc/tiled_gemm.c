@@ -250,6 +250,7 @@ static void QC_SHAPE(qc_micro)(int64_t kc, int64_t tl, const float *ap, const fl
 #pragma GCC unroll 4
             for (int v = 0; v < QC_NV; ++v)
                 p[r][v] = (qc_vf){0};
+#pragma GCC unroll 8
         for (int64_t k = 0; k < n; ++k) {
             qc_vf b[QC_NV];
 #pragma GCC unroll 4
