@@ -325,7 +325,8 @@ def test_convs_read_the_weight_codes_of_real_weights(case, mode, acc_bits, seed)
     """A conv and its input gradient given the weight's real values on its per-channel grid with the
     multipliers 1/scale (w_mult: the fused kernel rounds w·(1/scale) as it packs the weight) give what
     they give on the codes themselves, fused and on the torch path alike; on the grid, _codes gives the
-    codes back exactly."""
+    codes back exactly. With out_scale (the conv's and the weight gradient's per channel, the input
+    gradient's one value) the accumulator comes back times it, the flags, events and exact sums unchanged."""
     from qcompile.train import tiled
     x, w, b, stride, pad, dil, groups = case
     gen = torch.Generator().manual_seed(seed)
@@ -338,20 +339,26 @@ def test_convs_read_the_weight_codes_of_real_weights(case, mode, acc_bits, seed)
     m = dict(acc_bits=acc_bits, tile=tile, overflow=overflow, exact=False)
     amax = (float(x.abs().max()), float(w.abs().max()), 128.0)
     xf, wf, geometry = x.float(), w.float(), (stride, pad, dil, groups)
-    pairs = [(lambda: tiled_conv2d(xf, w_real, b.float(), *geometry, **m, absmax=amax[:2], w_mult=inv_w),
-              lambda: tiled_conv2d(xf, wf, b.float(), *geometry, **m, absmax=amax[:2])),
+    s_out, s_in = torch.rand(w.shape[0], generator=gen) + 0.5, torch.rand((), generator=gen) + 0.5
+    pairs = [(lambda: tiled_conv2d(xf, w_real, b.float(), *geometry, **m, absmax=amax[:2], w_mult=inv_w,
+                                   out_scale=s_out),
+              lambda: tiled_conv2d(xf, wf, b.float(), *geometry, **m, absmax=amax[:2]), s_out.view(1, -1, 1, 1)),
              (lambda: tiled_conv2d_input_grad(g, w_real, x.shape[-2:], *geometry, **m, absmax=amax[2:0:-1],
-                                              w_mult=inv_w),
-              lambda: tiled_conv2d_input_grad(g, wf, x.shape[-2:], *geometry, **m, absmax=amax[2:0:-1]))]
+                                              w_mult=inv_w, out_scale=s_in),
+              lambda: tiled_conv2d_input_grad(g, wf, x.shape[-2:], *geometry, **m, absmax=amax[2:0:-1]), s_in),
+             (lambda: tiled_conv2d_weight_grad(xf, g, w.shape, *geometry, **m, absmax=amax[::2], out_scale=s_out),
+              lambda: tiled_conv2d_weight_grad(xf, g, w.shape, *geometry, **m, absmax=amax[::2]),
+              s_out.view(-1, 1, 1, 1))]
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tiled, "FUSED_MIN_FILL", 0.0)
         mp.setattr(tiled, "_fused_gemm", lambda *a, **k: calls.append(1) or FUSED(*a, **k))
-        fused = [real() for real, _ in pairs]
-        on_codes = [codes() for _, codes in pairs]
+        fused = [real() for real, _, _ in pairs]
+        on_codes = [codes() for _, codes, _ in pairs]
         mp.setenv("QCOMPILE_NATIVE", "0")
-        torch_path = [real() for real, _ in pairs]
-    for got, want, plain in zip(fused, on_codes, torch_path):
+        torch_path = [real() for real, _, _ in pairs]
+    for got, want, plain, (_, _, scale) in zip(fused, on_codes, torch_path, pairs):
+        want.acc = want.acc * scale
         assert _equal_results(got, want) and _equal_results(plain, want)
     if tile < w[0].numel() and tile <= 8:
         assert calls

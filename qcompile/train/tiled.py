@@ -307,7 +307,7 @@ def _gemm_kernel(plan: _Plan, overflow: str, device, rows: int, cols: int, exact
 def _block_shapes(lib) -> tuple[tuple[int, int], ...]:
     """The register block shapes (rows, columns) of the kernel's build, in its index order; sets the
     kernel's ctypes signature."""
-    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 6 + \
+    lib.qc_tiled_gemm_f32.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.POINTER(_Operand)] * 7 + \
         [ctypes.c_void_p] * 3 + [ctypes.c_float] * 2 + [ctypes.c_int, ctypes.c_void_p]
     lib.qc_tiled_gemm_f32.restype = ctypes.c_int
     shapes = (ctypes.c_int64 * 5)()
@@ -345,14 +345,15 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
 
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
                 out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None, a_mult=None,
-                b_mult=None) -> None:
+                b_mult=None, out_mult=None) -> None:
     """The tiled accumulator of C[g] = A[g] B[g] (+ start) in the `overflow` mode through the fused
     kernel (`lib`), each operand read through its offset tables (group, row, col) relative to its first
     element (A's col and B's row walk the reduction, in its order); writes out.acc / out.overflowed
     (/ out.exact, when not None) at out_tab's offsets and adds the events and the outputs that
     overflowed to out.events and out.overflowed_count (each output written by one call). Float32
     operands; a_mult / b_mult (None, or (multipliers, their tables) shaped like the operand's): the
-    operand holds real values whose codes are rint(value·multiplier) (_codes)."""
+    operand holds real values whose codes are rint(value·multiplier) (_codes); out_mult (the same,
+    shaped like the output): out.acc is written times it (real units; out.exact stays in codes)."""
     if max(t.numel() for t in (a, b, out.acc)) >= 2 ** 31:
         raise ValueError("tiled accumulator: the fused kernel addresses its operands with 32-bit offsets; "
                          f"a tensor of {max(a.numel(), b.numel(), out.acc.numel())} elements is too large")
@@ -363,6 +364,7 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
             return None if tab is None else (tab[0], tab[2], tab[1])
         a, a_tab, b, b_tab = b, flip(b_tab), a, flip(a_tab)
         a_mult, b_mult = (None if m is None else (m[0], flip(m[1])) for m in (b_mult, a_mult))
+        out_mult = None if out_mult is None else (out_mult[0], flip(out_mult[1]))
         out_tab, start_tab = flip(out_tab), flip(start_tab)
 
     def operand(base: torch.Tensor | None, tab):
@@ -372,7 +374,8 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
     keep = []
     ops = [operand(a, a_tab), operand(b, b_tab), *(operand(None, out_tab) if m is None else operand(*m)
                                                   for m in (a_mult, b_mult)),
-           operand(start, start_tab or out_tab), operand(None, out_tab)]
+           operand(start, start_tab or out_tab), operand(None, out_tab),
+           operand(None, out_tab) if out_mult is None else operand(*out_mult)]
     counts = (ctypes.c_int64 * 2)()
     if lib.qc_tiled_gemm_f32(shape, len(a_tab[0]), len(a_tab[1]), len(b_tab[2]), len(a_tab[2]), tile,
                              *map(ctypes.byref, ops), out.acc.data_ptr(),
@@ -414,6 +417,17 @@ def _codes(t: torch.Tensor, mult: torch.Tensor, axis: int | None = None) -> torc
 def _per_channel(mult: torch.Tensor, n: int) -> torch.Tensor:
     """A multiplier (0-d, or one per channel) as n float32 values, one per channel."""
     return mult.to(torch.float32).reshape(-1).expand(n).contiguous()
+
+
+def _scaled(res: AccResult, scale: torch.Tensor | None, view) -> AccResult:
+    """res with its accumulator times `scale` (reshaped to `view` over the outputs; None: res itself), in
+    the accumulator's dtype: what the fused kernel's output multipliers write (out_mult), elsewhere."""
+    if scale is None:
+        return res
+    acc = res.acc.clone() if res.acc is res.exact or not res.acc.is_floating_point() else res.acc
+    acc = acc if acc.is_floating_point() else acc.to(torch.float32)
+    return AccResult(acc.mul_(scale.to(acc.dtype).reshape(view)), res.exact, res.overflowed, res.events,
+                     res.overflowed_count)
 
 
 def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
@@ -495,13 +509,15 @@ def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
                  overflow: str = "saturate", absmax=None, exact: bool = True,
-                 w_mult: torch.Tensor | None = None) -> AccResult:
+                 w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> AccResult:
     """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
     w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
     The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order.
     w_mult: w holds real values on a grid and the operand is its codes, _codes(w, w_mult per output
     channel); `absmax` (the codes' bounds) is then required. The fused kernel reads the codes from the
-    real values as it packs them; elsewhere they are formed first."""
+    real values as it packs them; elsewhere they are formed first. out_scale (0-d, or one per output
+    channel): the accumulator is returned times it, the output in real units (`_scaled`; the exact sum
+    stays in codes), written so by the fused kernel."""
     if x.dim() != 4 or w.dim() != 4:
         raise ValueError(f"tiled_conv2d: expects 4-d x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     O, cin_g, kh, kw = w.shape
@@ -521,7 +537,7 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         start = _bias_start(None if bias is None else bias.view(-1, 1, 1), plan.acc_dtype)
         res = run_tiles(lambda t0, t1: y.unsqueeze(0), 1, start, None if plan.dense else acc_bits, overflow,
                         per_tile=y.numel(), exact=exact)
-        return _cast(res, _out_dtype(x))
+        return _scaled(_cast(res, _out_dtype(x)), out_scale, (1, -1, 1, 1))
     tl, T = plan.tile, plan.tiles
     ph, pw = _pair(padding)
     if fused is not None:                                  # A = the weights (G, og, K), B = im2col read in place
@@ -537,9 +553,11 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         start_tab = (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0)))      # the bias: per row
         a_mult = None if w_mult is None else (             # per output channel: per row
             _per_channel(w_mult, O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((K, 0))))
+        out_mult = None if out_scale is None else (
+            _per_channel(out_scale, O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((N * L, 0))))
         _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, w.to(torch.float32).contiguous(), a_tab, xp, b_tab,
-                    out, out_tab, start, start_tab, a_mult)
-        return _cast(out, _out_dtype(x))
+                    out, out_tab, start, start_tab, a_mult, out_mult=out_mult)
+        return out if out_scale is not None else _cast(out, _out_dtype(x))
     xp = _padded(x, (ph, ph, pw, pw), plan.part_dtype)
     wt = w.to(plan.part_dtype).reshape(groups, og, K)
     wt = F.pad(wt, (0, T * tl - K)) if T * tl > K else wt                                  # (G, og, T·tl)
@@ -557,7 +575,8 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 
     start = _bias_start(None if bias is None else bias.view(groups, og, 1), plan.acc_dtype)
     res = run_tiles(partials, T, start, acc_bits, overflow, per_tile=max(O, tl) * N * L, exact=exact)
-    return _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
+    res = _cast(_apply(res, lambda t: t.reshape(O, N, Ho, Wo).transpose(0, 1).contiguous()), _out_dtype(x))
+    return _scaled(res, out_scale, (1, -1, 1, 1))
 
 
 def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
@@ -599,13 +618,14 @@ def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
 def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
                             overflow: str = "saturate", absmax=None, exact: bool = True,
-                            w_mult: torch.Tensor | None = None) -> AccResult:
+                            w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> AccResult:
     """G_X = G_Y·Wᵀ of conv2d, for stride 1: the conv2d of G_Y padded by dilation·(k−1) − padding on
     each side with the spatially flipped, in/out-transposed kernel. Its reduction runs over
     (c_out/groups, ky', kx') of the flipped kernel (padding contributes 0) and is tiled like any conv.
     With stride > 1 (G_Y with stride − 1 zeros inserted between its rows and columns) the inserted
     zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad).
-    w_mult: w holds real values, the operand is _codes(w, w_mult per output channel) (absmax required)."""
+    w_mult: w holds real values, the operand is _codes(w, w_mult per output channel) (absmax required);
+    out_scale (0-d, or one per input channel): the result times it, as tiled_conv2d's."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -615,13 +635,15 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     plan = _plan(g, w, None, (O // groups) * kh * kw, acc_bits, tile, overflow, absmax)
     fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw), exact)
     if fused is not None:
-        return _cast(_fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
-                                       plan.fused_tile, exact, w_mult), _out_dtype(g))
+        res = _fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
+                                plan.fused_tile, exact, w_mult, out_scale)
+        return res if out_scale is not None else _cast(res, _out_dtype(g))
     if w_mult is not None:
         w = _codes(w, w_mult, 0)
     if (sh, sw) != (1, 1):
-        return _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits, tile=tile,
-                                   overflow=overflow, absmax=absmax, exact=exact)
+        return _scaled(_strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, acc_bits=acc_bits,
+                                           tile=tile, overflow=overflow, absmax=absmax, exact=exact),
+                       out_scale, (1, -1, 1, 1))
     lh, lw = dh * (kh - 1) - ph, dw * (kw - 1) - pw       # stride 1: the same padding after as before
     if lh < 0 or lw < 0:                                   # padding wider than the kernel: crop instead
         ch, cw = max(0, -lh), max(0, -lw)
@@ -632,7 +654,7 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     wt = w.reshape(groups, og, cin_g, kh, kw).permute(0, 1, 3, 4, 2).flip(2, 3).contiguous()
     wt = wt.permute(0, 4, 1, 2, 3).reshape(groups * cin_g, og, kh, kw)
     return tiled_conv2d(g, wt, None, 1, (lh, lw), (dh, dw), groups, acc_bits=acc_bits, tile=tile, overflow=overflow,
-                        absmax=absmax, exact=exact)
+                        absmax=absmax, exact=exact, out_scale=out_scale)
 
 
 def _phase_taps(r: int, k: int, s: int, d: int, lead: int, n_in: int, n_out: int):
@@ -658,7 +680,7 @@ def _phase_pads(kernel, stride, dilation, padding, grad_hw, input_hw):
 
 
 def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, overflow: str,
-                      tile: int, exact: bool, w_mult: torch.Tensor | None) -> AccResult:
+                      tile: int, exact: bool, w_mult: torch.Tensor | None, out_scale: torch.Tensor | None) -> AccResult:
     """tiled_conv2d_input_grad through the fused kernel, phase by phase (see _strided_input_grad; stride 1
     is one phase with every tap): A = the flipped kernel's taps of the phase, read in place from w;
     B = G_Y (padded) at those taps, C written at the phase's outputs. An output no tap reaches stays 0."""
@@ -689,7 +711,10 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
         a_mult = None if w_mult is None else (      # per output channel o: along the reduction (o, taps)
             _per_channel(w_mult, O), (_offsets((groups, og)), _offsets((cin_g, 0)),
                                       _offsets((og, 1), (len(ta), 0), (len(tb), 0))))
-        _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab, a_mult=a_mult)
+        out_mult = None if out_scale is None else (   # per input channel: per row
+            _per_channel(out_scale, C), (_offsets((groups, cin_g)), _offsets((cin_g, 1)), _offsets((N * mh * mw, 0))))
+        _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab, a_mult=a_mult,
+                    out_mult=out_mult)
     return out
 
 
@@ -767,9 +792,11 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
 @torch.no_grad()
 def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
                              groups: int = 1, *, acc_bits: int | None, tile: int | None,
-                             overflow: str = "saturate", absmax=None, exact: bool = True) -> AccResult:
+                             overflow: str = "saturate", absmax=None, exact: bool = True,
+                             out_scale: torch.Tensor | None = None) -> AccResult:
     """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
-    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight."""
+    the reduction over (n, i, j) in that order, tiled. Result shaped like the weight. out_scale (0-d, or
+    one per output channel): the result times it, as tiled_conv2d's."""
     O, cin_g, kh, kw = weight_shape
     N, K = x.shape[0], cin_g * kh * kw
     og = O // groups
@@ -788,9 +815,11 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
                  _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
         out_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
+        out_mult = None if out_scale is None else (
+            _per_channel(out_scale, O), (_offsets((groups, og)), _offsets((og, 1)), _offsets((K, 0))))
         _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, g.to(torch.float32).contiguous(), a_tab, xp, b_tab,
-                    out, out_tab)
-        return _cast(out, _out_dtype(x))
+                    out, out_tab, out_mult=out_mult)
+        return out if out_scale is not None else _cast(out, _out_dtype(x))
     gt = _SCRATCH.empty("grad_rows", (groups, og, T * tl), plan.part_dtype, g.device)     # (G, og, T·tl)
     gt[..., :N * L].view(groups, og, N, L).copy_(g.reshape(N, groups, og, L).permute(1, 2, 0, 3))
     gt[..., N * L:].zero_()
@@ -807,7 +836,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
         return torch.matmul(gk, cols, out=ps).transpose(0, 1).to(plan.acc_dtype)
 
     res = run_tiles(partials, T, None, acc_bits, overflow, per_tile=max(O, tl) * K, exact=exact)
-    return _cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x))
+    return _scaled(_cast(_apply(res, lambda t: t.reshape(weight_shape)), _out_dtype(x)), out_scale, (-1, 1, 1, 1))
 
 
 # ---- the training op: what passes/narrow_acc puts in place of a quantized conv / linear / matmul ----
@@ -858,17 +887,19 @@ class _NarrowAccFunction(torch.autograd.Function):
             a_op, b_op, b_mult = _codes(a, a_mult), _codes(b, b_mult, 0 if op.kind != "matmul" else None), None
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
-        res = op.forward_int(a_op, b_op, bias_int, absmax, b_mult)
+        conv = op.kind in ("conv2d", "conv1d")
+        res = op.forward_int(a_op, b_op, bias_int, absmax, b_mult, out_scale if conv else None)
         op.record("train" if op.training else "eval", res)
         op.last_operands = (b_op, b_mult, bias_int, absmax)
-        y_scale = op.out_view(out_scale, res.acc.dim())
         ctx.save_for_backward(a_op, b_op, res.overflowed)
         ctx.b_mult, ctx.a_shape = b_mult, a.shape
         ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
         ctx.set_materialize_grads(False)              # an unused output's gradient arrives as None, not zeros
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
+        if conv:                                      # the tiled conv scaled it (out_scale)
+            return res.acc.to(a.dtype), exact
         acc = res.acc.clone() if res.acc is res.exact else res.acc          # scaled in place: a fresh tensor
-        return acc.mul_(y_scale).to(a.dtype), exact
+        return acc.mul_(op.out_view(out_scale, acc.dim())).to(a.dtype), exact
 
     @staticmethod
     def backward(ctx, gy, gexact):
@@ -890,13 +921,15 @@ class _NarrowAccFunction(torch.autograd.Function):
             fold = op.kind != "matmul"
             u_int = gq.gradient_codes(g, sb, op.channel_axis(g.dim())) if fold else gq.gradient_codes(g)
             su = gq.scale.clone()
-            ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, b_mult, ctx.a_shape)
-            grad_a = ga.acc.to(g.dtype).mul_(su if fold else su * sb) if need_a else None
-            if need_b:
-                b_scale = su * sa / _channel_view(sb, gb.acc.dim(), 0) if fold else su * sa
-                grad_b = gb.acc.to(g.dtype).mul_(b_scale)
+            a_scale, b_scale = (su, su * sa / sb) if fold else (su * sb, su * sa)
+            if op.kind in ("conv2d", "conv1d"):       # the tiled convs scale their results (out_scale)
+                ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax, b_mult, ctx.a_shape,
+                                         (a_scale, b_scale))
+                grad_a, grad_b = (None if r is None else r.acc.to(g.dtype) for r in (ga, gb))
             else:
-                grad_b = None
+                ga, gb = op.backward_int(a_op, b_op, u_int, need_a, need_b, ctx.absmax)
+                grad_a = ga.acc.to(g.dtype).mul_(a_scale) if need_a else None
+                grad_b = gb.acc.to(g.dtype).mul_(_channel_view(b_scale, gb.acc.dim(), 0)) if need_b else None
         else:
             a_int = op.unpadded(a_op, ctx.a_shape)
             b_int = b_op if b_mult is None else _codes(b_op, b_mult, 0)
@@ -992,26 +1025,29 @@ class NarrowAccOp(nn.Module):
         ph, pw = _pair(self.padding)
         return a_op[:, :, ph:a_op.shape[-2] - ph, pw:a_op.shape[-1] - pw].reshape(a_shape)
 
-    def forward_int(self, a, b, bias, absmax, b_mult=None) -> AccResult:
+    def forward_int(self, a, b, bias, absmax, b_mult=None, out_scale=None) -> AccResult:
         """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids.
         Convs: a is `padded_codes` (the padding done), b the weight's real values with b_mult = 1/s_b (its
-        codes read by the kernel) or its codes (b_mult None)."""
+        codes read by the kernel) or its codes (b_mult None); out_scale (per output channel): the
+        accumulator comes back times it (tiled_conv2d's out_scale)."""
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
                     absmax=tuple(absmax), exact=self.keep_exact)
         if self.kind in ("conv2d", "conv1d"):
             stride, _, dilation, groups = self._conv_args()
             sq = self.kind == "conv1d"
             res = tiled_conv2d(a, b.unsqueeze(2) if sq else b, bias, stride, 0, dilation, groups, **mode,
-                               w_mult=b_mult)
+                               w_mult=b_mult, out_scale=out_scale)
             return _squeeze2(res) if sq else res
         if self.kind == "linear":
             return tiled_linear(a, b, bias, **mode)
         return tiled_matmul(a, b, None, **mode)
 
-    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax, b_mult=None, a_shape=None):
+    def backward_int(self, a, b, u, need_a: bool, need_b: bool, absmax, b_mult=None, a_shape=None,
+                     out_scales=(None, None)):
         """(G_a, G_b) AccResults of the backward matmuls on integer operands, with grad_acc_bits;
         absmax = (max|a_int|, max|b_int|), a and b_mult as in the forward (forward_int); a_shape: the
-        input's shape (a conv's G_a)."""
+        input's shape (a conv's G_a); out_scales (convs): G_a's and G_b's accumulators come back times
+        them (0-d; one per output channel)."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
         umax = float(max_code_magnitude(q.qrange, q.zero_point))
@@ -1023,9 +1059,11 @@ class NarrowAccOp(nn.Module):
             stride, padding, dilation, groups = self._conv_args()
             if need_a:
                 ga = tiled_conv2d_input_grad(u4, b4, (1, a_shape[-1]) if sq else a_shape[-2:], stride, padding,
-                                             dilation, groups, **mode, absmax=(umax, bmax), w_mult=b_mult)
+                                             dilation, groups, **mode, absmax=(umax, bmax), w_mult=b_mult,
+                                             out_scale=out_scales[0])
             if need_b:              # a: the input's padded codes
-                gb = tiled_conv2d_weight_grad(a, u4, b4.shape, stride, 0, dilation, groups, **mode, absmax=(amax, umax))
+                gb = tiled_conv2d_weight_grad(a, u4, b4.shape, stride, 0, dilation, groups, **mode, absmax=(amax, umax),
+                                              out_scale=out_scales[1])
             ga, gb = (_squeeze2(r) if sq and r is not None else r for r in (ga, gb))
         elif self.kind == "linear":
             u2, a2 = u.reshape(-1, u.shape[-1]), a.reshape(-1, a.shape[-1])

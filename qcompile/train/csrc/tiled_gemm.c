@@ -21,6 +21,8 @@
  *     overflowed[o]  saturation: 1 where a clamp changed a value (an event); wrap: 1 where the result
  *                    differs from the exact sum (the wraps did not cancel); else 0
  *     exact[o]       (exact non-NULL) start + every tile's partial sum p_t
+ *   acc[o] is written times om[g, i, j] where an output multiplier is given (om.base non-NULL, tables
+ *   like the output's): the result in real units, in the same pass
  *
  * counts[0] <- the number of events (wrap: of outputs that differ), counts[1] <- the number of
  * outputs that overflowed. Returns 0, or -1 when scratch memory could not be allocated (nothing
@@ -137,16 +139,18 @@ static int64_t qc_threads(void)
 #endif
 }
 
-/* n results out of a scratch block, to outputs j (delta NULL: adjacent) or delta[j]: accumulators, overflow
- * flags (any event; wrap: net wraps), exact sums (exact NULL: none); adds their events (wrap: outputs
- * with net wraps) to counts[0] and the outputs that overflowed to counts[1]. */
+/* n results out of a scratch block, to outputs j (delta NULL: adjacent) or delta[j]: accumulators (times
+ * scale[j] where scale is not NULL), overflow flags (any event; wrap: net wraps), exact sums (exact NULL:
+ * none); adds their events (wrap: outputs with net wraps) to counts[0] and the outputs that overflowed
+ * to counts[1]. */
 static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
-                     uint8_t *overflowed, float *exact, const int32_t *delta, int mode, int64_t *counts)
+                     uint8_t *overflowed, float *exact, const int32_t *delta, const float *scale, int mode,
+                     int64_t *counts)
 {
     int64_t events = 0, hit = 0;
     if (delta) {
         for (int64_t j = 0; j < n; ++j) {
-            acc[delta[j]] = cb[j];
+            acc[delta[j]] = scale ? cb[j] * scale[j] : cb[j];
             overflowed[delta[j]] = hb[j] != 0;
             hit += hb[j] != 0;
             events += hb[j];
@@ -155,7 +159,7 @@ static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float 
             exact[delta[j]] = eb[j];
     } else {
         for (int64_t j = 0; j < n; ++j) {
-            acc[j] = cb[j];
+            acc[j] = scale ? cb[j] * scale[j] : cb[j];
             overflowed[j] = hb[j] != 0;
             hit += hb[j] != 0;
             events += hb[j];
@@ -213,16 +217,19 @@ void qc_tiled_gemm_shapes(int64_t *shapes)
 /* The tiled GEMM with register block shape `shape` (an index into qc_tiled_gemm_shapes). */
 int qc_tiled_gemm_f32(int shape, int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
                       const qc_operand *b, const qc_operand *am, const qc_operand *bm, const qc_operand *start,
-                      const qc_operand *out, float *acc, float *exact, uint8_t *overflowed, float lo, float hi,
-                      int mode, int64_t *counts)
+                      const qc_operand *out, const qc_operand *om, float *acc, float *exact, uint8_t *overflowed,
+                      float lo, float hi, int mode, int64_t *counts)
 {
 #if defined(__AVX512F__)
     if (shape == 1)
-        return qc_gemm_8x3(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
-    return qc_gemm_14x2(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
+        return qc_gemm_8x3(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                           counts);
+    return qc_gemm_14x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                        counts);
 #else
     (void)shape;
-    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, acc, exact, overflowed, lo, hi, mode, counts);
+    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                       counts);
 #endif
 }
 
@@ -419,8 +426,8 @@ static void QC_SHAPE(qc_round_panel)(float *dst, int64_t K, const float *const *
 
 static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t tl, const qc_operand *a,
                       const qc_operand *b, const qc_operand *am, const qc_operand *bm, const qc_operand *start,
-                      const qc_operand *out, float *acc, float *exact, uint8_t *overflowed, float lo, float hi,
-                      int mode, int64_t *counts)
+                      const qc_operand *out, const qc_operand *om, float *acc, float *exact, uint8_t *overflowed,
+                      float lo, float hi, int mode, int64_t *counts)
 {
     const int64_t Mp = qc_roundup(M, QC_MR), panels = Mp / QC_MR;
     const int64_t kc_max = tl >= QC_KC ? tl : QC_KC / tl * tl;
@@ -544,10 +551,23 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
                 for (int64_t jp = 0; jp < npanels; ++jp) {           /* the results, through the output table */
                     const int64_t m = QC_SHAPE(qc_panel_width)(n, jp);
                     const int adjacent = QC_SHAPE(qc_panel)(out->col + j0 + jp * QC_NR, m, delta);
+                    int32_t sdelta[QC_NR] = {0};
+                    float sv[QC_NR];                                 /* the row's output multipliers */
+                    int s_constant = 1;
+                    if (om->base) {
+                        QC_SHAPE(qc_panel)(om->col + j0 + jp * QC_NR, m, sdelta);
+                        for (int j = 0; j < QC_NR; ++j)
+                            s_constant &= sdelta[j] == 0;
+                    }
                     for (int64_t i = 0; i < M; ++i) {
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
+                        if (om->base) {
+                            const float *sr = om->base + om->group[g] + om->row[i] + om->col[j0 + jp * QC_NR];
+                            for (int j = 0; j < QC_NR; ++j)
+                                sv[j] = sr[s_constant ? 0 : sdelta[j]];
+                        }
                         qc_store(adjacent ? QC_NR : m, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
-                                 exact ? exact + o : NULL, adjacent ? NULL : delta, mode, mine);
+                                 exact ? exact + o : NULL, adjacent ? NULL : delta, om->base ? sv : NULL, mode, mine);
                     }
                 }
             }
