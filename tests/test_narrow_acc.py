@@ -1,6 +1,5 @@
 """Tiled narrow accumulators: exactness against plain integer loops, the narrow_acc pass,
 overflow statistics, gradients through the accumulator, accumulator bounds."""
-import ctypes
 import itertools
 
 import pytest
@@ -375,6 +374,21 @@ def _fused_build_case():
     return x, w, b, g, 2, 1, 1, 1
 
 
+def test_fused_convs_without_flags_count_the_outputs_that_overflowed(monkeypatch):
+    """flags=False (what the op asks for where nothing reads the flags): the fused kernel writes no
+    overflow flags, and counts the outputs that overflowed; the accumulator and events are unchanged."""
+    x, w, b, g, stride, pad, dil, groups = _fused_build_case()
+    xf, wf, bf, gf = (t.float() for t in (x, w, b, g))
+    mode = dict(acc_bits=14, tile=64, overflow="saturate", exact=False)
+    ops = [lambda **f: tiled_conv2d(xf, wf, bf, stride, pad, dil, groups, **mode, **f),
+           lambda **f: tiled_conv2d_input_grad(gf, wf, x.shape[-2:], stride, pad, dil, groups, **mode, **f),
+           lambda **f: tiled_conv2d_weight_grad(xf, gf, w.shape, stride, pad, dil, groups, **mode, **f)]
+    for op in ops:
+        got, want = op(flags=False), op()
+        assert got.overflowed is None and 0 < got.overflowed_count == int(want.overflowed.sum())
+        assert torch.equal(got.acc, want.acc) and int(got.events) == int(want.events)
+
+
 @pytest.mark.parametrize("march, columns", [("native", None), ("haswell", 16), ("x86-64", 8)])
 def test_fused_gemm_builds_for_every_vector_width(march, columns, monkeypatch, tmp_path, two_threads):
     """The kernel built for AVX-512, AVX2 and the portable vector width (SSE) gives the torch path's
@@ -609,8 +623,8 @@ def test_gradient_through_the_accumulator(acc_grad):
     seen = {}
     orig = op.forward_int
 
-    def spy(*args):
-        seen["res"] = orig(*args)
+    def spy(*args, **kw):                   # the flags too (the op asks for them with zero_saturated only)
+        seen["res"] = orig(*args, **dict(kw, flags=True))
         return seen["res"]
 
     op.forward_int = spy

@@ -59,7 +59,8 @@ class AccResult:
     None when not asked for (exact=False)."""
     acc: torch.Tensor
     exact: torch.Tensor | None  # exact as an integer type or below 2^24 (float32) / 2^53 (float64)
-    overflowed: torch.Tensor    # bool, per output: at least one overflow event
+    overflowed: torch.Tensor | None     # bool, per output: at least one overflow event (None: not asked for,
+                                        # flags=False, where the fused kernel only counted them)
     events: torch.Tensor        # int64 scalar: number of overflow events
     overflowed_count: int | None = None     # outputs that overflowed, where the fused kernel counted them
 
@@ -379,7 +380,8 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
     counts = (ctypes.c_int64 * 2)()
     if lib.qc_tiled_gemm_f32(shape, len(a_tab[0]), len(a_tab[1]), len(b_tab[2]), len(a_tab[2]), tile,
                              *map(ctypes.byref, ops), out.acc.data_ptr(),
-                             None if out.exact is None else out.exact.data_ptr(), out.overflowed.data_ptr(),
+                             None if out.exact is None else out.exact.data_ptr(),
+                             None if out.overflowed is None else out.overflowed.data_ptr(),
                              lo, hi, OVERFLOW_MODES.index(overflow), counts) < 0:
         raise MemoryError("tiled accumulator: the fused kernel could not allocate its scratch memory")
     out.events.add_(counts[0])
@@ -398,11 +400,12 @@ def _rounded_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def _outputs(shape, exact: bool, zeroed: bool = False) -> AccResult:
-    """Float32 accumulator (and exact sum) and overflow flags of `shape` for _fused_gemm to write:
-    uninitialized, or zeroed where some outputs get no product (then 0, no overflow); no events yet."""
+def _outputs(shape, exact: bool, flags: bool, zeroed: bool = False) -> AccResult:
+    """Float32 accumulator (and exact sum, and overflow flags where asked for) of `shape` for _fused_gemm
+    to write: uninitialized, or zeroed where some outputs get no product (then 0, no overflow); no
+    events yet."""
     new = torch.zeros if zeroed else torch.empty
-    return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool),
+    return AccResult(new(shape), new(shape) if exact else None, new(shape, dtype=torch.bool) if flags else None,
                      torch.zeros((), dtype=torch.int64), 0)
 
 
@@ -437,8 +440,8 @@ def _bias_start(bias: torch.Tensor | None, dtype: torch.dtype):
 
 def _apply(res: AccResult, fn) -> AccResult:
     """`fn` (a reshape / permutation) applied to every per-output tensor of `res`."""
-    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact), fn(res.overflowed), res.events,
-                     res.overflowed_count)
+    return AccResult(fn(res.acc), None if res.exact is None else fn(res.exact),
+                     None if res.overflowed is None else fn(res.overflowed), res.events, res.overflowed_count)
 
 
 def _out_dtype(ref: torch.Tensor) -> torch.dtype | None:
@@ -468,7 +471,7 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     fused = _gemm_kernel(plan, overflow, a.device, M, N, exact)
     if fused is not None:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        out = _outputs((*batch, M, N), exact)
+        out = _outputs((*batch, M, N), exact, True)
         start = None if bias is None else bias.to(torch.float32).expand(*batch, M, N)
         a_, b_ = a.to(torch.float32), b.to(torch.float32)
         _fused_gemm(fused, plan.fused_tile, acc_bits, overflow, a_, _matrix_tables(a_, batch), b_,
@@ -509,7 +512,8 @@ def tiled_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                  dilation=1, groups: int = 1, *, acc_bits: int | None, tile: int | None,
                  overflow: str = "saturate", absmax=None, exact: bool = True,
-                 w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> AccResult:
+                 w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
+                 flags: bool = True) -> AccResult:
     """conv2d of integer operands x (N, C, H, W) (already x − zx: padding contributes 0) and
     w (O, C/groups, kh, kw), bias (O,), with the tiled accumulator (see the module docstring).
     The tiles are GEMMs over the im2col matrix, whose rows are in (c, ky, kx) order.
@@ -517,7 +521,8 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     channel); `absmax` (the codes' bounds) is then required. The fused kernel reads the codes from the
     real values as it packs them; elsewhere they are formed first. out_scale (0-d, or one per output
     channel): the accumulator is returned times it, the output in real units (`_scaled`; the exact sum
-    stays in codes), written so by the fused kernel."""
+    stays in codes), written so by the fused kernel. flags=False: the overflow flags may be left None
+    (as in every tiled conv; the fused kernel then only counts the outputs that overflowed)."""
     if x.dim() != 4 or w.dim() != 4:
         raise ValueError(f"tiled_conv2d: expects 4-d x and w, got {tuple(x.shape)} and {tuple(w.shape)}")
     O, cin_g, kh, kw = w.shape
@@ -544,7 +549,7 @@ def tiled_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         xp = _padded(x, (ph, ph, pw, pw), torch.float32)
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-        out = _outputs((N, O, Ho, Wo), exact)
+        out = _outputs((N, O, Ho, Wo), exact, flags)
         a_tab = (_offsets((groups, og * K)), _offsets((og, K)), _offsets((K, 1)))
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)),
                  _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)))
@@ -618,14 +623,15 @@ def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
 def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1, padding=0, dilation=1,
                             groups: int = 1, *, acc_bits: int | None, tile: int | None,
                             overflow: str = "saturate", absmax=None, exact: bool = True,
-                            w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> AccResult:
+                            w_mult: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
+                            flags: bool = True) -> AccResult:
     """G_X = G_Y·Wᵀ of conv2d, for stride 1: the conv2d of G_Y padded by dilation·(k−1) − padding on
     each side with the spatially flipped, in/out-transposed kernel. Its reduction runs over
     (c_out/groups, ky', kx') of the flipped kernel (padding contributes 0) and is tiled like any conv.
     With stride > 1 (G_Y with stride − 1 zeros inserted between its rows and columns) the inserted
     zeros take no slot: each output reduces over the taps that meet G_Y (_strided_input_grad).
     w_mult: w holds real values, the operand is _codes(w, w_mult per output channel) (absmax required);
-    out_scale (0-d, or one per input channel): the result times it, as tiled_conv2d's."""
+    out_scale (0-d, or one per input channel): the result times it, and flags, as tiled_conv2d's."""
     N, O, Ho, Wo = g.shape
     _, cin_g, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -636,7 +642,7 @@ def tiled_conv2d_input_grad(g: torch.Tensor, w: torch.Tensor, input_hw, stride=1
     fused = _gemm_kernel(plan, overflow, g.device, cin_g, N * input_hw[0] * input_hw[1] // (sh * sw), exact)
     if fused is not None:
         res = _fused_input_grad(fused, g, w, input_hw, stride, padding, dilation, groups, acc_bits, overflow,
-                                plan.fused_tile, exact, w_mult, out_scale)
+                                plan.fused_tile, exact, flags, w_mult, out_scale)
         return res if out_scale is not None else _cast(res, _out_dtype(g))
     if w_mult is not None:
         w = _codes(w, w_mult, 0)
@@ -680,7 +686,8 @@ def _phase_pads(kernel, stride, dilation, padding, grad_hw, input_hw):
 
 
 def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: int, acc_bits: int, overflow: str,
-                      tile: int, exact: bool, w_mult: torch.Tensor | None, out_scale: torch.Tensor | None) -> AccResult:
+                      tile: int, exact: bool, flags: bool, w_mult: torch.Tensor | None,
+                      out_scale: torch.Tensor | None) -> AccResult:
     """tiled_conv2d_input_grad through the fused kernel, phase by phase (see _strided_input_grad; stride 1
     is one phase with every tap): A = the flipped kernel's taps of the phase, read in place from w;
     B = G_Y (padded) at those taps, C written at the phase's outputs. An output no tap reaches stays 0."""
@@ -694,7 +701,7 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
     top, left = pads[0], pads[2]
     sN, sC, sH, sW = gp.stride()
     wf = w.to(torch.float32).contiguous()
-    out = _outputs((N, C, H, W), exact, zeroed=(sh, sw) != (1, 1))      # stride 1: one phase, every output
+    out = _outputs((N, C, H, W), exact, flags, zeroed=(sh, sw) != (1, 1))   # stride 1: one phase, every output
     for (ry, (ta, qa, sa, _)), (rx, (tb, qb, sb, _)) in itertools.product(enumerate(rows), enumerate(cols)):
         mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)                  # the phase's outputs per axis
         if not ta or not tb or mh <= 0 or mw <= 0:
@@ -793,10 +800,10 @@ def _strided_input_grad(g, w, input_hw, stride, padding, dilation, groups, *, ac
 def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, stride=1, padding=0, dilation=1,
                              groups: int = 1, *, acc_bits: int | None, tile: int | None,
                              overflow: str = "saturate", absmax=None, exact: bool = True,
-                             out_scale: torch.Tensor | None = None) -> AccResult:
+                             out_scale: torch.Tensor | None = None, flags: bool = True) -> AccResult:
     """G_W = Xᵀ·G_Y of conv2d: G_W[o, c, ky, kx] = Σ_(n, i, j) G_Y[n, o, i, j]·X_pad[n, c, i·s + ky·d, j·s + kx·d],
     the reduction over (n, i, j) in that order, tiled. Result shaped like the weight. out_scale (0-d, or
-    one per output channel): the result times it, as tiled_conv2d's."""
+    one per output channel): the result times it, and flags, as tiled_conv2d's."""
     O, cin_g, kh, kw = weight_shape
     N, K = x.shape[0], cin_g * kh * kw
     og = O // groups
@@ -810,7 +817,7 @@ def tiled_conv2d_weight_grad(x: torch.Tensor, g: torch.Tensor, weight_shape, str
     if fused is not None:                                  # A = G_Y's rows (n, i, j), B = im2col transposed, in place
         sN, sC, sH, sW = xp.stride()
         (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-        out = _outputs(weight_shape, exact)
+        out = _outputs(weight_shape, exact, flags)
         a_tab = (_offsets((groups, og * L)), _offsets((og, L)), _offsets((N, O * L), (L, 1)))
         b_tab = (_offsets((groups, cin_g * sC)), _offsets((N, sN), (Ho, sh * sH), (Wo, sw * sW)),
                  _offsets((cin_g, sC), (kh, dh * sH), (kw, dw * sW)))
@@ -888,11 +895,12 @@ class _NarrowAccFunction(torch.autograd.Function):
         out_scale = sa * sb
         bias_int = None if bias is None else bias_codes(bias.detach(), sa, sb)[0]
         conv = op.kind in ("conv2d", "conv1d")
-        res = op.forward_int(a_op, b_op, bias_int, absmax, b_mult, out_scale if conv else None)
+        res = op.forward_int(a_op, b_op, bias_int, absmax, b_mult, out_scale if conv else None,
+                             flags=op.acc_grad == "zero_saturated")
         op.record("train" if op.training else "eval", res)
         op.last_operands = (b_op, b_mult, bias_int, absmax)
         ctx.save_for_backward(a_op, b_op, res.overflowed)
-        ctx.b_mult, ctx.a_shape = b_mult, a.shape
+        ctx.b_mult, ctx.a_shape, ctx.y_shape = b_mult, a.shape, res.acc.shape
         ctx.op, ctx.sa, ctx.sb, ctx.absmax, ctx.has_bias = op, sa, sb, absmax, bias is not None
         ctx.set_materialize_grads(False)              # an unused output's gradient arrives as None, not zeros
         exact = a.new_zeros(()) if res.exact is None else res.exact.to(a.dtype)
@@ -905,7 +913,7 @@ class _NarrowAccFunction(torch.autograd.Function):
     def backward(ctx, gy, gexact):
         a_op, b_op, overflowed = ctx.saved_tensors
         op, sa, sb, b_mult = ctx.op, ctx.sa, ctx.sb, ctx.b_mult
-        g = torch.zeros_like(overflowed, dtype=a_op.dtype) if gy is None else gy
+        g = a_op.new_zeros(ctx.y_shape) if gy is None else gy
         if op.acc_grad == "zero_saturated":
             g = g.masked_fill(overflowed, 0.0)
         if gexact is not None:
@@ -1025,18 +1033,19 @@ class NarrowAccOp(nn.Module):
         ph, pw = _pair(self.padding)
         return a_op[:, :, ph:a_op.shape[-2] - ph, pw:a_op.shape[-1] - pw].reshape(a_shape)
 
-    def forward_int(self, a, b, bias, absmax, b_mult=None, out_scale=None) -> AccResult:
+    def forward_int(self, a, b, bias, absmax, b_mult=None, out_scale=None, flags: bool = True) -> AccResult:
         """The tiled accumulator on integer operands; absmax = (max|a_int|, max|b_int|) over their grids.
         Convs: a is `padded_codes` (the padding done), b the weight's real values with b_mult = 1/s_b (its
         codes read by the kernel) or its codes (b_mult None); out_scale (per output channel): the
-        accumulator comes back times it (tiled_conv2d's out_scale)."""
+        accumulator comes back times it (tiled_conv2d's out_scale). flags=False: a conv may leave the
+        overflow flags None (only the backward's zero_saturated reads them)."""
         mode = dict(acc_bits=self.acc_bits, tile=self.tile, overflow=self.overflow,
                     absmax=tuple(absmax), exact=self.keep_exact)
         if self.kind in ("conv2d", "conv1d"):
             stride, _, dilation, groups = self._conv_args()
             sq = self.kind == "conv1d"
             res = tiled_conv2d(a, b.unsqueeze(2) if sq else b, bias, stride, 0, dilation, groups, **mode,
-                               w_mult=b_mult, out_scale=out_scale)
+                               w_mult=b_mult, out_scale=out_scale, flags=flags)
             return _squeeze2(res) if sq else res
         if self.kind == "linear":
             return tiled_linear(a, b, bias, **mode)
@@ -1060,10 +1069,10 @@ class NarrowAccOp(nn.Module):
             if need_a:
                 ga = tiled_conv2d_input_grad(u4, b4, (1, a_shape[-1]) if sq else a_shape[-2:], stride, padding,
                                              dilation, groups, **mode, absmax=(umax, bmax), w_mult=b_mult,
-                                             out_scale=out_scales[0])
+                                             out_scale=out_scales[0], flags=False)
             if need_b:              # a: the input's padded codes
                 gb = tiled_conv2d_weight_grad(a, u4, b4.shape, stride, 0, dilation, groups, **mode, absmax=(amax, umax),
-                                              out_scale=out_scales[1])
+                                              out_scale=out_scales[1], flags=False)
             ga, gb = (_squeeze2(r) if sq and r is not None else r for r in (ga, gb))
         elif self.kind == "linear":
             u2, a2 = u.reshape(-1, u.shape[-1]), a.reshape(-1, a.shape[-1])
@@ -1113,7 +1122,7 @@ class NarrowAccOp(nn.Module):
         getattr(self, f"events_{phase}").add_(res.events)
         n = res.overflowed_count
         getattr(self, f"overflowed_{phase}").add_(torch.count_nonzero(res.overflowed) if n is None else n)
-        getattr(self, f"outputs_{phase}").add_(res.overflowed.numel())
+        getattr(self, f"outputs_{phase}").add_(res.acc.numel())
 
     def reset_overflow_stats(self) -> None:
         for phase in self.PHASES:

@@ -18,8 +18,8 @@
  *                      QC_PAIRWISE  acc <- clamp(acc + clamp(p_t, lo, hi), lo, hi)   (tile 2)
  *                      QC_WRAP      acc <- acc + p_t wrapped into [lo, hi] (two's complement; wrapping
  *                                   is modular, so the tile is any length that keeps the sums exact)
- *     overflowed[o]  saturation: 1 where a clamp changed a value (an event); wrap: 1 where the result
- *                    differs from the exact sum (the wraps did not cancel); else 0
+ *     overflowed[o]  (overflowed non-NULL) saturation: 1 where a clamp changed a value (an event); wrap:
+ *                    1 where the result differs from the exact sum (the wraps did not cancel); else 0
  *     exact[o]       (exact non-NULL) start + every tile's partial sum p_t
  *   acc[o] is written times om[g, i, j] where an output multiplier is given (om.base non-NULL, tables
  *   like the output's): the result in real units, in the same pass
@@ -140,8 +140,8 @@ static int64_t qc_threads(void)
 }
 
 /* n results out of a scratch block, to outputs j (delta NULL: adjacent) or delta[j]: accumulators (times
- * scale[j] where scale is not NULL), overflow flags (any event; wrap: net wraps), exact sums (exact NULL:
- * none); adds their events (wrap: outputs with net wraps) to counts[0] and the outputs that overflowed
+ * scale[j] where scale is not NULL), overflow flags (any event; wrap: net wraps; overflowed NULL: none),
+ * exact sums (exact NULL: none); adds their events (wrap: outputs with net wraps) to counts[0] and the outputs that overflowed
  * to counts[1]. */
 static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float *eb, float *acc,
                      uint8_t *overflowed, float *exact, const int32_t *delta, const float *scale, int mode,
@@ -151,7 +151,8 @@ static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float 
     if (delta) {
         for (int64_t j = 0; j < n; ++j) {
             acc[delta[j]] = scale ? cb[j] * scale[j] : cb[j];
-            overflowed[delta[j]] = hb[j] != 0;
+            if (overflowed)
+                overflowed[delta[j]] = hb[j] != 0;
             hit += hb[j] != 0;
             events += hb[j];
         }
@@ -160,7 +161,8 @@ static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float 
     } else {
         for (int64_t j = 0; j < n; ++j) {
             acc[j] = scale ? cb[j] * scale[j] : cb[j];
-            overflowed[j] = hb[j] != 0;
+            if (overflowed)
+                overflowed[j] = hb[j] != 0;
             hit += hb[j] != 0;
             events += hb[j];
         }
@@ -566,7 +568,8 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
                             for (int j = 0; j < QC_NR; ++j)
                                 sv[j] = sr[s_constant ? 0 : sdelta[j]];
                         }
-                        qc_store(adjacent ? QC_NR : m, cb + at, hb + at, eb ? eb + at : NULL, acc + o, overflowed + o,
+                        qc_store(adjacent ? QC_NR : m, cb + at, hb + at, eb ? eb + at : NULL, acc + o,
+                                 overflowed ? overflowed + o : NULL,
                                  exact ? exact + o : NULL, adjacent ? NULL : delta, om->base ? sv : NULL, mode, mine);
                     }
                 }
