@@ -551,35 +551,39 @@ def test_forward_is_the_integer_op_rescaled():
     torch.testing.assert_close(seen["out"][:2], ref.float() * (sx * sw).view(1, -1, 1, 1), rtol=1e-6, atol=0)
 
 
-def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
-    qm, x = _compiled(acc_bits=12, tile=4, grad_bits=8, grad_acc_bits=12, stochastic_rounding=False)
-    op = qm.get_submodule("fc.accumulator")
-    saved = {}
+def _gradient_step(qm, x, path):
+    """One training step of `qm` (after one that initializes the estimators), recording at the op at `path`
+    its operands a and w, their gradients, and its gradient quantizer's codes u_int and scale su."""
+    op = qm.get_submodule(path)
+    seen = {}
     gq = op.grad_output_quant
     orig = gq.gradient_codes
 
     def spy(g, *mult):
-        saved["u_int"], saved["su"] = orig(g, *mult), gq.scale.clone()
-        return saved["u_int"]
+        seen["u_int"], seen["su"] = orig(g, *mult), gq.scale.clone()
+        return seen["u_int"]
 
     gq.gradient_codes = spy
-    a_in = {}
-    op.register_forward_pre_hook(lambda m, args: a_in.update(a=args[0], w=args[1]))
-    a_grad = {}
-    qm(x)  # initialize the estimators
-    y = qm(x)
-    a_in["a"].register_hook(lambda g: a_grad.update(g=g))
-    a_in["w"].register_hook(lambda g: a_grad.update(w=g))
+    op.register_forward_pre_hook(lambda m, args: seen.update(a=args[0], w=args[1]))
+    qm(x)
+    y = qm(x.clone().requires_grad_(True))
+    seen["a"].register_hook(lambda g: seen.update(grad_a=g))
+    seen["w"].register_hook(lambda g: seen.update(grad_w=g))
     y.square().sum().backward()
-    su, (sx, sw) = saved["su"], (q.scale for q in _grid_quantizers(qm, "fc.accumulator"))
-    u_int = saved["u_int"]
-    w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1))
+    return op, seen
+
+
+def test_backward_uses_quantized_gradients_and_the_tiled_accumulator():
+    qm, x = _compiled(acc_bits=12, tile=4, grad_bits=8, grad_acc_bits=12, stochastic_rounding=False)
+    op, seen = _gradient_step(qm, x, "fc.accumulator")
+    su, u_int, (sx, sw) = seen["su"], seen["u_int"], (q.scale for q in _grid_quantizers(qm, "fc.accumulator"))
+    w_int = torch.round(seen["w"].detach() / sw.view(-1, 1))
     ref = tiled_matmul(u_int.double(), w_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
-    torch.testing.assert_close(a_grad["g"], (ref * su).float(), rtol=1e-6, atol=0)
-    x_int = torch.round(a_in["a"].detach() / sx)
+    torch.testing.assert_close(seen["grad_a"], (ref * su).float(), rtol=1e-6, atol=0)
+    x_int = torch.round(seen["a"].detach() / sx)
     ref_w = tiled_matmul(u_int.t().double(), x_int.double(), acc_bits=12, tile=4, overflow="saturate").acc
-    torch.testing.assert_close(a_grad["w"], (ref_w * su * sx / sw.view(-1, 1)).float(), rtol=1e-6, atol=0)
-    assert op.outputs_grad == a_grad["g"].numel() + a_grad["w"].numel()
+    torch.testing.assert_close(seen["grad_w"], (ref_w * su * sx / sw.view(-1, 1)).float(), rtol=1e-6, atol=0)
+    assert op.outputs_grad == seen["grad_a"].numel() + seen["grad_w"].numel()
 
 
 def test_conv_gradients_read_the_padded_input_codes_and_the_weight_through_its_grid():
@@ -587,30 +591,15 @@ def test_conv_gradients_read_the_padded_input_codes_and_the_weight_through_its_g
     its weight gradient both read, and reads its weight's codes through the kernel's multipliers: its
     input and weight gradients equal the tiled references on the codes and the quantized u."""
     qm, x = _compiled(acc_bits=12, tile=4, grad_bits=8, grad_acc_bits=12)
-    op = qm.get_submodule("conv.accumulator")
-    saved, a_in, grads = {}, {}, {}
-    gq = op.grad_output_quant
-    orig = gq.gradient_codes
-
-    def spy(g, *mult):
-        saved["u_int"], saved["su"] = orig(g, *mult), gq.scale.clone()
-        return saved["u_int"]
-
-    gq.gradient_codes = spy
-    op.register_forward_pre_hook(lambda m, args: a_in.update(a=args[0], w=args[1]))
-    qm(x)  # initialize the estimators
-    y = qm(x.clone().requires_grad_(True))
-    a_in["a"].register_hook(lambda g: grads.update(a=g))
-    a_in["w"].register_hook(lambda g: grads.update(w=g))
-    y.square().sum().backward()
-    (sx, sw), su, u = (q.scale for q in _grid_quantizers(qm, "conv.accumulator")), saved["su"], saved["u_int"]
-    x_int = torch.round(a_in["a"].detach() / sx).double()
-    w_int = torch.round(a_in["w"].detach() / sw.view(-1, 1, 1, 1)).double()
+    op, seen = _gradient_step(qm, x, "conv.accumulator")
+    su, u, (sx, sw) = seen["su"], seen["u_int"], (q.scale for q in _grid_quantizers(qm, "conv.accumulator"))
+    x_int = torch.round(seen["a"].detach() / sx).double()
+    w_int = torch.round(seen["w"].detach() / sw.view(-1, 1, 1, 1)).double()
     mode = dict(acc_bits=12, tile=4, overflow="saturate")
     ref_a = tiled_conv2d_input_grad(u.double(), w_int, x_int.shape[-2:], 1, 1, **mode).acc
-    torch.testing.assert_close(grads["a"], (ref_a * su).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(seen["grad_a"], (ref_a * su).float(), rtol=1e-6, atol=0)
     ref_w = tiled_conv2d_weight_grad(x_int, u.double(), w_int.shape, 1, 1, **mode).acc
-    torch.testing.assert_close(grads["w"], (ref_w * su * sx / sw.view(-1, 1, 1, 1)).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(seen["grad_w"], (ref_w * su * sx / sw.view(-1, 1, 1, 1)).float(), rtol=1e-6, atol=0)
     assert op.events_grad > 0
 
 
