@@ -424,11 +424,12 @@ def _per_channel(mult: torch.Tensor, n: int) -> torch.Tensor:
 
 def _scaled(res: AccResult, scale: torch.Tensor | None, view) -> AccResult:
     """res with its accumulator times `scale` (reshaped to `view` over the outputs; None: res itself), in
-    the accumulator's dtype: what the fused kernel's output multipliers write (out_mult), elsewhere."""
+    the accumulator's float dtype (float32 for an integer one): what the fused kernel's output
+    multipliers write (out_mult), elsewhere. The exact sum is left in codes."""
     if scale is None:
         return res
-    acc = res.acc.clone() if res.acc is res.exact or not res.acc.is_floating_point() else res.acc
-    acc = acc if acc.is_floating_point() else acc.to(torch.float32)
+    acc = res.acc.to(torch.float32) if not res.acc.is_floating_point() else \
+        res.acc.clone() if res.acc is res.exact else res.acc
     return AccResult(acc.mul_(scale.to(acc.dtype).reshape(view)), res.exact, res.overflowed, res.events,
                      res.overflowed_count)
 
