@@ -180,3 +180,53 @@ def test_one_pass_gradient_codes_equal_two_passes(channels, monkeypatch):
     x = bad * mult.view(1, -1, 1, 1) if channels else bad
     assert torch.equal(out, torch.round(x / skip.scale) if channels else bad)
     assert torch.equal(skip.generator.get_state(), state) and int(skip.estimator.nonfinite) == 1
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, monkeypatch):
+    """A hindsight activation quantizer past its first batch fake-quantizes in one pass over the tensor
+    (csrc/fake_quant.c: torch.fake_quantize_per_tensor_affine on the stored range's grid, the batch's
+    min and max in the same pass): the output (bit for bit, codes of -0 included), the gradient mask,
+    the estimator's state and the grid buffers equal those of two passes, batch after batch; a batch
+    with a NaN raises with the state untouched, or (skip) passes through, counted."""
+    from qcompile.errors import NonFiniteError
+    from qcompile.train.estimators import HindsightMinMax
+    from qcompile.train.quantizers import Quantizer
+
+    def quantizer(on_nonfinite="raise"):
+        return Quantizer("activation", 8, symmetric, HindsightMinMax(0.9), on_nonfinite=on_nonfinite, layer="conv")
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 8, 33, 33, generator=gen) * (1 + i) + 0.3 for i in range(4)]   # > 2^16: threads
+    for x in batches:
+        x.view(-1)[:3] = torch.tensor([-1e-4, 0.0, -0.0])
+    one, two = quantizer(), quantizer()
+    calls, passes = [], []
+    orig = Quantizer._on_stored_grid
+    for i, x in enumerate(batches):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with monkeypatch.context() as mp:
+            mp.setattr(Quantizer, "_on_stored_grid", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
+            got = one(a)
+        with monkeypatch.context() as mp:
+            mp.setattr(Quantizer, "_on_stored_grid", lambda *a, **k: calls.append(1) and None)
+            want = two(b)
+        assert torch.equal(_bits(got.detach()), _bits(want.detach()))
+        g = torch.randn(x.shape, generator=gen)
+        got.backward(g)
+        want.backward(g)
+        assert torch.equal(a.grad, b.grad) and bool((a.grad == 0).any()) == (i > 0)   # past the stored range
+        for name in ("lo", "hi", "initialized", "nonfinite"):
+            assert torch.equal(getattr(one.estimator, name), getattr(two.estimator, name))
+        assert torch.equal(one.scale, two.scale) and torch.equal(one.zero_point, two.zero_point)
+    assert len(calls) == len(batches) and [p is None for p in passes] == [True] + [False] * (len(batches) - 1)
+    bad = batches[0].clone()
+    bad[1, 2, 3, 1] = float("nan")
+    lo = one.estimator.lo.clone()
+    with pytest.raises(NonFiniteError, match="forward tensor"):
+        one(bad)
+    assert torch.equal(one.estimator.lo, lo) and int(one.estimator.nonfinite) == 1
+    skip = quantizer("skip")
+    skip(batches[0])
+    scale = skip.scale.clone()
+    assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1

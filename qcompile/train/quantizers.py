@@ -50,6 +50,8 @@ def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_fake_quant_rows.restype = None
         lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
+        lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
+        lib.qc_fake_quant_tensor.restype = None
     return lib
 
 KINDS = ("weight", "activation", "gradient")
@@ -92,6 +94,26 @@ class _FakeQuant(torch.autograd.Function):
         return g, None, None, None, None
 
 
+class _FakeQuantWithRange(torch.autograd.Function):
+    """torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) through csrc/fake_quant.c (the same bits and
+    gradient mask), and x's min and max from the same pass: (x̂, [min, max]), the second not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, lib, scale, zp, qr):
+        out, rng = torch.empty_like(x), torch.empty(2)
+        mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
+        lib.qc_fake_quant_tensor(x.data_ptr(), out.data_ptr(), None if mask is None else mask.data_ptr(), x.numel(),
+                                 float(scale), float(zp.to(torch.int32)), qr[0], qr[1], rng.data_ptr())
+        ctx.mark_non_differentiable(rng)
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return out, rng
+
+    @staticmethod
+    def backward(ctx, g, _):
+        return g * ctx.saved_tensors[0], None, None, None, None
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
                axis: int | None = None, can_clip: bool = True) -> torch.Tensor:
     """x̂ = (code(x) - z)·scale with the straight-through estimator (clipped). `can_clip=False`
@@ -115,7 +137,7 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
 def _stochastic_one_pass(lib: ctypes.CDLL, g: torch.Tensor, scale, zp, qr, generator, times_scale: bool,
                          mult: torch.Tensor | None = None, axis: int | None = None):
     """stochastic_fake_quant of x = g (or g·mult, one multiplier per index of `axis`, as torch multiplies)
-    through csrc/fake_quant.c, with x's min and max (as `minmax`) from the same pass: (out, lo, hi)."""
+    through csrc/fake_quant.c, with x's min and max (as `minmax`) from the same pass: (out, [min, max])."""
     k, z, out, rng = dither_words(g, generator), float(zp), torch.empty_like(g), torch.empty(2)
     m, inner, channels = None, 0, 1
     if mult is not None:
@@ -123,7 +145,7 @@ def _stochastic_one_pass(lib: ctypes.CDLL, g: torch.Tensor, scale, zp, qr, gener
         m = mult.to(torch.float32).reshape(-1).expand(channels).contiguous()
     lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), k.data_ptr(), float(scale), qr[0] - z, qr[1] - z,
                             int(times_scale), None if m is None else m.data_ptr(), inner, channels, rng.data_ptr())
-    return out, rng[0], rng[1]
+    return out, rng
 
 
 class _Replace(torch.autograd.Function):
@@ -248,6 +270,11 @@ class Quantizer(nn.Module):
             if self.observing:
                 self.estimator(x, update=True, who=self.layer)
             return x
+        if self.training and type(self).forward_grid is Quantizer.forward_grid and self.axis is None:
+            one = self._on_stored_grid(x, "forward tensor", lambda lib, scale, zp: _FakeQuantWithRange.apply(
+                x, lib, scale, zp, self.qrange))
+            if one is not None:
+                return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
         self._check_finite(finite, "forward tensor")
         scale, zp = self._keep_grid(lambda: self.forward_grid(x, lo, hi, *context), finite)
@@ -263,28 +290,35 @@ class Quantizer(nn.Module):
         self._keep_grid(lambda: self.grid(lo, hi), finite)
         return finite
 
-    def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
-        """Stochastic codes of x = g (or g·mult along `axis`) in one pass over g where the grid is known
-        before x is seen (a per-tensor hindsight range past its first batch; float32 CPU, eager): the
-        codes on the stored range's grid, and x's min and max, which then advance the estimator as its
-        forward would (the same state, grid and codes as _gradient_grid and two passes). (out, finite),
-        or None where it does not apply. A batch that is not finite leaves the generator as it was."""
+    def _on_stored_grid(self, x: torch.Tensor, where: str, quantize, generator: torch.Generator | None = None):
+        """Q(x) in one pass over x where the grid is known before x is seen (a per-tensor hindsight range
+        past its first batch; a float32 CPU tensor, eager): `quantize(lib, scale, zp)` gives (out, [min, max])
+        on the stored range's grid, and that min and max then advance the estimator as its forward would
+        (the same state, grid and result as two passes). (out, finite), or None where it does not apply.
+        `generator` (the one `quantize` draws from) is left as it was when x was not finite."""
         est = self.estimator
-        if not (self.stochastic and type(est) is HindsightMinMax and est.axis is None and g.numel()):
+        if not (type(est) is HindsightMinMax and est.axis is None and x.numel()):
             return None
-        lib = _one_pass(g)
+        lib = _one_pass(x)
         if lib is None or bool(est.unset()):
             return None
         scale, zp = self.grid(est.lo, est.hi)
-        gen = self.generator if self.generator is not None else torch.default_generator
-        state = gen.get_state()
-        out, lo, hi = _stochastic_one_pass(lib, g, scale, zp, self.qrange, self.generator, times_scale, mult, axis)
-        finite = est.advance(*est.range_stats(lo, hi))[2]
-        if not bool(finite):
-            gen.set_state(state)
-        self._check_finite(finite, "incoming gradient")
+        state = None if generator is None else generator.get_state()
+        out, rng = quantize(lib, scale, zp)
+        finite = est.advance(*est.range_stats(rng[0], rng[1]))[2]
+        if state is not None and not bool(finite):
+            generator.set_state(state)
+        self._check_finite(finite, where)
         self._keep_grid(lambda: (scale, zp), finite)
         return out, finite
+
+    def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
+        """Stochastic codes of x = g (or g·mult along `axis`) by `_on_stored_grid`: (out, finite) or None."""
+        if not self.stochastic:
+            return None
+        return self._on_stored_grid(g, "incoming gradient", lambda lib, scale, zp: _stochastic_one_pass(
+            lib, g, scale, zp, self.qrange, self.generator, times_scale, mult, axis),
+            self.generator if self.generator is not None else torch.default_generator)
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:
         """Q_G(g) on a grid set from g's range (g itself when it is not finite and on_nonfinite='skip')."""

@@ -6,6 +6,11 @@
  *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
  *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
  *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
+ *   qc_fake_quant_tensor(x, out, mask, n, scale, zp, lo, hi, range)
+ *       one grid for all n values: v = zp + round_half_even(x * (1/scale)), mask = lo <= v <= hi (when mask
+ *       is not NULL), out = (clamp(v, lo, hi) - zp) * scale: torch.fake_quantize_per_tensor_affine's CPU
+ *       kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
+ *       codes do; a NaN stays NaN here), and range <- min and max of x as in qc_stochastic_codes.
  *   qc_stochastic_codes(g, out, n, k, scale, lo, hi, times_scale, mult, inner, channels, range)
  *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither from int16 words k), out = clamp(floor(u + x /
  *       scale), lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus
@@ -53,6 +58,39 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
             }
         }
     }
+}
+
+void qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
+                          float zp, float lo, float hi, float *range)
+{
+    const float is = 1.0f / scale;
+    const int64_t run = 16384, runs = (n + run - 1) / run;
+    float mn = INFINITY, mx = -INFINITY;
+    int nan = 0;
+    #pragma omp parallel for schedule(static) reduction(min:mn) reduction(max:mx) reduction(|:nan) if(n >= 65536)
+    for (int64_t b = 0; b < runs; ++b) {
+        const int64_t end = (b + 1) * run < n ? (b + 1) * run : n;
+        float rmn = INFINITY, rmx = -INFINITY;
+        int rnan = 0;
+        #pragma omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan)
+        for (int64_t i = b * run; i < end; ++i) {
+            const float xi = x[i];
+            float v = nearbyintf(xi * is) + zp;
+            if (mask)
+                mask[i] = v >= lo && v <= hi;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            out[i] = (v - zp) * scale;
+            rmn = xi < rmn ? xi : rmn;
+            rmx = xi > rmx ? xi : rmx;
+            rnan |= xi != xi;
+        }
+        mn = rmn < mn ? rmn : mn;
+        mx = rmx > mx ? rmx : mx;
+        nan |= rnan;
+    }
+    range[0] = nan ? NAN : mn;
+    range[1] = nan ? NAN : mx;
 }
 
 void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n, const int16_t *restrict k, float scale,
