@@ -118,11 +118,37 @@ def random_words(words: int, generator: torch.Generator | None, like: torch.Tens
     return _random_words(like, words, 0 if generator is None else id(generator))
 
 
+def _int64(c: int) -> int:
+    """The int64 with the bits of the unsigned 64-bit constant `c`."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    """z >> s as unsigned 64-bit words (torch's >> on int64 is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix_words(key: torch.Tensor, words: int) -> torch.Tensor:
+    """The first `words` outputs of SplitMix64 (Steele, Lea & Flood 2014) seeded with the int64 `key`:
+    word j = mix(key + (j + 1)·γ), on key's device, in int64 arithmetic (wrapping, as the unsigned
+    C arithmetic of csrc/fake_quant.c, which computes the same words)."""
+    z = torch.arange(1, words + 1, dtype=torch.int64, device=key.device).mul_(_int64(0x9E3779B97F4A7C15)).add_(key)
+    z = (z ^ _shift_right(z, 30)).mul_(_int64(0xBF58476D1CE4E5B9))
+    z = (z ^ _shift_right(z, 27)).mul_(_int64(0x94D049BB133111EB))
+    return z ^ _shift_right(z, 31)
+
+
+def dither_key(generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """One int64 drawn from `generator`: the key of a call's dither (`dither_words`)."""
+    return random_words(1, generator, like)
+
+
 def dither_words(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """k: one int16 per element of `like` (flat), uniform on [−2^15, 2^15): 16 random bits per element,
-    four per 64-bit draw (torch.rand spends a whole draw on each element, four times the cost)."""
+    four per word of the SplitMix64 stream keyed by one draw from `generator` (`dither_key`), so a call
+    advances the generator by one draw whatever its size."""
     n = like.numel()
-    return random_words(-(-n // 4), generator, like).view(torch.int16)[:n]
+    return splitmix_words(dither_key(generator, like), -(-n // 4)).view(torch.int16)[:n]
 
 
 def dither(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

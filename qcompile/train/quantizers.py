@@ -25,7 +25,7 @@ from qcompile.core.grids import (
     any_nonzero,
     bias_codes,
     broadcast_along,
-    dither_words,
+    dither_key,
     max_code_magnitude,
     qparams,
     qrange,
@@ -48,11 +48,25 @@ def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
         lib.qc_fake_quant_rows.restype = None
-        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, ptr, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
+        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
         lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
         lib.qc_fake_quant_tensor.restype = None
+        lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
+        lib.qc_masked.restype = None
     return lib
+
+
+def _masked(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """g · mask (a bool mask of g's shape): the straight-through gradient of a fake quant, in one pass of
+    csrc/fake_quant.c where g is a contiguous float32 CPU tensor in eager mode and no graph of the
+    backward is recorded (create_graph=False)."""
+    lib = _one_pass(g) if mask.is_contiguous() and not torch.is_grad_enabled() else None
+    if lib is None:
+        return g * mask
+    out = torch.empty_like(g)
+    lib.qc_masked(g.data_ptr(), mask.data_ptr(), out.data_ptr(), g.numel())
+    return out
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -90,7 +104,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.can_clip:
-            g = g * ctx.saved_tensors[0]
+            g = _masked(g, ctx.saved_tensors[0])
         return g, None, None, None, None
 
 
@@ -111,7 +125,7 @@ class _FakeQuantWithRange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        return g * ctx.saved_tensors[0], None, None, None, None
+        return _masked(g, ctx.saved_tensors[0]), None, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -138,12 +152,12 @@ def _stochastic_one_pass(lib: ctypes.CDLL, g: torch.Tensor, scale, zp, qr, gener
                          mult: torch.Tensor | None = None, axis: int | None = None):
     """stochastic_fake_quant of x = g (or g·mult, one multiplier per index of `axis`, as torch multiplies)
     through csrc/fake_quant.c, with x's min and max (as `minmax`) from the same pass: (out, [min, max])."""
-    k, z, out, rng = dither_words(g, generator), float(zp), torch.empty_like(g), torch.empty(2)
+    key, z, out, rng = dither_key(generator, g), float(zp), torch.empty_like(g), torch.empty(2)
     m, inner, channels = None, 0, 1
     if mult is not None:
         channels, inner = g.shape[axis], math.prod(g.shape[axis + 1:])
         m = mult.to(torch.float32).reshape(-1).expand(channels).contiguous()
-    lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), k.data_ptr(), float(scale), qr[0] - z, qr[1] - z,
+    lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), int(key), float(scale), qr[0] - z, qr[1] - z,
                             int(times_scale), None if m is None else m.data_ptr(), inner, channels, rng.data_ptr())
     return out, rng
 

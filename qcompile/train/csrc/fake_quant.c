@@ -11,13 +11,18 @@
  *       is not NULL), out = (clamp(v, lo, hi) - zp) * scale: torch.fake_quantize_per_tensor_affine's CPU
  *       kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
  *       codes do; a NaN stays NaN here), and range <- min and max of x as in qc_stochastic_codes.
- *   qc_stochastic_codes(g, out, n, k, scale, lo, hi, times_scale, mult, inner, channels, range)
- *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither from int16 words k), out = clamp(floor(u + x /
+ *   qc_stochastic_codes(g, out, n, key, scale, lo, hi, times_scale, mult, inner, channels, range)
+ *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither: k the int16 words of core.grids.dither_words,
+ *       the SplitMix64 stream of `key`, formed here block by block), out = clamp(floor(u + x /
  *       scale), lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus
  *       the zero point), and stochastic_fake_quant. m: 1, or (mult non-NULL) one multiplier per channel
  *       of a channel axis, x = g·mult[c] as torch multiplies (runs of `inner` elements share a channel,
  *       run b is channel b % channels). range (non-NULL) <- min and max of x, as torch.aminmax (NaN
  *       where x holds one): the statistics of the tensor quantized, in the same pass.
+ *
+ *   qc_masked(g, mask, out, n)
+ *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above,
+ *       as torch multiplies a float tensor by a bool one (so -0 and NaN where masked, as there).
  *
  * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
  * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
@@ -93,7 +98,25 @@ void qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t 
     range[1] = nan ? NAN : mx;
 }
 
-void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n, const int16_t *restrict k, float scale,
+void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
+{
+    #pragma omp parallel for simd schedule(static) if(n >= 65536)
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = g[i] * (float)mask[i];
+}
+
+/* Word j of the SplitMix64 stream seeded with key (core.grids.splitmix_words). */
+static inline uint64_t splitmix(uint64_t key, uint64_t j)
+{
+    uint64_t z = key + (j + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+#define DITHER_BLOCK 1024   /* elements whose dither words are formed at a time (a multiple of 4) */
+
+void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n, int64_t key, float scale,
                          float lo, float hi, int times_scale, const float *restrict mult, int64_t inner,
                          int64_t channels, float *range)
 {
@@ -107,16 +130,24 @@ void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n
         const int64_t end = (b + 1) * run < n ? (b + 1) * run : n;
         float rmn = INFINITY, rmx = -INFINITY;                             /* the run's, then the thread's */
         int rnan = 0;
-        #pragma omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan)
-        for (int64_t i = b * run; i < end; ++i) {
-            const float x = g[i] * m, u = (float)k[i] * step + mid;
-            float v = floorf(u + x / scale);
-            v = v < lo ? lo : v;
-            v = v > hi ? hi : v;
-            out[i] = v * times;
-            rmn = x < rmn ? x : rmn;
-            rmx = x > rmx ? x : rmx;
-            rnan |= x != x;
+        for (int64_t i0 = b * run; i0 < end; i0 += DITHER_BLOCK) {
+            const int64_t i1 = i0 + DITHER_BLOCK < end ? i0 + DITHER_BLOCK : end, w0 = i0 >> 2;
+            union { uint64_t w[DITHER_BLOCK / 4 + 1]; int16_t k[4 * (DITHER_BLOCK / 4 + 1)]; } d;
+            #pragma omp simd
+            for (int64_t j = w0; j < (i1 + 3) >> 2; ++j)
+                d.w[j - w0] = splitmix((uint64_t)key, (uint64_t)j);
+            const int16_t *k = d.k + (i0 - 4 * w0);                        /* k[i - i0]: element i's word */
+            #pragma omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan)
+            for (int64_t i = i0; i < i1; ++i) {
+                const float x = g[i] * m, u = (float)k[i - i0] * step + mid;
+                float v = floorf(u + x / scale);
+                v = v < lo ? lo : v;
+                v = v > hi ? hi : v;
+                out[i] = v * times;
+                rmn = x < rmn ? x : rmn;
+                rmx = x > rmx ? x : rmx;
+                rnan |= x != x;
+            }
         }
         mn = rmn < mn ? rmn : mn;
         mx = rmx > mx ? rmx : mx;
