@@ -230,3 +230,30 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, monkeypatch
     skip(batches[0])
     scale = skip.scale.clone()
     assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
+
+
+def test_dither_words_are_the_splitmix64_stream_of_one_draw():
+    """The dither of a call: one int64 key drawn from the generator (it advances by that one draw,
+    whatever the tensor's size), then the SplitMix64 stream of that key, four int16 words per output
+    (checked against SplitMix64 written out in Python integers; the one-pass kernel's words are checked
+    against these by test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit)."""
+    from qcompile.core.grids import dither_words, random_words
+
+    def splitmix64(state):
+        while True:
+            state = (state + 0x9E3779B97F4A7C15) % 2 ** 64
+            z = state
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+            yield z ^ (z >> 31)
+
+    like = torch.empty(4 * 5 + 3)
+    k = dither_words(like, torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    key = random_words(1, gen, like)
+    after = torch.Generator().manual_seed(11)
+    dither_words(torch.empty(100_000), after)
+    assert torch.equal(after.get_state(), gen.get_state())
+    stream = splitmix64(int(key) % 2 ** 64)
+    want = [(w >> (16 * i)) & 0xFFFF for w in (next(stream) for _ in range(6)) for i in range(4)]
+    assert [int(v) % 2 ** 16 for v in k] == want[:like.numel()]
