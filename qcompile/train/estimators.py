@@ -109,7 +109,7 @@ class RangeEstimator(nn.Module):
         they are finite (a batch that is not is counted in `nonfinite`)."""
         if self.sync:
             _all_reduce_minmax(lo, hi)
-        finite = torch.isfinite(lo).all() & torch.isfinite(hi).all()
+        finite = ((lo > -math.inf) & (hi < math.inf)).all()   # lo ≤ hi: so both are finite (a NaN compares false)
         self.nonfinite.add_(finite.logical_not())
         return lo, hi, finite
 
@@ -120,9 +120,12 @@ class RangeEstimator(nn.Module):
                 "qm.calibrate(batches) or train a few steps before using it in eval mode")
         return self.lo.clone(), self.hi.clone(), self.initialized.clone()
 
-    def unset(self) -> torch.Tensor:
-        """No state yet, or only [0, 0] (see the module docstring): a boolean tensor."""
-        return self.initialized.logical_not() | ((self.lo == 0).all() & (self.hi == 0).all())
+    def unset(self) -> torch.Tensor | bool:
+        """No state yet, or only [0, 0] (see the module docstring): a boolean tensor under torch.compile;
+        in eager, where the caller branches on it at once, a bool (read in fewer ops)."""
+        if torch.compiler.is_compiling():
+            return self.initialized.logical_not() | ((self.lo == 0).all() & (self.hi == 0).all())
+        return not bool(self.initialized) or not (bool(self.lo.any()) or bool(self.hi.any()))
 
     def _set(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor) -> None:
         """State ← [lo, hi] where `finite` holds; untouched where it does not."""

@@ -117,7 +117,7 @@ class _FakeQuantWithRange(torch.autograd.Function):
         out, rng = torch.empty_like(x), torch.empty(2)
         mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
         lib.qc_fake_quant_tensor(x.data_ptr(), out.data_ptr(), None if mask is None else mask.data_ptr(), x.numel(),
-                                 float(scale), float(zp.to(torch.int32)), qr[0], qr[1], rng.data_ptr())
+                                 float(scale), float(int(zp)), qr[0], qr[1], rng.data_ptr())
         ctx.mark_non_differentiable(rng)
         if mask is not None:
             ctx.save_for_backward(mask)
@@ -314,12 +314,12 @@ class Quantizer(nn.Module):
         if not (type(est) is HindsightMinMax and est.axis is None and x.numel()):
             return None
         lib = _one_pass(x)
-        if lib is None or bool(est.unset()):
+        if lib is None or est.unset():
             return None
         scale, zp = self.grid(est.lo, est.hi)
         state = None if generator is None else generator.get_state()
         out, rng = quantize(lib, scale, zp)
-        finite = est.advance(*est.range_stats(rng[0], rng[1]))[2]
+        finite = est.advance(*est.range_stats(*rng.unbind()))[2]
         if state is not None and not bool(finite):
             generator.set_state(state)
         self._check_finite(finite, where)
