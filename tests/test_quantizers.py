@@ -101,7 +101,8 @@ def test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit(zp):
     zero points 0 and 3) and the stochastic codes with the same dither draw (times the scale or not)."""
     from qcompile.core.grids import stochastic_codes, unclamped_codes
     from qcompile.train import native
-    from qcompile.train.quantizers import _FakeQuant, _one_pass
+    from qcompile.train.one_pass import one_pass
+    from qcompile.train.quantizers import _FakeQuant
 
     torch.manual_seed(0)
     x = torch.randn(64, 32, 3, 3) * 2
@@ -110,7 +111,7 @@ def test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit(zp):
     scale[0] = 1.0                                     # x · 1/scale lands on the ties above
     z = torch.full((64, 1, 1, 1), zp)
     qr = (-127, 127) if zp == 0 else (0, 255)
-    assert _one_pass(x) is not None or not native.enabled()
+    assert one_pass(x) is not None or not native.enabled()
     for can_clip in (True, False):
         leaf = x.clone().requires_grad_()
         got = _FakeQuant.apply(leaf, scale, z, qr, can_clip)
@@ -257,3 +258,22 @@ def test_dither_words_are_the_splitmix64_stream_of_one_draw():
     stream = splitmix64(int(key) % 2 ** 64)
     want = [(w >> (16 * i)) & 0xFFFF for w in (next(stream) for _ in range(6)) for i in range(4)]
     assert [int(v) % 2 ** 16 for v in k] == want[:like.numel()]
+
+
+def test_row_minmax_of_weights_equals_amin_and_amax():
+    """A per-channel estimator's statistics of a weight (axis 0, float32 CPU) come from one pass of C
+    (csrc/fake_quant.c qc_minmax_rows): the values of amin and amax over the other dims, NaN in a row
+    with a NaN, infinities kept; large enough to run on threads."""
+    from qcompile.train import native
+    from qcompile.train.estimators import minmax
+    from qcompile.train.one_pass import one_pass
+
+    x = torch.randn(300, 64, 3, 3)
+    x[3, 5, 1, 1] = float("nan")
+    x[7, 0, 0, 0], x[8, 63, 2, 2] = float("inf"), float("-inf")
+    x[9] = 0.0
+    assert one_pass(x) is not None or not native.enabled()
+    lo, hi = minmax(x, 0)
+    assert torch.allclose(lo, x.amin((1, 2, 3)), rtol=0, atol=0, equal_nan=True)
+    assert torch.allclose(hi, x.amax((1, 2, 3)), rtol=0, atol=0, equal_nan=True)
+    assert bool(lo[3].isnan()) and bool(hi[3].isnan()) and hi[7] == float("inf") and lo[8] == float("-inf")

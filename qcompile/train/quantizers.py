@@ -34,34 +34,15 @@ from qcompile.core.grids import (
     unclamped_codes,
 )
 from qcompile.errors import NonFiniteError
-from qcompile.train import native
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, require, select
-
-
-def _one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
-    """csrc/fake_quant.c where x is a contiguous float32 CPU tensor in eager mode (its kernels give
-    the torch expressions' results bit for bit, in one pass instead of one per operation); else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
-        return None
-    lib = native.library("fake_quant")
-    if lib is not None and lib.qc_stochastic_codes.argtypes is None:
-        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
-        lib.qc_fake_quant_rows.restype = None
-        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
-        lib.qc_stochastic_codes.restype = None
-        lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
-        lib.qc_fake_quant_tensor.restype = None
-        lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
-        lib.qc_masked.restype = None
-    return lib
+from qcompile.train.one_pass import one_pass
 
 
 def _masked(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """g · mask (a bool mask of g's shape): the straight-through gradient of a fake quant, in one pass of
     csrc/fake_quant.c where g is a contiguous float32 CPU tensor in eager mode and no graph of the
     backward is recorded (create_graph=False)."""
-    lib = _one_pass(g) if mask.is_contiguous() and not torch.is_grad_enabled() else None
+    lib = one_pass(g) if mask.is_contiguous() and not torch.is_grad_enabled() else None
     if lib is None:
         return g * mask
     out = torch.empty_like(g)
@@ -80,7 +61,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zp, qr, can_clip):
         ctx.can_clip = can_clip
         rows = (x.shape[0],) + (1,) * (x.dim() - 1) if x.dim() else None
-        lib = _one_pass(x) if scale.shape == rows and zp.shape == rows else None
+        lib = one_pass(x) if scale.shape == rows and zp.shape == rows else None
         if lib is not None:                      # per row of dim 0 (weights, axis 0): one pass
             v = torch.empty_like(x)
             mask = torch.empty(x.shape, dtype=torch.bool) if can_clip else None
@@ -141,7 +122,7 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
                           generator: torch.Generator | None = None, times_scale: bool = True) -> torch.Tensor:
     """(clamp(floor(g/scale + u) + z) - z)·scale: stochastic_codes on the grid (times_scale=False: the
     codes minus z, stochastic_codes itself). Per-tensor grids of float32 CPU tensors in one pass."""
-    lib = _one_pass(g) if scale.numel() == 1 else None
+    lib = one_pass(g) if scale.numel() == 1 else None
     if lib is None:
         codes = stochastic_codes(g, scale, zp, qr, generator)
         return codes.mul_(scale) if times_scale else codes
@@ -313,7 +294,7 @@ class Quantizer(nn.Module):
         est = self.estimator
         if not (type(est) is HindsightMinMax and est.axis is None and x.numel()):
             return None
-        lib = _one_pass(x)
+        lib = one_pass(x)
         if lib is None or est.unset():
             return None
         scale, zp = self.grid(est.lo, est.hi)

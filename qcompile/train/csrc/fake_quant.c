@@ -1,4 +1,4 @@
-/* One-pass CPU kernels of the quantizers' float32 arithmetic (qcompile.train.quantizers calls them;
+/* One-pass CPU kernels of the quantizers' float32 arithmetic (qcompile.train.one_pass loads them;
  * each does, element by element, exactly the float32 operations of the torch expression it replaces,
  * in the same order, so the results are bitwise equal):
  *
@@ -20,6 +20,9 @@
  *       run b is channel b % channels). range (non-NULL) <- min and max of x, as torch.aminmax (NaN
  *       where x holds one): the statistics of the tensor quantized, in the same pass.
  *
+ *   qc_minmax_rows(x, rows, cols, lo, hi)
+ *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
+ *       where the row holds one): a per-channel estimator's statistics of a weight, in one pass.
  *   qc_masked(g, mask, out, n)
  *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above,
  *       as torch multiplies a float tensor by a bool one (so -0 and NaN where masked, as there).
@@ -96,6 +99,24 @@ void qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t 
     }
     range[0] = nan ? NAN : mn;
     range[1] = nan ? NAN : mx;
+}
+
+void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *restrict lo, float *restrict hi)
+{
+    #pragma omp parallel for schedule(static) if(rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float mn = INFINITY, mx = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(|:nan)
+        for (int64_t i = 0; i < cols; ++i) {
+            mn = xr[i] < mn ? xr[i] : mn;
+            mx = xr[i] > mx ? xr[i] : mx;
+            nan |= xr[i] != xr[i];
+        }
+        lo[r] = nan ? NAN : mn;
+        hi[r] = nan ? NAN : mx;
+    }
 }
 
 void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
