@@ -24,8 +24,6 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_stochastic_codes.restype = None
         lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
         lib.qc_fake_quant_tensor.restype = None
-        lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
-        lib.qc_masked.restype = None
         lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
         lib.qc_minmax_rows.restype = None
     return lib

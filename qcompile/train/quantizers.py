@@ -37,18 +37,6 @@ from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, require, select
 from qcompile.train.one_pass import one_pass
 
-
-def _masked(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """g · mask (a bool mask of g's shape): the straight-through gradient of a fake quant, in one pass of
-    csrc/fake_quant.c where g is a contiguous float32 CPU tensor in eager mode and no graph of the
-    backward is recorded (create_graph=False)."""
-    lib = one_pass(g) if mask.is_contiguous() and not torch.is_grad_enabled() else None
-    if lib is None:
-        return g * mask
-    out = torch.empty_like(g)
-    lib.qc_masked(g.data_ptr(), mask.data_ptr(), out.data_ptr(), g.numel())
-    return out
-
 KINDS = ("weight", "activation", "gradient")
 
 
@@ -85,7 +73,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.can_clip:
-            g = _masked(g, ctx.saved_tensors[0])
+            g = g * ctx.saved_tensors[0]
         return g, None, None, None, None
 
 
@@ -106,7 +94,7 @@ class _FakeQuantWithRange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        return _masked(g, ctx.saved_tensors[0]), None, None, None, None
+        return g * ctx.saved_tensors[0], None, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],

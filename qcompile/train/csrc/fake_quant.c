@@ -23,9 +23,6 @@
  *   qc_minmax_rows(x, rows, cols, lo, hi)
  *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
  *       where the row holds one): a per-channel estimator's statistics of a weight, in one pass.
- *   qc_masked(g, mask, out, n)
- *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above,
- *       as torch multiplies a float tensor by a bool one (so -0 and NaN where masked, as there).
  *
  * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
  * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
@@ -117,13 +114,6 @@ void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *
         lo[r] = nan ? NAN : mn;
         hi[r] = nan ? NAN : mx;
     }
-}
-
-void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
-{
-    #pragma omp parallel for simd schedule(static) if(n >= 65536)
-    for (int64_t i = 0; i < n; ++i)
-        out[i] = g[i] * (float)mask[i];
 }
 
 /* Word j of the SplitMix64 stream seeded with key (core.grids.splitmix_words). */
