@@ -23,7 +23,7 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
         lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
-        lib.qc_fake_quant_tensor.restype = None
+        lib.qc_fake_quant_tensor.restype = ctypes.c_int
         lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
         lib.qc_minmax_rows.restype = None
     return lib

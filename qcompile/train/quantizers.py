@@ -79,22 +79,24 @@ class _FakeQuant(torch.autograd.Function):
 
 class _FakeQuantWithRange(torch.autograd.Function):
     """torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) through csrc/fake_quant.c (the same bits and
-    gradient mask), and x's min and max from the same pass: (x̂, [min, max]), the second not differentiable."""
+    gradient mask), and x's min and max from the same pass: (x̂, [min, max]), the second not differentiable.
+    Where no value was clipped the mask is all ones and the backward passes the gradient as it is."""
 
     @staticmethod
     def forward(ctx, x, lib, scale, zp, qr):
         out, rng = torch.empty_like(x), torch.empty(2)
         mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
-        lib.qc_fake_quant_tensor(x.data_ptr(), out.data_ptr(), None if mask is None else mask.data_ptr(), x.numel(),
-                                 float(scale), float(int(zp)), qr[0], qr[1], rng.data_ptr())
+        clipped = lib.qc_fake_quant_tensor(x.data_ptr(), out.data_ptr(), None if mask is None else mask.data_ptr(),
+                                           x.numel(), float(scale), float(int(zp)), qr[0], qr[1], rng.data_ptr())
         ctx.mark_non_differentiable(rng)
-        if mask is not None:
+        ctx.clipped = bool(clipped)
+        if mask is not None and ctx.clipped:
             ctx.save_for_backward(mask)
         return out, rng
 
     @staticmethod
     def backward(ctx, g, _):
-        return g * ctx.saved_tensors[0], None, None, None, None
+        return g * ctx.saved_tensors[0] if ctx.clipped else g, None, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],

@@ -6,7 +6,7 @@
  *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
  *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
  *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
- *   qc_fake_quant_tensor(x, out, mask, n, scale, zp, lo, hi, range)
+ *   clipped = qc_fake_quant_tensor(x, out, mask, n, scale, zp, lo, hi, range)
  *       one grid for all n values: v = zp + round_half_even(x * (1/scale)), mask = lo <= v <= hi (when mask
  *       is not NULL), out = (clamp(v, lo, hi) - zp) * scale: torch.fake_quantize_per_tensor_affine's CPU
  *       kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
@@ -65,37 +65,52 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
     }
 }
 
-void qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
+/* The body of qc_fake_quant_tensor's loop over [i0, i1), with or without the mask (a branch outside the
+ * loop, so each form vectorizes); accumulates x's min, max, NaN flag and clip flag into rmn, rmx, rnan,
+ * rclip. */
+#define FAKE_QUANT_TENSOR_LOOP(WITH_MASK)                                                              \
+    _Pragma("omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan) reduction(|:rclip)")    \
+    for (int64_t i = i0; i < i1; ++i) {                                                                \
+        const float xi = x[i];                                                                         \
+        float v = nearbyintf(xi * is) + zp;                                                            \
+        const int inside = v >= lo && v <= hi;                                                         \
+        if (WITH_MASK)                                                                                 \
+            mask[i] = inside;                                                                          \
+        rclip |= !inside;                                                                              \
+        v = v < lo ? lo : v;                                                                           \
+        v = v > hi ? hi : v;                                                                           \
+        out[i] = (v - zp) * scale;                                                                     \
+        rmn = xi < rmn ? xi : rmn;                                                                     \
+        rmx = xi > rmx ? xi : rmx;                                                                     \
+        rnan |= xi != xi;                                                                              \
+    }
+
+int qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
                           float zp, float lo, float hi, float *range)
 {
     const float is = 1.0f / scale;
     const int64_t run = 16384, runs = (n + run - 1) / run;
     float mn = INFINITY, mx = -INFINITY;
-    int nan = 0;
-    #pragma omp parallel for schedule(static) reduction(min:mn) reduction(max:mx) reduction(|:nan) if(n >= 65536)
+    int nan = 0, clip = 0;
+    #pragma omp parallel for schedule(static) reduction(min:mn) reduction(max:mx) reduction(|:nan) reduction(|:clip) \
+        if(n >= 65536)
     for (int64_t b = 0; b < runs; ++b) {
-        const int64_t end = (b + 1) * run < n ? (b + 1) * run : n;
+        const int64_t i0 = b * run, i1 = (b + 1) * run < n ? (b + 1) * run : n;
         float rmn = INFINITY, rmx = -INFINITY;
-        int rnan = 0;
-        #pragma omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan)
-        for (int64_t i = b * run; i < end; ++i) {
-            const float xi = x[i];
-            float v = nearbyintf(xi * is) + zp;
-            if (mask)
-                mask[i] = v >= lo && v <= hi;
-            v = v < lo ? lo : v;
-            v = v > hi ? hi : v;
-            out[i] = (v - zp) * scale;
-            rmn = xi < rmn ? xi : rmn;
-            rmx = xi > rmx ? xi : rmx;
-            rnan |= xi != xi;
+        int rnan = 0, rclip = 0;
+        if (mask) {
+            FAKE_QUANT_TENSOR_LOOP(1)
+        } else {
+            FAKE_QUANT_TENSOR_LOOP(0)
         }
         mn = rmn < mn ? rmn : mn;
         mx = rmx > mx ? rmx : mx;
         nan |= rnan;
+        clip |= rclip;
     }
     range[0] = nan ? NAN : mn;
     range[1] = nan ? NAN : mx;
+    return clip;
 }
 
 void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *restrict lo, float *restrict hi)
