@@ -194,12 +194,19 @@ class HindsightMinMax(RangeEstimator):
     def advance(self, lo, hi, finite):
         """One training step from the batch's `stats`: returns the range to quantize it with (the stored
         one, or its own for the first batch) and `finite`, and updates the state for the next step."""
-        eta = self.momentum
         use_lo, use_hi, new_lo, new_hi = select(
-            self.unset(), lambda: (lo, hi, lo, hi),
-            lambda: (self.lo.clone(), self.hi.clone(), (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi))
+            self.unset(), lambda: (lo, hi, lo, hi), lambda: (self.lo.clone(), self.hi.clone(), *self._blended(lo, hi)))
         self._set(new_lo, new_hi, finite)
         return use_lo, use_hi, finite
+
+    def blend(self, lo, hi, finite) -> None:
+        """`advance` where there is a state (not `unset`) and its range is not needed: the state blends in
+        the batch's `stats`."""
+        self._set(*self._blended(lo, hi), finite)
+
+    def _blended(self, lo, hi):
+        eta = self.momentum
+        return (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi
 
 
 class DSGC(RangeEstimator):

@@ -290,7 +290,8 @@ class Quantizer(nn.Module):
         scale, zp = self.grid(est.lo, est.hi)
         state = None if generator is None else generator.get_state()
         out, rng = quantize(lib, scale, zp)
-        finite = est.advance(*est.range_stats(*rng.unbind()))[2]
+        lo, hi, finite = est.range_stats(*rng.unbind())
+        est.blend(lo, hi, finite)
         if state is not None and not bool(finite):
             generator.set_state(state)
         self._check_finite(finite, where)
