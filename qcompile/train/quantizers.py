@@ -10,7 +10,8 @@ the incoming gradient in the backward pass, with stochastic rounding
 floor(g/scale + u) (u uniform on the 2^16 levels (k + ½)/2^16: unbiased to within 2^-17 of a
 step) or round-half-even. In eager mode, per-row (dim 0) fake quant and the stochastic codes of
 float32 CPU tensors run in one pass of C (csrc/fake_quant.c) that gives the torch expressions'
-results bit for bit.
+results bit for bit; a hindsight quantizer past its first batch, whose grid is known before the
+tensor is seen, quantizes it in the same pass that measures its range (`_on_stored_grid`).
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@
  *       one grid for all n values: v = zp + round_half_even(x * (1/scale)), mask = lo <= v <= hi (when mask
  *       is not NULL), out = (clamp(v, lo, hi) - zp) * scale: torch.fake_quantize_per_tensor_affine's CPU
  *       kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
- *       codes do; a NaN stays NaN here), and range <- min and max of x as in qc_stochastic_codes.
+ *       codes do; a NaN stays NaN here), and range <- min and max of x as in qc_stochastic_codes; returns
+ *       whether any value was clipped (a code outside [lo, hi]; where none was, the mask is all ones).
  *   qc_stochastic_codes(g, out, n, key, scale, lo, hi, times_scale, mult, inner, channels, range)
  *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither: k the int16 words of core.grids.dither_words,
  *       the SplitMix64 stream of `key`, formed here block by block), out = clamp(floor(u + x /
