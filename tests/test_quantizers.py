@@ -183,11 +183,11 @@ def test_one_pass_gradient_codes_equal_two_passes(channels, monkeypatch):
     assert torch.equal(skip.generator.get_state(), state) and int(skip.estimator.nonfinite) == 1
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, monkeypatch):
-    """A hindsight activation quantizer past its first batch fake-quantizes in one pass over the tensor
+@pytest.mark.parametrize("symmetric, momentum", [(False, 0.9), (True, 0.9), (False, 0.37)])
+def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, monkeypatch):
+    """A hindsight activation quantizer past its first batch fake-quantizes in one call of C
     (csrc/fake_quant.c: torch.fake_quantize_per_tensor_affine on the stored range's grid, the batch's
-    min and max in the same pass): the output (bit for bit, codes of -0 included), the gradient mask (none
+    min and max in the same pass, the grid and the state's update in C's float32): the output (bit for bit, codes of -0 included), the gradient mask (none
     kept where nothing was clipped), the estimator's state and the grid buffers equal those of two
     passes, batch after batch; a batch with a NaN raises with the state untouched, or (skip) passes
     through, counted."""
@@ -196,7 +196,7 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, monkeypatch
     from qcompile.train.quantizers import Quantizer
 
     def quantizer(on_nonfinite="raise"):
-        return Quantizer("activation", 8, symmetric, HindsightMinMax(0.9), on_nonfinite=on_nonfinite, layer="conv")
+        return Quantizer("activation", 8, symmetric, HindsightMinMax(momentum), on_nonfinite=on_nonfinite, layer="conv")
 
     gen = torch.Generator().manual_seed(0)
     # > 2^16 values: on threads; the last batch lies inside the stored range (nothing clipped, the mask all ones)

@@ -105,12 +105,8 @@ class RangeEstimator(nn.Module):
         return f"{self.name}, {'static' if self.static else 'dynamic'}"
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(min, max, finite) of x; counts a non-finite batch in `nonfinite`."""
-        return self.range_stats(*minmax(x, self.axis))
-
-    def range_stats(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`stats` from a batch's min and max (as `minmax` gives them): reduced over ranks, and whether
-        they are finite (a batch that is not is counted in `nonfinite`)."""
+        """(min, max, finite) of x, reduced over ranks; counts a non-finite batch in `nonfinite`."""
+        lo, hi = minmax(x, self.axis)
         if self.sync:
             _all_reduce_minmax(lo, hi)
         finite = ((lo > -math.inf) & (hi < math.inf)).all()   # lo ≤ hi: so both are finite (a NaN compares false)
@@ -189,24 +185,13 @@ class HindsightMinMax(RangeEstimator):
     def forward(self, x, update, who=""):
         if not update:
             return self.stored(who)
-        return self.advance(*self.stats(x))
-
-    def advance(self, lo, hi, finite):
-        """One training step from the batch's `stats`: returns the range to quantize it with (the stored
-        one, or its own for the first batch) and `finite`, and updates the state for the next step."""
+        lo, hi, finite = self.stats(x)
+        eta = self.momentum
         use_lo, use_hi, new_lo, new_hi = select(
-            self.unset(), lambda: (lo, hi, lo, hi), lambda: (self.lo.clone(), self.hi.clone(), *self._blended(lo, hi)))
+            self.unset(), lambda: (lo, hi, lo, hi),
+            lambda: (self.lo.clone(), self.hi.clone(), (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi))
         self._set(new_lo, new_hi, finite)
         return use_lo, use_hi, finite
-
-    def blend(self, lo, hi, finite) -> None:
-        """`advance` where there is a state (not `unset`) and its range is not needed: the state blends in
-        the batch's `stats`."""
-        self._set(*self._blended(lo, hi), finite)
-
-    def _blended(self, lo, hi):
-        eta = self.momentum
-        return (1 - eta) * lo + eta * self.lo, (1 - eta) * hi + eta * self.hi
 
 
 class DSGC(RangeEstimator):

@@ -7,7 +7,26 @@ import ctypes
 
 import torch
 
+from qcompile.core.grids import SCALE_EPS
 from qcompile.train import native
+
+QC_FINITE, QC_CLIPPED = 1, 2   # the hindsight steps' status bits
+
+
+class HindsightStep(ctypes.Structure):
+    """csrc/fake_quant.c's qc_hindsight: the state a hindsight quantizer's one-pass step reads and writes in
+    place (HindsightMinMax's buffers and the Quantizer's grid buffers, 0-d, float32 but `initialized` (bool)
+    and `nonfinite` (int64)), with the estimator's momentum and the grid's parameters (pow2 off)."""
+
+    _fields_ = [("lo", ctypes.c_void_p), ("hi", ctypes.c_void_p), ("initialized", ctypes.c_void_p),
+                ("nonfinite", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero_point", ctypes.c_void_p),
+                ("momentum", ctypes.c_double), ("scale_eps", ctypes.c_float), ("qmin", ctypes.c_float),
+                ("qmax", ctypes.c_float), ("symmetric", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, buffers, momentum: float, qrange: tuple[int, int], symmetric: bool) -> HindsightStep:
+        """`buffers` = (lo, hi, initialized, nonfinite, scale, zero_point), in the struct's order."""
+        return cls(*(b.data_ptr() for b in buffers), momentum, SCALE_EPS, *qrange, int(symmetric))
 
 
 def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
@@ -22,8 +41,11 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_fake_quant_rows.restype = None
         lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
-        lib.qc_fake_quant_tensor.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ptr]
-        lib.qc_fake_quant_tensor.restype = ctypes.c_int
+        step = ctypes.POINTER(HindsightStep)
+        lib.qc_stochastic_codes_hindsight.argtypes = [step, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
+        lib.qc_stochastic_codes_hindsight.restype = ctypes.c_int
+        lib.qc_fake_quant_hindsight.argtypes = [step, ptr, ptr, ptr, i64]
+        lib.qc_fake_quant_hindsight.restype = ctypes.c_int
         lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
         lib.qc_minmax_rows.restype = None
     return lib

@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from qcompile.core.accumulator import overflow_free_scale
 from qcompile.core.grids import (
@@ -35,8 +36,8 @@ from qcompile.core.grids import (
     unclamped_codes,
 )
 from qcompile.errors import NonFiniteError
-from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, require, select
-from qcompile.train.one_pass import one_pass
+from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
+from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, HindsightStep, one_pass
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -78,26 +79,26 @@ class _FakeQuant(torch.autograd.Function):
         return g, None, None, None, None
 
 
-class _FakeQuantWithRange(torch.autograd.Function):
-    """torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) through csrc/fake_quant.c (the same bits and
-    gradient mask), and x's min and max from the same pass: (x̂, [min, max]), the second not differentiable.
+class _FakeQuantHindsight(torch.autograd.Function):
+    """A hindsight quantizer's one-pass step on a forward tensor (csrc/fake_quant.c qc_fake_quant_hindsight, on
+    `step`'s buffers): torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) on the stored range's grid (the
+    same bits and gradient mask), the state then advanced by x's range; the step's status goes to `status`.
     Where no value was clipped the mask is all ones and the backward passes the gradient as it is."""
 
     @staticmethod
-    def forward(ctx, x, lib, scale, zp, qr):
-        out, rng = torch.empty_like(x), torch.empty(2)
+    def forward(ctx, x, lib, step, status):
+        out = torch.empty_like(x)
         mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
-        clipped = lib.qc_fake_quant_tensor(x.data_ptr(), out.data_ptr(), None if mask is None else mask.data_ptr(),
-                                           x.numel(), float(scale), float(int(zp)), qr[0], qr[1], rng.data_ptr())
-        ctx.mark_non_differentiable(rng)
-        ctx.clipped = bool(clipped)
+        status.value = lib.qc_fake_quant_hindsight(ctypes.byref(step), x.data_ptr(), out.data_ptr(),
+                                                   None if mask is None else mask.data_ptr(), x.numel())
+        ctx.clipped = bool(status.value & QC_CLIPPED)
         if mask is not None and ctx.clipped:
             ctx.save_for_backward(mask)
-        return out, rng
+        return out
 
     @staticmethod
-    def backward(ctx, g, _):
-        return g * ctx.saved_tensors[0] if ctx.clipped else g, None, None, None, None
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0] if ctx.clipped else g, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -117,21 +118,27 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     if lib is None:
         codes = stochastic_codes(g, scale, zp, qr, generator)
         return codes.mul_(scale) if times_scale else codes
-    return _stochastic_one_pass(lib, g, scale, zp, qr, generator, times_scale)[0]
+    out, z = torch.empty_like(g), float(zp)
+    lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), int(dither_key(generator, g)), float(scale),
+                            qr[0] - z, qr[1] - z, int(times_scale), None, 0, 1, None)
+    return out
 
 
-def _stochastic_one_pass(lib: ctypes.CDLL, g: torch.Tensor, scale, zp, qr, generator, times_scale: bool,
-                         mult: torch.Tensor | None = None, axis: int | None = None):
-    """stochastic_fake_quant of x = g (or g·mult, one multiplier per index of `axis`, as torch multiplies)
-    through csrc/fake_quant.c, with x's min and max (as `minmax`) from the same pass: (out, [min, max])."""
-    key, z, out, rng = dither_key(generator, g), float(zp), torch.empty_like(g), torch.empty(2)
+def _stochastic_codes_hindsight(lib: ctypes.CDLL, step: HindsightStep, status: ctypes.c_int, g: torch.Tensor,
+                                generator, times_scale: bool, mult: torch.Tensor | None = None,
+                                axis: int | None = None) -> torch.Tensor:
+    """A hindsight quantizer's one-pass step on x = g (or g·mult, one multiplier per index of `axis`, as torch
+    multiplies; csrc/fake_quant.c qc_stochastic_codes_hindsight, on `step`'s buffers): stochastic_fake_quant of x
+    on the stored range's grid, the state then advanced by x's range; the step's status goes to `status`."""
     m, inner, channels = None, 0, 1
     if mult is not None:
         channels, inner = g.shape[axis], math.prod(g.shape[axis + 1:])
         m = mult.to(torch.float32).reshape(-1).expand(channels).contiguous()
-    lib.qc_stochastic_codes(g.data_ptr(), out.data_ptr(), g.numel(), int(key), float(scale), qr[0] - z, qr[1] - z,
-                            int(times_scale), None if m is None else m.data_ptr(), inner, channels, rng.data_ptr())
-    return out, rng
+    out = torch.empty_like(g)
+    status.value = lib.qc_stochastic_codes_hindsight(ctypes.byref(step), g.data_ptr(), out.data_ptr(), g.numel(),
+                                                     int(dither_key(generator, g)), int(times_scale),
+                                                     None if m is None else m.data_ptr(), inner, channels)
+    return out
 
 
 class _Replace(torch.autograd.Function):
@@ -257,8 +264,8 @@ class Quantizer(nn.Module):
                 self.estimator(x, update=True, who=self.layer)
             return x
         if self.training and type(self).forward_grid is Quantizer.forward_grid and self.axis is None:
-            one = self._on_stored_grid(x, "forward tensor", lambda lib, scale, zp: _FakeQuantWithRange.apply(
-                x, lib, scale, zp, self.qrange))
+            one = self._on_stored_grid(x, "forward tensor", lambda lib, step, status: _FakeQuantHindsight.apply(
+                x, lib, step, status))
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
@@ -277,34 +284,39 @@ class Quantizer(nn.Module):
         return finite
 
     def _on_stored_grid(self, x: torch.Tensor, where: str, quantize, generator: torch.Generator | None = None):
-        """Q(x) in one pass over x where the grid is known before x is seen (a per-tensor hindsight range
-        past its first batch; a float32 CPU tensor, eager): `quantize(lib, scale, zp)` gives (out, [min, max])
-        on the stored range's grid, and that min and max then advance the estimator as its forward would
-        (the same state, grid and result as two passes). (out, finite), or None where it does not apply.
-        `generator` (the one `quantize` draws from) is left as it was when x was not finite."""
+        """Q(x) in one call of C where the grid is known before x is seen (a per-tensor hindsight range past its
+        first batch, pow2 off; a float32 CPU tensor, eager, not under torch.distributed, whose statistics are
+        all-reduced between the pass and the update): `quantize(lib, step, status)` runs one of
+        csrc/fake_quant.c's hindsight steps on this quantizer's buffers (`step`), which quantizes x on the
+        stored range's grid and advances the estimator and the grid buffers by x's min and max as the two-pass
+        path would (the same state, grid and result), and returns the output; its status goes to `status`.
+        (out, finite), or None where it does not apply. `generator` (the one `quantize` draws from) is left as
+        it was when x was not finite."""
         est = self.estimator
-        if not (type(est) is HindsightMinMax and est.axis is None and x.numel()):
+        if not (type(est) is HindsightMinMax and est.axis is None and x.numel() and not self.pow2) or distributed():
             return None
         lib = one_pass(x)
-        if lib is None or est.unset():
+        buffers = (est.lo, est.hi, est.initialized, est.nonfinite, self.scale, self.zero_point)
+        if (lib is None or any(not b.is_cpu for b in buffers)
+                or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale, self.zero_point)) or est.unset()):
             return None
-        scale, zp = self.grid(est.lo, est.hi)
         state = None if generator is None else generator.get_state()
-        out, rng = quantize(lib, scale, zp)
-        lo, hi, finite = est.range_stats(*rng.unbind())
-        est.blend(lo, hi, finite)
-        if state is not None and not bool(finite):
-            generator.set_state(state)
-        self._check_finite(finite, where)
-        self._keep_grid(lambda: (scale, zp), finite)
+        status = ctypes.c_int()
+        out = quantize(lib, HindsightStep.of(buffers, est.momentum, self.qrange, self.symmetric), status)
+        increment_version(list(buffers))          # written in place, as copy_ would
+        finite = bool(status.value & QC_FINITE)
+        if not finite:
+            if state is not None:
+                generator.set_state(state)
+            self._check_finite(finite, where)
         return out, finite
 
     def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
         """Stochastic codes of x = g (or g·mult along `axis`) by `_on_stored_grid`: (out, finite) or None."""
         if not self.stochastic:
             return None
-        return self._on_stored_grid(g, "incoming gradient", lambda lib, scale, zp: _stochastic_one_pass(
-            lib, g, scale, zp, self.qrange, self.generator, times_scale, mult, axis),
+        return self._on_stored_grid(g, "incoming gradient", lambda lib, step, status: _stochastic_codes_hindsight(
+            lib, step, status, g, self.generator, times_scale, mult, axis),
             self.generator if self.generator is not None else torch.default_generator)
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:

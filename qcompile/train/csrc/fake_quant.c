@@ -6,20 +6,31 @@
  *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
  *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
  *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
- *   clipped = qc_fake_quant_tensor(x, out, mask, n, scale, zp, lo, hi, range)
- *       one grid for all n values: v = zp + round_half_even(x * (1/scale)), mask = lo <= v <= hi (when mask
- *       is not NULL), out = (clamp(v, lo, hi) - zp) * scale: torch.fake_quantize_per_tensor_affine's CPU
- *       kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
- *       codes do; a NaN stays NaN here), and range <- min and max of x as in qc_stochastic_codes; returns
- *       whether any value was clipped (a code outside [lo, hi]; where none was, the mask is all ones).
+ *   status = qc_fake_quant_hindsight(h, x, out, mask, n)
+ *       a hindsight quantizer's step (h: its state, below) on one grid for all n values, the stored range's
+ *       (scale, zp) = core.grids.qparams: v = zp + round_half_even(x * (1/scale)), mask = qmin <= v <= qmax
+ *       (when mask is not NULL), out = (clamp(v, qmin, qmax) - zp) * scale: torch.fake_quantize_per_tensor_affine's
+ *       CPU kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
+ *       codes do; a NaN stays NaN here); then x's min and max advance the state. status: QC_FINITE | QC_CLIPPED
+ *       (a code fell outside [qmin, qmax]; where none did, the mask is all ones).
  *   qc_stochastic_codes(g, out, n, key, scale, lo, hi, times_scale, mult, inner, channels, range)
  *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither: k the int16 words of core.grids.dither_words,
  *       the SplitMix64 stream of `key`, formed here block by block), out = clamp(floor(u + x /
  *       scale), lo, hi) (* scale when times_scale): core.grids.stochastic_codes (lo, hi: the bounds minus
  *       the zero point), and stochastic_fake_quant. m: 1, or (mult non-NULL) one multiplier per channel
  *       of a channel axis, x = g·mult[c] as torch multiplies (runs of `inner` elements share a channel,
- *       run b is channel b % channels). range (non-NULL) <- min and max of x, as torch.aminmax (NaN
- *       where x holds one): the statistics of the tensor quantized, in the same pass.
+ *       run b is channel b % channels). range (non-NULL) <- min and max of x.
+ *   status = qc_stochastic_codes_hindsight(h, g, out, n, key, times_scale, mult, inner, channels)
+ *       a hindsight quantizer's step: qc_stochastic_codes on the stored range's grid (lo, hi = qmin - zp,
+ *       qmax - zp), x's min and max then advancing the state. status: QC_FINITE or 0.
+ *
+ *   A hindsight step (qc_hindsight h: HindsightMinMax's buffers lo, hi, initialized, nonfinite and the
+ *   Quantizer's scale and zero_point, 0-d) quantizes on the grid of the stored range, known before the
+ *   tensor is seen; the tensor's min and max (as torch.aminmax, NaN where it holds one), measured in the
+ *   same pass, then update the state as RangeEstimator.stats, HindsightMinMax.forward and Quantizer._keep_grid do:
+ *   where both are finite, lo <- (1 - momentum) * min + momentum * lo (so hi), initialized <- 1 and the
+ *   grid buffers <- the grid used; else only nonfinite += 1 (QC_FINITE clear). The state must be set
+ *   (HindsightMinMax.unset() false) and pow2 off.
  *
  *   qc_minmax_rows(x, rows, cols, lo, hi)
  *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
@@ -34,6 +45,56 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+enum { QC_FINITE = 1, QC_CLIPPED = 2 };   /* the hindsight steps' status bits */
+
+typedef struct {
+    float *lo, *hi;
+    uint8_t *initialized;
+    int64_t *nonfinite;
+    float *scale, *zero_point;
+    double momentum;
+    float scale_eps, qmin, qmax;   /* core.grids.SCALE_EPS; the grid's code range */
+    int symmetric;
+} qc_hindsight;
+
+/* core.grids.qparams(lo, hi, (qmin, qmax), symmetric) of the stored range, its float32 operations in order. */
+static void hindsight_grid(const qc_hindsight *h, float *scale, float *zp)
+{
+    float lo = *h->lo, hi = *h->hi, s, z = 0.0f;
+    if (h->symmetric) {
+        const float a = fabsf(lo), b = fabsf(hi);
+        s = (a > b ? a : b) / h->qmax;
+    } else {
+        lo = lo > 0.0f ? 0.0f : lo;
+        hi = hi < 0.0f ? 0.0f : hi;
+        s = (hi - lo) / (h->qmax - h->qmin);
+    }
+    s = s < h->scale_eps ? h->scale_eps : s;
+    if (!h->symmetric) {
+        z = nearbyintf(h->qmin - lo / s);
+        z = z < h->qmin ? h->qmin : z;
+        z = z > h->qmax ? h->qmax : z;
+    }
+    *scale = s;
+    *zp = z;
+}
+
+/* The state after a pass that quantized on (scale, zp) and measured range = [min, max] (see the header). */
+static int hindsight_advance(const qc_hindsight *h, const float range[2], float scale, float zp)
+{
+    if (!(range[0] > -INFINITY && range[1] < INFINITY)) {
+        *h->nonfinite += 1;
+        return 0;
+    }
+    const float take = (float)(1.0 - h->momentum), keep = (float)h->momentum;
+    *h->lo = take * range[0] + keep * *h->lo;
+    *h->hi = take * range[1] + keep * *h->hi;
+    *h->initialized = 1;
+    *h->scale = scale;
+    *h->zero_point = zp;
+    return QC_FINITE;
+}
 
 void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t rows, int64_t cols,
                         const float *inv_scale, const float *scale, const float *zp, float lo, float hi)
@@ -86,8 +147,8 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
         rnan |= xi != xi;                                                                              \
     }
 
-int qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
-                          float zp, float lo, float hi, float *range)
+static int fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
+                             float zp, float lo, float hi, float *range)
 {
     const float is = 1.0f / scale;
     const int64_t run = 16384, runs = (n + run - 1) / run;
@@ -112,6 +173,15 @@ int qc_fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *
     range[0] = nan ? NAN : mn;
     range[1] = nan ? NAN : mx;
     return clip;
+}
+
+int qc_fake_quant_hindsight(const qc_hindsight *h, const float *restrict x, float *restrict out, uint8_t *restrict mask,
+                            int64_t n)
+{
+    float scale, zp, range[2];
+    hindsight_grid(h, &scale, &zp);
+    const int clip = fake_quant_tensor(x, out, mask, n, scale, zp, h->qmin, h->qmax, range);
+    return hindsight_advance(h, range, scale, zp) | (clip ? QC_CLIPPED : 0);
 }
 
 void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *restrict lo, float *restrict hi)
@@ -184,4 +254,14 @@ void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n
         range[0] = nan ? NAN : mn;
         range[1] = nan ? NAN : mx;
     }
+}
+
+int qc_stochastic_codes_hindsight(const qc_hindsight *h, const float *restrict g, float *restrict out, int64_t n,
+                                  int64_t key, int times_scale, const float *restrict mult, int64_t inner,
+                                  int64_t channels)
+{
+    float scale, zp, range[2];
+    hindsight_grid(h, &scale, &zp);
+    qc_stochastic_codes(g, out, n, key, scale, h->qmin - zp, h->qmax - zp, times_scale, mult, inner, channels, range);
+    return hindsight_advance(h, range, scale, zp);
 }
