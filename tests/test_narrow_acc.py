@@ -138,6 +138,29 @@ def test_strided_input_grad_phases_without_taps():
         assert not bool(res.acc[:, :, 1::2].any()) and (res.exact is None) == (not exact)
 
 
+@pytest.mark.parametrize("shape, pads", [((2, 3, 5, 7), (1, 2, 3, 0)), ((4, 16, 40, 41), (1, 1, 1, 1))])
+def test_padding_in_one_pass_equals_the_torch_expression(shape, pads):
+    """csrc/fake_quant.c qc_padded (a conv operand zero-padded in one pass; the second shape runs on threads):
+    the bits of a zero fill and the interior written, of x itself and of its codes _codes(x, mult) (ties
+    to even, NaN kept); nothing applies, and nothing is written, for a per-channel multiplier."""
+    from qcompile.train import native
+    from qcompile.train.tiled import _codes, _pad_in_one_pass
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 40
+    x.view(-1)[:6] = torch.tensor([0.5, 1.5, -0.5, -2.5, float("nan"), -0.0])
+    (t, b, l, r), (N, C, H, W) = pads, shape
+    for mult in (None, torch.tensor(1.0), torch.tensor(0.37)):
+        want = torch.zeros(N, C, H + t + b, W + l + r)
+        want[:, :, t:t + H, l:l + W] = x if mult is None else _codes(x, mult)
+        got = torch.full_like(want, 7.0)
+        assert _pad_in_one_pass(x, got, pads, mult) == native.enabled()
+        if native.enabled():
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    got = torch.full_like(want, 7.0)
+    assert not _pad_in_one_pass(x, got, pads, torch.ones(C)) and bool((got == 7.0).all())
+
+
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 20), st.integers(1, 4), TILES, MODES,
        st.booleans(), st.integers(0, 2 ** 16))

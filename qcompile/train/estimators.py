@@ -125,7 +125,7 @@ class RangeEstimator(nn.Module):
         in eager, where the caller branches on it at once, a bool (read in fewer ops)."""
         if torch.compiler.is_compiling():
             return self.initialized.logical_not() | ((self.lo == 0).all() & (self.hi == 0).all())
-        return not bool(self.initialized) or not (bool(self.lo.any()) or bool(self.hi.any()))
+        return not bool(self.initialized) or not any(bool(t) if t.dim() == 0 else bool(t.any()) for t in (self.lo, self.hi))
 
     def _set(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor) -> None:
         """State ← [lo, hi] where `finite` holds; untouched where it does not."""

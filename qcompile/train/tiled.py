@@ -48,6 +48,7 @@ from qcompile.core.accumulator import (
 )
 from qcompile.core.grids import bias_codes, max_code_magnitude
 from qcompile.train import native
+from qcompile.train.one_pass import one_pass
 
 FLOAT32_EXACT = 2 ** 24
 FLOAT64_EXACT = 2 ** 53
@@ -592,9 +593,23 @@ def _padded(x: torch.Tensor, pads, dtype: torch.dtype) -> torch.Tensor:
     if not any(pads) and x.dtype == dtype and x.is_contiguous():
         return x
     xp = _SCRATCH.empty("padded", (N, C, H + ph0 + ph1, W + pw0 + pw1), dtype, x.device)
-    xp.zero_()                  # one contiguous fill: faster than the border's strips (one element wide)
-    xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
+    if dtype != torch.float32 or not _pad_in_one_pass(x, xp, pads):
+        xp.zero_()              # one contiguous fill: faster than the border's strips (one element wide)
+        xp[:, :, ph0:ph0 + H, pw0:pw0 + W] = x
     return xp
+
+
+def _pad_in_one_pass(x: torch.Tensor, out: torch.Tensor, pads, mult: torch.Tensor | None = None) -> bool:
+    """out (float32, contiguous) <- x (N, C, H, W) zero-padded by pads = (top, bottom, left, right), each value
+    x or (a one-value `mult` given) _codes(x, mult), in one pass of C (csrc/fake_quant.c qc_padded) where x is a
+    contiguous float32 CPU tensor (eager); False, nothing written, elsewhere."""
+    lib = one_pass(x)
+    if lib is None or (mult is not None and mult.numel() != 1):
+        return False
+    m = None if mult is None else mult.to(torch.float32).reshape(1)
+    lib.qc_padded(x.data_ptr(), out.data_ptr(), x.shape[0] * x.shape[1], 1, *x.shape[2:], *pads,
+                  None if m is None else m.data_ptr())
+    return True
 
 
 def _im2col(out: torch.Tensor, xp: torch.Tensor, c0: int, c1: int, cin_g: int, k, hw_out, stride, dilation) -> None:
@@ -702,11 +717,13 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
     top, left = pads[0], pads[2]
     sN, sC, sH, sW = gp.stride()
     wf = w.to(torch.float32).contiguous()
-    out = _outputs((N, C, H, W), exact, flags, zeroed=(sh, sw) != (1, 1))   # stride 1: one phase, every output
+    reached = []                                           # the phases some tap reaches, with their outputs per axis
     for (ry, (ta, qa, sa, _)), (rx, (tb, qb, sb, _)) in itertools.product(enumerate(rows), enumerate(cols)):
-        mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)                  # the phase's outputs per axis
-        if not ta or not tb or mh <= 0 or mw <= 0:
-            continue
+        mh, mw = -(-(H - ry) // sh), -(-(W - rx) // sw)
+        if ta and tb and mh > 0 and mw > 0:
+            reached.append((ry, rx, ta, qa, sa, tb, qb, sb, mh, mw))
+    out = _outputs((N, C, H, W), exact, flags, zeroed=len(reached) < len(rows) * len(cols))   # else all written
+    for ry, rx, ta, qa, sa, tb, qb, sb, mh, mw in reached:
         da, db = (t[1] - t[0] if len(t) > 1 else 0 for t in (ta, tb))            # the taps step evenly
         a_tab = (_offsets((groups, og * cin_g * kh * kw)), _offsets((cin_g, kh * kw)),
                  _offsets((og, cin_g * kh * kw), (len(ta), -da * kw, (kh - 1 - ta[0]) * kw),
@@ -1023,8 +1040,10 @@ class NarrowAccOp(nn.Module):
         conv1d's input with a unit height); a fresh tensor, read by the forward and the weight gradient."""
         a4 = a.detach().unsqueeze(2) if self.kind == "conv1d" else a.detach()
         (ph, pw), (N, C, H, W) = _pair(self.padding), a4.shape
-        xp = torch.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=torch.float32, device=a.device)
-        torch.mul(a4.to(torch.float32), mult.to(torch.float32), out=xp[:, :, ph:ph + H, pw:pw + W]).round_()
+        xp = torch.empty((N, C, H + 2 * ph, W + 2 * pw), dtype=torch.float32, device=a.device)
+        if not _pad_in_one_pass(a4, xp, (ph, ph, pw, pw), mult):
+            xp.zero_()
+            torch.mul(a4.to(torch.float32), mult.to(torch.float32), out=xp[:, :, ph:ph + H, pw:pw + W]).round_()
         return xp
 
     def unpadded(self, a_op: torch.Tensor, a_shape) -> torch.Tensor:

@@ -35,6 +35,10 @@
  *   qc_minmax_rows(x, rows, cols, lo, hi)
  *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
  *       where the row holds one): a per-channel estimator's statistics of a weight, in one pass.
+ *   qc_padded(x, out, planes, channels, h, w, top, bottom, left, right, mult)
+ *       out (planes, top + h + bottom, left + w + right) <- x (planes, h, w) zero-padded, each value x itself
+ *       or (mult non-NULL) rint(x * mult[p % channels]) in plane p (the float32 product rounded half to even:
+ *       qcompile.train.tiled._codes): a conv operand's values or codes with their padding, in one pass.
  *
  * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
  * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
@@ -45,6 +49,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { QC_FINITE = 1, QC_CLIPPED = 2 };   /* the hindsight steps' status bits */
 
@@ -199,6 +204,33 @@ void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *
         }
         lo[r] = nan ? NAN : mn;
         hi[r] = nan ? NAN : mx;
+    }
+}
+
+void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int64_t channels, int64_t h, int64_t w,
+               int64_t top, int64_t bottom, int64_t left, int64_t right, const float *restrict mult)
+{
+    const int64_t ow = left + w + right, oh = top + h + bottom;
+    #pragma omp parallel for schedule(static) if(planes * oh * ow >= 65536)
+    for (int64_t p = 0; p < planes; ++p) {
+        const float *xp = x + p * h * w;
+        float *o = out + p * oh * ow;
+        memset(o, 0, (size_t)(top * ow) * sizeof(float));
+        for (int64_t r = 0; r < h; ++r) {
+            float *orow = o + (top + r) * ow;
+            const float *xr = xp + r * w;
+            memset(orow, 0, (size_t)left * sizeof(float));
+            if (mult) {
+                const float m = mult[p % channels];
+                #pragma omp simd
+                for (int64_t c = 0; c < w; ++c)
+                    orow[left + c] = nearbyintf(xr[c] * m);
+            } else {
+                memcpy(orow + left, xr, (size_t)w * sizeof(float));
+            }
+            memset(orow + left + w, 0, (size_t)right * sizeof(float));
+        }
+        memset(o + (top + h) * ow, 0, (size_t)(bottom * ow) * sizeof(float));
     }
 }
 
