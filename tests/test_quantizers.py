@@ -205,14 +205,14 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, m
         x.view(-1)[:3] = torch.tensor([-1e-4, 0.0, -0.0])
     one, two = quantizer(), quantizer()
     calls, passes = [], []
-    orig = Quantizer._on_stored_grid
+    orig = Quantizer._one_call
     for i, x in enumerate(batches):
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         with monkeypatch.context() as mp:
-            mp.setattr(Quantizer, "_on_stored_grid", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
+            mp.setattr(Quantizer, "_one_call", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
             got = one(a)
         with monkeypatch.context() as mp:
-            mp.setattr(Quantizer, "_on_stored_grid", lambda *a, **k: calls.append(1) and None)
+            mp.setattr(Quantizer, "_one_call", lambda *a, **k: calls.append(1) and None)
             want = two(b)
         assert torch.equal(_bits(got.detach()), _bits(want.detach()))
         g = torch.randn(x.shape, generator=gen)
@@ -233,6 +233,61 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, m
     skip(batches[0])
     scale = skip.scale.clone()
     assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
+
+
+def test_one_call_weight_fake_quant_equals_the_torch_path(monkeypatch):
+    """A symmetric per-channel current min-max weight quantizer in training runs in one call of C
+    (csrc/fake_quant.c: each row's range, its grid, the row quantized while in cache): the output bit for
+    bit, the gradient, the estimator's state and the grid buffers equal the torch path's, for threaded
+    sizes, a row of zeros (the scale's floor), ties and -0; a NaN raises with the state untouched, or
+    (skip) passes through, counted; eval mode and asymmetric grids keep the torch path."""
+    from qcompile.errors import NonFiniteError
+    from qcompile.train.estimators import CurrentMinMax
+    from qcompile.train.quantizers import Quantizer
+
+    def quantizer(symmetric=True, on_nonfinite="raise"):
+        return Quantizer("weight", 8, symmetric, CurrentMinMax(shape=(130,), axis=0), axis=0,
+                         on_nonfinite=on_nonfinite, layer="conv").train()
+
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    orig = Quantizer._one_call
+    monkeypatch.setattr(Quantizer, "_one_call", lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1])
+    for w in (torch.randn(130, 64, 3, 3, generator=gen) * 0.1, torch.randn(130, 7, generator=gen)):
+        w[3] = 0.0
+        w[4].view(-1)[:3] = torch.tensor([-0.0, 0.5, -0.5])
+        w[4].view(-1)[3] = 127.0                     # row 4's scale is 1: 0.5 and -0.5 are ties
+        one, two = quantizer(), quantizer()
+        a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+        calls.clear()
+        got = one(a)
+        assert len(calls) == 1 and calls[0] is not None
+        with monkeypatch.context() as mp:
+            mp.setattr(Quantizer, "_one_call", lambda *a, **k: None)
+            want = two(b)
+        assert torch.equal(_bits(got.detach()), _bits(want.detach()))
+        g = torch.randn(w.shape, generator=gen)
+        got.backward(g)
+        want.backward(g)
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, g)
+        for name in ("lo", "hi", "initialized", "nonfinite"):
+            assert torch.equal(getattr(one.estimator, name), getattr(two.estimator, name))
+        assert torch.equal(one.scale, two.scale) and torch.equal(one.zero_point, two.zero_point)
+    bad = w.clone()
+    bad[5, 2] = float("nan")
+    lo = one.estimator.lo.clone()
+    with pytest.raises(NonFiniteError, match="forward tensor"):
+        one(bad)
+    assert torch.equal(one.estimator.lo, lo) and int(one.estimator.nonfinite) == 1
+    skip = quantizer(on_nonfinite="skip")
+    skip(w)
+    scale = skip.scale.clone()
+    assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
+    calls.clear()
+    quantizer().eval()(w)
+    assert calls == []
+    quantizer(symmetric=False)(w)
+    assert calls == [None]
 
 
 def test_dither_words_are_the_splitmix64_stream_of_one_draw():

@@ -10,13 +10,14 @@ import torch
 from qcompile.core.grids import SCALE_EPS
 from qcompile.train import native
 
-QC_FINITE, QC_CLIPPED = 1, 2   # the hindsight steps' status bits
+QC_FINITE, QC_CLIPPED = 1, 2   # the one-call steps' status bits
 
 
-class HindsightStep(ctypes.Structure):
-    """csrc/fake_quant.c's qc_hindsight: the state a hindsight quantizer's one-pass step reads and writes in
-    place (HindsightMinMax's buffers and the Quantizer's grid buffers, 0-d, float32 but `initialized` (bool)
-    and `nonfinite` (int64)), with the estimator's momentum and the grid's parameters (pow2 off)."""
+class QuantizerState(ctypes.Structure):
+    """csrc/fake_quant.c's qc_state: the buffers a quantizer's one-call step reads and writes in place (its
+    estimator's lo, hi, initialized (bool) and nonfinite (int64), the Quantizer's scale and zero_point;
+    float32, 0-d or one per row), with the estimator's momentum (hindsight) and the grid's parameters
+    (pow2 off). `tensors` keeps the buffers."""
 
     _fields_ = [("lo", ctypes.c_void_p), ("hi", ctypes.c_void_p), ("initialized", ctypes.c_void_p),
                 ("nonfinite", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero_point", ctypes.c_void_p),
@@ -24,9 +25,11 @@ class HindsightStep(ctypes.Structure):
                 ("qmax", ctypes.c_float), ("symmetric", ctypes.c_int)]
 
     @classmethod
-    def of(cls, buffers, momentum: float, qrange: tuple[int, int], symmetric: bool) -> HindsightStep:
+    def of(cls, buffers, momentum: float, qrange: tuple[int, int], symmetric: bool) -> QuantizerState:
         """`buffers` = (lo, hi, initialized, nonfinite, scale, zero_point), in the struct's order."""
-        return cls(*(b.data_ptr() for b in buffers), momentum, SCALE_EPS, *qrange, int(symmetric))
+        state = cls(*(b.data_ptr() for b in buffers), momentum, SCALE_EPS, *qrange, int(symmetric))
+        state.tensors = buffers
+        return state
 
 
 def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
@@ -41,11 +44,13 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_fake_quant_rows.restype = None
         lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
         lib.qc_stochastic_codes.restype = None
-        step = ctypes.POINTER(HindsightStep)
-        lib.qc_stochastic_codes_hindsight.argtypes = [step, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
+        state = ctypes.POINTER(QuantizerState)
+        lib.qc_stochastic_codes_hindsight.argtypes = [state, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
         lib.qc_stochastic_codes_hindsight.restype = ctypes.c_int
-        lib.qc_fake_quant_hindsight.argtypes = [step, ptr, ptr, ptr, i64]
+        lib.qc_fake_quant_hindsight.argtypes = [state, ptr, ptr, ptr, i64]
         lib.qc_fake_quant_hindsight.restype = ctypes.c_int
+        lib.qc_fake_quant_rows_current.argtypes = [state, ptr, ptr, i64, i64, ptr]
+        lib.qc_fake_quant_rows_current.restype = ctypes.c_int
         lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
         lib.qc_minmax_rows.restype = None
         lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 8 + [ptr]

@@ -11,7 +11,7 @@ floor(g/scale + u) (u uniform on the 2^16 levels (k + ½)/2^16: unbiased to with
 step) or round-half-even. In eager mode, per-row (dim 0) fake quant and the stochastic codes of
 float32 CPU tensors run in one pass of C (csrc/fake_quant.c) that gives the torch expressions'
 results bit for bit; a hindsight quantizer past its first batch, whose grid is known before the
-tensor is seen, quantizes it in the same pass that measures its range (`_on_stored_grid`).
+tensor is seen, quantizes it in the same pass that measures its range (`_one_call`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from qcompile.core.grids import (
 )
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
-from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, HindsightStep, one_pass
+from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QuantizerState, one_pass
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -81,15 +81,15 @@ class _FakeQuant(torch.autograd.Function):
 
 class _FakeQuantHindsight(torch.autograd.Function):
     """A hindsight quantizer's one-pass step on a forward tensor (csrc/fake_quant.c qc_fake_quant_hindsight, on
-    `step`'s buffers): torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) on the stored range's grid (the
+    `state`'s buffers): torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) on the stored range's grid (the
     same bits and gradient mask), the state then advanced by x's range; the step's status goes to `status`.
     Where no value was clipped the mask is all ones and the backward passes the gradient as it is."""
 
     @staticmethod
-    def forward(ctx, x, lib, step, status):
+    def forward(ctx, x, lib, state, status):
         out = torch.empty_like(x)
         mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
-        status.value = lib.qc_fake_quant_hindsight(ctypes.byref(step), x.data_ptr(), out.data_ptr(),
+        status.value = lib.qc_fake_quant_hindsight(ctypes.byref(state), x.data_ptr(), out.data_ptr(),
                                                    None if mask is None else mask.data_ptr(), x.numel())
         ctx.clipped = bool(status.value & QC_CLIPPED)
         if mask is not None and ctx.clipped:
@@ -99,6 +99,24 @@ class _FakeQuantHindsight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g * ctx.saved_tensors[0] if ctx.clipped else g, None, None, None
+
+
+class _FakeQuantCurrentRows(torch.autograd.Function):
+    """A symmetric per-row current min-max quantizer's training step on a weight (csrc/fake_quant.c
+    qc_fake_quant_rows_current, on `state`'s buffers): each row on its own range's grid, the bits of the
+    estimator, qparams and _FakeQuant (a grid that covers its row: the gradient passes as it is); the step's
+    status goes to `status`."""
+
+    @staticmethod
+    def forward(ctx, x, lib, state, status):
+        out, stats = torch.empty_like(x), torch.empty(3 * x.shape[0])
+        status.value = lib.qc_fake_quant_rows_current(ctypes.byref(state), x.data_ptr(), out.data_ptr(), x.shape[0],
+                                                      x.numel() // x.shape[0], stats.data_ptr())
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -124,18 +142,18 @@ def stochastic_fake_quant(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     return out
 
 
-def _stochastic_codes_hindsight(lib: ctypes.CDLL, step: HindsightStep, status: ctypes.c_int, g: torch.Tensor,
+def _stochastic_codes_hindsight(lib: ctypes.CDLL, state: QuantizerState, status: ctypes.c_int, g: torch.Tensor,
                                 generator, times_scale: bool, mult: torch.Tensor | None = None,
                                 axis: int | None = None) -> torch.Tensor:
     """A hindsight quantizer's one-pass step on x = g (or g·mult, one multiplier per index of `axis`, as torch
-    multiplies; csrc/fake_quant.c qc_stochastic_codes_hindsight, on `step`'s buffers): stochastic_fake_quant of x
+    multiplies; csrc/fake_quant.c qc_stochastic_codes_hindsight, on `state`'s buffers): stochastic_fake_quant of x
     on the stored range's grid, the state then advanced by x's range; the step's status goes to `status`."""
     m, inner, channels = None, 0, 1
     if mult is not None:
         channels, inner = g.shape[axis], math.prod(g.shape[axis + 1:])
         m = mult.to(torch.float32).reshape(-1).expand(channels).contiguous()
     out = torch.empty_like(g)
-    status.value = lib.qc_stochastic_codes_hindsight(ctypes.byref(step), g.data_ptr(), out.data_ptr(), g.numel(),
+    status.value = lib.qc_stochastic_codes_hindsight(ctypes.byref(state), g.data_ptr(), out.data_ptr(), g.numel(),
                                                      int(dither_key(generator, g)), int(times_scale),
                                                      None if m is None else m.data_ptr(), inner, channels)
     return out
@@ -263,9 +281,9 @@ class Quantizer(nn.Module):
             if self.observing:
                 self.estimator(x, update=True, who=self.layer)
             return x
-        if self.training and type(self).forward_grid is Quantizer.forward_grid and self.axis is None:
-            one = self._on_stored_grid(x, "forward tensor", lambda lib, step, status: _FakeQuantHindsight.apply(
-                x, lib, step, status))
+        if self.training and type(self).forward_grid is Quantizer.forward_grid:
+            step = _FakeQuantHindsight if self.axis is None else _FakeQuantCurrentRows
+            one = self._one_call(x, "forward tensor", lambda lib, state, status: step.apply(x, lib, state, status))
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
@@ -283,26 +301,31 @@ class Quantizer(nn.Module):
         self._keep_grid(lambda: self.grid(lo, hi), finite)
         return finite
 
-    def _on_stored_grid(self, x: torch.Tensor, where: str, quantize, generator: torch.Generator | None = None):
-        """Q(x) in one call of C where the grid is known before x is seen (a per-tensor hindsight range past its
-        first batch, pow2 off; a float32 CPU tensor, eager, not under torch.distributed, whose statistics are
-        all-reduced between the pass and the update): `quantize(lib, step, status)` runs one of
-        csrc/fake_quant.c's hindsight steps on this quantizer's buffers (`step`), which quantizes x on the
-        stored range's grid and advances the estimator and the grid buffers by x's min and max as the two-pass
-        path would (the same state, grid and result), and returns the output; its status goes to `status`.
-        (out, finite), or None where it does not apply. `generator` (the one `quantize` draws from) is left as
-        it was when x was not finite."""
+    def _one_call(self, x: torch.Tensor, where: str, quantize, generator: torch.Generator | None = None):
+        """Q(x) in one call of C (csrc/fake_quant.c) that also updates the estimator and the grid buffers as
+        the torch path does (the same state, grid and result, tested bit for bit), where the grid allows it:
+        a per-tensor hindsight range past its first batch (the grid known before x is seen: one pass), or a
+        symmetric per-row (axis 0) current min-max range (each row's range, then the row on its grid while in
+        cache); pow2 off, float32 CPU tensors, eager, not under torch.distributed (whose statistics are
+        all-reduced between the pass and the update). `quantize(lib, state, status)` runs the step on this
+        quantizer's buffers (`state`) and returns the output; its status goes to `status`. (out, finite), or
+        None where it does not apply. `generator` (the one `quantize` draws from) is left as it was when x was
+        not finite."""
         est = self.estimator
-        if not (type(est) is HindsightMinMax and est.axis is None and x.numel() and not self.pow2) or distributed():
+        hindsight = type(est) is HindsightMinMax and est.axis is None and self.axis is None
+        rows = (type(est) is CurrentMinMax and est.axis == 0 and self.axis == 0 and self.symmetric and x.dim() > 1
+                and est.lo.numel() == x.shape[0])
+        if not ((hindsight or rows) and x.numel() and not self.pow2) or distributed():
             return None
         lib = one_pass(x)
         buffers = (est.lo, est.hi, est.initialized, est.nonfinite, self.scale, self.zero_point)
         if (lib is None or any(not b.is_cpu for b in buffers)
-                or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale, self.zero_point)) or est.unset()):
+                or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale, self.zero_point))
+                or (hindsight and est.unset())):
             return None
         state = None if generator is None else generator.get_state()
         status = ctypes.c_int()
-        out = quantize(lib, HindsightStep.of(buffers, est.momentum, self.qrange, self.symmetric), status)
+        out = quantize(lib, QuantizerState.of(buffers, getattr(est, "momentum", 0.0), self.qrange, self.symmetric), status)
         increment_version(list(buffers))          # written in place, as copy_ would
         finite = bool(status.value & QC_FINITE)
         if not finite:
@@ -312,11 +335,11 @@ class Quantizer(nn.Module):
         return out, finite
 
     def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
-        """Stochastic codes of x = g (or g·mult along `axis`) by `_on_stored_grid`: (out, finite) or None."""
+        """Stochastic codes of x = g (or g·mult along `axis`) by `_one_call`: (out, finite) or None."""
         if not self.stochastic:
             return None
-        return self._on_stored_grid(g, "incoming gradient", lambda lib, step, status: _stochastic_codes_hindsight(
-            lib, step, status, g, self.generator, times_scale, mult, axis),
+        return self._one_call(g, "incoming gradient", lambda lib, state, status: _stochastic_codes_hindsight(
+            lib, state, status, g, self.generator, times_scale, mult, axis),
             self.generator if self.generator is not None else torch.default_generator)
 
     def quantize_gradient(self, g: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,16 @@
  *       a hindsight quantizer's step: qc_stochastic_codes on the stored range's grid (lo, hi = qmin - zp,
  *       qmax - zp), x's min and max then advancing the state. status: QC_FINITE or 0.
  *
- *   A hindsight step (qc_hindsight h: HindsightMinMax's buffers lo, hi, initialized, nonfinite and the
- *   Quantizer's scale and zero_point, 0-d) quantizes on the grid of the stored range, known before the
+ *   status = qc_fake_quant_rows_current(h, x, out, rows, cols, stats)
+ *       a symmetric per-row (dim 0) current min-max quantizer's training step on a weight: row r's min and
+ *       max (as qc_minmax_rows), its grid, and the row quantized on it while in cache (qc_fake_quant_rows
+ *       without a zero point); where every row was finite, the state's lo[r], hi[r] <- them, initialized
+ *       <- 1 and the grid buffers <- the grids (CurrentMinMax.forward, Quantizer._keep_grid), else only
+ *       nonfinite += 1. stats: scratch for 3 * rows floats. status: QC_FINITE or 0.
+ *
+ *   The state h (qc_state) is the estimator's buffers lo, hi, initialized, nonfinite and the Quantizer's
+ *   scale and zero_point (0-d for a hindsight step; one per row for the rows), and the grid's parameters
+ *   (core.grids.qparams, pow2 off). A hindsight step quantizes on the grid of the stored range, known before the
  *   tensor is seen; the tensor's min and max (as torch.aminmax, NaN where it holds one), measured in the
  *   same pass, then update the state as RangeEstimator.stats, HindsightMinMax.forward and Quantizer._keep_grid do:
  *   where both are finite, lo <- (1 - momentum) * min + momentum * lo (so hi), initialized <- 1 and the
@@ -61,12 +69,12 @@ typedef struct {
     double momentum;
     float scale_eps, qmin, qmax;   /* core.grids.SCALE_EPS; the grid's code range */
     int symmetric;
-} qc_hindsight;
+} qc_state;
 
-/* core.grids.qparams(lo, hi, (qmin, qmax), symmetric) of the stored range, its float32 operations in order. */
-static void hindsight_grid(const qc_hindsight *h, float *scale, float *zp)
+/* core.grids.qparams(lo, hi, (qmin, qmax), symmetric), its float32 operations in order. */
+static void grid_of(const qc_state *h, float lo, float hi, float *scale, float *zp)
 {
-    float lo = *h->lo, hi = *h->hi, s, z = 0.0f;
+    float s, z = 0.0f;
     if (h->symmetric) {
         const float a = fabsf(lo), b = fabsf(hi);
         s = (a > b ? a : b) / h->qmax;
@@ -86,7 +94,7 @@ static void hindsight_grid(const qc_hindsight *h, float *scale, float *zp)
 }
 
 /* The state after a pass that quantized on (scale, zp) and measured range = [min, max] (see the header). */
-static int hindsight_advance(const qc_hindsight *h, const float range[2], float scale, float zp)
+static int hindsight_advance(const qc_state *h, const float range[2], float scale, float zp)
 {
     if (!(range[0] > -INFINITY && range[1] < INFINITY)) {
         *h->nonfinite += 1;
@@ -180,11 +188,53 @@ static int fake_quant_tensor(const float *restrict x, float *restrict out, uint8
     return clip;
 }
 
-int qc_fake_quant_hindsight(const qc_hindsight *h, const float *restrict x, float *restrict out, uint8_t *restrict mask,
+int qc_fake_quant_rows_current(const qc_state *h, const float *restrict x, float *restrict out, int64_t rows,
+                               int64_t cols, float *restrict stats)
+{
+    float *mins = stats, *maxs = stats + rows, *scales = stats + 2 * rows;
+    int bad = 0;
+    #pragma omp parallel for schedule(static) reduction(|:bad) if(rows * cols >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *o = out + r * cols;
+        float mn = INFINITY, mx = -INFINITY, zp;
+        int nan = 0;
+        #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(|:nan)
+        for (int64_t i = 0; i < cols; ++i) {
+            mn = xr[i] < mn ? xr[i] : mn;
+            mx = xr[i] > mx ? xr[i] : mx;
+            nan |= xr[i] != xr[i];
+        }
+        mins[r] = nan ? NAN : mn;
+        maxs[r] = nan ? NAN : mx;
+        bad |= !(mins[r] > -INFINITY && maxs[r] < INFINITY);
+        grid_of(h, mins[r], maxs[r], &scales[r], &zp);
+        const float s = scales[r], is = 1.0f / s, lo = h->qmin, hi = h->qmax;
+        #pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) {
+            float v = nearbyintf(xr[i] * is);
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            o[i] = v * s;
+        }
+    }
+    if (bad) {
+        *h->nonfinite += 1;
+        return 0;
+    }
+    memcpy(h->lo, mins, (size_t)rows * sizeof(float));
+    memcpy(h->hi, maxs, (size_t)rows * sizeof(float));
+    memcpy(h->scale, scales, (size_t)rows * sizeof(float));
+    memset(h->zero_point, 0, (size_t)rows * sizeof(float));
+    *h->initialized = 1;
+    return QC_FINITE;
+}
+
+int qc_fake_quant_hindsight(const qc_state *h, const float *restrict x, float *restrict out, uint8_t *restrict mask,
                             int64_t n)
 {
     float scale, zp, range[2];
-    hindsight_grid(h, &scale, &zp);
+    grid_of(h, *h->lo, *h->hi, &scale, &zp);
     const int clip = fake_quant_tensor(x, out, mask, n, scale, zp, h->qmin, h->qmax, range);
     return hindsight_advance(h, range, scale, zp) | (clip ? QC_CLIPPED : 0);
 }
@@ -288,12 +338,12 @@ void qc_stochastic_codes(const float *restrict g, float *restrict out, int64_t n
     }
 }
 
-int qc_stochastic_codes_hindsight(const qc_hindsight *h, const float *restrict g, float *restrict out, int64_t n,
+int qc_stochastic_codes_hindsight(const qc_state *h, const float *restrict g, float *restrict out, int64_t n,
                                   int64_t key, int times_scale, const float *restrict mult, int64_t inner,
                                   int64_t channels)
 {
     float scale, zp, range[2];
-    hindsight_grid(h, &scale, &zp);
+    grid_of(h, *h->lo, *h->hi, &scale, &zp);
     qc_stochastic_codes(g, out, n, key, scale, h->qmin - zp, h->qmax - zp, times_scale, mult, inner, channels, range);
     return hindsight_advance(h, range, scale, zp);
 }
