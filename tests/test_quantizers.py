@@ -131,6 +131,28 @@ def test_one_pass_kernels_equal_the_torch_expressions_bit_for_bit(zp):
         assert torch.equal(_bits(got), _bits(want.mul_(s) if times_scale else want))
 
 
+def test_straight_through_mask_in_one_pass_equals_torch():
+    """A fake quant's straight-through gradient g·mask (csrc/fake_quant.c qc_masked; threaded size) has the
+    bits of torch's product with the bool mask: -0 where a negative g is masked, NaN where a NaN is; with a
+    graph of the backward recorded (create_graph) it is torch's product itself, differentiable."""
+    from qcompile.train import native
+    from qcompile.train.one_pass import one_pass
+    from qcompile.train.quantizers import _masked
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 50_000, generator=gen)
+    g[0, :4] = torch.tensor([-1.0, float("nan"), float("-inf"), -0.0])
+    mask = torch.rand(3, 50_000, generator=gen) > 0.3
+    mask[0, :4] = False
+    assert one_pass(g) is not None or not native.enabled()
+    with torch.no_grad():                              # as in a backward without create_graph
+        assert torch.equal(_bits(_masked(g, mask)), _bits(g * mask))
+    leaf = g.clone().requires_grad_()
+    with torch.enable_grad():
+        out = _masked(leaf, mask)
+    assert out.requires_grad and torch.equal(_bits(out.detach()), _bits(g * mask))
+
+
 def _hindsight_gradient_quantizer(on_nonfinite="raise", seed=3):
     from qcompile.train.estimators import HindsightMinMax
     from qcompile.train.quantizers import Quantizer

@@ -53,6 +53,8 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_fake_quant_rows_current.restype = ctypes.c_int
         lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
         lib.qc_minmax_rows.restype = None
+        lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
+        lib.qc_masked.restype = None
         lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 8 + [ptr]
         lib.qc_padded.restype = None
     return lib

@@ -42,6 +42,18 @@ from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QuantizerState, one_p
 KINDS = ("weight", "activation", "gradient")
 
 
+def _masked(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """g · mask (a bool mask of g's shape): a fake quant's straight-through gradient, in one pass of C
+    (csrc/fake_quant.c qc_masked, torch's bits) where g is a contiguous float32 CPU tensor in eager mode and
+    no graph of the backward is recorded (torch converts the mask to float first: two passes)."""
+    lib = one_pass(g) if mask.is_contiguous() and not torch.is_grad_enabled() else None
+    if lib is None:
+        return g * mask
+    out = torch.empty_like(g)
+    lib.qc_masked(g.data_ptr(), mask.data_ptr(), out.data_ptr(), g.numel())
+    return out
+
+
 class _FakeQuant(torch.autograd.Function):
     """(code(x) - z)·scale, `scale` and `zp` broadcast against x; gradient 1 where x was inside the
     grid, else 0. (torch's per-channel fused kernel is not vectorized on CPU; this is, with equal
@@ -75,7 +87,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.can_clip:
-            g = g * ctx.saved_tensors[0]
+            g = _masked(g, ctx.saved_tensors[0])
         return g, None, None, None, None
 
 
@@ -98,7 +110,7 @@ class _FakeQuantHindsight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g * ctx.saved_tensors[0] if ctx.clipped else g, None, None, None
+        return _masked(g, ctx.saved_tensors[0]) if ctx.clipped else g, None, None, None
 
 
 class _FakeQuantCurrentRows(torch.autograd.Function):

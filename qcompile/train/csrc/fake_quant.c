@@ -43,6 +43,9 @@
  *   qc_minmax_rows(x, rows, cols, lo, hi)
  *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
  *       where the row holds one): a per-channel estimator's statistics of a weight, in one pass.
+ *   qc_masked(g, mask, out, n)
+ *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above, as
+ *       torch multiplies a float tensor by a bool one (so -0, and NaN where g is, at masked values).
  *   qc_padded(x, out, planes, channels, h, w, top, bottom, left, right, mult)
  *       out (planes, top + h + bottom, left + w + right) <- x (planes, h, w) zero-padded, each value x itself
  *       or (mult non-NULL) rint(x * mult[p % channels]) in plane p (the float32 product rounded half to even:
@@ -255,6 +258,13 @@ void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *
         lo[r] = nan ? NAN : mn;
         hi[r] = nan ? NAN : mx;
     }
+}
+
+void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
+{
+    #pragma omp parallel for simd schedule(static) if(n >= 65536)
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = g[i] * (float)mask[i];
 }
 
 void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int64_t channels, int64_t h, int64_t w,
