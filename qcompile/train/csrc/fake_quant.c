@@ -191,6 +191,21 @@ static int fake_quant_tensor(const float *restrict x, float *restrict out, uint8
     return clip;
 }
 
+/* *lo, *hi <- min and max of the n values at x (NaN where one is NaN). */
+static void row_minmax(const float *restrict x, int64_t n, float *lo, float *hi)
+{
+    float mn = INFINITY, mx = -INFINITY;
+    int nan = 0;
+    #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(|:nan)
+    for (int64_t i = 0; i < n; ++i) {
+        mn = x[i] < mn ? x[i] : mn;
+        mx = x[i] > mx ? x[i] : mx;
+        nan |= x[i] != x[i];
+    }
+    *lo = nan ? NAN : mn;
+    *hi = nan ? NAN : mx;
+}
+
 int qc_fake_quant_rows_current(const qc_state *h, const float *restrict x, float *restrict out, int64_t rows,
                                int64_t cols, float *restrict stats)
 {
@@ -200,16 +215,8 @@ int qc_fake_quant_rows_current(const qc_state *h, const float *restrict x, float
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
         float *o = out + r * cols;
-        float mn = INFINITY, mx = -INFINITY, zp;
-        int nan = 0;
-        #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(|:nan)
-        for (int64_t i = 0; i < cols; ++i) {
-            mn = xr[i] < mn ? xr[i] : mn;
-            mx = xr[i] > mx ? xr[i] : mx;
-            nan |= xr[i] != xr[i];
-        }
-        mins[r] = nan ? NAN : mn;
-        maxs[r] = nan ? NAN : mx;
+        float zp;
+        row_minmax(xr, cols, &mins[r], &maxs[r]);
         bad |= !(mins[r] > -INFINITY && maxs[r] < INFINITY);
         grid_of(h, mins[r], maxs[r], &scales[r], &zp);
         const float s = scales[r], is = 1.0f / s, lo = h->qmin, hi = h->qmax;
@@ -245,19 +252,8 @@ int qc_fake_quant_hindsight(const qc_state *h, const float *restrict x, float *r
 void qc_minmax_rows(const float *restrict x, int64_t rows, int64_t cols, float *restrict lo, float *restrict hi)
 {
     #pragma omp parallel for schedule(static) if(rows * cols >= 65536)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * cols;
-        float mn = INFINITY, mx = -INFINITY;
-        int nan = 0;
-        #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(|:nan)
-        for (int64_t i = 0; i < cols; ++i) {
-            mn = xr[i] < mn ? xr[i] : mn;
-            mx = xr[i] > mx ? xr[i] : mx;
-            nan |= xr[i] != xr[i];
-        }
-        lo[r] = nan ? NAN : mn;
-        hi[r] = nan ? NAN : mx;
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        row_minmax(x + r * cols, cols, &lo[r], &hi[r]);
 }
 
 void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
