@@ -55,6 +55,6 @@ def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
         lib.qc_minmax_rows.restype = None
         lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
         lib.qc_masked.restype = None
-        lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 8 + [ptr]
+        lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 7 + [ptr]
         lib.qc_padded.restype = None
     return lib

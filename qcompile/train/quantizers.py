@@ -11,7 +11,9 @@ floor(g/scale + u) (u uniform on the 2^16 levels (k + ½)/2^16: unbiased to with
 step) or round-half-even. In eager mode, per-row (dim 0) fake quant and the stochastic codes of
 float32 CPU tensors run in one pass of C (csrc/fake_quant.c) that gives the torch expressions'
 results bit for bit; a hindsight quantizer past its first batch, whose grid is known before the
-tensor is seen, quantizes it in the same pass that measures its range (`_one_call`).
+tensor is seen, quantizes it in the same pass that measures its range, and a symmetric per-channel
+current min-max weight quantizer quantizes each row right after measuring it, both calls also setting
+the estimator's and the grid's buffers (`_one_call`).
 """
 from __future__ import annotations
 
@@ -335,14 +337,14 @@ class Quantizer(nn.Module):
                 or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale, self.zero_point))
                 or (hindsight and est.unset())):
             return None
-        state = None if generator is None else generator.get_state()
+        drawn = None if generator is None else generator.get_state()
         status = ctypes.c_int()
         out = quantize(lib, QuantizerState.of(buffers, getattr(est, "momentum", 0.0), self.qrange, self.symmetric), status)
         increment_version(list(buffers))          # written in place, as copy_ would
         finite = bool(status.value & QC_FINITE)
         if not finite:
-            if state is not None:
-                generator.set_state(state)
+            if drawn is not None:
+                generator.set_state(drawn)
             self._check_finite(finite, where)
         return out, finite
 

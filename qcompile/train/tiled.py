@@ -607,7 +607,7 @@ def _pad_in_one_pass(x: torch.Tensor, out: torch.Tensor, pads, mult: torch.Tenso
     if lib is None or (mult is not None and mult.numel() != 1):
         return False
     m = None if mult is None else mult.to(torch.float32).reshape(1)
-    lib.qc_padded(x.data_ptr(), out.data_ptr(), x.shape[0] * x.shape[1], 1, *x.shape[2:], *pads,
+    lib.qc_padded(x.data_ptr(), out.data_ptr(), x.shape[0] * x.shape[1], *x.shape[2:], *pads,
                   None if m is None else m.data_ptr())
     return True
 

@@ -46,10 +46,10 @@
  *   qc_masked(g, mask, out, n)
  *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above, as
  *       torch multiplies a float tensor by a bool one (so -0, and NaN where g is, at masked values).
- *   qc_padded(x, out, planes, channels, h, w, top, bottom, left, right, mult)
+ *   qc_padded(x, out, planes, h, w, top, bottom, left, right, mult)
  *       out (planes, top + h + bottom, left + w + right) <- x (planes, h, w) zero-padded, each value x itself
- *       or (mult non-NULL) rint(x * mult[p % channels]) in plane p (the float32 product rounded half to even:
- *       qcompile.train.tiled._codes): a conv operand's values or codes with their padding, in one pass.
+ *       or (mult non-NULL) rint(x * *mult) (the float32 product rounded half to even: qcompile.train.tiled.
+ *       _codes): a conv operand's values or codes with their padding, in one pass.
  *
  * Built with -std=c99, so gcc contracts no multiply-add into an fma (ISO C mode), and -fno-trapping-math,
  * which lets it vectorize the division (no FP exception is ever enabled); nearbyintf rounds
@@ -263,8 +263,8 @@ void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *res
         out[i] = g[i] * (float)mask[i];
 }
 
-void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int64_t channels, int64_t h, int64_t w,
-               int64_t top, int64_t bottom, int64_t left, int64_t right, const float *restrict mult)
+void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int64_t h, int64_t w, int64_t top,
+               int64_t bottom, int64_t left, int64_t right, const float *restrict mult)
 {
     const int64_t ow = left + w + right, oh = top + h + bottom;
     #pragma omp parallel for schedule(static) if(planes * oh * ow >= 65536)
@@ -277,7 +277,7 @@ void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int
             const float *xr = xp + r * w;
             memset(orow, 0, (size_t)left * sizeof(float));
             if (mult) {
-                const float m = mult[p % channels];
+                const float m = *mult;
                 #pragma omp simd
                 for (int64_t c = 0; c < w; ++c)
                     orow[left + c] = nearbyintf(xr[c] * m);
