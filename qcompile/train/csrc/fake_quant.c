@@ -112,6 +112,21 @@ static int hindsight_advance(const qc_state *h, const float range[2], float scal
     return QC_FINITE;
 }
 
+/* One row of qc_fake_quant_rows without a zero point: v = round_half_even(x * is), m = lo <= v <= hi (m not
+ * NULL), o = clamp(v, lo, hi) * s. */
+static inline void fake_quant_row(const float *restrict x, float *restrict o, uint8_t *restrict m, int64_t n, float is,
+                                  float s, float lo, float hi)
+{
+    for (int64_t i = 0; i < n; ++i) {
+        float v = nearbyintf(x[i] * is);
+        if (m)
+            m[i] = v >= lo && v <= hi;
+        v = v < lo ? lo : v;
+        v = v > hi ? hi : v;
+        o[i] = v * s;
+    }
+}
+
 void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t rows, int64_t cols,
                         const float *inv_scale, const float *scale, const float *zp, float lo, float hi)
 {
@@ -131,14 +146,7 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
                 o[i] = (v - z) * s;
             }
         } else {
-            for (int64_t i = 0; i < cols; ++i) {
-                float v = nearbyintf(xr[i] * is);
-                if (m)
-                    m[i] = v >= lo && v <= hi;
-                v = v < lo ? lo : v;
-                v = v > hi ? hi : v;
-                o[i] = v * s;
-            }
+            fake_quant_row(xr, o, m, cols, is, s, lo, hi);
         }
     }
 }
@@ -214,19 +222,11 @@ int qc_fake_quant_rows_current(const qc_state *h, const float *restrict x, float
     #pragma omp parallel for schedule(static) reduction(|:bad) if(rows * cols >= 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
-        float *o = out + r * cols;
         float zp;
         row_minmax(xr, cols, &mins[r], &maxs[r]);
         bad |= !(mins[r] > -INFINITY && maxs[r] < INFINITY);
         grid_of(h, mins[r], maxs[r], &scales[r], &zp);
-        const float s = scales[r], is = 1.0f / s, lo = h->qmin, hi = h->qmax;
-        #pragma omp simd
-        for (int64_t i = 0; i < cols; ++i) {
-            float v = nearbyintf(xr[i] * is);
-            v = v < lo ? lo : v;
-            v = v > hi ? hi : v;
-            o[i] = v * s;
-        }
+        fake_quant_row(xr, out + r * cols, 0, cols, 1.0f / scales[r], scales[r], h->qmin, h->qmax);
     }
     if (bad) {
         *h->nonfinite += 1;
