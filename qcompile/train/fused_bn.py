@@ -43,9 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
 from qcompile.train.estimators import distributed
+from qcompile.train.reused_storage import ReusedStorage
 
 FOLD_EPS = 1e-12   # |γ/σ_r| below this is treated as this (a zero γ folds the weight to 0)
 
@@ -96,13 +98,36 @@ def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+class _FoldWeight(torch.autograd.Function):
+    """weight · scale written into `storage`; the gradient g · scale, the product's own."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, storage):
+        ctx.save_for_backward(scale)
+        return torch.mul(weight, scale, out=storage.empty_like(weight))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0], None, None
+
+
+_FOLDED = WeakIdKeyDictionary()   # weight → its folded copy's ReusedStorage (not state; dies with the weight)
+
+
 def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: torch.Tensor,
                 eps: float) -> torch.Tensor:
     """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see.
     γ enters as a constant: BatchNormFold divides the fold out again before normalizing, so γ's two
-    paths through it cancel exactly and γ's gradient is BatchNorm's own."""
+    paths through it cancel exactly and γ's gradient is BatchNorm's own. Eager: written into storage kept
+    for this weight (ReusedStorage), the same bits as the product."""
     scale = bn_scale(None if gamma is None else gamma.detach(), running(running_var), eps)
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    if torch.compiler.is_compiling() or scale.requires_grad or scale.dtype != weight.dtype:
+        return weight * scale
+    storage = _FOLDED.get(weight)
+    if storage is None:
+        storage = _FOLDED[weight] = ReusedStorage()
+    return _FoldWeight.apply(weight, scale, storage)
 
 
 class _SumOverRanks(torch.autograd.Function):
