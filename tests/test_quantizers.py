@@ -361,11 +361,12 @@ def test_row_minmax_of_weights_equals_amin_and_amax():
 
 
 def test_reused_output_storage_never_changes_a_tensor_still_held():
-    """A weight quantizer's one-call output and a folded weight are written into storage their producer
-    keeps (qcompile.train.reused_storage): reused once nothing else holds it, never while an earlier output
-    is alive (held by the caller, or saved by a graph not yet run backward: two forwards, then one
-    backward, give the gradients of two separate models). The folded weight's bits and gradient equal the
-    product W·γ/σ's; a deep copy starts with no storage of its own."""
+    """A weight quantizer's one-call output and a folded weight are written into storage their producer keeps
+    (qcompile.train.reused_storage): reused once nothing else holds it, never while an earlier output is
+    alive (held by the caller, or saved by a graph not yet run backward: two forwards then one backward give
+    the input and weight gradients of two separate backward passes, bit for bit). The folded weight's bits
+    and gradient (also with create_graph) equal the product W·γ/σ's; a deep copy starts with no storage of
+    its own."""
     from qcompile.core.batchnorm import bn_scale
     from qcompile.train.estimators import CurrentMinMax
     from qcompile.train.fused_bn import fold_weight
@@ -393,6 +394,10 @@ def test_reused_output_storage_never_changes_a_tensor_still_held():
     got.backward(g)
     expected.backward(g)
     assert torch.equal(a.grad, want.grad)
+    gg = g.clone().requires_grad_()                            # create_graph: the gradient is differentiable
+    gw, = torch.autograd.grad(fold_weight(a, gamma, var, 1e-5), a, gg, create_graph=True)
+    gw.sum().backward()
+    assert torch.equal(gw, a.grad) and torch.equal(gg.grad, bn_scale(gamma, var, 1e-5).reshape(-1, 1, 1, 1).expand_as(g))
 
     def input_grads(together: bool):
         layer = torch.nn.Conv2d(8, 16, 3, bias=False)
@@ -406,7 +411,7 @@ def test_reused_output_storage_never_changes_a_tensor_still_held():
         else:
             for loss in losses:
                 loss.backward()
-        return [x.grad for x in xs]
+        return [x.grad for x in xs] + [layer.weight.grad]
 
     for got, want in zip(input_grads(together=True), input_grads(together=False)):
         assert torch.equal(got, want)
