@@ -122,7 +122,7 @@ def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: t
     for this weight (ReusedStorage), the same bits as the product."""
     scale = bn_scale(None if gamma is None else gamma.detach(), running(running_var), eps)
     scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    if torch.compiler.is_compiling() or scale.requires_grad or scale.dtype != weight.dtype:
+    if torch.compiler.is_compiling() or scale.dtype != weight.dtype:
         return weight * scale
     storage = _FOLDED.get(weight)
     if storage is None:

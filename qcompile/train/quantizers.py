@@ -298,11 +298,8 @@ class Quantizer(nn.Module):
                 self.estimator(x, update=True, who=self.layer)
             return x
         if self.training and type(self).forward_grid is Quantizer.forward_grid:
-            if self.axis is None:
-                step = lambda lib, state, status: _FakeQuantHindsight.apply(x, lib, state, status)  # noqa: E731
-            else:
-                step = lambda lib, state, status: _FakeQuantCurrentRows.apply(x, lib, state, status, self._output)  # noqa: E731
-            one = self._one_call(x, "forward tensor", step)
+            step, into = (_FakeQuantHindsight, ()) if self.axis is None else (_FakeQuantCurrentRows, (self._output,))
+            one = self._one_call(x, "forward tensor", lambda lib, state, status: step.apply(x, lib, state, status, *into))
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
