@@ -40,7 +40,6 @@ from qcompile.core.grids import (
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
 from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QuantizerState, one_pass
-from qcompile.train.reused_storage import ReusedStorage
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -120,18 +119,18 @@ class _FakeQuantCurrentRows(torch.autograd.Function):
     """A symmetric per-row current min-max quantizer's training step on a weight (csrc/fake_quant.c
     qc_fake_quant_rows_current, on `state`'s buffers): each row on its own range's grid, the bits of the
     estimator, qparams and _FakeQuant (a grid that covers its row: the gradient passes as it is); the step's
-    status goes to `status`. The output is written into `storage` (the quantizer's, reused step to step)."""
+    status goes to `status`."""
 
     @staticmethod
-    def forward(ctx, x, lib, state, status, storage):
-        out, stats = storage.empty_like(x), torch.empty(3 * x.shape[0])
+    def forward(ctx, x, lib, state, status):
+        out, stats = torch.empty_like(x), torch.empty(3 * x.shape[0])
         status.value = lib.qc_fake_quant_rows_current(ctypes.byref(state), x.data_ptr(), out.data_ptr(), x.shape[0],
                                                       x.numel() // x.shape[0], stats.data_ptr())
         return out
 
     @staticmethod
     def backward(ctx, g):
-        return g, None, None, None, None
+        return g, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -251,7 +250,6 @@ class Quantizer(nn.Module):
         shape = tuple(estimator.lo.shape)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
-        self._output = ReusedStorage()   # a weight's one-call output (not state)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -298,8 +296,8 @@ class Quantizer(nn.Module):
                 self.estimator(x, update=True, who=self.layer)
             return x
         if self.training and type(self).forward_grid is Quantizer.forward_grid:
-            step, into = (_FakeQuantHindsight, ()) if self.axis is None else (_FakeQuantCurrentRows, (self._output,))
-            one = self._one_call(x, "forward tensor", lambda lib, state, status: step.apply(x, lib, state, status, *into))
+            step = _FakeQuantHindsight if self.axis is None else _FakeQuantCurrentRows
+            one = self._one_call(x, "forward tensor", lambda lib, state, status: step.apply(x, lib, state, status))
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)

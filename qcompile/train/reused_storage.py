@@ -1,9 +1,9 @@
 """`ReusedStorage`: an output's memory, kept by its producer and written again on its next call.
 
-A weight-sized tensor made anew on every training step (the folded weight W·γ/σ, its fake-quantized
-copy) costs more than its arithmetic: the allocator maps the memory afresh, every page faults in while
-it is written, and the kernel that reads it next (the conv's weight reorder) runs slower on it. An
-owner keeps one such output's storage and hands it out again once nothing else holds it.
+A weight-sized tensor made anew on every training step (the folded weight W·γ/σ) costs more than its
+arithmetic: the allocator maps the memory afresh, every page faults in while it is written, and the
+kernel that reads it next runs slower on it. An owner keeps one such output's storage and hands it
+out again once nothing else holds it.
 
 Invariant: the storage is handed out again only while its owner alone holds it (no tensor anyone else
 can see shares it), so a tensor already returned never changes; otherwise a fresh one is made. Not for
