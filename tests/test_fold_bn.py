@@ -399,3 +399,58 @@ def test_overflow_does_not_reach_the_batch_statistics_gradient():
         grads.append(_folds(qm)[0].weight.grad)
     assert (outs[0] - outs[1]).abs().max() > 1.0          # the 9-bit accumulator wrapped
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_folded_weight_storage_never_changes_a_tensor_still_held():
+    """A folded weight is written into storage kept for its weight (qcompile.train.reused_storage): reused
+    once nothing else holds it, never while an earlier output is alive (held by the caller, or saved by a
+    graph not yet run backward: two forwards then one backward give the input and weight gradients of two
+    separate backward passes, bit for bit). Its bits and gradient (also with create_graph) equal the product
+    W·γ/σ's; a deep copy of a ReusedStorage starts with no storage of its own."""
+    from qcompile.core.batchnorm import bn_scale
+    from qcompile.train.estimators import CurrentMinMax
+    from qcompile.train.reused_storage import ReusedStorage
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=gen)
+    gamma, var = torch.rand(16, generator=gen) + 0.5, torch.rand(16, generator=gen) + 0.1
+    first = fold_weight(w, gamma, var, 1e-5)
+    kept = first.clone()
+    second = fold_weight(w, gamma * 2, var, 1e-5)
+    assert torch.equal(first, kept) and first.data_ptr() != second.data_ptr()
+    ptr = second.data_ptr()
+    del first, second
+    assert fold_weight(w, gamma, var, 1e-5).data_ptr() == ptr          # nothing else holds it: reused
+    a = w.clone().requires_grad_()
+    got = fold_weight(a, gamma, var, 1e-5)
+    want = w.clone().requires_grad_()
+    expected = want * bn_scale(gamma, var, 1e-5).reshape(-1, 1, 1, 1)
+    assert torch.equal(got.detach().view(torch.int32), expected.detach().view(torch.int32))
+    g = torch.randn(w.shape, generator=gen)
+    got.backward(g)
+    expected.backward(g)
+    assert torch.equal(a.grad, want.grad)
+    gg = g.clone().requires_grad_()                            # create_graph: the gradient is differentiable
+    gw, = torch.autograd.grad(fold_weight(a, gamma, var, 1e-5), a, gg, create_graph=True)
+    gw.sum().backward()
+    assert torch.equal(gw, a.grad) and torch.equal(gg.grad, bn_scale(gamma, var, 1e-5).reshape(-1, 1, 1, 1).expand_as(g))
+
+    def input_grads(together: bool):
+        layer = torch.nn.Conv2d(8, 16, 3, bias=False)
+        layer.weight.data.copy_(w)
+        wq = Quantizer("weight", 8, True, CurrentMinMax(shape=(16,), axis=0), axis=0, layer="conv").train()
+        xs = [torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(2)]
+        losses = (torch.nn.functional.conv2d(x, wq(fold_weight(layer.weight, gamma * (i + 1), var, 1e-5))).square().sum()
+                  for i, x in enumerate(xs))
+        if together:           # the first graph's Q and folded weight are alive when the second is made
+            sum(losses).backward()
+        else:
+            for loss in losses:
+                loss.backward()
+        return [x.grad for x in xs] + [layer.weight.grad]
+
+    for got, want in zip(input_grads(together=True), input_grads(together=False)):
+        assert torch.equal(got, want)
+    storage = ReusedStorage()
+    storage.empty_like(w)
+    assert copy.deepcopy(storage)._buffer is None
