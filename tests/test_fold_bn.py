@@ -406,10 +406,9 @@ def test_folded_weight_storage_never_changes_a_tensor_still_held():
     once nothing else holds it, never while an earlier output is alive (held by the caller, or saved by a
     graph not yet run backward: two forwards then one backward give the input and weight gradients of two
     separate backward passes, bit for bit). Its bits and gradient (also with create_graph) equal the product
-    W·γ/σ's; a deep copy of a ReusedStorage starts with no storage of its own."""
+    W·γ/σ's."""
     from qcompile.core.batchnorm import bn_scale
     from qcompile.train.estimators import CurrentMinMax
-    from qcompile.train.reused_storage import ReusedStorage
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(16, 8, 3, 3, generator=gen)
@@ -451,6 +450,3 @@ def test_folded_weight_storage_never_changes_a_tensor_still_held():
 
     for got, want in zip(input_grads(together=True), input_grads(together=False)):
         assert torch.equal(got, want)
-    storage = ReusedStorage()
-    storage.empty_like(w)
-    assert copy.deepcopy(storage)._buffer is None

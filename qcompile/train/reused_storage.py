@@ -15,16 +15,10 @@ import torch
 
 
 class ReusedStorage:
-    """One output's storage, reused from call to call (see the module docstring). Copies start empty."""
+    """One output's storage, reused from call to call (see the module docstring)."""
 
     def __init__(self):
         self._buffer: torch.Tensor | None = None
-
-    def __deepcopy__(self, memo) -> ReusedStorage:
-        return ReusedStorage()
-
-    def __reduce__(self):
-        return ReusedStorage, ()
 
     def empty_like(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialized tensor of `like`'s shape, strides, dtype and device: the kept storage where
