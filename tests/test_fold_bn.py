@@ -450,3 +450,43 @@ def test_folded_weight_storage_never_changes_a_tensor_still_held():
 
     for got, want in zip(input_grads(together=True), input_grads(together=False)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("shape,momentum", [((8, 16, 5, 7), 0.1), ((16, 12), None)])
+def test_batch_statistics_of_the_unfolded_output_match_batchnorm_of_it(shape, momentum, native_on, monkeypatch):
+    """In training with batch statistics, BatchNormFold(y) is BatchNorm(z) for z = y/(γ/σ_r): its output, the
+    gradients of y (z's divided by the fold), γ and β, the running statistics and the recorded batch variance,
+    with γ negative, zero (the fold floored at FOLD_EPS) and positive. With the C kernel (QCOMPILE_NATIVE on) z
+    is never formed (the moments of y give z's); without it torch's BatchNorm runs on z."""
+    from qcompile.train.fused_bn import FOLD_EPS
+    if not native_on:
+        monkeypatch.setenv("QCOMPILE_NATIVE", "0")
+    gen = torch.Generator().manual_seed(1)
+    c = shape[1]
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(c, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(c, generator=gen))
+        bn.weight[0] = 0.0
+        bn.bias.copy_(torch.randn(c, generator=gen))
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    ref = copy.deepcopy(bn)
+    fused = BatchNormFold(bn, "layer", F.conv2d if len(shape) == 4 else F.linear).train()
+    y = torch.randn(shape, generator=gen) * 3 + 2
+    g = torch.randn(shape, generator=gen)
+    for step in range(2):                                  # momentum None: the cumulative average's second step too
+        fold = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)          # the running variance moves
+        fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold).reshape(1, -1, *[1] * (len(shape) - 2))
+        yy, z = y.clone().requires_grad_(), (y / fold).requires_grad_()
+        bn.weight.grad = bn.bias.grad = ref.weight.grad = ref.bias.grad = None
+        out, want = fused(yy, torch.zeros(1), torch.zeros(1)), ref(z)
+        assert type(out.grad_fn).__name__ == ("_NormalizeUnfoldedBackward" if native_on else "NativeBatchNormBackward0")
+        torch.testing.assert_close(out, want)
+        out.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(yy.grad, z.grad / fold)
+        for a, b in ((bn.weight.grad, ref.weight.grad), (bn.bias.grad, ref.bias.grad), (bn.running_mean, ref.running_mean),
+                     (bn.running_var, ref.running_var)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(fused._gain_inputs[0], torch.var(z.detach(), dim=[0, *range(2, z.dim())], unbiased=False))

@@ -22,7 +22,9 @@ When the layer has a narrow accumulator (the call's `float_statistics=True`, set
 figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. The gradient
 through μ_B, σ_B (and γ's) is then BatchNorm's on that conv, as if nothing overflowed (the
 straight-through view of the accumulator); z itself passes γ/σ_B straight through. Either way
-updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b). In eval
+updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b); in eager float32 CPU
+training without a layer bias, sync, float statistics or a differentiated rectification term, z is never
+formed (`_NormalizeUnfolded`: the moments of y give z's). In eval
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
 
@@ -39,6 +41,9 @@ the rectification loss and by lowering.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.core.batchnorm import bn_scale, channel_gain_sq, tap_coverage
+from qcompile.train import native
 from qcompile.train.estimators import distributed
 from qcompile.train.reused_storage import ReusedStorage
 
@@ -128,6 +134,55 @@ def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: t
     if storage is None:
         storage = _FOLDED[weight] = ReusedStorage()
     return _FoldWeight.apply(weight, scale, storage)
+
+
+@functools.cache
+def _moments_kernel(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qc_channel_moments.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.qc_channel_moments.restype = None
+    return lib
+
+
+def _channel_moments_lib(y: torch.Tensor) -> ctypes.CDLL | None:
+    """csrc/channel_moments.c where y is a contiguous float32 CPU tensor in eager mode; else None (and None
+    where it cannot be built)."""
+    if y.device.type != "cpu" or y.dtype != torch.float32 or not y.is_contiguous() or torch.compiler.is_compiling():
+        return None
+    lib = native.library("channel_moments")
+    return None if lib is None else _moments_kernel(lib)
+
+
+class _NormalizeUnfolded(torch.autograd.Function):
+    """BatchNorm with batch statistics of z = y / fold (fold per channel of dim 1, nonzero), never forming z:
+    with μ_y, σ_y² the moments of y (csrc/channel_moments.c), z's are μ_y/fold and σ_y²/fold², and
+    x̂ = (z − μ_z)/√(σ_z² + eps) = (y − μ_y)·s with s = 1/(fold·√(σ_y²/fold² + eps)). Returns (x̂·γ + β, μ_z,
+    σ_z² biased); the backward is torch's native_batch_norm_backward on y with saved mean μ_y and saved invstd
+    s (its arithmetic reads x̂ as (y − mean)·invstd, so it gives z's gradient divided by fold, which is y's)."""
+
+    @staticmethod
+    def forward(ctx, y, fold, weight, bias, eps, lib):
+        channels = y.shape[1]
+        mean_y, var_y = torch.empty(channels), torch.empty(channels)
+        lib.qc_channel_moments(y.data_ptr(), y.shape[0], channels, y.numel() // (y.shape[0] * channels),
+                               mean_y.data_ptr(), var_y.data_ptr())
+        var_z = var_y / fold.square()
+        s = torch.rsqrt(var_z + eps) / fold
+        gain = s if weight is None else s * weight
+        shift = -mean_y * gain if bias is None else bias - mean_y * gain
+        ctx.save_for_backward(y, weight, mean_y, s)
+        ctx.eps = eps
+        mean_z = mean_y / fold
+        ctx.mark_non_differentiable(mean_z, var_z)
+        return torch.addcmul(_per_channel(shift, y.dim()), y, _per_channel(gain, y.dim())), mean_z, var_z
+
+    @staticmethod
+    def backward(ctx, g, _mean, _var):
+        y, weight, mean_y, s = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gy, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, y, weight, None, None, mean_y, s, True, ctx.eps, [needs[0], weight is not None and needs[2], needs[3]])
+        return gy, None, gw, gb, None, None
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -241,11 +296,20 @@ class BatchNormFold(nn.Module):
                              f"training, got input of shape {tuple(y.shape)}")
         fold = bn_scale(None if self.weight is None else self.weight.detach(), running(self.running_var), self.eps)  # γ/σ_r
         fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
+        sync = self.sync and distributed()
+        plain = not (float_statistics or sync or layer_bias is not None or fold.dtype != y.dtype
+                     or (self.rectification > 0 and torch.is_grad_enabled()))
+        lib = _channel_moments_lib(y) if plain else None
+        if lib is not None:
+            # as the last branch below, in two passes over y and two in the backward (z is never formed)
+            out, mean_b, var_b = _NormalizeUnfolded.apply(y, fold, self.weight, self.bias, self.eps, lib)
+            self._update_running(mean_b, var_b, count)
+            self._record_gain(x, weight, var_b, count)
+            return out
         z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
         dims = [0] + list(range(2, z.dim()))
-        sync = self.sync and distributed()
         if float_statistics:
             # a narrow accumulator may have overflowed y: the statistics come from a float conv of the
             # same operands, as a wide accumulator would give them (else overflow shrinks σ_B, the
