@@ -257,6 +257,46 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, m
     assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
 
 
+def test_one_call_state_follows_the_buffers_and_an_unset_range_falls_back(monkeypatch):
+    """The one-call step keeps its view of the quantizer's buffers between calls (QuantizerState, a cache):
+    a deep copy steps on its own buffers and leaves the original's alone, a buffer replaced by another tensor
+    is the one written, and a stored range of [0, 0] (an all-zero batch) counts as unset: the C step does
+    nothing and the torch path sets the range, giving what two passes give; the generator of a stochastic
+    gradient quantizer is left as the torch path leaves it."""
+    import copy
+
+    from qcompile.train.estimators import HindsightMinMax
+    from qcompile.train.quantizers import Quantizer
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.zeros(3, 50)] + [torch.randn(3, 50, generator=gen) * (i + 1) for i in range(3)]
+    for kind in ("activation", "gradient"):
+        one = (_hindsight_gradient_quantizer() if kind == "gradient" else
+               Quantizer("activation", 8, False, HindsightMinMax(0.9), layer="conv"))
+        two = copy.deepcopy(one)
+        run = (lambda q, x: q.quantize_gradient(x)) if kind == "gradient" else (lambda q, x: q(x))
+        passes = []
+        orig = Quantizer._one_call
+        for x in batches:
+            with monkeypatch.context() as mp:
+                mp.setattr(Quantizer, "_one_call", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
+                got = run(one, x)
+            with monkeypatch.context() as mp:
+                mp.setattr(Quantizer, "_one_call", lambda *a, **k: None)
+                want = run(two, x)
+            assert torch.equal(_bits(got), _bits(want))
+            assert torch.equal(one.estimator.lo, two.estimator.lo) and torch.equal(one.scale, two.scale)
+            if kind == "gradient":
+                assert torch.equal(one.generator.get_state(), two.generator.get_state())
+        assert [p is None for p in passes] == [True, True, False, False]     # unset, then [0, 0] stored
+        copied, lo = copy.deepcopy(one), one.estimator.lo.clone()
+        run(copied, batches[3] * 5)
+        assert torch.equal(one.estimator.lo, lo) and not torch.equal(copied.estimator.lo, lo)
+        one.estimator.lo = lo.clone()                # a new tensor in the buffer's place
+        held = one.estimator.lo
+        run(one, batches[3] * 5)
+        assert held is one.estimator.lo and torch.equal(held, copied.estimator.lo)
+
+
 def test_one_call_weight_fake_quant_equals_the_torch_path(monkeypatch):
     """A symmetric per-channel current min-max weight quantizer in training runs in one call of C
     (csrc/fake_quant.c: each row's range, its grid, the row quantized while in cache): the output bit for

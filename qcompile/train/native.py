@@ -78,6 +78,8 @@ def library(name: str) -> ctypes.CDLL | None:
     """The built library csrc/<name>.c, or None (disabled, or it cannot be built: warned once)."""
     if not enabled():
         return None
+    if name in _loaded:            # built (or failed) once: read without the lock
+        return _loaded[name]
     with _lock:
         if name not in _loaded:
             try:

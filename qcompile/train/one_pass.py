@@ -4,13 +4,14 @@ per operation (the file's header lists them)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from qcompile.core.grids import SCALE_EPS
 from qcompile.train import native
 
-QC_FINITE, QC_CLIPPED = 1, 2   # the one-call steps' status bits
+QC_FINITE, QC_CLIPPED, QC_UNSET = 1, 2, 4   # the one-call steps' status bits
 
 
 class QuantizerState(ctypes.Structure):
@@ -35,26 +36,31 @@ class QuantizerState(ctypes.Structure):
 def one_pass(x: torch.Tensor) -> ctypes.CDLL | None:
     """The library where x is a contiguous float32 CPU tensor in eager mode; else None (and None where
     it cannot be built: callers use their torch expressions)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
+    if not x.is_cpu or x.dtype is not torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
         return None
     lib = native.library("fake_quant")
-    if lib is not None and lib.qc_stochastic_codes.argtypes is None:
-        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
-        lib.qc_fake_quant_rows.restype = None
-        lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
-        lib.qc_stochastic_codes.restype = None
-        state = ctypes.POINTER(QuantizerState)
-        lib.qc_stochastic_codes_hindsight.argtypes = [state, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
-        lib.qc_stochastic_codes_hindsight.restype = ctypes.c_int
-        lib.qc_fake_quant_hindsight.argtypes = [state, ptr, ptr, ptr, i64]
-        lib.qc_fake_quant_hindsight.restype = ctypes.c_int
-        lib.qc_fake_quant_rows_current.argtypes = [state, ptr, ptr, i64, i64, ptr]
-        lib.qc_fake_quant_rows_current.restype = ctypes.c_int
-        lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
-        lib.qc_minmax_rows.restype = None
-        lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
-        lib.qc_masked.restype = None
-        lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 7 + [ptr]
-        lib.qc_padded.restype = None
+    return None if lib is None else _with_signatures(lib)
+
+
+@functools.cache
+def _with_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with its functions' ctypes signatures set."""
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.qc_fake_quant_rows.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, f32, f32]
+    lib.qc_fake_quant_rows.restype = None
+    lib.qc_stochastic_codes.argtypes = [ptr, ptr, i64, i64, f32, f32, f32, ctypes.c_int, ptr, i64, i64, ptr]
+    lib.qc_stochastic_codes.restype = None
+    state = ctypes.POINTER(QuantizerState)
+    lib.qc_stochastic_codes_hindsight.argtypes = [state, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
+    lib.qc_stochastic_codes_hindsight.restype = ctypes.c_int
+    lib.qc_fake_quant_hindsight.argtypes = [state, ptr, ptr, ptr, i64]
+    lib.qc_fake_quant_hindsight.restype = ctypes.c_int
+    lib.qc_fake_quant_rows_current.argtypes = [state, ptr, ptr, i64, i64, ptr]
+    lib.qc_fake_quant_rows_current.restype = ctypes.c_int
+    lib.qc_minmax_rows.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.qc_minmax_rows.restype = None
+    lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
+    lib.qc_masked.restype = None
+    lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 7 + [ptr]
+    lib.qc_padded.restype = None
     return lib

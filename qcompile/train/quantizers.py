@@ -39,7 +39,7 @@ from qcompile.core.grids import (
 )
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
-from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QuantizerState, one_pass
+from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QC_UNSET, QuantizerState, one_pass
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -251,6 +251,11 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_kept_state", None)       # pointers into this object's buffers
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         register_generator(self.generator)   # a copy's generator is a new object
@@ -318,13 +323,14 @@ class Quantizer(nn.Module):
     def _one_call(self, x: torch.Tensor, where: str, quantize, generator: torch.Generator | None = None):
         """Q(x) in one call of C (csrc/fake_quant.c) that also updates the estimator and the grid buffers as
         the torch path does (the same state, grid and result, tested bit for bit), where the grid allows it:
-        a per-tensor hindsight range past its first batch (the grid known before x is seen: one pass), or a
+        a per-tensor hindsight range once one is stored (the grid known before x is seen: one pass; before, the
+        C step reports the state unset and does nothing), or a
         symmetric per-row (axis 0) current min-max range (each row's range, then the row on its grid while in
         cache); pow2 off, float32 CPU tensors, eager, not under torch.distributed (whose statistics are
         all-reduced between the pass and the update). `quantize(lib, state, status)` runs the step on this
         quantizer's buffers (`state`) and returns the output; its status goes to `status`. (out, finite), or
         None where it does not apply. `generator` (the one `quantize` draws from) is left as it was when x was
-        not finite."""
+        not finite or no range was stored."""
         est = self.estimator
         hindsight = type(est) is HindsightMinMax and est.axis is None and self.axis is None
         rows = (type(est) is CurrentMinMax and est.axis == 0 and self.axis == 0 and self.symmetric and x.dim() > 1
@@ -332,21 +338,39 @@ class Quantizer(nn.Module):
         if not ((hindsight or rows) and x.numel() and not self.pow2) or distributed():
             return None
         lib = one_pass(x)
-        buffers = (est.lo, est.hi, est.initialized, est.nonfinite, self.scale, self.zero_point)
-        if (lib is None or any(not b.is_cpu for b in buffers)
-                or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale, self.zero_point))
-                or (hindsight and est.unset())):
+        state = None if lib is None else self._one_call_state(est)
+        if state is None:
             return None
         drawn = None if generator is None else generator.get_state()
         status = ctypes.c_int()
-        out = quantize(lib, QuantizerState.of(buffers, getattr(est, "momentum", 0.0), self.qrange, self.symmetric), status)
-        increment_version(list(buffers))          # written in place, as copy_ would
+        out = quantize(lib, state, status)
+        if status.value & QC_UNSET:               # no stored range yet (hindsight): nothing was done
+            if drawn is not None:
+                generator.set_state(drawn)
+            return None
+        increment_version(list(state.tensors))    # written in place, as copy_ would
         finite = bool(status.value & QC_FINITE)
         if not finite:
             if drawn is not None:
                 generator.set_state(drawn)
             self._check_finite(finite, where)
         return out, finite
+
+    def _one_call_state(self, est: RangeEstimator) -> QuantizerState | None:
+        """The QuantizerState of this quantizer's buffers and grid, or None where a buffer is not a CPU tensor of
+        the kernels' dtype. Kept between calls (a cache, not state: dropped from copies) while the buffers' data,
+        the momentum, the code range and the symmetry are those it was made from."""
+        buffers = (est.lo, est.hi, est.initialized, est.nonfinite, self.scale, self.zero_point)
+        key = (tuple(b.data_ptr() for b in buffers), getattr(est, "momentum", 0.0), self.qrange, self.symmetric)
+        kept = self.__dict__.get("_kept_state")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        if any(not b.is_cpu for b in buffers) or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale,
+                                                                                        self.zero_point)):
+            return None
+        state = QuantizerState.of(buffers, key[1], self.qrange, self.symmetric)
+        self.__dict__["_kept_state"] = (key, state)
+        return state
 
     def _gradient_one_pass(self, g: torch.Tensor, times_scale: bool, mult=None, axis=None):
         """Stochastic codes of x = g (or g·mult along `axis`) by `_one_call`: (out, finite) or None."""

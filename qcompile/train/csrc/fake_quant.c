@@ -37,8 +37,8 @@
  *   tensor is seen; the tensor's min and max (as torch.aminmax, NaN where it holds one), measured in the
  *   same pass, then update the state as RangeEstimator.stats, HindsightMinMax.forward and Quantizer._keep_grid do:
  *   where both are finite, lo <- (1 - momentum) * min + momentum * lo (so hi), initialized <- 1 and the
- *   grid buffers <- the grid used; else only nonfinite += 1 (QC_FINITE clear). The state must be set
- *   (HindsightMinMax.unset() false) and pow2 off.
+ *   grid buffers <- the grid used; else only nonfinite += 1 (QC_FINITE clear). Pow2 off. Where the state is
+ *   not set (HindsightMinMax.unset()), a hindsight step writes nothing and returns QC_UNSET alone.
  *
  *   qc_minmax_rows(x, rows, cols, lo, hi)
  *       lo[r], hi[r] <- min and max of row r (cols values), as x.amin / x.amax over the other dims (NaN
@@ -62,7 +62,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { QC_FINITE = 1, QC_CLIPPED = 2 };   /* the hindsight steps' status bits */
+enum { QC_FINITE = 1, QC_CLIPPED = 2, QC_UNSET = 4 };   /* the hindsight steps' status bits */
 
 typedef struct {
     float *lo, *hi;
@@ -94,6 +94,12 @@ static void grid_of(const qc_state *h, float lo, float hi, float *scale, float *
     }
     *scale = s;
     *zp = z;
+}
+
+/* HindsightMinMax.unset(): no range yet, or only [0, 0] (a NaN bound counts as set, as bool(NaN) is true). */
+static int unset(const qc_state *h)
+{
+    return !*h->initialized || (*h->lo == 0.0f && *h->hi == 0.0f);
 }
 
 /* The state after a pass that quantized on (scale, zp) and measured range = [min, max] (see the header). */
@@ -244,6 +250,8 @@ int qc_fake_quant_hindsight(const qc_state *h, const float *restrict x, float *r
                             int64_t n)
 {
     float scale, zp, range[2];
+    if (unset(h))
+        return QC_UNSET;
     grid_of(h, *h->lo, *h->hi, &scale, &zp);
     const int clip = fake_quant_tensor(x, out, mask, n, scale, zp, h->qmin, h->qmax, range);
     return hindsight_advance(h, range, scale, zp) | (clip ? QC_CLIPPED : 0);
@@ -349,6 +357,8 @@ int qc_stochastic_codes_hindsight(const qc_state *h, const float *restrict g, fl
                                   int64_t channels)
 {
     float scale, zp, range[2];
+    if (unset(h))
+        return QC_UNSET;
     grid_of(h, *h->lo, *h->hi, &scale, &zp);
     qc_stochastic_codes(g, out, n, key, scale, h->qmin - zp, h->qmax - zp, times_scale, mult, inner, channels, range);
     return hindsight_advance(h, range, scale, zp);
