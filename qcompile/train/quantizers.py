@@ -360,13 +360,13 @@ class Quantizer(nn.Module):
         """The QuantizerState of this quantizer's buffers and grid, or None where a buffer is not a CPU tensor of
         the kernels' dtype. Kept between calls (a cache, not state: dropped from copies) while the buffers' data,
         the momentum, the code range and the symmetry are those it was made from."""
-        buffers = (est.lo, est.hi, est.initialized, est.nonfinite, self.scale, self.zero_point)
-        key = (tuple(b.data_ptr() for b in buffers), getattr(est, "momentum", 0.0), self.qrange, self.symmetric)
+        b, own = est._buffers, self._buffers     # read as est.lo, ..., self.scale are: the modules' buffer tables
+        buffers = (b["lo"], b["hi"], b["initialized"], b["nonfinite"], own["scale"], own["zero_point"])
+        key = (tuple(t.data_ptr() for t in buffers), getattr(est, "momentum", 0.0), self.qrange, self.symmetric)
         kept = self.__dict__.get("_kept_state")
         if kept is not None and kept[0] == key:
             return kept[1]
-        if any(not b.is_cpu for b in buffers) or any(b.dtype != torch.float32 for b in (est.lo, est.hi, self.scale,
-                                                                                        self.zero_point)):
+        if any(not t.is_cpu for t in buffers) or any(t.dtype != torch.float32 for t in buffers[:2] + buffers[4:]):
             return None
         state = QuantizerState.of(buffers, key[1], self.qrange, self.symmetric)
         self.__dict__["_kept_state"] = (key, state)
