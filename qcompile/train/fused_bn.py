@@ -23,8 +23,9 @@ figure): overflow would otherwise shrink σ_B, grow the fold and overflow more. 
 through μ_B, σ_B (and γ's) is then BatchNorm's on that conv, as if nothing overflowed (the
 straight-through view of the accumulator); z itself passes γ/σ_B straight through. Either way
 updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b); in eager float32 CPU
-training without a layer bias, sync, float statistics or a differentiated rectification term, z is never
-formed (`_NormalizeUnfolded`: the moments of y give z's, in one C call). In eval
+training without a layer bias, sync, float statistics or a differentiated rectification term, on y of at
+least UNFOLDED_MIN_VALUES values, z is never formed (`_NormalizeUnfolded`: the moments of y give z's, in one
+C call). In eval
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
 
@@ -305,7 +306,7 @@ class BatchNormFold(nn.Module):
                      or (self.rectification > 0 and torch.is_grad_enabled()))
         lib = _unfolded_batchnorm_lib(y, fold, self.weight, self.bias) if plain else None
         if lib is not None:
-            # as the last branch below, in two passes over y and two in the backward (z is never formed)
+            # as the last branch below, without forming z or dividing its gradient by the fold
             out, mean_b, var_b = _NormalizeUnfolded.apply(y, fold, self.weight, self.bias, self.eps, lib)
             self._update_running(mean_b, var_b, count)
             self._record_gain(x, weight, var_b, count)
