@@ -498,3 +498,87 @@ def test_batch_statistics_of_the_unfolded_output_match_batchnorm_of_it(native_on
                 torch.testing.assert_close(a, b, rtol=1.3e-6, atol=2e-6 * float(b.abs().max()))
             torch.testing.assert_close(fused._gain_inputs[0], torch.var(z.detach(), dim=[0, *range(2, z.dim())],
                                                                         unbiased=False))
+
+
+def test_the_fold_cancels_while_batchnorm_uses_batch_statistics(net, monkeypatch):
+    """With the default weight quantizer (symmetric per-channel current min-max: it commutes with per-row
+    scaling), a training step with batch statistics forms no folded weight: the layer reads Q(W) and BatchNorm
+    normalizes its output as it is. Once the statistics freeze, and in eval, the fold is formed. The losses,
+    gradients, running statistics and eval outputs equal those of the same model made to fold every step."""
+    from qcompile.train import fused_bn
+
+    products, base = [], fused_bn._FoldWeight
+
+    class CountedFold(base):
+        @staticmethod
+        def forward(ctx, weight, scale, storage):
+            products.append(tuple(weight.shape))
+            return base.forward(ctx, weight, scale, storage)
+
+    monkeypatch.setattr(fused_bn, "_FoldWeight", CountedFold)
+    torch.manual_seed(2)
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(4)]
+    qm = qcompile.compile(net, data[0][0][:2], grad_bits=8, seed=0, bn_freeze_steps=3).train()
+    folds = [m for m in qm.modules() if isinstance(m, BatchNormFold)]
+    assert len(folds) == 4 and all(m.fold_cancels for m in folds)
+    twin = copy.deepcopy(qm)
+    for m in twin.modules():
+        if isinstance(m, BatchNormFold):
+            m.fold_cancels = False
+    counts, losses = {}, {}
+    for name, model in (("cancelled", qm), ("folded", twin)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        losses[name], counts[name] = [], []
+        for x, y in data:
+            products.clear()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+            counts[name].append(len(products))
+    assert counts == {"cancelled": [0, 0, 0, 4], "folded": [4, 4, 4, 4]}    # step 4: frozen statistics
+    assert losses["cancelled"] == pytest.approx(losses["folded"], rel=1e-5)
+    state, twin_state = qm.state_dict(), twin.state_dict()
+    for k in net.state_dict():
+        torch.testing.assert_close(state[k], twin_state[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    qm.eval(), twin.eval()
+    products.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(qm(data[0][0]), twin(data[0][0]), rtol=1e-4, atol=1e-4)
+    assert len(products) == 8
+
+
+def test_the_fold_cancels_only_where_the_weight_grid_commutes_with_row_scaling(net):
+    """Per-row symmetric current min-max quantization commutes with a per-row scale of either sign (the codes of
+    W·d are ± those of W); a power-of-two step or a per-tensor grid does not, and those configs, a quantized
+    weight gradient or a narrow accumulator keep the fold. The quantize pass's check refuses the flag set
+    where the weight quantizer does not commute."""
+    from qcompile.errors import VerificationError
+    from qcompile.passes import quantize as quantize_pass
+    from qcompile.train.estimators import CurrentMinMax
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=gen)
+    d = (torch.rand(16, generator=gen) * 3 + 0.2) * torch.where(torch.arange(16) % 3 == 0, -1.0, 1.0)
+    d = d.reshape(-1, 1, 1, 1)
+
+    def quantizer(pow2: bool) -> Quantizer:
+        return Quantizer("weight", 4, True, CurrentMinMax(shape=(16,), axis=0), axis=0, pow2=pow2, layer="c").train()
+
+    plain, pow2 = quantizer(False), quantizer(True)
+    assert plain.commutes_with_row_scaling() and not pow2.commutes_with_row_scaling()
+    torch.testing.assert_close(plain(w * d), plain(w) * d, rtol=1e-6, atol=0)
+    assert not torch.allclose(pow2(w * d), pow2(w) * d, rtol=1e-3)
+
+    x = torch.randn(2, 3, 8, 8)
+    for config, cancels in (({}, True), ({"quantize_weights": False}, True), ({"pow2_scales": True}, False),
+                            ({"weight_granularity": "per_tensor"}, False), ({"weight_range": "hindsight"}, False),
+                            ({"grad_bits": 8, "quantize_weight_grad": True}, False),
+                            ({"grad_bits": 8, "acc_bits": 12}, False)):
+        qm = qcompile.compile(net, x, **config)
+        assert {m.fold_cancels for m in qm.modules() if isinstance(m, BatchNormFold)} == {cancels}, config
+    qm = qcompile.compile(net, x, pow2_scales=True)
+    qm.get_submodule("bn2").fold_cancels = True
+    with pytest.raises(VerificationError, match="commutes with per-row scaling"):
+        quantize_pass.verify(qm, qcompile.QConfig(pow2_scales=True))

@@ -12,9 +12,13 @@ nodes, B called once, with running statistics and channels on dim 1):
     (so `quantize` rounds it like any layer bias);
   - that call is L's only user: the layer's result (`qcompile.passes.ops.layer_result`) is
     read after it, so `quantize` puts L's output quantizer after the BatchNorm correction;
+  - the fold node's fifth argument is the BatchNormFold module (a `get_attr` node), which says in
+    each forward whether the fold cancels (`BatchNormFold.fold_cancelled`);
   - the BatchNormFold module is complete when made: its λ (`bn_rectification`, 0 when L reads
-    the graph input) is read from B's config here; no later pass changes it (`narrow_acc` may
-    add the keyword `float_statistics=True` to the call, an edit of the graph).
+    the graph input) is read from B's config here, and `fold_cancels` from L's (`_fold_cancels`:
+    the weight quantizer `quantize` makes commutes with per-row scaling, no gradient quantizer reads
+    the folded weight's gradient, no narrow accumulator its grid); no later pass changes it
+    (`narrow_acc` may add the keyword `float_statistics=True` to the call, an edit of the graph).
 There is no call of a BatchNorm module where folding applied. Any other BatchNorm stays
 a BatchNorm call (a per-channel affine op in eval, `qcompile.train.fused_bn.bn_affine`), tagged
 meta["qc_bn"] = "affine" with the reason in meta["qc_bn_reason"].
@@ -29,11 +33,22 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qcompile.config import QConfig
-from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS, verification_error
+from qcompile.passes.ops import CONV_FUNCTIONS, WEIGHTED_FUNCTIONS, module_type, verification_error
 from qcompile.train.fused_bn import BatchNormFold, fold_weight, folded_bias
 
 # which BatchNorm follows which layer function with channels on dim 1
 _BN_FOR = {F.conv2d: nn.BatchNorm2d, F.conv1d: nn.BatchNorm1d, F.linear: nn.BatchNorm1d}
+
+
+def _fold_cancels(cfg: QConfig) -> bool:
+    """True where a layer with config `cfg` lets the fold cancel in training with batch statistics: its
+    weight quantizer, as `quantize` makes it, commutes with per-row scaling (off, or symmetric per-channel
+    current min-max without power-of-two steps: `Quantizer.commutes_with_row_scaling`), no gradient quantizer
+    reads the folded weight's gradient and no narrow accumulator reads the folded weight's grid."""
+    commutes = not cfg.quantize_weights or (cfg.weight_range == "current" and cfg.weight_granularity == "per_channel"
+                                            and not cfg.pow2_scales)
+    return commutes and not (cfg.grad_bits is not None and cfg.quantize_weight_grad) and \
+        cfg.acc_bits is None and cfg.grad_acc_bits is None
 
 
 def _why_not_foldable(bn_node: fx.Node, bn: _BatchNorm, gm: fx.GraphModule, calls: collections.Counter) -> str | None:
@@ -96,13 +111,15 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                               freeze_steps=cfg.bn_freeze_steps,
                               rectification=config.for_layer(node.target, BatchNormFold).bn_rectification,
                               propagates_gradient=not _reaches_input(x, gm), sync=cfg.bn_sync)
+        fused.fold_cancels = _fold_cancels(config.for_layer(layer_name, module_type(gm, layer_name)))
         gm.add_submodule(node.target, fused)
         with graph.inserting_before(layer):
             gamma = graph.get_attr(f"{node.target}.weight") if bn.affine else None
             beta = graph.get_attr(f"{node.target}.bias") if bn.affine else None
             mean = graph.get_attr(f"{node.target}.running_mean")
             var = graph.get_attr(f"{node.target}.running_var")
-            folded = graph.call_function(fold_weight, (weight, gamma, var, bn.eps))
+            module = graph.get_attr(node.target)
+            folded = graph.call_function(fold_weight, (weight, gamma, var, bn.eps, module))
             eval_bias = graph.call_function(folded_bias, (gamma, beta, mean, var, bn.eps, bias))
         folded.meta["tensor_meta"] = weight.meta["tensor_meta"]
         eval_bias.meta["tensor_meta"] = var.meta["tensor_meta"] = mean.meta["tensor_meta"] = \
@@ -110,7 +127,7 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         for n, t in ((gamma, bn.weight), (beta, bn.bias)):
             if n is not None:
                 n.meta["tensor_meta"] = _extract_tensor_metadata(t)
-        for n in (gamma, beta, mean, var, folded, eval_bias):
+        for n in (gamma, beta, mean, var, module, folded, eval_bias):
             if n is not None:
                 n.meta["qc_layer"] = layer_name
         layer.args = (x, folded, None, *layer.args[3:])

@@ -34,9 +34,10 @@ from qcompile.passes.ops import (
     free_path,
     is_matmul,
     layer_result,
+    module_type,
     verification_error,
 )
-from qcompile.passes.quantize import _make, _module_type, grid_source
+from qcompile.passes.quantize import _make, grid_source
 from qcompile.train.quantizers import BiasQuant, OverflowFreeWeights
 from qcompile.train.tiled import NarrowAccOp
 
@@ -121,7 +122,7 @@ def narrow_acc(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
         if not is_matmul(node):
             continue
         layer = node.meta.get("qc_layer", node.name)
-        cfg = config.for_layer(layer, _module_type(gm, layer))
+        cfg = config.for_layer(layer, module_type(gm, layer))
         if cfg.acc_bits is None and cfg.grad_acc_bits is None:
             continue
         kind = _kind(node)
@@ -195,20 +196,20 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     exact accumulator exactly when the config sets log_barrier (and acc_bits), and is then read
     only through getitem(op, 0) (at least once) and getitem(op, 1); and it has a gradient quantizer
     of its own exactly when grad_bits is set; a BatchNorm folded into it is called with
-    float_statistics=True exactly when acc_bits is set; its weight quantizer is an OverflowFreeWeights
+    float_statistics=True exactly when acc_bits is set, and its fold never cancels; its weight quantizer is an OverflowFreeWeights
     exactly when the config sets overflow_free_weights, and then reads get_attr nodes of the scale and
     zero point of operand 0's quantizer, after that quantizer in the graph."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if is_matmul(node):
             layer = node.meta.get("qc_layer", node.name)
-            cfg = config.for_layer(layer, _module_type(gm, layer))
+            cfg = config.for_layer(layer, module_type(gm, layer))
             if cfg.acc_bits is not None or cfg.grad_acc_bits is not None:
                 raise verification_error("narrow_acc", node, gm, f"a call of the NarrowAccOp '{layer}.accumulator' "
                                          f"(acc_bits={cfg.acc_bits}, grad_acc_bits={cfg.grad_acc_bits}), not the "
                                          "plain op")
         elif node.op == "call_module" and isinstance(op := gm.get_submodule(node.target), NarrowAccOp):
-            cfg = config.for_layer(op.layer, _module_type(gm, op.layer))
+            cfg = config.for_layer(op.layer, module_type(gm, op.layer))
             if (cfg.acc_bits is None and cfg.grad_acc_bits is None) or op.acc_bits != cfg.acc_bits:
                 raise verification_error("narrow_acc", node, gm, f"acc_bits={cfg.acc_bits} from layer "
                                          f"{op.layer!r}'s config, not {op.acc_bits}")
@@ -246,6 +247,9 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
                     fold.kwargs.get("float_statistics", False) != (cfg.acc_bits is not None):
                 raise verification_error("narrow_acc", fold, gm, f"float_statistics={cfg.acc_bits is not None}: batch "
                                          "statistics from a float conv exactly when the layer's accumulator is narrow")
+            if fold is not node and fold.op == "call_module" and gm.get_submodule(fold.target).fold_cancels:
+                raise verification_error("narrow_acc", fold, gm, "fold_cancels=False: the accumulator op reads the "
+                                         "folded weight's grid")
 
 
 def _verify_weight_grid(node, gm, cfg: QConfig, order: dict) -> None:

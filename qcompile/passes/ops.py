@@ -169,6 +169,14 @@ def quantizer_of(node, gm, kind: str | None = None):
     return mod if isinstance(mod, Quantizer) and kind in (None, mod.kind) else None
 
 
+def module_type(gm, layer: str):
+    """The type of the module at path `layer` of `gm` (the type a layer's config is looked up by), or None."""
+    try:
+        return type(gm.get_submodule(layer))
+    except AttributeError:
+        return None
+
+
 def layer_result(node, gm):
     """The node holding the result of conv/linear/accumulator `node`: `getitem(node, 0)` when the node
     returns (y, exact) (an accumulator keeping its exact sum, see `passes/narrow_acc`), then the

@@ -50,6 +50,7 @@ from qcompile.passes.ops import (
     is_matmul,
     is_quantizable,
     layer_result,
+    module_type,
     quantizer_of,
     op_name,
     verification_error,
@@ -60,13 +61,6 @@ from qcompile.train.quantizers import BiasQuant, Quantizer
 
 class FloatFallbackWarning(UserWarning):
     """Ops left in float because they have no quantized form."""
-
-
-def _module_type(gm, layer):
-    try:
-        return type(gm.get_submodule(layer))
-    except AttributeError:
-        return None
 
 
 def _make(kind: str, cfg: QConfig, layer: str, shape=(), axis=None, generator=None) -> Quantizer:
@@ -215,7 +209,7 @@ def _quantize_grid_op(gm, node, fam, config: QConfig, generator) -> None:
     per-tensor weight grid), or an add / cat reading a parameter (a positional embedding, a class
     token: on a per-tensor weight grid)."""
     layer = node.meta.get("qc_layer", node.name)
-    cfg = config.for_layer(layer, _module_type(gm, layer))
+    cfg = config.for_layer(layer, module_type(gm, layer))
     if fam.name == "embedding":
         _quantize_weight(gm, node, 1, cfg, layer, generator, f"{layer}.weight_quant", False)
         return
@@ -248,7 +242,7 @@ def quantize(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
                 fallbacks.append(node)
             continue
         layer = node.meta.get("qc_layer", node.name)
-        cfg = config.for_layer(layer, _module_type(gm, layer))
+        cfg = config.for_layer(layer, module_type(gm, layer))
         weighted = node.target in WEIGHTED_FUNCTIONS
         result = layer_result(node, gm)
         for idx in ([0] if weighted else [0, 1]):
@@ -293,7 +287,9 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     and the operand does not come from a graph input; a weight operand is a weight Quantizer's
     output (possibly through its gradient Quantizer); a bias operand is a BiasQuant's output; and
     L's result (`layer_result`: the BatchNormFold call when a BatchNorm is folded into L) has one
-    user, an activation Quantizer, and a folded BatchNorm's eval bias is a BiasQuant's output."""
+    user, an activation Quantizer, and a folded BatchNorm's eval bias is a BiasQuant's output; where that
+    BatchNorm's fold cancels (`fold_cancels`), L reads its weight Quantizer's output directly and that
+    quantizer commutes with per-row scaling."""
     for node in gm.graph.nodes:
         fam = family_of(node, gm)
         if fam is not None and fam.grid_input:
@@ -301,7 +297,7 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
         if not is_matmul(node):
             continue
         layer = node.meta.get("qc_layer", node.name)
-        cfg = config.for_layer(layer, _module_type(gm, layer))
+        cfg = config.for_layer(layer, module_type(gm, layer))
         weighted = node.target in WEIGHTED_FUNCTIONS
         for idx in ([0] if weighted else [0, 1]):
             arg = node.args[idx]
@@ -326,6 +322,11 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
         if result is not node and not (result.args[4].op == "call_module"
                                        and isinstance(gm.get_submodule(result.args[4].target), BiasQuant)):
             raise verification_error("quantize", result, gm, "eval bias (fifth argument) a BiasQuant's output")
+        wq = quantizer_of(node.args[1], gm, "weight") if weighted and isinstance(node.args[1], fx.Node) else None
+        if result is not node and gm.get_submodule(result.target).fold_cancels and not (
+                wq is not None and wq.commutes_with_row_scaling()):
+            raise verification_error("quantize", node, gm, "a weight quantizer that commutes with per-row scaling and "
+                                     "no weight-gradient quantizer (the folded BatchNorm's fold_cancels is set)")
         users = list(result.users)
         if len(users) != 1 or quantizer_of(users[0], gm, "activation") is None:
             names = ", ".join(u.name for u in users) or "none"

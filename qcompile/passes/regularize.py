@@ -25,8 +25,7 @@ from torch import fx
 
 from qcompile.config import QConfig
 from qcompile.errors import QCompileError, VerificationError
-from qcompile.passes.ops import verification_error
-from qcompile.passes.quantize import _module_type
+from qcompile.passes.ops import module_type, verification_error
 from qcompile.train.bn_rectification import BNRectificationLoss, add_bn_rectification
 from qcompile.train.fused_bn import BatchNormFold
 from qcompile.train.log_barrier import BarrierSite, LogBarrier
@@ -51,7 +50,7 @@ def _site(node: fx.Node, gm: fx.GraphModule, config: QConfig) -> BarrierSite:
     acc = node.meta["qc_accumulator"]
     a, w = acc["grids"]
     layer = node.meta.get("qc_layer", node.name)
-    cfg = config.for_layer(layer, _module_type(gm, layer))
+    cfg = config.for_layer(layer, module_type(gm, layer))
     return BarrierSite(layer=layer, kind=acc["kind"], acc_bits=acc["acc_bits"],
                        tile=acc["tile"], a_qrange=tuple(a["qrange"]), weight_qmax=w["qrange"][1],
                        weight_current=w["estimator"] == "current" and w["symmetric"] and not w["overflow_free"],
@@ -99,7 +98,7 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     BatchNorms with λ > 0 that pass a gradient on."""
     barrier = [n for n in gm.graph.nodes if n.op == "call_module" and n.target != BARRIER
                and isinstance(op := gm.get_submodule(n.target), NarrowAccOp) and op.acc_bits is not None
-               and config.for_layer(op.layer, _module_type(gm, op.layer)).log_barrier]
+               and config.for_layer(op.layer, module_type(gm, op.layer)).log_barrier]
     layers = [gm.get_submodule(n.target).layer for n in barrier]
     rectified = [name for name, m in gm.named_modules() if isinstance(m, BatchNormFold) and m.propagates_gradient
                  and config.for_layer(name, BatchNormFold).bn_rectification > 0]

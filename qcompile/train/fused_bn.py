@@ -25,7 +25,10 @@ straight-through view of the accumulator); z itself passes γ/σ_B straight thro
 updating μ_r, σ_r² exactly as nn.BatchNorm does (with the statistics of z + b); in eager float32 CPU
 training without a layer bias, sync, float statistics or a differentiated rectification term, on y of at
 least UNFOLDED_MIN_VALUES values, z is never formed (`_NormalizeUnfolded`: the moments of y give z's, in one
-C call). In eval
+C call). Where the weight quantizer commutes with per-row scaling (`fold_cancels`: symmetric per-channel
+current min-max, set by the fold_bn pass from the layer's config), Q_W(W·γ/σ_r) = Q_W(W)·γ/σ_r in exact
+arithmetic, so with batch statistics the fold cancels: `fold_weight` returns W, the layer gives z itself and
+BatchNorm normalizes it as it is (`BatchNormFold.fold_cancelled`). In eval
 mode, or after `freeze_steps` training steps, it returns out = y + (β + γ·(b − μ_r)/σ_r):
 a per-channel bias, which is what lowering folds into the integer bias.
 
@@ -126,11 +129,14 @@ _FOLDED = WeakIdKeyDictionary()   # weight → its folded copy's ReusedStorage (
 
 
 def fold_weight(weight: torch.Tensor, gamma: torch.Tensor | None, running_var: torch.Tensor,
-                eps: float) -> torch.Tensor:
+                eps: float, bn: BatchNormFold | None = None) -> torch.Tensor:
     """W · γ/σ_r, scaled per output channel (dim 0): the weight the quantizer and the integer layer see.
     γ enters as a constant: BatchNormFold divides the fold out again before normalizing, so γ's two
     paths through it cancel exactly and γ's gradient is BatchNorm's own. Eager: written into storage kept
-    for this weight (ReusedStorage), the same bits as the product."""
+    for this weight (ReusedStorage), the same bits as the product. W itself where `bn` (the BatchNormFold
+    the fold belongs to) says the fold cancels in this forward (`BatchNormFold.fold_cancelled`)."""
+    if bn is not None and bn.fold_cancelled:
+        return weight
     scale = bn_scale(None if gamma is None else gamma.detach(), running(running_var), eps)
     scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))
     if torch.compiler.is_compiling() or scale.dtype != weight.dtype:
@@ -251,6 +257,9 @@ class BatchNormFold(nn.Module):
         self._gain: torch.Tensor | None = None
         self._gain_inputs: tuple | None = None
         self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
+        # the layer's weight quantizer commutes with per-row scaling and nothing between the fold and this module
+        # reads the folded scale (set by the quantize pass, cleared by narrow_acc): see `fold_cancelled`
+        self.fold_cancels = False
         self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
 
     def extra_repr(self) -> str:
@@ -261,6 +270,15 @@ class BatchNormFold(nn.Module):
     @property
     def frozen(self) -> bool:
         return self.freeze_steps is not None and int(self.num_batches_tracked) >= self.freeze_steps
+
+    @property
+    def fold_cancelled(self) -> bool:
+        """True where this forward skips the fold: training with batch statistics and `fold_cancels`. The
+        layer then reads Q(W) for Q(W·γ/σ_r) and gives z = L(x, Q(W)) itself, which is y/(γ/σ_r) in exact
+        arithmetic (the grid of each row scales with |γ/σ_r|, its codes with the sign), and BatchNorm
+        normalizes z as it is: no weight-sized product forward or backward, no division. `fold_weight` and
+        `forward` read it before the step counts the batch, so both see the same value."""
+        return self.fold_cancels and self.training and not self.frozen
 
     def _momentum(self) -> float:
         if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
@@ -288,7 +306,7 @@ class BatchNormFold(nn.Module):
         if y.dim() < 2 or y.shape[1] != self.num_features:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected {self.num_features} channels on dim 1, "
                              f"got shape {tuple(y.shape)}")
-        frozen = self.frozen  # steps 1..freeze_steps use batch statistics
+        frozen, cancelled = self.frozen, self.fold_cancelled  # steps 1..freeze_steps use batch statistics
         if self.training:
             self.num_batches_tracked.add_(1)
         if not self.training or frozen:
@@ -299,19 +317,23 @@ class BatchNormFold(nn.Module):
         if count < 2:
             raise ValueError(f"BatchNormFold after {self.layer!r}: expected more than 1 value per channel when "
                              f"training, got input of shape {tuple(y.shape)}")
-        fold = bn_scale(None if self.weight is None else self.weight.detach(), running(self.running_var), self.eps)  # γ/σ_r
-        fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
         sync = self.sync and distributed()
-        plain = not (float_statistics or sync or layer_bias is not None or y.numel() < UNFOLDED_MIN_VALUES
-                     or (self.rectification > 0 and torch.is_grad_enabled()))
-        lib = _unfolded_batchnorm_lib(y, fold, self.weight, self.bias) if plain else None
-        if lib is not None:
-            # as the last branch below, without forming z or dividing its gradient by the fold
-            out, mean_b, var_b = _NormalizeUnfolded.apply(y, fold, self.weight, self.bias, self.eps, lib)
-            self._update_running(mean_b, var_b, count)
-            self._record_gain(x, weight, var_b, count)
-            return out
-        z = y / _per_channel(fold, y.dim())                      # L(x, W) when quantization is off
+        if cancelled:
+            z = y                                                # the layer read Q(W): y is z
+        else:
+            fold = bn_scale(None if self.weight is None else self.weight.detach(), running(self.running_var),
+                            self.eps)  # γ/σ_r
+            fold = torch.where(fold.abs() < FOLD_EPS, torch.full_like(fold, FOLD_EPS), fold)
+            plain = not (float_statistics or sync or layer_bias is not None or y.numel() < UNFOLDED_MIN_VALUES
+                         or (self.rectification > 0 and torch.is_grad_enabled()))
+            lib = _unfolded_batchnorm_lib(y, fold, self.weight, self.bias) if plain else None
+            if lib is not None:
+                # as the last branch below, without forming z or dividing its gradient by the fold
+                out, mean_b, var_b = _NormalizeUnfolded.apply(y, fold, self.weight, self.bias, self.eps, lib)
+                self._update_running(mean_b, var_b, count)
+                self._record_gain(x, weight, var_b, count)
+                return out
+            z = y / _per_channel(fold, y.dim())                  # L(x, W) when quantization is off
         if layer_bias is not None:
             z = z + _per_channel(layer_bias, z.dim())            # shifts μ_B only; the running mean tracks it
         dims = [0] + list(range(2, z.dim()))

@@ -18,6 +18,7 @@ the estimator's and the grid's buffers (`_one_call`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -40,6 +41,7 @@ from qcompile.core.grids import (
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
 from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QC_UNSET, QuantizerState, one_pass
+from qcompile.train.reused_storage import ReusedStorage
 
 KINDS = ("weight", "activation", "gradient")
 
@@ -119,18 +121,18 @@ class _FakeQuantCurrentRows(torch.autograd.Function):
     """A symmetric per-row current min-max quantizer's training step on a weight (csrc/fake_quant.c
     qc_fake_quant_rows_current, on `state`'s buffers): each row on its own range's grid, the bits of the
     estimator, qparams and _FakeQuant (a grid that covers its row: the gradient passes as it is); the step's
-    status goes to `status`."""
+    status goes to `status`. The output is written into `storage` (a ReusedStorage)."""
 
     @staticmethod
-    def forward(ctx, x, lib, state, status):
-        out, stats = torch.empty_like(x), torch.empty(3 * x.shape[0])
+    def forward(ctx, x, lib, state, status, storage):
+        out, stats = storage.empty_like(x), torch.empty(3 * x.shape[0])
         status.value = lib.qc_fake_quant_rows_current(ctypes.byref(state), x.data_ptr(), out.data_ptr(), x.shape[0],
                                                       x.numel() // x.shape[0], stats.data_ptr())
         return out
 
     @staticmethod
     def backward(ctx, g):
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qr: tuple[int, int],
@@ -254,6 +256,7 @@ class Quantizer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_kept_state", None)       # pointers into this object's buffers
+        state.pop("_kept_output", None)      # the storage of an output
         return state
 
     def __setstate__(self, state):
@@ -286,6 +289,14 @@ class Quantizer(nn.Module):
         """q(), or x() where the tensor was not finite and on_nonfinite='skip' (callables: eager computes one)."""
         return q() if self.on_nonfinite == "raise" else select(finite, q, x)
 
+    def commutes_with_row_scaling(self) -> bool:
+        """Q(x·d) = Q(x)·d for every x and every nonzero d per row (dim 0), in exact arithmetic: off by config,
+        or a plain symmetric per-row current min-max quantizer with no power-of-two step (each row's step
+        scales with |d| and its codes with the sign of d)."""
+        est = self.estimator
+        return self.float_by_config or (type(self) is Quantizer and self.axis == 0 and self.symmetric and not self.pow2
+                                        and type(est) is CurrentMinMax and est.axis == 0)
+
     def forward_grid(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *context):
         """(scale, zero_point) a forward tensor `x` with range [lo, hi] is quantized on: `grid(lo, hi)`."""
         return self.grid(lo, hi)
@@ -301,8 +312,12 @@ class Quantizer(nn.Module):
                 self.estimator(x, update=True, who=self.layer)
             return x
         if self.training and type(self).forward_grid is Quantizer.forward_grid:
-            step = _FakeQuantHindsight if self.axis is None else _FakeQuantCurrentRows
-            one = self._one_call(x, "forward tensor", lambda lib, state, status: step.apply(x, lib, state, status))
+            if self.axis is None:
+                step = _FakeQuantHindsight.apply
+            else:   # a weight's copy, made anew each step: its storage is kept
+                step = functools.partial(_FakeQuantCurrentRows.apply, storage=self.__dict__.setdefault(
+                    "_kept_output", ReusedStorage()))
+            one = self._one_call(x, "forward tensor", lambda lib, state, status: step(x, lib, state, status))
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
