@@ -196,9 +196,9 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
     exact accumulator exactly when the config sets log_barrier (and acc_bits), and is then read
     only through getitem(op, 0) (at least once) and getitem(op, 1); and it has a gradient quantizer
     of its own exactly when grad_bits is set; a BatchNorm folded into it is called with
-    float_statistics=True exactly when acc_bits is set, and its fold never cancels; its weight quantizer is an OverflowFreeWeights
-    exactly when the config sets overflow_free_weights, and then reads get_attr nodes of the scale and
-    zero point of operand 0's quantizer, after that quantizer in the graph."""
+    float_statistics=True exactly when acc_bits is set, and its fold never cancels; its weight quantizer is
+    an OverflowFreeWeights exactly when the config sets overflow_free_weights, and then reads get_attr nodes
+    of the scale and zero point of operand 0's quantizer, after that quantizer in the graph."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if is_matmul(node):

@@ -257,8 +257,8 @@ class BatchNormFold(nn.Module):
         self._gain: torch.Tensor | None = None
         self._gain_inputs: tuple | None = None
         self._coverage: dict = {}   # input spatial shape → kernel-tap coverage (a cache, not state)
-        # the layer's weight quantizer commutes with per-row scaling and nothing between the fold and this module
-        # reads the folded scale (set by the quantize pass, cleared by narrow_acc): see `fold_cancelled`
+        # the layer's weight quantizer commutes with per-row scaling, no gradient quantizer or narrow accumulator
+        # reads the folded weight (set by the fold_bn pass from the layer's config): see `fold_cancelled`
         self.fold_cancels = False
         self.measured_gain: tuple[float, float] | None = None   # (noise, signal) of the last probe
 
