@@ -18,7 +18,6 @@ the estimator's and the grid's buffers (`_one_call`).
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 
 import torch
@@ -313,11 +312,13 @@ class Quantizer(nn.Module):
             return x
         if self.training and type(self).forward_grid is Quantizer.forward_grid:
             if self.axis is None:
-                step = _FakeQuantHindsight.apply
+                step = lambda lib, state, status: _FakeQuantHindsight.apply(x, lib, state, status)  # noqa: E731
             else:   # a weight's copy, made anew each step: its storage is kept
-                step = functools.partial(_FakeQuantCurrentRows.apply, storage=self.__dict__.setdefault(
-                    "_kept_output", ReusedStorage()))
-            one = self._one_call(x, "forward tensor", lambda lib, state, status: step(x, lib, state, status))
+                storage = self.__dict__.get("_kept_output")
+                if storage is None:
+                    storage = self.__dict__["_kept_output"] = ReusedStorage()
+                step = lambda lib, state, status: _FakeQuantCurrentRows.apply(x, lib, state, status, storage)  # noqa: E731
+            one = self._one_call(x, "forward tensor", step)
             if one is not None:
                 return one[0] if bool(one[1]) else x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
