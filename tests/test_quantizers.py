@@ -205,14 +205,17 @@ def test_one_pass_gradient_codes_equal_two_passes(channels, monkeypatch):
     assert torch.equal(skip.generator.get_state(), state) and int(skip.estimator.nonfinite) == 1
 
 
-@pytest.mark.parametrize("symmetric, momentum", [(False, 0.9), (True, 0.9), (False, 0.37)])
-def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, monkeypatch):
+@pytest.mark.parametrize("symmetric, momentum, relu", [(False, 0.9, None), (True, 0.9, None), (False, 0.37, None),
+                                                     (False, 0.9, "before"), (False, 0.9, "after"), (True, 0.9, "after")])
+def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, relu, monkeypatch):
     """A hindsight activation quantizer past its first batch fake-quantizes in one call of C
     (csrc/fake_quant.c: torch.fake_quantize_per_tensor_affine on the stored range's grid, the batch's
     min and max in the same pass, the grid and the state's update in C's float32): the output (bit for bit, codes of -0 included), the gradient mask (none
     kept where nothing was clipped), the estimator's state and the grid buffers equal those of two
     passes, batch after batch; a batch with a NaN raises with the state untouched, or (skip) passes
-    through, counted."""
+    through, counted. Called with relu="before" / "after" (the fuse_relu pass's calls), the same step with
+    torch.relu before or after it, in the same pass: the output and the gradient (bit for bit: +0 where the
+    relu blocks, -0 where only the clip mask does) are torch's relu and fake quant in turn."""
     from qcompile.errors import NonFiniteError
     from qcompile.train.estimators import HindsightMinMax
     from qcompile.train.quantizers import Quantizer
@@ -232,15 +235,19 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, m
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         with monkeypatch.context() as mp:
             mp.setattr(Quantizer, "_one_call", lambda *a, **k: passes.append(orig(*a, **k)) or passes[-1])
-            got = one(a)
+            got = one(a, relu=relu)
         with monkeypatch.context() as mp:
             mp.setattr(Quantizer, "_one_call", lambda *a, **k: calls.append(1) and None)
-            want = two(b)
+            want = two(b, relu=relu)
         assert torch.equal(_bits(got.detach()), _bits(want.detach()))
         g = torch.randn(x.shape, generator=gen)
         got.backward(g)
         want.backward(g)
-        assert torch.equal(a.grad, b.grad) and bool((a.grad == 0).any()) == (i in (1, 2))   # past the stored range
+        assert torch.equal(_bits(a.grad), _bits(b.grad))
+        if relu is None:
+            assert bool((a.grad == 0).any()) == (i in (1, 2))   # past the stored range
+        else:
+            assert bool((got == 0).any()) and bool((a.grad == 0).any())
         for name in ("lo", "hi", "initialized", "nonfinite"):
             assert torch.equal(getattr(one.estimator, name), getattr(two.estimator, name))
         assert torch.equal(one.scale, two.scale) and torch.equal(one.zero_point, two.zero_point)
@@ -254,7 +261,9 @@ def test_one_pass_activation_fake_quant_equals_two_passes(symmetric, momentum, m
     skip = quantizer("skip")
     skip(batches[0])
     scale = skip.scale.clone()
-    assert skip(bad) is bad and torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
+    passed = skip(bad, relu=relu)
+    assert (passed is bad if relu is None else torch.equal(_bits(passed), _bits(torch.relu(bad))))
+    assert torch.equal(skip.scale, scale) and int(skip.estimator.nonfinite) == 1
 
 
 def test_one_call_state_follows_the_buffers_and_an_unset_range_falls_back(monkeypatch):

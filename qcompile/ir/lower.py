@@ -490,7 +490,16 @@ class _Lowering:
 
     # ---- quantizers ---------------------------------------------------------------------
     def lower_quantizer(self, node, q: Quantizer):
-        src = self.val[node.args[0]]
+        """A quantizer call's value: a weight's codes, an activation on its grid (a call with relu="before" /
+        "after" rectifies its operand / result as a relu node would, `rectified`), a gradient quantizer's
+        operand as it is."""
+        relu = node.kwargs.get("relu")
+        if relu == "before":
+            src = self.rectified(node, self.tensor_of(node, node.args[0]), node.name + "_relu")
+        else:
+            src = self.val[node.args[0]]
+        if relu == "after":
+            return self.rectified(node, self.tensors[self.activation_codes(node, q, src)], node.name + "_relu")
         if q.kind == "gradient":
             return src
         if q.kind == "weight":
@@ -511,6 +520,10 @@ class _Lowering:
             codes = quantize_codes(w, scale, zp, q.qrange, q.axis)
             scale = np.broadcast_to(scale.double().numpy(), (w.shape[0],)).copy()
             return Weight(_storage(codes.to(torch.int64).numpy(), 8), scale, q.bits)
+        return self.activation_codes(node, q, src)
+
+    def activation_codes(self, node, q: Quantizer, src) -> str:
+        """The tensor of activation quantizer call `node` on `src` (the lowered value of its operand)."""
         grid = _quantizer_grid(q, node.target)
         shape = self.shape(node)
         if isinstance(src, Input):
@@ -651,17 +664,22 @@ class _Lowering:
 
     # ---- grid-preserving ops --------------------------------------------------------------
     def lower_relu(self, node):
-        t = self.tensor_of(node, node.args[0])
+        return self.rectified(node, self.tensor_of(node, node.args[0]), node.name)
+
+    def rectified(self, node, t: ir.Tensor, name: str) -> str:
+        """relu of tensor `t` for `node` (a relu, or a quantizer call with `relu=`), on t's grid: a clamp at
+        its zero point, folded into the table or clamp of the op that made t where no other node reads t,
+        else a requantize op writing tensor `name`."""
         grid = _of(t)
         op = self.producer.get(t.name)
-        if op is not None and self.consumers(t.name) == {node}:
+        if op is not None and self.consumers(t.name) <= {node}:
             if isinstance(op.attrs, ir.Lut):
                 op.attrs.table = np.maximum(op.attrs.table, grid.zero_point)
                 return t.name
             if isinstance(op.attrs, ir.Clamp):
                 op.attrs.act_min = max(op.attrs.act_min, grid.zero_point)
                 return t.name
-        out = self.add_tensor(node.name, self.shape(node), grid)
+        out = self.add_tensor(name, self.shape(node), grid)
         return self.emit("requantize", node, [t.name], out, multiplier=1 << 30, shift=1,
                          act_min=max(grid.qmin, grid.zero_point), act_max=grid.qmax)
 

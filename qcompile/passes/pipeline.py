@@ -23,12 +23,14 @@ from torch import fx, nn
 
 from qcompile.config import QConfig
 from qcompile.passes import fold_bn as _fold_bn
+from qcompile.passes import fuse_relu as _fuse_relu
 from qcompile.passes import narrow_acc as _narrow_acc
 from qcompile.passes import normalize as _normalize
 from qcompile.passes import quantize as _quantize
 from qcompile.passes import regularize as _regularize
 from qcompile.passes import trace as _trace
 from qcompile.passes.fold_bn import fold_bn
+from qcompile.passes.fuse_relu import fuse_relu
 from qcompile.passes.narrow_acc import narrow_acc
 from qcompile.passes.normalize import normalize
 from qcompile.passes.quantize import quantize
@@ -42,6 +44,7 @@ PIPELINE = (
     ("quantize", quantize),
     ("narrow_acc", narrow_acc),
     ("regularize", regularize),
+    ("fuse_relu", fuse_relu),
 )
 
 # each pass's invariant check, run after it when verification is on
@@ -52,6 +55,7 @@ VERIFIERS = {
     "quantize": _quantize.verify,
     "narrow_acc": _narrow_acc.verify,
     "regularize": _regularize.verify,
+    "fuse_relu": _fuse_relu.verify,
 }
 
 

@@ -154,6 +154,8 @@ def node_attributes(node: fx.Node, qm: nn.Module | None = None, quantized_graph:
     role = node.meta.get("qc_quantizer")
     if isinstance(mod, Quantizer):
         attrs.update(_quantizer_attrs(mod))
+        if node.kwargs.get("relu"):
+            attrs["relu"] = node.kwargs["relu"]     # the call is Q(relu(x)) / relu(Q(x)) (pass fuse_relu)
     elif role:
         attrs["role"] = role
     if mod is not None and not isinstance(mod, Quantizer):
@@ -388,7 +390,9 @@ def node_label(a: dict) -> list[str]:
         grid = "sym" if a.get("symmetric") else "asym"
         gran = " per-ch" if str(a.get("granularity", "")).startswith("per_channel") else ""
         sr = " SR" if a.get("stochastic_rounding") else ""
-        lines.append(f"Q_{ {'weight': 'W', 'activation': 'Y', 'gradient': 'G'}[role] } {a['bits']}b {grid}{gran}{sr}")
+        q = f"Q_{ {'weight': 'W', 'activation': 'Y', 'gradient': 'G'}[role] }"
+        q = {"before": f"{q}∘relu", "after": f"relu∘{q}"}.get(a.get("relu"), q)
+        lines.append(f"{q} {a['bits']}b {grid}{gran}{sr}")
         lines.append(f"{a['estimator']} ({a['mode']})")
         if a.get("range") is not None:
             lines.append(f"[{_fmt(a['range'][0])}, {_fmt(a['range'][1])}]")
@@ -412,7 +416,7 @@ def node_label(a: dict) -> list[str]:
 
 
 def node_tooltip(a: dict) -> str:
-    keys = ("op", "target", "kind", "module_path", "shape", "dtype", "pass", "role", "bits", "granularity",
+    keys = ("op", "target", "kind", "module_path", "shape", "dtype", "pass", "role", "relu", "bits", "granularity",
             "estimator", "mode", "range", "scale", "zero_point", "acc_bits", "grad_acc_bits", "tile", "overflow",
             "overflow_stats", "describe", "nonfinite", "same_as", "replaced_by")
     return "\n".join(f"{k}: {_fmt(a[k])}" for k in keys if a.get(k) not in (None, "", {}))
@@ -423,7 +427,7 @@ def _dot_quote(s) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-DATA_KEYS = ("op", "target", "kind", "module_path", "shape", "dtype", "pass", "role", "bits", "granularity",
+DATA_KEYS = ("op", "target", "kind", "module_path", "shape", "dtype", "pass", "role", "relu", "bits", "granularity",
              "estimator", "mode", "range", "scale", "zero_point", "acc_bits", "grad_acc_bits", "tile", "overflow",
              "overflow_stats", "describe", "nonfinite", "category")
 

@@ -12,6 +12,8 @@ from qcompile.core.grids import SCALE_EPS
 from qcompile.train import native
 
 QC_FINITE, QC_CLIPPED, QC_UNSET = 1, 2, 4   # the one-call steps' status bits
+RELU_BEFORE, RELU_AFTER = 1, 2              # where a hindsight step's relu is (qc_fake_quant_hindsight)
+MASK_INSIDE, MASK_POSITIVE = 1, 2           # the bits of its mask then (qc_masked_rectified)
 
 
 class QuantizerState(ctypes.Structure):
@@ -53,7 +55,7 @@ def _with_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     state = ctypes.POINTER(QuantizerState)
     lib.qc_stochastic_codes_hindsight.argtypes = [state, ptr, ptr, i64, i64, ctypes.c_int, ptr, i64, i64]
     lib.qc_stochastic_codes_hindsight.restype = ctypes.c_int
-    lib.qc_fake_quant_hindsight.argtypes = [state, ptr, ptr, ptr, i64]
+    lib.qc_fake_quant_hindsight.argtypes = [state, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.qc_fake_quant_hindsight.restype = ctypes.c_int
     lib.qc_fake_quant_rows_current.argtypes = [state, ptr, ptr, i64, i64, ptr]
     lib.qc_fake_quant_rows_current.restype = ctypes.c_int
@@ -61,6 +63,8 @@ def _with_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qc_minmax_rows.restype = None
     lib.qc_masked.argtypes = [ptr, ptr, ptr, i64]
     lib.qc_masked.restype = None
+    lib.qc_masked_rectified.argtypes = [ptr, ptr, ptr, i64]
+    lib.qc_masked_rectified.restype = None
     lib.qc_padded.argtypes = [ptr, ptr] + [i64] * 7 + [ptr]
     lib.qc_padded.restype = None
     return lib

@@ -39,10 +39,21 @@ from qcompile.core.grids import (
 )
 from qcompile.errors import NonFiniteError
 from qcompile.train.estimators import CurrentMinMax, HindsightMinMax, RangeEstimator, distributed, require, select
-from qcompile.train.one_pass import QC_CLIPPED, QC_FINITE, QC_UNSET, QuantizerState, one_pass
+from qcompile.train.one_pass import (
+    MASK_INSIDE,
+    MASK_POSITIVE,
+    QC_CLIPPED,
+    QC_FINITE,
+    QC_UNSET,
+    RELU_AFTER,
+    RELU_BEFORE,
+    QuantizerState,
+    one_pass,
+)
 from qcompile.train.reused_storage import ReusedStorage
 
 KINDS = ("weight", "activation", "gradient")
+RELU_PLACES = {None: 0, "before": RELU_BEFORE, "after": RELU_AFTER}   # a quantizer call's relu= (the C step's flag)
 
 
 def _masked(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,26 +105,43 @@ class _FakeQuant(torch.autograd.Function):
         return g, None, None, None, None
 
 
+def _masked_rectified(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gradient of a fake quant and a relu together from a rectified step's two-bit mask: torch's
+    threshold_backward and product by the fake quant's mask, in one pass of C (csrc/fake_quant.c
+    qc_masked_rectified) where g is a contiguous float32 CPU tensor and no graph of the backward is recorded."""
+    lib = one_pass(g) if not torch.is_grad_enabled() else None
+    if lib is None:
+        return torch.where(mask & MASK_POSITIVE != 0, g * (mask & MASK_INSIDE), torch.zeros((), dtype=g.dtype))
+    out = torch.empty_like(g)
+    lib.qc_masked_rectified(g.data_ptr(), mask.data_ptr(), out.data_ptr(), g.numel())
+    return out
+
+
 class _FakeQuantHindsight(torch.autograd.Function):
     """A hindsight quantizer's one-pass step on a forward tensor (csrc/fake_quant.c qc_fake_quant_hindsight, on
     `state`'s buffers): torch.fake_quantize_per_tensor_affine(x, scale, zp, *qr) on the stored range's grid (the
     same bits and gradient mask), the state then advanced by x's range; the step's status goes to `status`.
-    Where no value was clipped the mask is all ones and the backward passes the gradient as it is."""
+    Where no value was clipped the mask is all ones and the backward passes the gradient as it is. `relu`
+    (RELU_BEFORE / RELU_AFTER, or 0): the same step with torch.relu before or after it, its gradient too."""
 
     @staticmethod
-    def forward(ctx, x, lib, state, status):
+    def forward(ctx, x, lib, state, status, relu):
         out = torch.empty_like(x)
-        mask = torch.empty(x.shape, dtype=torch.bool) if ctx.needs_input_grad[0] else None
+        mask = torch.empty(x.shape, dtype=torch.uint8 if relu else torch.bool) if ctx.needs_input_grad[0] else None
         status.value = lib.qc_fake_quant_hindsight(ctypes.byref(state), x.data_ptr(), out.data_ptr(),
-                                                   None if mask is None else mask.data_ptr(), x.numel())
-        ctx.clipped = bool(status.value & QC_CLIPPED)
-        if mask is not None and ctx.clipped:
+                                                   None if mask is None else mask.data_ptr(), x.numel(), relu)
+        ctx.relu, ctx.clipped = relu, bool(status.value & QC_CLIPPED)
+        if mask is not None and (relu or ctx.clipped):
             ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        return _masked(g, ctx.saved_tensors[0]) if ctx.clipped else g, None, None, None
+        if ctx.relu:
+            g = _masked_rectified(g, ctx.saved_tensors[0])
+        elif ctx.clipped:
+            g = _masked(g, ctx.saved_tensors[0])
+        return g, None, None, None, None
 
 
 class _FakeQuantCurrentRows(torch.autograd.Function):
@@ -229,6 +257,9 @@ class Quantizer(nn.Module):
     `observing=True` as well, the estimator still updates (calibration). `float_by_config=True`
     (QConfig `quantize_weights` / `quantize_activations` false): the tensor stays float; the
     quantizer is off and is not one of the model's switches, so nothing turns it on.
+    A call with `relu="before"` / `"after"` (an activation quantizer's graph node, where the fuse_relu
+    pass put a relu it took the place of) is Q(relu(x)) / relu(Q(x)) in every mode; a training step on
+    the one-pass path does both in one pass forward and one backward.
     """
 
     def __init__(self, kind: str, bits: int, symmetric: bool, estimator: RangeEstimator,
@@ -300,27 +331,39 @@ class Quantizer(nn.Module):
         """(scale, zero_point) a forward tensor `x` with range [lo, hi] is quantized on: `grid(lo, hi)`."""
         return self.grid(lo, hi)
 
-    def forward(self, x: torch.Tensor, *context) -> torch.Tensor:
-        """Q(x); `context` (the graph's further inputs of this node) goes to `forward_grid`."""
+    def forward(self, x: torch.Tensor, *context, relu: str | None = None) -> torch.Tensor:
+        """Q(x), or with `relu` "before" / "after" Q(relu(x)) / relu(Q(x)); `context` (the graph's further
+        inputs of this node) goes to `forward_grid`."""
+        if relu not in RELU_PLACES or relu and self.kind != "activation":
+            raise ValueError(f"{self.kind} quantizer of layer {self.layer!r}: relu={relu!r}; an activation "
+                             f"quantizer takes one of {sorted(p for p in RELU_PLACES if p)} or None, others None")
         if self.kind == "gradient":
             if self.enabled and self.training and torch.is_grad_enabled() and x.requires_grad:
                 return _QuantizeGradient.apply(x, self)
             return x
-        if not self.enabled:
-            if self.observing:
-                self.estimator(x, update=True, who=self.layer)
-            return x
-        if self.training and type(self).forward_grid is Quantizer.forward_grid:
+        if self.enabled and self.training and type(self).forward_grid is Quantizer.forward_grid:
             if self.axis is None:
-                step = lambda lib, state, status: _FakeQuantHindsight.apply(x, lib, state, status)  # noqa: E731
+                fused = RELU_PLACES[relu]
+                step = lambda lib, state, status: _FakeQuantHindsight.apply(x, lib, state, status, fused)  # noqa: E731
             else:   # a weight's copy, made anew each step: its storage is kept
                 storage = self.__dict__.get("_kept_output")
                 if storage is None:
                     storage = self.__dict__["_kept_output"] = ReusedStorage()
                 step = lambda lib, state, status: _FakeQuantCurrentRows.apply(x, lib, state, status, storage)  # noqa: E731
             one = self._one_call(x, "forward tensor", step)
-            if one is not None:
-                return one[0] if bool(one[1]) else x
+            if one is not None:   # x was not finite (on_nonfinite="skip"): passed through, the relu still applied
+                return one[0] if bool(one[1]) else torch.relu(x) if relu else x
+        if relu == "before":
+            x = torch.relu(x)
+        out = self._quantized(x, context)
+        return torch.relu(out) if relu == "after" else out
+
+    def _quantized(self, x: torch.Tensor, context: tuple) -> torch.Tensor:
+        """Q(x) by the estimator, grid and fake quant in torch (the off and observing switches included)."""
+        if not self.enabled:
+            if self.observing:
+                self.estimator(x, update=True, who=self.layer)
+            return x
         lo, hi, finite = self.estimator(x, update=self.training, who=self.layer)
         self._check_finite(finite, "forward tensor")
         scale, zp = self._keep_grid(lambda: self.forward_grid(x, lo, hi, *context), finite)

@@ -87,7 +87,9 @@ def _model_spec(model: str) -> str:
 
 # ---- probes -----------------------------------------------------------------------------------------------
 class Probe:
-    """Clipped fraction and SQNR of every enabled quantizer of one kind, pooled, while attached."""
+    """Clipped fraction and SQNR of every enabled quantizer of one kind, pooled, while attached. A quantizer
+    call with a relu (pass fuse_relu) is measured against relu(x): the tensor the graph's relu and
+    quantizer stand for (with the relu after, values the relu zeroes count neither as clipped nor as noise)."""
 
     def __init__(self, qm, kind: str):
         self.clipped = self.count = 0
@@ -100,7 +102,9 @@ class Probe:
                 self.handles.append(q.register_full_backward_hook(
                     lambda m, grad_in, grad_out: self.add(m, grad_out[0], grad_in[0])))
             else:
-                self.handles.append(q.register_forward_hook(lambda m, inp, out: self.add(m, inp[0], out)))
+                self.handles.append(q.register_forward_hook(
+                    lambda m, inp, kw, out: self.add(m, torch.relu(inp[0]) if kw.get("relu") else inp[0], out),
+                    with_kwargs=True))
 
     @torch.no_grad()
     def add(self, q: Quantizer, x: torch.Tensor, xq: torch.Tensor) -> None:

@@ -6,13 +6,17 @@
  *       row r of x (cols values): v = round_half_even(x * inv_scale[r]) (+ zp[r] when zp is not NULL),
  *       mask = lo <= v <= hi (when mask is not NULL), out = (clamp(v, lo, hi) (- zp[r])) * scale[r]:
  *       core.grids.unclamped_codes, then _FakeQuant's clamp, zero point and scale.
- *   status = qc_fake_quant_hindsight(h, x, out, mask, n)
+ *   status = qc_fake_quant_hindsight(h, x, out, mask, n, relu)
  *       a hindsight quantizer's step (h: its state, below) on one grid for all n values, the stored range's
  *       (scale, zp) = core.grids.qparams: v = zp + round_half_even(x * (1/scale)), mask = qmin <= v <= qmax
  *       (when mask is not NULL), out = (clamp(v, qmin, qmax) - zp) * scale: torch.fake_quantize_per_tensor_affine's
  *       CPU kernel for finite x (the zero point added even when 0, so a code of -0 comes out +0 as its integer
  *       codes do; a NaN stays NaN here); then x's min and max advance the state. status: QC_FINITE | QC_CLIPPED
  *       (a code fell outside [qmin, qmax]; where none did, the mask is all ones).
+ *       relu = QC_RELU_BEFORE: the same on r = relu(x) (x < 0 ? 0 : x, torch.relu's bits: -0 and NaN stay) in
+ *       place of x; QC_RELU_AFTER: out = relu(the fake quant's value). With a relu the mask holds two bits:
+ *       QC_INSIDE (the code was inside the grid) and QC_POSITIVE (the relu's result is not <= 0), what
+ *       qc_masked_rectified reads.
  *   qc_stochastic_codes(g, out, n, key, scale, lo, hi, times_scale, mult, inner, channels, range)
  *       x = g * m, u = k * 2^-16 + (0.5 + 2^-17) (the dither: k the int16 words of core.grids.dither_words,
  *       the SplitMix64 stream of `key`, formed here block by block), out = clamp(floor(u + x /
@@ -46,6 +50,10 @@
  *   qc_masked(g, mask, out, n)
  *       out = g * mask (the mask as 0.0 / 1.0): the straight-through gradient of the fake quants above, as
  *       torch multiplies a float tensor by a bool one (so -0, and NaN where g is, at masked values).
+ *   qc_masked_rectified(g, mask, out, n)
+ *       out = g * (mask & QC_INSIDE) where mask & QC_POSITIVE, else +0: the gradient of a fake quant and a relu
+ *       together, as torch's threshold_backward (0 where the relu's result is <= 0) and the product by the
+ *       fake quant's mask give it, in either order.
  *   qc_padded(x, out, planes, h, w, top, bottom, left, right, mult)
  *       out (planes, top + h + bottom, left + w + right) <- x (planes, h, w) zero-padded, each value x itself
  *       or (mult non-NULL) rint(x * *mult) (the float32 product rounded half to even: qcompile.train.tiled.
@@ -63,6 +71,8 @@
 #include <string.h>
 
 enum { QC_FINITE = 1, QC_CLIPPED = 2, QC_UNSET = 4 };   /* the hindsight steps' status bits */
+enum { QC_RELU_BEFORE = 1, QC_RELU_AFTER = 2 };         /* where a fake quant's relu is */
+enum { QC_INSIDE = 1, QC_POSITIVE = 2 };                /* the bits of a rectified fake quant's mask */
 
 typedef struct {
     float *lo, *hi;
@@ -157,28 +167,31 @@ void qc_fake_quant_rows(const float *restrict x, float *restrict out, uint8_t *r
     }
 }
 
-/* The body of qc_fake_quant_tensor's loop over [i0, i1), with or without the mask (a branch outside the
- * loop, so each form vectorizes); accumulates x's min, max, NaN flag and clip flag into rmn, rmx, rnan,
- * rclip. */
-#define FAKE_QUANT_TENSOR_LOOP(WITH_MASK)                                                              \
+/* The body of fake_quant_tensor's loop over [i0, i1), with or without the mask and with the relu (if any)
+ * before or after the fake quant (branches outside the loop, so each form vectorizes); accumulates the
+ * quantized values' min, max, NaN flag and clip flag into rmn, rmx, rnan, rclip. */
+#define FAKE_QUANT_TENSOR_LOOP(WITH_MASK, RELU)                                                        \
     _Pragma("omp simd reduction(min:rmn) reduction(max:rmx) reduction(|:rnan) reduction(|:rclip)")    \
     for (int64_t i = i0; i < i1; ++i) {                                                                \
-        const float xi = x[i];                                                                         \
+        const float xi = RELU == QC_RELU_BEFORE && x[i] < 0.0f ? 0.0f : x[i];                          \
         float v = nearbyintf(xi * is) + zp;                                                            \
         const int inside = v >= lo && v <= hi;                                                         \
-        if (WITH_MASK)                                                                                 \
-            mask[i] = inside;                                                                          \
         rclip |= !inside;                                                                              \
         v = v < lo ? lo : v;                                                                           \
         v = v > hi ? hi : v;                                                                           \
-        out[i] = (v - zp) * scale;                                                                     \
+        float o = (v - zp) * scale;                                                                    \
+        o = RELU == QC_RELU_AFTER && o < 0.0f ? 0.0f : o;                                              \
+        out[i] = o;                                                                                    \
+        if (WITH_MASK)                                                                                 \
+            mask[i] = RELU == QC_RELU_BEFORE ? inside | (!(xi <= 0.0f) ? QC_POSITIVE : 0)              \
+                      : RELU == QC_RELU_AFTER ? inside | (!(o <= 0.0f) ? QC_POSITIVE : 0) : inside;    \
         rmn = xi < rmn ? xi : rmn;                                                                     \
         rmx = xi > rmx ? xi : rmx;                                                                     \
         rnan |= xi != xi;                                                                              \
     }
 
 static int fake_quant_tensor(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n, float scale,
-                             float zp, float lo, float hi, float *range)
+                             float zp, float lo, float hi, int relu, float *range)
 {
     const float is = 1.0f / scale;
     const int64_t run = 16384, runs = (n + run - 1) / run;
@@ -190,10 +203,22 @@ static int fake_quant_tensor(const float *restrict x, float *restrict out, uint8
         const int64_t i0 = b * run, i1 = (b + 1) * run < n ? (b + 1) * run : n;
         float rmn = INFINITY, rmx = -INFINITY;
         int rnan = 0, rclip = 0;
-        if (mask) {
-            FAKE_QUANT_TENSOR_LOOP(1)
+        if (relu == QC_RELU_BEFORE) {
+            if (mask) {
+                FAKE_QUANT_TENSOR_LOOP(1, QC_RELU_BEFORE)
+            } else {
+                FAKE_QUANT_TENSOR_LOOP(0, QC_RELU_BEFORE)
+            }
+        } else if (relu == QC_RELU_AFTER) {
+            if (mask) {
+                FAKE_QUANT_TENSOR_LOOP(1, QC_RELU_AFTER)
+            } else {
+                FAKE_QUANT_TENSOR_LOOP(0, QC_RELU_AFTER)
+            }
+        } else if (mask) {
+            FAKE_QUANT_TENSOR_LOOP(1, 0)
         } else {
-            FAKE_QUANT_TENSOR_LOOP(0)
+            FAKE_QUANT_TENSOR_LOOP(0, 0)
         }
         mn = rmn < mn ? rmn : mn;
         mx = rmx > mx ? rmx : mx;
@@ -247,13 +272,13 @@ int qc_fake_quant_rows_current(const qc_state *h, const float *restrict x, float
 }
 
 int qc_fake_quant_hindsight(const qc_state *h, const float *restrict x, float *restrict out, uint8_t *restrict mask,
-                            int64_t n)
+                            int64_t n, int relu)
 {
     float scale, zp, range[2];
     if (unset(h))
         return QC_UNSET;
     grid_of(h, *h->lo, *h->hi, &scale, &zp);
-    const int clip = fake_quant_tensor(x, out, mask, n, scale, zp, h->qmin, h->qmax, range);
+    const int clip = fake_quant_tensor(x, out, mask, n, scale, zp, h->qmin, h->qmax, relu, range);
     return hindsight_advance(h, range, scale, zp) | (clip ? QC_CLIPPED : 0);
 }
 
@@ -269,6 +294,13 @@ void qc_masked(const float *restrict g, const uint8_t *restrict mask, float *res
     #pragma omp parallel for simd schedule(static) if(n >= 65536)
     for (int64_t i = 0; i < n; ++i)
         out[i] = g[i] * (float)mask[i];
+}
+
+void qc_masked_rectified(const float *restrict g, const uint8_t *restrict mask, float *restrict out, int64_t n)
+{
+    #pragma omp parallel for simd schedule(static) if(n >= 65536)
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = mask[i] & QC_POSITIVE ? g[i] * (float)(mask[i] & QC_INSIDE) : 0.0f;
 }
 
 void qc_padded(const float *restrict x, float *restrict out, int64_t planes, int64_t h, int64_t w, int64_t top,
