@@ -496,14 +496,15 @@ def test_batch_statistics_of_the_unfolded_output_match_batchnorm_of_it(native_on
                          (bn.running_mean, ref.running_mean), (bn.running_var, ref.running_var)):
                 # to float32 rounding of the largest entry: γ's gradient is a sum of n·hw terms that can cancel
                 torch.testing.assert_close(a, b, rtol=1.3e-6, atol=2e-6 * float(b.abs().max()))
-            torch.testing.assert_close(fused._gain_inputs[0], torch.var(z.detach(), dim=[0, *range(2, z.dim())],
+            var = fused._gain_inputs[0]                            # the variance, or a function giving it
+            torch.testing.assert_close(var() if callable(var) else var, torch.var(z.detach(), dim=[0, *range(2, z.dim())],
                                                                         unbiased=False))
 
 
 def test_the_fold_cancels_while_batchnorm_uses_batch_statistics(net, monkeypatch):
     """With the default weight quantizer (symmetric per-channel current min-max: it commutes with per-row
-    scaling), a training step with batch statistics forms no folded weight: the layer reads Q(W) and BatchNorm
-    normalizes its output as it is. Once the statistics freeze, and in eval, the fold is formed. The losses,
+    scaling), a training step with batch statistics forms no folded weight and no eval bias: the layer reads Q(W)
+    and BatchNorm normalizes its output as it is. Once the statistics freeze, and in eval, both are formed. The losses,
     gradients, running statistics and eval outputs equal those of the same model made to fold every step."""
     from qcompile.train import fused_bn
 
@@ -516,6 +517,8 @@ def test_the_fold_cancels_while_batchnorm_uses_batch_statistics(net, monkeypatch
             return base.forward(ctx, weight, scale, storage)
 
     monkeypatch.setattr(fused_bn, "_FoldWeight", CountedFold)
+    biases, affine = [], fused_bn.affine
+    monkeypatch.setattr(fused_bn, "affine", lambda *a: biases.append(1) or affine(*a))   # folded_bias's arithmetic
     torch.manual_seed(2)
     data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(4)]
     qm = qcompile.compile(net, data[0][0][:2], grad_bits=8, seed=0, bn_freeze_steps=3).train()
@@ -530,23 +533,23 @@ def test_the_fold_cancels_while_batchnorm_uses_batch_statistics(net, monkeypatch
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         losses[name], counts[name] = [], []
         for x, y in data:
-            products.clear()
+            products.clear(), biases.clear()
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses[name].append(loss.item())
-            counts[name].append(len(products))
-    assert counts == {"cancelled": [0, 0, 0, 4], "folded": [4, 4, 4, 4]}    # step 4: frozen statistics
+            counts[name].append((len(products), len(biases)))
+    assert counts == {"cancelled": [(0, 0)] * 3 + [(4, 4)], "folded": [(4, 4)] * 4}    # step 4: frozen statistics
     assert losses["cancelled"] == pytest.approx(losses["folded"], rel=1e-5)
     state, twin_state = qm.state_dict(), twin.state_dict()
     for k in net.state_dict():
         torch.testing.assert_close(state[k], twin_state[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     qm.eval(), twin.eval()
-    products.clear()
+    products.clear(), biases.clear()
     with torch.no_grad():
         torch.testing.assert_close(qm(data[0][0]), twin(data[0][0]), rtol=1e-4, atol=1e-4)
-    assert len(products) == 8
+    assert len(products) == len(biases) == 8
 
 
 def test_the_fold_cancels_only_where_the_weight_grid_commutes_with_row_scaling(net):

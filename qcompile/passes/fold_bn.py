@@ -8,12 +8,13 @@ nodes, B called once, with running statistics and channels on dim 1):
   - B's call is replaced by a call of a `BatchNormFold` module at B's path (B's own
     parameters and buffers, so `state_dict()` keys are unchanged) with arguments
     (L, x, W, b, e): x is L's activation operand, W and b L's float weight and bias, and
-    e = `folded_bias(γ, β, μ_r, σ_r², eps, b)` the bias of the eval form, a node of its own
-    (so `quantize` rounds it like any layer bias);
+    e = `folded_bias(γ, β, μ_r, σ_r², eps, b, B')` the bias of the eval form, a node of its own
+    (so `quantize` rounds it like any layer bias; None in a forward where the fold cancels);
   - that call is L's only user: the layer's result (`qcompile.passes.ops.layer_result`) is
     read after it, so `quantize` puts L's output quantizer after the BatchNorm correction;
-  - the fold node's fifth argument is the BatchNormFold module (a `get_attr` node), which says in
-    each forward whether the fold cancels (`BatchNormFold.fold_cancelled`);
+  - the fold node's fifth argument and the folded_bias node's seventh are the BatchNormFold module B'
+    (a `get_attr` node), which says in each forward whether the fold cancels
+    (`BatchNormFold.fold_cancelled`);
   - the BatchNormFold module is complete when made: its λ (`bn_rectification`, 0 when L reads
     the graph input) is read from B's config here, and `fold_cancels` from L's (`_fold_cancels`:
     the weight quantizer `quantize` makes commutes with per-row scaling, no gradient quantizer reads
@@ -120,7 +121,7 @@ def fold_bn(gm: fx.GraphModule, config: QConfig) -> fx.GraphModule:
             var = graph.get_attr(f"{node.target}.running_var")
             module = graph.get_attr(node.target)
             folded = graph.call_function(fold_weight, (weight, gamma, var, bn.eps, module))
-            eval_bias = graph.call_function(folded_bias, (gamma, beta, mean, var, bn.eps, bias))
+            eval_bias = graph.call_function(folded_bias, (gamma, beta, mean, var, bn.eps, bias, module))
         folded.meta["tensor_meta"] = weight.meta["tensor_meta"]
         eval_bias.meta["tensor_meta"] = var.meta["tensor_meta"] = mean.meta["tensor_meta"] = \
             _extract_tensor_metadata(bn.running_var)
@@ -171,5 +172,10 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if len(node.args) < 5 or not (isinstance(node.args[4], fx.Node) and node.args[4].target is folded_bias):
                 raise verification_error("fold_bn", node, gm, "fifth argument the folded_bias(γ, β, μ, σ², eps, b) node "
                                          "(the bias of the eval form)")
+            for user in (weight, node.args[4]):
+                module = user.args[4 if user is weight else 6] if len(user.args) > (4 if user is weight else 6) else None
+                if not (isinstance(module, fx.Node) and module.op == "get_attr" and module.target == node.target):
+                    raise verification_error("fold_bn", user, gm, f"the BatchNormFold module {node.target!r} as an "
+                                             "argument (it says whether the fold cancels in a forward)")
             if len(node.args) < 2 or node.args[1] is not layer.args[0]:
                 raise verification_error("fold_bn", node, gm, f"second argument {layer.name}'s activation operand")

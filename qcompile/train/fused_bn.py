@@ -100,11 +100,21 @@ def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
-def folded_bias(gamma, beta, running_mean, running_var, eps: float, layer_bias=None) -> torch.Tensor:
+def folded_bias(gamma, beta, running_mean, running_var, eps: float, layer_bias=None,
+                bn: BatchNormFold | None = None) -> torch.Tensor | None:
     """β + γ·(b − μ_r)/σ_r: the bias of the folded layer in eval mode (a graph node of its own, so the
-    bias quantizer and lowering see it like any layer bias)."""
+    bias quantizer and lowering see it like any layer bias). None where `bn` (the BatchNormFold the bias
+    belongs to) says the fold cancels in this forward: BatchNorm then uses batch statistics and adds no
+    bias, and no narrow accumulator reads it (`fold_cancels` is never set on one)."""
+    if bn is not None and bn.fold_cancelled:
+        return None
     scale, shift = affine(gamma, beta, running_mean, running_var, eps)
     return shift if layer_bias is None else shift + layer_bias * scale
+
+
+def _variance_from_invstd(invstd: torch.Tensor, eps: float) -> torch.Tensor:
+    """The biased batch variance from native_batch_norm's saved 1/√(σ² + eps)."""
+    return invstd.pow(-2) - eps
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -319,7 +329,7 @@ class BatchNormFold(nn.Module):
                              f"training, got input of shape {tuple(y.shape)}")
         sync = self.sync and distributed()
         if cancelled:
-            z = y                                                # the layer read Q(W): y is z
+            z = y                                                # the layer read Q(W): y is z; no eval bias
         else:
             fold = bn_scale(None if self.weight is None else self.weight.detach(), running(self.running_var),
                             self.eps)  # γ/σ_r
@@ -370,14 +380,15 @@ class BatchNormFold(nn.Module):
                                                      True, self._momentum(), self.eps)
             if self.rectification > 0 and torch.is_grad_enabled():   # the loss differentiates the gain
                 var_b = torch.var(z, dim=dims, unbiased=False)
-            else:
-                var_b = invstd.detach().pow(-2) - self.eps
+            else:   # formed only if the gain is computed
+                var_b = functools.partial(_variance_from_invstd, invstd.detach(), self.eps)
         self._record_gain(x, weight, var_b, count)
         return out
 
-    def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var: torch.Tensor, count: int | None) -> None:
-        """Keep what this batch's per-channel noise gain² needs. It is computed here, differentiably,
-        when the rectification loss uses it, and otherwise only when `gain_sq` is read."""
+    def _record_gain(self, x: torch.Tensor, weight: torch.Tensor, var, count: int | None) -> None:
+        """Keep what this batch's per-channel noise gain² needs (`var`: the batch variance, or a function
+        giving it). It is computed here, differentiably, when the rectification loss uses it, and otherwise
+        only when `gain_sq` is read."""
         self._gain_inputs = (var, weight, count, tuple(x.shape))
         self._gain = None
         if self.rectification > 0 and torch.is_grad_enabled():
@@ -385,6 +396,7 @@ class BatchNormFold(nn.Module):
 
     def _compute_gain(self) -> torch.Tensor:
         var, weight, count, input_shape = self._gain_inputs
+        var = var() if callable(var) else var
         key = (input_shape[2:], tuple(weight.shape))
         if key not in self._coverage:
             self._coverage[key] = tap_coverage(self.layer_fn, self.layer_args, input_shape, weight.shape)

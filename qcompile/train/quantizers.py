@@ -227,8 +227,8 @@ class BiasQuant(nn.Module):
         self.float_by_config = float_by_config
         self.enabled = not float_by_config
 
-    def forward(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+    def forward(self, bias: torch.Tensor | None, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled or bias is None:     # None: a folded bias this forward does not form
             return bias
         codes, scale = bias_codes(bias.detach(), input_scale, weight_scale)
         return _Replace.apply(bias, (codes * scale.double()).to(bias.dtype))
