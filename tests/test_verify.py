@@ -181,6 +181,20 @@ def test_fold_bn_rejects_a_folded_layer_reading_the_unfolded_weight(monkeypatch)
     assert repr(seen["node"]) in str(err.value)
 
 
+def test_fold_bn_rejects_a_folded_bias_that_cannot_tell_when_the_fold_cancels(monkeypatch):
+    from qcompile.train.fused_bn import folded_bias
+
+    def edit(gm, seen):
+        bias = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is folded_bias)
+        bias.args = bias.args[:6]                 # without the BatchNormFold module
+        seen["node"] = bias.name
+
+    seen = _sabotage(monkeypatch, "fold_bn", edit)
+    with pytest.raises(VerificationError, match="'fold_bn'.*the BatchNormFold module 'bn1' as an argument") as err:
+        qcompile.compile(ConvBN(), torch.randn(2, 3, 8, 8), verify=True)
+    assert repr(seen["node"]) in str(err.value)
+
+
 def test_normalize_rejects_inplace_and_trace_rejects_missing_shapes(monkeypatch, small_net):
     def inplace(gm, seen):
         relu = next(n for n in gm.graph.nodes if n.target is F.relu)

@@ -172,8 +172,8 @@ def verify(gm: fx.GraphModule, config: QConfig) -> None:
             if len(node.args) < 5 or not (isinstance(node.args[4], fx.Node) and node.args[4].target is folded_bias):
                 raise verification_error("fold_bn", node, gm, "fifth argument the folded_bias(γ, β, μ, σ², eps, b) node "
                                          "(the bias of the eval form)")
-            for user in (weight, node.args[4]):
-                module = user.args[4 if user is weight else 6] if len(user.args) > (4 if user is weight else 6) else None
+            for user, at in ((weight, 4), (node.args[4], 6)):
+                module = user.args[at] if len(user.args) > at else None
                 if not (isinstance(module, fx.Node) and module.op == "get_attr" and module.target == node.target):
                     raise verification_error("fold_bn", user, gm, f"the BatchNormFold module {node.target!r} as an "
                                              "argument (it says whether the fold cancels in a forward)")

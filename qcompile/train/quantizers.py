@@ -351,7 +351,7 @@ class Quantizer(nn.Module):
                     storage = self.__dict__["_kept_output"] = ReusedStorage()
                 step = lambda lib, state, status: _FakeQuantCurrentRows.apply(x, lib, state, status, storage)  # noqa: E731
             one = self._one_call(x, "forward tensor", step)
-            if one is not None:   # x was not finite (on_nonfinite="skip"): passed through, the relu still applied
+            if one is not None:   # (out, finite); x not finite (on_nonfinite="skip"): passed through, relu applied
                 return one[0] if bool(one[1]) else torch.relu(x) if relu else x
         if relu == "before":
             x = torch.relu(x)
