@@ -173,8 +173,19 @@ static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float 
     counts[1] += hit;
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #define QC_RUNS 3                     /* the most runs per vector read with masked loads */
+#endif
+#if defined(__AVX512F__)
+typedef __mmask16 qc_lanes;           /* a set of lanes, as the masked loads take it */
+static qc_lanes qc_lane_set(unsigned bits) { return (__mmask16)bits; }
+#elif defined(__AVX2__)
+typedef __m256i qc_lanes;             /* all ones in the lanes of the set */
+static qc_lanes qc_lane_set(unsigned bits)
+{
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
+}
 #endif
 
 /* The register block shapes: QC_MR rows x QC_NV vectors of partial sums (28 or 24 of AVX-512's 32
@@ -323,17 +334,17 @@ static int QC_SHAPE(qc_panel)(const int64_t *col, int64_t m, int32_t *delta)
     return adjacent;
 }
 
-#if defined(__AVX512F__)
+#ifdef QC_RUNS
 
 /* A panel's columns as runs of evenly spaced elements, 1 or 2 apart (a row of a conv's input at stride 1
  * or 2): in vector v, the lanes of run r (mask[v][r]) read src + off[v][r] + step·lane; a run 2 apart
- * reads the 32 elements from off (lo / hi: those its lanes need) and keeps the even ones. Lanes past the
- * panel's m columns belong to no run. */
+ * reads the 2·QC_VL elements from off (lo / hi: those its lanes need) and keeps the even ones. Lanes past
+ * the panel's m columns belong to no run. */
 typedef struct {
     int n[QC_NV];
     int32_t off[QC_NV][QC_RUNS];
     int step[QC_NV][QC_RUNS];
-    __mmask16 mask[QC_NV][QC_RUNS], lo[QC_NV][QC_RUNS], hi[QC_NV][QC_RUNS];
+    qc_lanes mask[QC_NV][QC_RUNS], lo[QC_NV][QC_RUNS], hi[QC_NV][QC_RUNS];
 } QC_SHAPE(qc_runs);
 
 /* The runs of a panel of m columns at deltas delta; 0 when some vector has more than QC_RUNS. */
@@ -345,19 +356,22 @@ static int QC_SHAPE(qc_make_runs)(const int32_t *delta, int64_t m, QC_SHAPE(qc_r
             const int j = v * QC_VL + t;
             const int32_t next = t + 1 < QC_VL && j + 1 < m ? delta[j + 1] - delta[j] : 1;
             const int step = next == 2 ? 2 : 1;
+            unsigned mask = 0, lo = 0, hi = 0;
             if (n == QC_RUNS)
                 return 0;
             runs->off[v][n] = delta[j] - step * t;
             runs->step[v][n] = step;
-            runs->mask[v][n] = runs->lo[v][n] = runs->hi[v][n] = 0;
             do {
-                runs->mask[v][n] |= (__mmask16)(1u << t);
+                mask |= 1u << t;
                 if (step * t < QC_VL)
-                    runs->lo[v][n] |= (__mmask16)(1u << (step * t));
+                    lo |= 1u << (step * t);
                 else
-                    runs->hi[v][n] |= (__mmask16)(1u << (step * t - QC_VL));
+                    hi |= 1u << (step * t - QC_VL);
                 ++t;
             } while (t < QC_VL && v * QC_VL + t < m && delta[v * QC_VL + t] == delta[v * QC_VL + t - 1] + step);
+            runs->mask[v][n] = qc_lane_set(mask);
+            runs->lo[v][n] = qc_lane_set(lo);
+            runs->hi[v][n] = qc_lane_set(hi);
             ++n;
         }
         runs->n[v] = n;
@@ -365,13 +379,15 @@ static int QC_SHAPE(qc_make_runs)(const int32_t *delta, int64_t m, QC_SHAPE(qc_r
     return 1;
 }
 
-/* dst[j] = src[delta[j]] for the QC_NR columns of a panel, through its runs (0 past its columns) */
+/* dst[j] = src[delta[j]] for the QC_NR columns of a panel, through its runs (0 past its columns). Masked
+ * lanes are not read: no fault past the tensor. */
 static void QC_SHAPE(qc_load_runs)(float *dst, const float *src, const QC_SHAPE(qc_runs) *runs)
 {
+#if defined(__AVX512F__)
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int v = 0; v < QC_NV; ++v) {
         __m512 x = _mm512_setzero_ps();
-        for (int r = 0; r < runs->n[v]; ++r) {      /* masked lanes are not read: no fault past the tensor */
+        for (int r = 0; r < runs->n[v]; ++r) {
             const float *at = src + runs->off[v][r];
             if (runs->step[v][r] == 1)
                 x = _mm512_mask_loadu_ps(x, runs->mask[v][r], at);
@@ -381,6 +397,22 @@ static void QC_SHAPE(qc_load_runs)(float *dst, const float *src, const QC_SHAPE(
         }
         _mm512_store_ps(dst + v * QC_VL, x);
     }
+#else                                 /* AVX2: a masked load zeroes the lanes it does not read */
+    for (int v = 0; v < QC_NV; ++v) {
+        __m256 x = _mm256_setzero_ps();
+        for (int r = 0; r < runs->n[v]; ++r) {
+            const float *at = src + runs->off[v][r];
+            if (runs->step[v][r] == 1)
+                x = _mm256_or_ps(x, _mm256_maskload_ps(at, runs->mask[v][r]));
+            else {                    /* elements 0 2 4 6 of lo, then of hi: lane t holds element 2t */
+                const __m256 pairs = _mm256_shuffle_ps(_mm256_maskload_ps(at, runs->lo[v][r]),
+                                                       _mm256_maskload_ps(at + QC_VL, runs->hi[v][r]), 0x88);
+                x = _mm256_or_ps(x, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8)));
+            }
+        }
+        _mm256_store_ps(dst + v * QC_VL, x);
+    }
+#endif
 }
 #endif
 
@@ -511,13 +543,13 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
                         const float *src = b->base + b->group[g] + col[0];
                         const int64_t *brow = b->row + k0;
                         float *dst = bp + jp * kc * QC_NR;
-#if defined(__AVX512F__)
+#ifdef QC_RUNS
                         QC_SHAPE(qc_runs) runs;
 #endif
                         if (QC_SHAPE(qc_panel)(col, QC_SHAPE(qc_panel_width)(n, jp), delta))
                             for (int64_t k = 0; k < kc; ++k)
                                 memcpy(dst + k * QC_NR, src + brow[k], QC_NR * sizeof(float));
-#if defined(__AVX512F__)
+#ifdef QC_RUNS
                         else if (QC_SHAPE(qc_make_runs)(delta, QC_SHAPE(qc_panel_width)(n, jp), &runs))  /* rows shorter than a panel, stride 2 */
                             for (int64_t k = 0; k < kc; ++k)
                                 QC_SHAPE(qc_load_runs)(dst + k * QC_NR, src + brow[k], &runs);
