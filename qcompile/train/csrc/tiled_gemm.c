@@ -173,8 +173,10 @@ static void qc_store(int64_t n, const float *cb, const int32_t *hb, const float 
     counts[1] += hit;
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#define QC_RUNS 3                     /* the most runs per vector read with masked loads */
+#if defined(__AVX512F__)                  /* the most runs per vector read with masked loads */
+#define QC_RUNS 3
+#elif defined(__AVX2__)
+#define QC_RUNS 4                     /* a 3 x 3 kernel's taps, (c, ky, kx): 3 adjacent, then the next row's */
 #endif
 #if defined(__AVX512F__)
 typedef __mmask16 qc_lanes;           /* a set of lanes, as the masked loads take it */
