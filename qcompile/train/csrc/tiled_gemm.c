@@ -250,6 +250,7 @@ int qc_tiled_gemm_f32(int shape, int64_t groups, int64_t M, int64_t N, int64_t K
 
 #else                                 /* the second pass: one register block shape (QC_MR, QC_NV, QC_SHAPE) */
 #define QC_NR (QC_NV * QC_VL)         /* columns of a register block */
+#define QC_MAX_PANELS (QC_B_FLOATS / (QC_KC / 2) / QC_NR + 1)   /* panels of a column block: see nc in qc_gemm */
 
 /* One QC_MR x QC_NR block over kc products packed in ap (kc x QC_MR) and bp (kc x QC_NR), tile by tile
  * (tiles of tl products from the block's start, the last one shorter), in `mode`. acc, hits, exact:
@@ -584,29 +585,33 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
                         }
                     }
                 }
-                for (int64_t jp = 0; jp < npanels; ++jp) {           /* the results, through the output table */
+                /* the results, through the output table: row by row, so each row's outputs are written in order */
+                int adjacent[QC_MAX_PANELS], s_constant[QC_MAX_PANELS];
+                int32_t odelta[QC_MAX_PANELS][QC_NR], sdelta[QC_MAX_PANELS][QC_NR];
+                for (int64_t jp = 0; jp < npanels; ++jp) {
                     const int64_t m = QC_SHAPE(qc_panel_width)(n, jp);
-                    const int adjacent = QC_SHAPE(qc_panel)(out->col + j0 + jp * QC_NR, m, delta);
-                    int32_t sdelta[QC_NR] = {0};
-                    float sv[QC_NR];                                 /* the row's output multipliers */
-                    int s_constant = 1;
+                    adjacent[jp] = QC_SHAPE(qc_panel)(out->col + j0 + jp * QC_NR, m, odelta[jp]);
+                    s_constant[jp] = 1;
                     if (om->base) {
-                        QC_SHAPE(qc_panel)(om->col + j0 + jp * QC_NR, m, sdelta);
+                        QC_SHAPE(qc_panel)(om->col + j0 + jp * QC_NR, m, sdelta[jp]);
                         for (int j = 0; j < QC_NR; ++j)
-                            s_constant &= sdelta[j] == 0;
+                            s_constant[jp] &= sdelta[jp][j] == 0;
                     }
-                    for (int64_t i = 0; i < M; ++i) {
+                }
+                for (int64_t i = 0; i < M; ++i)
+                    for (int64_t jp = 0; jp < npanels; ++jp) {
                         const int64_t o = out->group[g] + out->row[i] + out->col[j0 + jp * QC_NR], at = i * nc + jp * QC_NR;
+                        float sv[QC_NR];                             /* the outputs' multipliers */
                         if (om->base) {
                             const float *sr = om->base + om->group[g] + om->row[i] + om->col[j0 + jp * QC_NR];
                             for (int j = 0; j < QC_NR; ++j)
-                                sv[j] = sr[s_constant ? 0 : sdelta[j]];
+                                sv[j] = sr[s_constant[jp] ? 0 : sdelta[jp][j]];
                         }
-                        qc_store(adjacent ? QC_NR : m, cb + at, hb + at, eb ? eb + at : NULL, acc + o,
-                                 overflowed ? overflowed + o : NULL,
-                                 exact ? exact + o : NULL, adjacent ? NULL : delta, om->base ? sv : NULL, mode, mine);
+                        qc_store(adjacent[jp] ? QC_NR : QC_SHAPE(qc_panel_width)(n, jp), cb + at, hb + at,
+                                 eb ? eb + at : NULL, acc + o, overflowed ? overflowed + o : NULL,
+                                 exact ? exact + o : NULL, adjacent[jp] ? NULL : odelta[jp], om->base ? sv : NULL,
+                                 mode, mine);
                     }
-                }
             }
         events += mine[0];
         hit += mine[1];
