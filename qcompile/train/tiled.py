@@ -345,6 +345,15 @@ def _offsets(*axes: tuple[int, ...]) -> torch.Tensor:
     return out.reshape(-1)
 
 
+@functools.lru_cache(maxsize=4096)
+def _table_pointers(group: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[int, int, int]:
+    """The data pointers of an operand's offset tables: _offsets' tensors, contiguous and never written (the
+    cache holds them, so a pointer stays valid)."""
+    if not all(t.is_contiguous() and t.dtype == torch.int64 for t in (group, row, col)):
+        raise ValueError("tiled accumulator: offset tables are contiguous int64 tensors")
+    return group.data_ptr(), row.data_ptr(), col.data_ptr()
+
+
 def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a_tab, b: torch.Tensor, b_tab,
                 out: AccResult, out_tab, start: torch.Tensor | None = None, start_tab=None, a_mult=None,
                 b_mult=None, out_mult=None) -> None:
@@ -370,10 +379,7 @@ def _fused_gemm(lib, tile: int, acc_bits: int, overflow: str, a: torch.Tensor, a
         out_tab, start_tab = flip(out_tab), flip(start_tab)
 
     def operand(base: torch.Tensor | None, tab):
-        tab = tuple(t.contiguous() for t in tab)
-        keep.extend(tab)
-        return _Operand(None if base is None else base.data_ptr(), *(t.data_ptr() for t in tab))
-    keep = []
+        return _Operand(None if base is None else base.data_ptr(), *_table_pointers(*tab))
     ops = [operand(a, a_tab), operand(b, b_tab), *(operand(None, out_tab) if m is None else operand(*m)
                                                   for m in (a_mult, b_mult)),
            operand(start, start_tab or out_tab), operand(None, out_tab),
@@ -877,8 +883,12 @@ def _channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 
 def grid_absmax(qrange: tuple[int, int], zero_point: torch.Tensor) -> float:
     """max |code − z| over a grid with code range `qrange` and zero point(s) `zero_point` (the largest
-    over channels): the largest integer operand a matmul meets on that grid."""
-    return float(max_code_magnitude(qrange, zero_point.detach()).max())
+    over channels): the largest integer operand a matmul meets on that grid. Over channels that is
+    max_code_magnitude at the smallest and the largest zero point, max(qmax − min z, max z − qmin), read with
+    one reduction (per-tensor: none)."""
+    z = zero_point.detach()
+    lo, hi = (float(z), float(z)) if z.numel() == 1 else (float(t) for t in torch.aminmax(z))
+    return float(max(max_code_magnitude(qrange, lo), max_code_magnitude(qrange, hi)))
 
 
 def worst_case(kind: str, b_int, bias_int, a_absmax: float, b_absmax: float | None, tile: int | None):
@@ -1079,7 +1089,7 @@ class NarrowAccOp(nn.Module):
         them (0-d; one per output channel)."""
         mode = dict(acc_bits=self.grad_acc_bits, tile=self.tile, overflow=self.overflow, exact=False)
         q = self.grad_output_quant
-        umax = float(max_code_magnitude(q.qrange, q.zero_point))
+        umax = grid_absmax(q.qrange, q.zero_point)
         amax, bmax = absmax
         ga = gb = None
         if self.kind in ("conv2d", "conv1d"):
