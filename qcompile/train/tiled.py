@@ -729,6 +729,8 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
         if ta and tb and mh > 0 and mw > 0:
             reached.append((ry, rx, ta, qa, sa, tb, qb, sb, mh, mw))
     out = _outputs((N, C, H, W), exact, flags, zeroed=len(reached) < len(rows) * len(cols))   # else all written
+    w_m = None if w_mult is None else _per_channel(w_mult, O)
+    out_m = None if out_scale is None else _per_channel(out_scale, C)
     for ry, rx, ta, qa, sa, tb, qb, sb, mh, mw in reached:
         da, db = (t[1] - t[0] if len(t) > 1 else 0 for t in (ta, tb))            # the taps step evenly
         a_tab = (_offsets((groups, og * cin_g * kh * kw)), _offsets((cin_g, kh * kw)),
@@ -739,11 +741,10 @@ def _fused_input_grad(lib, g, w, input_hw, stride, padding, dilation, groups: in
                  _offsets((N, sN), (mh, sH), (mw, sW)))
         out_tab = (_offsets((groups, cin_g * H * W)), _offsets((cin_g, H * W)),
                    _offsets((N, C * H * W), (mh, sh * W, ry * W), (mw, sw, rx)))
-        a_mult = None if w_mult is None else (      # per output channel o: along the reduction (o, taps)
-            _per_channel(w_mult, O), (_offsets((groups, og)), _offsets((cin_g, 0)),
-                                      _offsets((og, 1), (len(ta), 0), (len(tb), 0))))
-        out_mult = None if out_scale is None else (   # per input channel: per row
-            _per_channel(out_scale, C), (_offsets((groups, cin_g)), _offsets((cin_g, 1)), _offsets((N * mh * mw, 0))))
+        a_mult = None if w_m is None else (         # per output channel o: along the reduction (o, taps)
+            w_m, (_offsets((groups, og)), _offsets((cin_g, 0)), _offsets((og, 1), (len(ta), 0), (len(tb), 0))))
+        out_mult = None if out_m is None else (       # per input channel: per row
+            out_m, (_offsets((groups, cin_g)), _offsets((cin_g, 1)), _offsets((N * mh * mw, 0))))
         _fused_gemm(lib, tile, acc_bits, overflow, wf, a_tab, gp, b_tab, out, out_tab, a_mult=a_mult,
                     out_mult=out_mult)
     return out
