@@ -317,8 +317,9 @@ def _block_shapes(lib) -> tuple[tuple[int, int], ...]:
     return tuple((shapes[1 + 2 * i], shapes[2 + 2 * i]) for i in range(shapes[0]))
 
 
-SHAPE_COST = (1.0, 1.05)          # a padded block's relative time by shape: 8 x 48 (AVX-512's second) does 24
-                                  # multiply-adds a step to 14 x 32's 28 (measured about 5% slower unpadded)
+SHAPE_COST = {(8, 48): 1.05}      # a padded block's relative time by shape (others 1): 8 x 48 (AVX-512's second)
+                                  # does 24 multiply-adds a step to 14 x 32's 28 (measured about 5% slower
+                                  # unpadded); AVX2's 4 x 24 and 6 x 16 both do 12 (measured even unpadded)
 
 
 def _block_plan(lib, M: int, N: int) -> tuple[int, bool]:
@@ -329,7 +330,7 @@ def _block_plan(lib, M: int, N: int) -> tuple[int, bool]:
     for i, (mr, nr) in enumerate(_block_shapes(lib)):
         swap = _rounded_up(N, nr) / N > 1.1 * _rounded_up(M, mr) / M
         rows, cols = (N, M) if swap else (M, N)
-        cost = _rounded_up(rows, mr) * _rounded_up(cols, nr) * SHAPE_COST[i]
+        cost = _rounded_up(rows, mr) * _rounded_up(cols, nr) * SHAPE_COST.get((mr, nr), 1.0)
         if best is None or cost < best[0]:
             best = (cost, i, swap)
     return best[1], best[2]

@@ -190,8 +190,9 @@ static qc_lanes qc_lane_set(unsigned bits)
 }
 #endif
 
-/* The register block shapes: QC_MR rows x QC_NV vectors of partial sums (28 or 24 of AVX-512's 32
- * registers; 12 of 16 with AVX). Each shape's kernel is this file's second pass, its names suffixed. */
+/* The register block shapes: QC_MR rows x QC_NV vectors of partial sums (AVX-512: 14 x 2 or 8 x 3, 28 or 24
+ * of its 32 registers; AVX: 6 x 2 or 4 x 3, 12 of 16; SSE: 6 x 2). Each shape's kernel is this file's second
+ * pass, its names suffixed. */
 #if defined(__AVX512F__)
 #define QC_MR 14
 #define QC_SHAPE(name) name##_14x2
@@ -213,6 +214,15 @@ static qc_lanes qc_lane_set(unsigned bits)
 #undef QC_NV
 #undef QC_SHAPE
 #define QC_SHAPES 2
+#elif defined(__AVX__)
+#define QC_MR 4                       /* no rows of padding for 4k rows (64, 128 channels; 6 pads them 3%) */
+#define QC_NV 3
+#define QC_SHAPE(name) name##_4x3
+#include "tiled_gemm.c"
+#undef QC_MR
+#undef QC_NV
+#undef QC_SHAPE
+#define QC_SHAPES 2
 #else
 #define QC_SHAPES 1
 #endif
@@ -224,6 +234,8 @@ void qc_tiled_gemm_shapes(int64_t *shapes)
     shapes[0] = QC_SHAPES;
 #if defined(__AVX512F__)
     shapes[1] = 14, shapes[2] = 2 * QC_VL, shapes[3] = 8, shapes[4] = 3 * QC_VL;
+#elif defined(__AVX__)
+    shapes[1] = 6, shapes[2] = 2 * QC_VL, shapes[3] = 4, shapes[4] = 3 * QC_VL;
 #else
     shapes[1] = 6, shapes[2] = 2 * QC_VL;
 #endif
@@ -241,6 +253,12 @@ int qc_tiled_gemm_f32(int shape, int64_t groups, int64_t M, int64_t N, int64_t K
                            counts);
     return qc_gemm_14x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
                         counts);
+#elif defined(__AVX__)
+    if (shape == 1)
+        return qc_gemm_4x3(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                           counts);
+    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                       counts);
 #else
     (void)shape;
     return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
