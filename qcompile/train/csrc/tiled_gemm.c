@@ -192,52 +192,45 @@ static qc_lanes qc_lane_set(unsigned bits)
 
 /* The register block shapes: QC_MR rows x QC_NV vectors of partial sums (AVX-512: 14 x 2 or 8 x 3, 28 or 24
  * of its 32 registers; AVX: 6 x 2 or 4 x 3, 12 of 16; SSE: 6 x 2). Each shape's kernel is this file's second
- * pass, its names suffixed. */
+ * pass, its names suffixed; the second shape (QC_MR2 x QC_NV2) leaves no rows of padding for 64 and 128
+ * channels, which the first pads (AVX-512: 9%, AVX: 3%). */
 #if defined(__AVX512F__)
-#define QC_MR 14
-#define QC_SHAPE(name) name##_14x2
+#define QC_MR1 14
+#define QC_MR2 8
+#elif defined(__AVX__)
+#define QC_MR1 6
+#define QC_MR2 4
 #else
-#define QC_MR 6
-#define QC_SHAPE(name) name##_6x2
+#define QC_MR1 6
 #endif
-#define QC_NV 2
+#define QC_NV1 2
+#define QC_NV2 3
+#define QC_MR QC_MR1
+#define QC_NV QC_NV1
+#define QC_SHAPE(name) name##_first
 #include "tiled_gemm.c"               /* this file, its second pass */
 #undef QC_MR
 #undef QC_NV
 #undef QC_SHAPE
-#if defined(__AVX512F__)
-#define QC_MR 8                       /* no rows of padding for 8k rows (64, 128 channels; 14 pads them 9%) */
-#define QC_NV 3
-#define QC_SHAPE(name) name##_8x3
+#ifdef QC_MR2
+#define QC_MR QC_MR2
+#define QC_NV QC_NV2
+#define QC_SHAPE(name) name##_second
 #include "tiled_gemm.c"
 #undef QC_MR
 #undef QC_NV
 #undef QC_SHAPE
-#define QC_SHAPES 2
-#elif defined(__AVX__)
-#define QC_MR 4                       /* no rows of padding for 4k rows (64, 128 channels; 6 pads them 3%) */
-#define QC_NV 3
-#define QC_SHAPE(name) name##_4x3
-#include "tiled_gemm.c"
-#undef QC_MR
-#undef QC_NV
-#undef QC_SHAPE
-#define QC_SHAPES 2
-#else
-#define QC_SHAPES 1
 #endif
 
 /* The register block shapes (rows, columns) of this build: shapes[0] <- their number, then the pairs;
  * the caller picks a shape and orients the product to waste the least padding. */
 void qc_tiled_gemm_shapes(int64_t *shapes)
 {
-    shapes[0] = QC_SHAPES;
-#if defined(__AVX512F__)
-    shapes[1] = 14, shapes[2] = 2 * QC_VL, shapes[3] = 8, shapes[4] = 3 * QC_VL;
-#elif defined(__AVX__)
-    shapes[1] = 6, shapes[2] = 2 * QC_VL, shapes[3] = 4, shapes[4] = 3 * QC_VL;
-#else
-    shapes[1] = 6, shapes[2] = 2 * QC_VL;
+    shapes[0] = 1;
+    shapes[1] = QC_MR1, shapes[2] = QC_NV1 * QC_VL;
+#ifdef QC_MR2
+    shapes[0] = 2;
+    shapes[3] = QC_MR2, shapes[4] = QC_NV2 * QC_VL;
 #endif
 }
 
@@ -247,23 +240,15 @@ int qc_tiled_gemm_f32(int shape, int64_t groups, int64_t M, int64_t N, int64_t K
                       const qc_operand *out, const qc_operand *om, float *acc, float *exact, uint8_t *overflowed,
                       float lo, float hi, int mode, int64_t *counts)
 {
-#if defined(__AVX512F__)
+#ifdef QC_MR2
     if (shape == 1)
-        return qc_gemm_8x3(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
-                           counts);
-    return qc_gemm_14x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
-                        counts);
-#elif defined(__AVX__)
-    if (shape == 1)
-        return qc_gemm_4x3(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
-                           counts);
-    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
-                       counts);
+        return qc_gemm_second(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                              counts);
 #else
     (void)shape;
-    return qc_gemm_6x2(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
-                       counts);
 #endif
+    return qc_gemm_first(groups, M, N, K, tl, a, b, am, bm, start, out, om, acc, exact, overflowed, lo, hi, mode,
+                         counts);
 }
 
 #else                                 /* the second pass: one register block shape (QC_MR, QC_NV, QC_SHAPE) */
