@@ -484,6 +484,18 @@ def test_without_a_c_compiler_the_torch_scan_is_used(monkeypatch, tmp_path):
     assert torch.equal(res.acc, ref) and int(res.events) == events > 0
 
 
+def test_grid_absmax_is_the_largest_code_magnitude_over_channels():
+    """grid_absmax reads only the zero points' extremes: the same value as max_code_magnitude's largest over
+    every channel, for zero points inside and outside the code range, per tensor and per channel."""
+    from qcompile.core.grids import max_code_magnitude
+    from qcompile.train.tiled import grid_absmax
+    gen = torch.Generator().manual_seed(5)
+    for qrange in ((0, 255), (-128, 127), (-8, 7)):
+        for z in (torch.tensor(3.0), torch.tensor([0.0]), torch.randint(-300, 300, (17,), generator=gen).float(),
+                  torch.randint(qrange[0], qrange[1] + 1, (9,), generator=gen).float()):
+            assert grid_absmax(qrange, z) == float(max_code_magnitude(qrange, z).max())
+
+
 def test_float32_partials_switch_to_float64_when_too_large():
     # 4 products of 2^23 each: a float32 tile sum would round; the result must still be exact
     a = torch.full((1, 1, 4), 2.0 ** 12)
