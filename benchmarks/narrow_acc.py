@@ -12,7 +12,7 @@ Goal: <= 1.3×. The tiled op quantizes its gradient operand (u = G_Y·s_w, stoch
 the exact layer, whose input is the graph input, has no gradient quantizer here (in a network both
 also quantize the gradient leaving the layer).
 
-    OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 5] [--overflow saturate|wrap|pairwise]
+    OMP_NUM_THREADS=1 python benchmarks/narrow_acc.py [--batch 2] [--repeats 11] [--overflow saturate|wrap|pairwise]
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _step_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int, input_
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11,
+                    help="timed steps per model and layer (the ratio is of their medians)")
     ap.add_argument("--overflow", default="saturate", choices=["saturate", "wrap", "pairwise"],
                     help="the tiled op's mode (pairwise: tiles of 2, not 64)")
     args = ap.parse_args(argv)
