@@ -481,6 +481,8 @@ static int QC_SHAPE(qc_gemm)(int64_t groups, int64_t M, int64_t N, int64_t K, in
         nc = QC_NR;
     if (nc > qc_roundup(N, QC_NR))
         nc = qc_roundup(N, QC_NR);
+    if (nc > QC_MAX_PANELS * QC_NR)   /* the per-panel arrays of the results' loop (never reached with QC_KC, QC_B_FLOATS) */
+        nc = QC_MAX_PANELS * QC_NR;
     const int64_t jblocks = (N + nc - 1) / nc;
 
     float *ap = qc_scratch(QC_SLOT_A, groups * Mp * K);             /* [g][panel][k][r] */
