@@ -390,7 +390,7 @@ def _cpu_has(flag: str) -> bool:
 
 GEMM_BUILDS = {   # the kernel paths of gemm.c.j2 and the flags that select them
     "portable": "-O1 -DQC_PORTABLE",
-    "avx2": "-O1 -march=haswell",                                    # pairwise: vpmaddubsw + vpaddsw
+    "avx2": "-O1 -march=haswell",                   # pairwise: vpmaddubsw + vpaddsw; exact: vpmaddwd, int16 weights
     "avx512-vnni": "-O1 -march=haswell -mavx512f -mavx512bw -mavx512vnni",   # exact: vpdpbusd
 }
 
@@ -540,17 +540,18 @@ def _amx_granted() -> bool:
     return ctypes.CDLL(None).syscall(158, 0x1023, 18) == 0     # SYS_arch_prctl on x86-64 Linux
 
 
-@pytest.mark.parametrize("path", ["portable", "avx512-vnni", "amx"])
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512-vnni", "amx"])
 def test_amx_conv_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     """The exact conv whose weight rows run in groups of r = 3..16 channel quads (the AMX tiles' order):
-    AMX tdpbsud (panels of 32 rows, C tiles stored into the VNNI kernel's layout), the VNNI kernel and the
-    C99 path on the same rows equal the reference, under AddressSanitizer + UndefinedBehaviorSanitizer too
-    (which cannot see tile loads: the input tiles read the bytes the VNNI build's checked loads read);
-    qc_requantize16's 32-bit path on exact ties (a multiplier of 2^-10) and its int64 path (past 1)."""
-    flags = {"portable": GEMM_BUILDS["portable"], "avx512-vnni": GEMM_BUILDS["avx512-vnni"],
+    AMX tdpbsud (panels of 32 rows, C tiles stored into the VNNI kernel's layout), the VNNI kernel, the
+    AVX2 kernel (panels of 5 rows and every tail of 1-4) and the C99 path on the same rows equal the
+    reference, under AddressSanitizer + UndefinedBehaviorSanitizer too (which cannot see tile loads: the
+    input tiles read the bytes the VNNI build's checked loads read); qc_requantize16's and qc_requantize8's
+    fast paths on exact ties (a multiplier of 2^-10) and their int64 / per-lane paths (multipliers past 1)."""
+    flags = {"portable": GEMM_BUILDS["portable"], "avx2": GEMM_BUILDS["avx2"], "avx512-vnni": GEMM_BUILDS["avx512-vnni"],
              "amx": GEMM_BUILDS["avx512-vnni"] + " -mamx-tile -mamx-int8"}[path]
-    if path == "avx512-vnni" and not _cpu_has("avx512_vnni"):
-        pytest.skip("this CPU has no AVX-512 VNNI: its kernels cannot run here")
+    if path in ("avx2", "avx512-vnni") and not _cpu_has(path.replace("-", "_")):
+        pytest.skip(f"this CPU has no {path}: its kernels cannot run here")
     if path == "amx" and not _amx_granted():
         pytest.skip("no AMX-INT8 here (or Linux refuses its tiles): its kernels cannot run here")
     graph = amx_conv_graph(seed=11)

@@ -290,7 +290,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
     (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
     and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
-    `portable` is the tile_loop form of the same rows, for targets without AVX-512 VNNI);
+    `w2_data` the same rows as int16 pairs (w0, w2), (w1, w3) of each quad for the AVX2 kernel;
+    `portable` is the tile_loop form of the same rows, for targets without AVX2);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
     (or, both operands and weights negated, in −127..128; weights in −127..127), else int16; the bias
@@ -326,6 +327,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
                 for ky in range(kh) for kx in range(kw)]
         plan.update(b_t="int32_t", n4=n4, r=r, amx=amx, panel=panel, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
+        quads = wp.reshape(rows, -1, 4)[:, :, [0, 2, 1, 3]]       # AVX2: int16 pairs (w0, w2), (w1, w3) per quad
+        plan["w2_data"], plan["w2_words"] = _packed_bytes(quads, "<i2")
         plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4, r=r,
                                   xoff=plan["xlo"], padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
                                   dacc_t="int32_t", w_t="int8_t")
@@ -373,10 +376,10 @@ def _requant_params(op: ir.Op, n: int) -> tuple[np.ndarray, np.ndarray]:
     return m, s
 
 
-def _packed_bytes(values: np.ndarray) -> tuple[str, int]:
-    """int8 codes packed little-endian into uint64 hex literals (gcc parses these ~5x faster than
-    one decimal literal per byte; the kernels read them back through an int8_t pointer)."""
-    b = np.asarray(values, dtype=np.int8).ravel()
+def _packed_bytes(values: np.ndarray, dtype=np.int8) -> tuple[str, int]:
+    """int8 (or `dtype`: "<i2") codes packed little-endian into uint64 hex literals (gcc parses these
+    ~5x faster than one decimal literal per byte; the kernels read them back through an int8_t pointer)."""
+    b = np.asarray(values, dtype=dtype).ravel().view(np.int8)
     words = np.zeros(-(-b.size // 8) * 8, np.int8)
     words[:b.size] = b
     words = words.view("<u8").tolist()
@@ -473,7 +476,7 @@ class _Emitter:
                 padded = (cig + 1) * L["plane"] if L.get("implicit") else cig * L["hp"] * L["wp"] * L["col_bytes"]
                 return "conv2d_gemm.c.j2", L, [chunk + padded]          # and the padded input
             L["portable"]["blocks"] = _blocks(OH * OW)
-            L["vnni_scratch"] = [L["n4"] * sh * sw * L["plane"]]                    # the phase planes
+            L["plane_scratch"] = [L["n4"] * sh * sw * L["plane"]]                   # the phase planes (AVX2 builds)
             return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
         L["blocks"] = _blocks(OH * OW)
         return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
@@ -900,11 +903,12 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
         buffers.append(memory_plan.Buffer(t, size, f, last[t]))
     op_index = {id(op): i for i, op in enumerate(graph.ops)}
 
-    def arena_plan(vnni: bool) -> memory_plan.Plan:
-        """Buffers and scratch of the build without (portable) or with AVX-512 VNNI kernels (gemm.c.j2)."""
+    def arena_plan(planes: bool) -> memory_plan.Plan:
+        """Buffers and scratch of the build without (portable) or with the AVX2 / AVX-512 kernels that read
+        the exact convs' phase planes (gemm.c.j2)."""
         scratch_buffers = [memory_plan.Buffer(f"{L.sym}#scratch{j}", int(size), op_index[id(op)], op_index[id(op)])
                            for template, L, scratch, op in rendered
-                           for j, size in enumerate(L.get("vnni_scratch", scratch) if vnni else scratch)]
+                           for j, size in enumerate(L.get("plane_scratch", scratch) if planes else scratch)]
         plan = memory_plan.plan([memory_plan.Buffer(b.name, b.size, b.first, b.last) for b in buffers] + scratch_buffers)
         memory_plan.check(plan)
         return plan
@@ -924,10 +928,10 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
             lines.append(f"{L.sym}({', '.join(args)});")
         return lines
 
-    plan = arena_plan(vnni=False)
+    plan = arena_plan(planes=False)
     calls = call_lines(plan)
-    vnni_plan = arena_plan(vnni=True) if any("vnni_scratch" in L for _, L, _, _ in rendered) else None
-    vnni_calls = call_lines(vnni_plan) if vnni_plan is not None else None
+    planes_plan = arena_plan(planes=True) if any("plane_scratch" in L for _, L, _, _ in rendered) else None
+    plane_calls = call_lines(planes_plan) if planes_plan is not None else None
     functions = [_env.get_template(template).render(L=L) for template, L, scratch, op in rendered]
 
     def describe(names):
@@ -949,14 +953,14 @@ def generate(graph: ir.Graph, name: str = "model") -> tuple[dict[str, str], dict
                arena_bytes=plan.arena_bytes, weight_bytes=em.weight_bytes, signature=", ".join(params),
                functions=functions, calls=calls, gemm=sorted(em.gemm), intrinsics=em.intrinsics or bool(em.gemm),
                amx=any(L.get("amx") for _, L, _, _ in rendered),
-               gemm_blocks=GEMM_BLOCKS, vnni_calls=vnni_calls,
-               vnni_arena_bytes=None if vnni_plan is None else vnni_plan.arena_bytes)
+               gemm_blocks=GEMM_BLOCKS, plane_calls=plane_calls,
+               plane_arena_bytes=None if planes_plan is None else planes_plan.arena_bytes)
     files = {f"{name}.h": _env.get_template("model.h.j2").render(**ctx),
              f"{name}.c": _env.get_template("model.c.j2").render(**ctx),
              "main.c": _env.get_template("main.c.j2").render(**ctx),
              "Makefile": _env.get_template("Makefile.j2").render(**ctx)}
     figures = dict(name=name, inputs=ins, outputs=outs, arena_bytes=plan.arena_bytes, naive_bytes=plan.naive_bytes,
-                   vnni_arena_bytes=ctx["vnni_arena_bytes"],
+                   plane_arena_bytes=ctx["plane_arena_bytes"],
                    activation_bytes=activation_bytes, weight_bytes=em.weight_bytes, macs=em.macs,
                    ops=len(graph.ops))
     files = {k: re.sub(r"\n{3,}", "\n\n", v) for k, v in files.items()}    # template blocks leave blank runs
