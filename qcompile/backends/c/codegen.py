@@ -408,7 +408,7 @@ class _Emitter:
         self.functions: list[str] = []
         self.weight_bytes = 0
         self.macs = 0
-        self.gemm: set[str] = set()           # parts of gemm.c.j2 some layer uses (kernels, requantize16)
+        self.gemm: set[str] = set()           # parts of gemm.c.j2 some layer uses (kernels, requantize16: the vector requantization)
         self.intrinsics = False               # some layer has an intrinsic path outside gemm.c.j2 (depthwise, lut)
 
     RANGE_KEEPING = ("max_pool2d", "reshape", "transpose", "slice")   # outputs hold some of the input's codes
@@ -472,6 +472,9 @@ class _Emitter:
             self.weight_bytes += gemm["weight_bytes"] + 8 * O
             self.gemm.add(L["kernel"])
             if L["kernel"] != "exact":
+                L["rq8"] = L["rq"] == "qc_requantize" and y.bits <= 8       # AVX2: 16 codes requantized at once
+                if L["rq8"]:
+                    self.gemm.add("requantize16")
                 chunk = L["nb"] * GEMM_PIXELS * L["kp"] * L["col_bytes"]                  # a chunk of columns
                 padded = (cig + 1) * L["plane"] if L.get("implicit") else cig * L["hp"] * L["wp"] * L["col_bytes"]
                 return "conv2d_gemm.c.j2", L, [chunk + padded]          # and the padded input
