@@ -451,8 +451,9 @@ def depthwise_graph(seed: int = 0) -> ir.Graph:
 
 @pytest.mark.parametrize("path", list(GEMM_BUILDS))
 def test_depthwise_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
-    """The depthwise conv's 16-pixel steps (AVX-512 vpdpwssd, AVX2 vpmaddwd, C99), strides 1-3, dilation,
-    5x5, tails, 16-bit codes in and out, and the tile loop of a narrow accumulator, equal the reference,
+    """The depthwise conv's 16-pixel steps (AVX-512 vpdpwssd, AVX2 vpmaddwd, C99; byte codes requantized 16
+    at once by both intrinsic paths), strides 1-3, dilation, 5x5, tails, 16-bit codes in and out, and the
+    tile loop of a narrow accumulator, equal the reference,
     under AddressSanitizer + UndefinedBehaviorSanitizer too (the steps read past the row end into zeros)."""
     if path != "portable" and not _cpu_has({"avx2": "avx2", "avx512-vnni": "avx512_vnni"}[path]):
         pytest.skip(f"this CPU has no {path}: its kernels cannot run here")

@@ -488,8 +488,8 @@ class _Emitter:
         """conv2d_dw.c.j2: exact int32 sums go 16 output pixels of a row at a time (`lanes`; with
         intrinsics for 16-bit operands and strides 1-2, `simd`: stored as int32 at stride 1, int16 at
         stride 2, where (x, next) pairs are the lanes) over one padded channel whose rows are
-        `wpp` wide, requantized 16 at once with AVX-512 when the codes are bytes and the 64-bit helper
-        is exact (`rq16`); other accumulators run the tile loop over one padded channel."""
+        `wpp` wide, requantized 16 at once with AVX-512 or AVX2 when the codes are bytes and the 64-bit
+        helper is exact (`rq16`); other accumulators run the tile loop over one padded channel."""
         L["lanes"] = L["mode"] == "exact" and L["dacc_t"] == "int32_t"
         L["rq16"] = L["lanes"] and L["rq"] == "qc_requantize" and y.bits <= 8
         if L["rq16"]:
