@@ -400,7 +400,8 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
     """Every intrinsic path of the blocked-GEMM conv (and the C99 path it replaces) equals the reference,
     under AddressSanitizer + UndefinedBehaviorSanitizer too: pairwise layers that really saturate, an
     odd reduction, channel remainders, the tile_loop fallbacks, and exact layers with zero points 0 and
-    17 (the bias absorbs the offset), strides and groups."""
+    17 (the bias absorbs the offset), strides and groups, and wrapping layers whose exact sum fits int32
+    (the exact kernels, the sum wrapped once before the requantization)."""
     if path != "portable" and not _cpu_has({"avx2": "avx2", "avx512-vnni": "avx512_vnni"}[path]):
         pytest.skip(f"this CPU has no {path}: its kernels cannot run here")
     pairs = pairwise_graph(seed=3)
@@ -409,6 +410,8 @@ def test_gemm_kernel_paths_bit_exact_and_sanitizer_clean(path, tmp_path):
         module, got = check_bit_exact(graph, tmp_path / name, n=3, seed=3, opt=GEMM_BUILDS[path])
         source = (tmp_path / name / "net.c").read_text()
         assert "qc_gemm_exact(" in source
+        if name == "conv":
+            assert source.count("wrapped once to") == 2
         if name == "pairs":
             assert source.count("qc_gemm_pairwise(col + ") == 5 and source.count("qc_gemm_pairwise_i16(col + ") == 2
             assert source.count("qc_gemm_pairwise_s8(col + ") == 2 and source.count("= (int8_t)(-((int)s[i] - (") == 1

@@ -285,7 +285,8 @@ AMX_ROWS = 32            # output channels per AMX kernel step (two tiles of 16)
 def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: tuple[int, int]) -> dict[str, Any] | None:
     """The blocked-GEMM form of a conv2d (conv2d_gemm.c.j2) with weights `w` (O, I/g, kh, kw), or None
     where it does not apply and the tile_loop kernels run. Applies to 8-bit inputs and int8 weights, for
-    exact: every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
+    exact (and wrap where its exact sum fits int32 lanes: `wrap_bits`, the sum with its bias wrapped
+    once before the requantization): every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
     kernel sums u = x − x_lo, 0..255, and the bias absorbs the offset: b' = bias − (zx − x_lo)·Σw; any
     reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
     (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
@@ -296,14 +297,15 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
     (or, both operands and weights negated, in −127..128; weights in −127..127), else int16; the bias
     must be an int16, the accumulator's first value; im2col blocks in the IR's reduction order."""
-    kernel = L["mode"]
+    wrap = L["mode"] == "wrap" and L["lane_t"] == "int32_t"     # the exact int32 sum, wrapped once
+    kernel = "exact" if wrap else L["mode"]
     if kernel not in ("exact", "pairwise") or x.bits > 8 or w.size == 0 or w.min() < -128 or w.max() > 127:
         return None
     if kernel == "pairwise" and (L["acc_bits"] != 16 or not _fits(np.abs(bias).max(), 16)):
         return None
     O, cig, kh, kw = w.shape
     w2 = w.reshape(O, -1)
-    plan = dict(kernel=kernel, col_t="uint8_t", xlo=int(x.qmin), col_bytes=1)
+    plan = dict(kernel=kernel, col_t="uint8_t", xlo=int(x.qmin), col_bytes=1, wrap_bits=L["acc_bits"] if wrap else None)
     sym = L["sym"]
     if kernel == "exact":
         pad_u = int(x.zero_point) - plan["xlo"]
