@@ -507,6 +507,7 @@ AMX_CASES = [  # (input, cin, groups, cout, kernel, stride, padding, dilation): 
     ("u12", 12, 1, 8, (3, 3), 1, 1, 1),     # r = 3: the VNNI kernel on its own, weights in groups of 3
     ("x24", 24, 1, 16, (3, 1), 1, (1, 0), 1),   # r = 6, a 3 x 1 kernel; multiplier 2^-10: exact ties
     ("w", 192, 1, 70, (3, 3), 1, 1, 1),     # three tiles of 16 groups per tap; panels of 32, 32 and 6 rows
+    ("u12", 12, 1, 5, (1, 1), 1, 0, 1),     # r = 3, 5 rows of 12 weights: 60, not whole steps of AVX2's widening
 ]
 
 

@@ -291,7 +291,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
     (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
     and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
-    `w2_data` the same rows as int16 pairs (w0, w2), (w1, w3) of each quad for the AVX2 kernel;
+    `wpair_data` the same rows with each quad as (w0, w2, w1, w3) for the AVX2 kernel (which widens a
+    column block's rows to int16 after the planes in its scratch: the pairs (w0, w2), (w1, w3));
     `portable` is the tile_loop form of the same rows, for targets without AVX2);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
@@ -329,8 +330,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
                 for ky in range(kh) for kx in range(kw)]
         plan.update(b_t="int32_t", n4=n4, r=r, amx=amx, panel=panel, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
-        quads = wp.reshape(rows, -1, 4)[:, :, [0, 2, 1, 3]]       # AVX2: int16 pairs (w0, w2), (w1, w3) per quad
-        plan["w2_data"], plan["w2_words"] = _packed_bytes(quads, "<i2")
+        quads = wp.reshape(rows, -1, 4)[:, :, [0, 2, 1, 3]]       # AVX2: sign-extended, the pairs (w0, w2), (w1, w3)
+        plan["wpair_data"], plan["wpair_words"] = _packed_bytes(quads)
         plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4, r=r,
                                   xoff=plan["xlo"], padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
                                   dacc_t="int32_t", w_t="int8_t")
@@ -378,10 +379,10 @@ def _requant_params(op: ir.Op, n: int) -> tuple[np.ndarray, np.ndarray]:
     return m, s
 
 
-def _packed_bytes(values: np.ndarray, dtype=np.int8) -> tuple[str, int]:
-    """int8 (or `dtype`: "<i2") codes packed little-endian into uint64 hex literals (gcc parses these
-    ~5x faster than one decimal literal per byte; the kernels read them back through an int8_t pointer)."""
-    b = np.asarray(values, dtype=dtype).ravel().view(np.int8)
+def _packed_bytes(values: np.ndarray) -> tuple[str, int]:
+    """int8 codes packed little-endian into uint64 hex literals (gcc parses these ~5x faster than
+    one decimal literal per byte; the kernels read them back through an int8_t pointer)."""
+    b = np.asarray(values, dtype=np.int8).ravel()
     words = np.zeros(-(-b.size // 8) * 8, np.int8)
     words[:b.size] = b
     words = words.view("<u8").tolist()
@@ -481,7 +482,8 @@ class _Emitter:
                 padded = (cig + 1) * L["plane"] if L.get("implicit") else cig * L["hp"] * L["wp"] * L["col_bytes"]
                 return "conv2d_gemm.c.j2", L, [chunk + padded]          # and the padded input
             L["portable"]["blocks"] = _blocks(OH * OW)
-            L["plane_scratch"] = [L["n4"] * sh * sw * L["plane"]]                   # the phase planes (AVX2 builds)
+            L["planes_bytes"] = L["n4"] * sh * sw * L["plane"]
+            L["plane_scratch"] = [L["planes_bytes"] + 2 * L["cb"] * L["kp"]]    # the phase planes, AVX2's int16 rows
             return "conv2d_gemm.c.j2", L, [L["portable"]["blocks"][0] * L["kp"] * 2]  # int16 columns elsewhere
         L["blocks"] = _blocks(OH * OW)
         return "conv2d.c.j2", L, [L["blocks"][0] * K * col_bytes]             # one block of columns
