@@ -291,8 +291,8 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
     (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
     and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
-    `wpair_data` the same rows with each quad as (w0, w2, w1, w3) for the AVX2 kernel (which widens a
-    column block's rows to int16 after the planes in its scratch: the pairs (w0, w2), (w1, w3));
+    the AVX2 kernel widens a column block's rows to int16 pairs (w0, w2), (w1, w3) of each quad after
+    the planes in its scratch;
     `portable` is the tile_loop form of the same rows, for targets without AVX2);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
@@ -330,8 +330,6 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
         taps = [(((ky * dh) % sh) * sw + (kx * dw) % sw) * plane + 4 * ((ky * dh // sh) * wq + kx * dw // sw)
                 for ky in range(kh) for kx in range(kw)]
         plan.update(b_t="int32_t", n4=n4, r=r, amx=amx, panel=panel, hq=hq, wq=wq, plane=plane, taps=", ".join(map(str, taps)))
-        quads = wp.reshape(rows, -1, 4)[:, :, [0, 2, 1, 3]]       # AVX2: sign-extended, the pairs (w0, w2), (w1, w3)
-        plan["wpair_data"], plan["wpair_words"] = _packed_bytes(quads)
         plan["portable"] = _Layer(L, K=n4 * kk * 4, tile=n4 * kk * 4, tiles=[(0, n4 * kk * 4)], c4=True, n4=n4, r=r,
                                   xoff=plan["xlo"], padv=pad_u, col_t="int16_t", lane_t="int32_t", lane_op_t="int32_t",
                                   dacc_t="int32_t", w_t="int8_t")
