@@ -286,14 +286,14 @@ def _gemm_plan(L: dict, w: np.ndarray, bias: np.ndarray, x: ir.Tensor, x_range: 
     """The blocked-GEMM form of a conv2d (conv2d_gemm.c.j2) with weights `w` (O, I/g, kh, kw), or None
     where it does not apply and the tile_loop kernels run. Applies to 8-bit inputs and int8 weights, for
     exact (and wrap where its exact sum fits int32 lanes: `wrap_bits`, the sum with its bias wrapped
-    once before the requantization): every sum 255·Σ|w| and the real accumulator |bias| + Σ|w|·max|x − zx| fit int32 (the
-    kernel sums u = x − x_lo, 0..255, and the bias absorbs the offset: b' = bias − (zx − x_lo)·Σw; any
-    reduction order is exact, so weight rows run (c / 4r, ky, kx, c % 4r), r the most quads of channels
-    (≤ 16) that divide the input's, and the padded input is read in place from one plane per 4 channels
-    and stride phase; `amx` where r ≥ 4: AMX tiles take r quads a step, 32 rows of weights at a time;
-    the AVX2 kernel widens a column block's rows to int16 pairs (w0, w2), (w1, w3) of each quad after
-    the planes in its scratch;
-    `portable` is the tile_loop form of the same rows, for targets without AVX2);
+    once before the requantization): every sum 255·Σ|w| and the real accumulator
+    |bias| + Σ|w|·max|x − zx| fit int32 (the kernel sums u = x − x_lo, 0..255, and the bias absorbs the
+    offset: b' = bias − (zx − x_lo)·Σw; any reduction order is exact, so weight rows run
+    (c / 4r, ky, kx, c % 4r), r the most quads of channels (≤ 16) that divide the input's, and the padded
+    input is read in place from one plane per 4 channels and stride phase; `amx` where r ≥ 4: AMX tiles
+    take r quads a step, 32 rows of weights at a time; the AVX2 kernel widens a column block's rows to
+    int16 pairs (w0, w2), (w1, w3) of each quad after the planes in its scratch; `portable` is the
+    tile_loop form of the same rows, for targets without AVX2);
     pairwise (16 bits): the operands are x − zx themselves, uint8 where the input's codes `x_range`
     (its producer's clamp) keep them in 0..255 (vpmaddubsw), int8 where they keep them in −128..127
     (or, both operands and weights negated, in −127..128; weights in −127..127), else int16; the bias
